@@ -1,0 +1,103 @@
+# cryptlockd — build, install, test and demo.
+#   make install   installs on this machine (honours DESTDIR and PREFIX; pip-based, so
+#                  PIP_NO_INDEX=1 PIP_FIND_LINKS=<dir> give an offline install)
+#   make test      the whole suite: lint, types, unit, host integration, QEMU guest
+#   make demo      boots a Debian guest with root on LUKS and shows cryptlockd at work
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+PYTHON ?= /usr/bin/python3
+
+BINDIR = $(PREFIX)/bin
+LIBDIR = $(PREFIX)/lib/cryptlockd
+VENVDIR = $(LIBDIR)/venv
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+# dbus-daemon and polkitd read only these places, whatever the prefix.
+DBUS_POLICYDIR ?= /usr/share/dbus-1/system.d
+DBUS_SERVICEDIR ?= /usr/share/dbus-1/system-services
+DBUS_INTERFACEDIR ?= /usr/share/dbus-1/interfaces
+POLKIT_ACTIONDIR ?= /usr/share/polkit-1/actions
+MANDIR ?= $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+
+# System packages the test suite and the demo need on a Debian 12 host.
+HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
+	dbus python3-dbusmock python3-gi systemd \
+	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio
+
+VENV = .venv
+VPY = $(VENV)/bin/python
+
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@VENVDIR@|$(VENVDIR)|g'
+
+.PHONY: all deps venv lint test test-unit test-integration test-vm demo install clean
+
+all: venv
+
+# Installs only what is missing, so a prepared machine needs no network here.
+deps:
+	@missing=$$(for p in $(HOST_DEBS); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "error: run as root to install: $$missing" >&2; exit 1; fi; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check cryptlockd tests
+	$(VENV)/bin/mypy --strict cryptlockd
+
+test-unit: venv
+	$(VENV)/bin/pytest tests/unit
+
+test-integration: venv
+	$(VENV)/bin/pytest tests/integration
+
+test-vm: venv
+	$(VENV)/bin/pytest tests/vm
+
+test: venv lint
+	$(VENV)/bin/pytest tests
+
+demo: venv
+	$(VPY) -m tests.vm.demo
+
+install:
+	install -d $(DESTDIR)$(LIBDIR)
+	$(PYTHON) -m venv --system-site-packages $(DESTDIR)$(VENVDIR)
+	$(DESTDIR)$(VENVDIR)/bin/python -m pip install -q .
+	install -d $(DESTDIR)$(BINDIR)
+	for prog in cryptlockd cryptlockctl; do \
+		printf '#!/bin/sh\nexec %s/bin/python -m cryptlockd.%s "$$@"\n' '$(VENVDIR)' \
+			"$$( [ $$prog = cryptlockd ] && echo daemon || echo ctl )" > $(DESTDIR)$(BINDIR)/$$prog; \
+		chmod 0755 $(DESTDIR)$(BINDIR)/$$prog; \
+	done
+	install -d $(DESTDIR)$(UNITDIR)
+	for f in $$(cd units && find . -type f -name '*.service' -o -type f -name '*.conf'); do \
+		install -d $(DESTDIR)$(UNITDIR)/$$(dirname $$f); \
+		$(SUBST) units/$$f > $(DESTDIR)$(UNITDIR)/$$f; \
+	done
+	install -Dm644 dbus/org.cryptlockd1.conf $(DESTDIR)$(DBUS_POLICYDIR)/org.cryptlockd1.conf
+	$(SUBST) dbus/org.cryptlockd1.service | install -Dm644 /dev/stdin $(DESTDIR)$(DBUS_SERVICEDIR)/org.cryptlockd1.service
+	install -Dm644 dbus/org.cryptlockd1.Manager.xml $(DESTDIR)$(DBUS_INTERFACEDIR)/org.cryptlockd1.Manager.xml
+	install -Dm644 dbus/org.cryptlockd1.policy $(DESTDIR)$(POLKIT_ACTIONDIR)/org.cryptlockd1.policy
+	for m in man/*.[0-9]; do \
+		[ -e "$$m" ] || continue; \
+		install -Dm644 $$m $(DESTDIR)$(MANDIR)/man$${m##*.}/$$(basename $$m); \
+	done
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf.d
+	[ -e $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf ] || \
+		install -Dm644 packaging/cryptlockd.conf $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
