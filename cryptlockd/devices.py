@@ -1,8 +1,35 @@
-"""LUKS device discovery. (Skeleton: the data model; discovery is filled in by the daemon-core work.)"""
+"""Active LUKS devices: what sysfs, mountinfo and crypttab say about them, and their order.
+
+Reading (sysfs, /proc/self/mountinfo, /etc/crypttab) is kept apart from the pure logic that
+turns what was read into `LuksDevice`s, so the logic is tested on fake trees and strings.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "BlockNode",
+    "CrypttabEntry",
+    "LuksDevice",
+    "SystemPaths",
+    "apply_exclude",
+    "build_devices",
+    "discover_devices",
+    "parse_crypttab",
+    "parse_dm_uuid",
+    "parse_mountinfo_root",
+    "read_block_nodes",
+    "read_crypttab",
+    "resume_order",
+    "suspend_order",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -15,3 +42,302 @@ class LuksDevice:
     suspended: bool  # dm reports it suspended now
     key_source: str  # "passphrase" or "keyfile:<path>" (from crypttab)
     holders: tuple[str, ...] = ()  # dm names stacked on top (LVM LVs, ...)
+
+
+@dataclass(frozen=True)
+class SystemPaths:
+    sysfs: Path = Path("/sys")
+    mountinfo: Path = Path("/proc/self/mountinfo")
+    crypttab: Path = Path("/etc/crypttab")
+    dev: Path = Path("/dev")
+
+
+# ---- crypttab ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrypttabEntry:
+    name: str
+    device: str  # UUID=..., PARTUUID=..., LABEL=... or a path, as written
+    keyfile: str | None  # None for "none", "-" or an absent field: ask for a passphrase
+    options: tuple[str, ...] = ()
+
+    @property
+    def key_source(self) -> str:
+        return f"keyfile:{self.keyfile}" if self.keyfile else "passphrase"
+
+
+def parse_crypttab(text: str) -> list[CrypttabEntry]:
+    """crypttab(5): name, device, key file, options; '#' comments; fields split on blanks."""
+    entries: list[CrypttabEntry] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 2:
+            log.warning("crypttab line %d has no device, ignored: %s", lineno, line)
+            continue
+        keyfile = fields[2] if len(fields) > 2 else None
+        if keyfile in ("none", "-", ""):
+            keyfile = None
+        options = tuple(o for o in fields[3].split(",") if o) if len(fields) > 3 else ()
+        entries.append(CrypttabEntry(fields[0], fields[1], keyfile, options))
+    return entries
+
+
+def read_crypttab(path: Path) -> list[CrypttabEntry]:
+    try:
+        return parse_crypttab(path.read_text(errors="replace"))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        log.warning("cannot read %s: %s", path, e)
+        return []
+
+
+# ---- mountinfo -----------------------------------------------------------------------
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo_root(text: str) -> tuple[str, str] | None:
+    """(major:minor, mount source) of the filesystem mounted on "/", or None.
+
+    The last "/" entry wins: it is the one on top, the one processes see.
+    """
+    found: tuple[str, str] | None = None
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if _unescape_mountinfo(fields[4]) != "/" or len(fields) < sep + 3:
+            continue
+        found = (fields[2], _unescape_mountinfo(fields[sep + 2]))
+    return found
+
+
+# ---- sysfs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockNode:
+    """One block device as sysfs describes it."""
+
+    kname: str  # kernel name: "dm-0", "vda2"
+    devno: str  # "253:0"
+    dm_name: str | None = None
+    dm_uuid: str | None = None
+    suspended: bool = False
+    slaves: tuple[str, ...] = ()  # knames below
+    holders: tuple[str, ...] = ()  # knames above
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _names(directory: Path) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(p.name for p in directory.iterdir()))
+    except (FileNotFoundError, NotADirectoryError):
+        return ()
+
+
+def read_block_nodes(sysfs: Path) -> dict[str, BlockNode]:
+    """Every block device (whole disks, partitions, dm) under <sysfs>/class/block."""
+    nodes: dict[str, BlockNode] = {}
+    for kname in _names(sysfs / "class" / "block"):
+        base = sysfs / "class" / "block" / kname
+        devno = _read(base / "dev")
+        if devno is None:
+            continue  # vanished while we looked: hotplug will tell us again
+        dm_name = _read(base / "dm" / "name")
+        nodes[kname] = BlockNode(
+            kname=kname,
+            devno=devno,
+            dm_name=dm_name,
+            dm_uuid=_read(base / "dm" / "uuid") if dm_name is not None else None,
+            suspended=_read(base / "dm" / "suspended") == "1",
+            slaves=_names(base / "slaves"),
+            holders=_names(base / "holders"),
+        )
+    return nodes
+
+
+_DM_UUID = re.compile(r"^CRYPT-(LUKS[12])-([0-9a-fA-F]+)-")
+
+
+def parse_dm_uuid(dm_uuid: str) -> tuple[str, str] | None:
+    """("LUKS2", "<uuid with dashes>") for a LUKS dm-crypt device, None for anything else.
+
+    libcryptsetup names LUKS mappings CRYPT-LUKS<n>-<uuid without dashes>-<dm name>; plain
+    dm-crypt (CRYPT-PLAIN-), other formats, LVM (LVM-) and integrity subdevices do not match.
+    """
+    m = _DM_UUID.match(dm_uuid)
+    if m is None:
+        return None
+    hexid = m.group(2).lower()
+    if len(hexid) == 32:
+        uuid = f"{hexid[:8]}-{hexid[8:12]}-{hexid[12:16]}-{hexid[16:20]}-{hexid[20:]}"
+    else:
+        uuid = hexid
+    return m.group(1), uuid
+
+
+def _walk(nodes: dict[str, BlockNode], start: str, step: Callable[[BlockNode], Iterable[str]]
+          ) -> list[str]:
+    """Breadth-first knames reachable from `start` (excluded) through `step`."""
+    seen: list[str] = []
+    queue = [start]
+    while queue:
+        node = nodes.get(queue.pop(0))
+        if node is None:
+            continue
+        for nxt in step(node):
+            if nxt not in seen and nxt != start:
+                seen.append(nxt)
+                queue.append(nxt)
+    return seen
+
+
+def _backing_device(nodes: dict[str, BlockNode], kname: str) -> str:
+    # Follow the slaves down to the first device that is not device-mapper: the partition
+    # or disk that holds the LUKS header (or the lowest one, for LUKS on LVM).
+    for below in _walk(nodes, kname, lambda n: n.slaves):
+        node = nodes.get(below)
+        if node is None or node.dm_name is None:
+            return f"/dev/{below}"
+    return ""
+
+
+def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: Path
+                ) -> str | None:
+    if root is None:
+        return None
+    devno, source = root
+    if not devno.startswith("0:"):
+        for node in nodes.values():
+            if node.devno == devno:
+                return node.kname
+    # An anonymous device number (btrfs, for one): fall back to the mount source.
+    if not source.startswith("/dev/"):
+        return None
+    rel = source[len("/dev/"):]
+    candidate = dev / rel
+    try:
+        resolved = candidate.resolve(strict=True).name
+    except OSError:
+        resolved = None
+    if resolved in nodes:
+        return resolved
+    if rel.startswith("mapper/"):
+        for node in nodes.values():
+            if node.dm_name == rel[len("mapper/"):]:
+                return node.kname
+    return rel if rel in nodes else None
+
+
+def build_devices(
+    nodes: dict[str, BlockNode],
+    root: tuple[str, str] | None,
+    crypttab: Sequence[CrypttabEntry],
+    dev: Path = Path("/dev"),
+) -> list[LuksDevice]:
+    """The LUKS devices among `nodes`, sorted by dm name."""
+    keys = {e.name: e.key_source for e in crypttab}
+    root_kname = _root_kname(nodes, root, dev)
+    out: list[LuksDevice] = []
+    for node in nodes.values():
+        if node.dm_name is None or node.dm_uuid is None:
+            continue
+        parsed = parse_dm_uuid(node.dm_uuid)
+        if parsed is None:
+            continue
+        luks_type, uuid = parsed
+        above = _walk(nodes, node.kname, lambda n: n.holders)
+        holders = tuple(
+            (nodes[k].dm_name or k) if k in nodes else k for k in above
+        )
+        out.append(
+            LuksDevice(
+                name=node.dm_name,
+                uuid=uuid,
+                luks_type=luks_type,
+                backing_device=_backing_device(nodes, node.kname),
+                holds_root=root_kname is not None
+                and (root_kname == node.kname or root_kname in above),
+                suspended=node.suspended,
+                key_source=keys.get(node.dm_name, "passphrase"),
+                holders=holders,
+            )
+        )
+    return sorted(out, key=lambda d: d.name)
+
+
+def discover_devices(paths: SystemPaths = SystemPaths()) -> list[LuksDevice]:
+    nodes = read_block_nodes(paths.sysfs)
+    try:
+        root = parse_mountinfo_root(paths.mountinfo.read_text())
+    except OSError as e:
+        log.warning("cannot read %s: %s", paths.mountinfo, e)
+        root = None
+    return build_devices(nodes, root, read_crypttab(paths.crypttab), paths.dev)
+
+
+def apply_exclude(devices: Iterable[LuksDevice], exclude: Iterable[str]) -> list[LuksDevice]:
+    """Drop the devices named in the config's devices.exclude (by dm name or LUKS UUID)."""
+    skip = {e.lower() for e in exclude}
+    return [d for d in devices if d.name.lower() not in skip and d.uuid.lower() not in skip]
+
+
+# ---- order ---------------------------------------------------------------------------
+
+
+def _ordered(
+    devices: Sequence[LuksDevice],
+    must_wait_for: Callable[[LuksDevice, LuksDevice], bool],
+    priority: Callable[[LuksDevice], tuple[object, ...]],
+) -> list[LuksDevice]:
+    # Kahn's algorithm: a device is placed once every device it must wait for is placed;
+    # among those ready, `priority` picks. Cycles cannot come from real stacking, but a
+    # malformed input must not loop forever: leftovers go last in priority order.
+    pending = list(devices)
+    placed: list[LuksDevice] = []
+    while pending:
+        ready = [
+            d for d in pending if not any(must_wait_for(d, o) for o in pending if o is not d)
+        ]
+        if not ready:
+            placed.extend(sorted(pending, key=priority))
+            break
+        first = min(ready, key=priority)
+        placed.append(first)
+        pending.remove(first)
+    return placed
+
+
+def _is_above(upper: LuksDevice, lower: LuksDevice) -> bool:
+    return upper.name in lower.holders
+
+
+def suspend_order(devices: Sequence[LuksDevice]) -> list[LuksDevice]:
+    """Upper layers first: a LUKS device stacked on another is suspended before it."""
+    return _ordered(devices, lambda d, o: _is_above(o, d), lambda d: (d.name,))
+
+
+def resume_order(devices: Sequence[LuksDevice]) -> list[LuksDevice]:
+    """Bottom up; among devices free to go, passphrase ones before keyfile ones, since a
+    keyfile may live on a filesystem that only comes back with a passphrase device."""
+    return _ordered(
+        devices,
+        lambda d, o: _is_above(d, o),
+        lambda d: (d.key_source != "passphrase", d.name),
+    )
