@@ -28,6 +28,7 @@ from cryptlockd.defs import (
     LOGIND_PATH,
     POLKIT_BUS_NAME,
 )
+from tests.fakesys import FakeSystem, plain_luks2
 from tests.integration.support import GiveUp, eventually
 
 REPO = Path(__file__).resolve().parents[2]
@@ -395,6 +396,26 @@ def daemon_root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     (root / "etc" / "cryptlockd").mkdir(parents=True)
     return root
+
+
+@pytest.fixture
+def luks_system(tmp_path: Path, daemon_root: Path) -> FakeSystem:
+    """A fake machine on which every check but the real helper passes: one LUKS2 root
+    device, cgroup v2, sync_on_suspend, suspend-to-RAM, and our sleep drop-in under
+    --root. Pass `*luks_system.daemon_args()` to start_daemon."""
+    fs = FakeSystem(tmp_path / "fake")
+    plain_luks2(fs)
+    power = fs.sysfs / "power"
+    power.mkdir(parents=True)
+    (power / "state").write_text("freeze mem disk\n")
+    (power / "sync_on_suspend").write_text("1\n")
+    cgroup = fs.sysfs / "fs" / "cgroup"
+    cgroup.mkdir(parents=True)
+    (cgroup / "cgroup.controllers").write_text("cpu io memory pids\n")
+    dropin = daemon_root / "etc/systemd/system/systemd-suspend.service.d/cryptlockd.conf"
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text("[Service]\n")
+    return fs
 
 
 @pytest.fixture

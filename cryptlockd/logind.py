@@ -1,0 +1,206 @@
+"""logind: the delay inhibitor, PrepareForSleep, and Suspend().
+
+Any local user can send a signal that looks like logind's PrepareForSleep on the system
+bus, so we track the unique name that owns org.freedesktop.login1 and compare each
+signal's sender with it ourselves, in code, rather than trusting a match rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from cryptlockd.bus import DBUS_NAME, DBUS_PATH, PROPERTIES_INTERFACE, RemoteError, add_match, call
+from cryptlockd.defs import LOGIND_BUS_NAME, LOGIND_MANAGER_INTERFACE, LOGIND_PATH
+from cryptlockd.errors import LogindError
+from cryptlockd.log import MessageId, event
+
+log = logging.getLogger(__name__)
+
+INHIBIT_WHY = "Wipe the LUKS volume keys from RAM before the system sleeps"
+
+
+class Logind:
+    def __init__(
+        self,
+        bus: MessageBus,
+        *,
+        on_prepare_for_sleep: Callable[[bool], Awaitable[None]],
+        on_change: Callable[[], None],
+        timeout: float,
+    ) -> None:
+        self._bus = bus
+        self._on_prepare_for_sleep = on_prepare_for_sleep
+        self._on_change = on_change
+        self._timeout = timeout
+        self.owner: str | None = None
+        self.inhibitor_fd: int | None = None
+        self.delay_max_usec: int | None = None
+        # Signals are handled one at a time, in arrival order: a PrepareForSleep(false)
+        # must not overtake the PrepareForSleep(true) before it.
+        self._serial = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def inhibitor_held(self) -> bool:
+        return self.inhibitor_fd is not None
+
+    async def start(self) -> None:
+        # Subscribe before asking for the owner, so no owner change falls in between.
+        self._bus.add_message_handler(self._handle)
+        await add_match(
+            self._bus,
+            f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_NAME}',"
+            f"member='NameOwnerChanged',arg0='{LOGIND_BUS_NAME}'",
+            self._timeout,
+        )
+        # Deliberately no sender= here: forged signals reach us and are refused (and
+        # logged) by the explicit check in _handle.
+        await add_match(
+            self._bus,
+            f"type='signal',interface='{LOGIND_MANAGER_INTERFACE}',"
+            f"member='PrepareForSleep',path='{LOGIND_PATH}'",
+            self._timeout,
+        )
+        try:
+            reply = await call(self._bus, destination=DBUS_NAME, path=DBUS_PATH,
+                               interface=DBUS_NAME, member="GetNameOwner", signature="s",
+                               body=[LOGIND_BUS_NAME], timeout=self._timeout)
+            owner = str(reply.body[0])
+        except RemoteError as e:
+            log.warning("logind is not on the bus: %s", e)
+            owner = None
+        await self._set_owner(owner)
+
+    def stop(self) -> None:
+        self._bus.remove_message_handler(self._handle)
+        self.release_inhibitor("daemon stopping")
+
+    # --- the inhibitor -------------------------------------------------------------
+
+    async def take_inhibitor(self) -> None:
+        if self.owner is None:
+            return
+        try:
+            reply = await call(self._bus, destination=LOGIND_BUS_NAME, path=LOGIND_PATH,
+                               interface=LOGIND_MANAGER_INTERFACE, member="Inhibit",
+                               signature="ssss",
+                               body=["sleep", "cryptlockd", INHIBIT_WHY, "delay"],
+                               timeout=self._timeout)
+            fd = self._fd_from(reply)
+        except (RemoteError, LogindError) as e:
+            log.error("cannot take the logind delay inhibitor: %s", e,
+                      extra=event(MessageId.INHIBITOR_FAILED))
+            self._on_change()
+            return
+        self.release_inhibitor("replaced")
+        self.inhibitor_fd = fd
+        log.info("took the logind delay inhibitor (fd %d)", fd,
+                 extra=event(MessageId.INHIBITOR_TAKEN, LOGIND_OWNER=self.owner))
+        self._on_change()
+
+    @staticmethod
+    def _fd_from(reply: Message) -> int:
+        fds = list(reply.unix_fds)
+        if reply.signature != "h" or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise LogindError("Inhibit returned no file descriptor "
+                              "(was fd passing negotiated?)")
+        index = reply.body[0]
+        if not isinstance(index, int) or not 0 <= index < len(fds):
+            index = 0
+        fd = fds.pop(index)
+        for other in fds:
+            os.close(other)
+        os.set_inheritable(fd, False)
+        return fd
+
+    def release_inhibitor(self, why: str) -> None:
+        fd, self.inhibitor_fd = self.inhibitor_fd, None
+        if fd is None:
+            return
+        try:
+            os.close(fd)
+        except OSError as e:
+            log.warning("closing the inhibitor fd %d: %s", fd, e)
+        log.info("released the logind delay inhibitor: %s", why,
+                 extra=event(MessageId.INHIBITOR_RELEASED, REASON=why))
+        self._on_change()
+
+    async def _read_delay_max(self) -> None:
+        try:
+            reply = await call(self._bus, destination=LOGIND_BUS_NAME, path=LOGIND_PATH,
+                               interface=PROPERTIES_INTERFACE, member="Get", signature="ss",
+                               body=[LOGIND_MANAGER_INTERFACE, "InhibitDelayMaxUSec"],
+                               timeout=self._timeout)
+            value = reply.body[0]
+            self.delay_max_usec = int(value.value if isinstance(value, Variant) else value)
+            log.info("logind allows delay inhibitors %.1f s",
+                     self.delay_max_usec / 1e6)
+        except (RemoteError, TypeError, ValueError) as e:
+            self.delay_max_usec = None
+            log.info("cannot read InhibitDelayMaxUSec: %s", e)
+
+    # --- signals -------------------------------------------------------------------
+
+    async def _set_owner(self, owner: str | None) -> None:
+        if owner == self.owner:
+            return
+        old, self.owner = self.owner, owner
+        log.info("org.freedesktop.login1 owner: %s -> %s", old or "(none)", owner or "(none)",
+                 extra=event(MessageId.LOGIND_OWNER_CHANGED, OLD_OWNER=old or "",
+                             NEW_OWNER=owner or ""))
+        # An inhibitor held with a logind that went away protects nothing.
+        self.release_inhibitor("logind went away" if owner is None else "logind restarted")
+        if owner is not None:
+            await self.take_inhibitor()
+            await self._read_delay_max()
+        self._on_change()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def serially() -> None:
+            async with self._serial:
+                try:
+                    await coro
+                except Exception:
+                    log.exception("handling a logind event failed")
+
+        task = asyncio.get_running_loop().create_task(serially())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _handle(self, msg: Message) -> bool | None:
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        if (msg.member == "NameOwnerChanged" and msg.interface == DBUS_NAME
+                and msg.sender == DBUS_NAME and msg.signature == "sss"
+                and msg.body[0] == LOGIND_BUS_NAME):
+            self._spawn(self._set_owner(msg.body[2] or None))
+        elif (msg.member == "PrepareForSleep" and msg.interface == LOGIND_MANAGER_INTERFACE
+              and msg.path == LOGIND_PATH):
+            if self.owner is None or msg.sender != self.owner:
+                log.warning("ignored a PrepareForSleep from %s, which is not logind (%s)",
+                            msg.sender, self.owner or "not on the bus",
+                            extra=event(MessageId.FORGED_SIGNAL, SENDER=msg.sender or ""))
+                return None
+            if msg.signature != "b":
+                log.warning("ignored PrepareForSleep with signature %r", msg.signature)
+                return None
+            self._spawn(self._on_prepare_for_sleep(bool(msg.body[0])))
+        return None
+
+    # --- methods -------------------------------------------------------------------
+
+    async def suspend(self) -> None:
+        try:
+            await call(self._bus, destination=LOGIND_BUS_NAME, path=LOGIND_PATH,
+                       interface=LOGIND_MANAGER_INTERFACE, member="Suspend", signature="b",
+                       body=[False], timeout=self._timeout)
+        except RemoteError as e:
+            raise LogindError(f"logind refused to suspend: {e}") from e

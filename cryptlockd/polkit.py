@@ -1,0 +1,58 @@
+"""Authorization of privileged methods through polkit.
+
+Fails closed: a polkit error, an unexpected reply or a timeout all mean "denied".
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dbus_fast import Variant
+from dbus_fast.aio import MessageBus
+
+from cryptlockd.bus import RemoteError, call
+from cryptlockd.defs import POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
+from cryptlockd.errors import NotAuthorized
+from cryptlockd.log import MessageId, event
+
+log = logging.getLogger(__name__)
+
+ALLOW_USER_INTERACTION = 1
+
+# Long enough for polkitd to answer under load, short enough that a hung polkitd does not
+# keep a caller (and the daemon's bounded worker pool) waiting for minutes.
+DEFAULT_TIMEOUT = 5.0
+
+
+async def is_authorized(bus: MessageBus, sender: str, action: str,
+                        timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Whether the bus client `sender` (a unique name, from the message header) may do
+    `action`. The subject kind is system-bus-name: polkit resolves it to the caller's
+    process and session itself, so nothing the caller says about itself is trusted."""
+    subject = ["system-bus-name", {"name": Variant("s", sender)}]
+    try:
+        reply = await call(
+            bus, destination=POLKIT_BUS_NAME, path=POLKIT_PATH, interface=POLKIT_INTERFACE,
+            member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
+            body=[subject, action, {}, ALLOW_USER_INTERACTION, ""], timeout=timeout,
+        )
+        is_auth, is_challenge, _details = reply.body[0]
+        allowed = bool(is_auth) and reply.signature == "(bba{ss})"
+        challenge = bool(is_challenge)
+    except (RemoteError, ValueError, TypeError, IndexError) as e:
+        log.warning("polkit check of %s for %s failed, denying: %s", action, sender, e,
+                    extra=event(MessageId.AUTHORIZATION, ACTION=action, SENDER=sender,
+                                RESULT="error"))
+        return False
+    log.info("polkit: %s for %s: %s", action, sender,
+             "allowed" if allowed else ("challenge" if challenge else "denied"),
+             extra=event(MessageId.AUTHORIZATION, ACTION=action, SENDER=sender,
+                         RESULT="allowed" if allowed else "denied"))
+    return allowed
+
+
+async def require(bus: MessageBus, sender: str | None, action: str,
+                  timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Raise NotAuthorized unless polkit says yes."""
+    if not sender or not await is_authorized(bus, sender, action, timeout):
+        raise NotAuthorized(f"not authorized for {action}")
