@@ -1,0 +1,157 @@
+"""ctypes binding to the few libcryptsetup calls the cycle needs.
+
+Features are detected by symbol: libcryptsetup 2.6.1 (Debian 12) has no crypt_get_version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+TYPE_CHECKING = False  # see cycle.py
+if TYPE_CHECKING:
+    from typing import Any
+
+SONAME = "libcryptsetup.so.12"
+CRYPT_ANY_SLOT = -1
+CRYPT_SLOT_ACTIVE = 2
+CRYPT_SLOT_ACTIVE_LAST = 3
+MAX_KEYSLOTS = 32
+
+_LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class CryptError(Exception):
+    def __init__(self, call: str, name: str, rc: int, messages: list[str]) -> None:
+        self.rc = rc
+        detail = f" ({messages[-1]})" if messages else ""
+        super().__init__(f"{call}({name}): {os.strerror(-rc) if rc < 0 else rc}{detail}")
+
+
+class _PbkdfType(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_char_p),
+        ("hash", ctypes.c_char_p),
+        ("time_ms", ctypes.c_uint32),
+        ("max_memory_kb", ctypes.c_uint32),
+        ("parallel_threads", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class Library:
+    def __init__(self, soname: str = SONAME) -> None:
+        self.lib = ctypes.CDLL(soname, use_errno=True)
+        self.messages: list[str] = []
+
+        def collect(level: int, msg: bytes | None, usrptr: Any) -> None:
+            # libcryptsetup would print to stderr; keep them to report once thawed.
+            if msg:
+                self.messages.append(msg.decode(errors="replace").strip())
+            del self.messages[:-50]
+
+        self._log_cb = _LOG_CB(collect)
+        lib = self.lib
+        lib.crypt_set_log_callback(None, self._log_cb, None)
+        lib.crypt_init_by_name.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
+        lib.crypt_free.argtypes = [ctypes.c_void_p]
+        lib.crypt_free.restype = None
+        lib.crypt_suspend.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.crypt_resume_by_passphrase.argtypes = [
+            ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
+        ]
+        lib.crypt_get_type.argtypes = [ctypes.c_void_p]
+        lib.crypt_get_type.restype = ctypes.c_char_p
+        lib.crypt_keyslot_status.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        if self.has("crypt_resume_by_keyfile_device_offset"):
+            lib.crypt_resume_by_keyfile_device_offset.argtypes = [
+                ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                ctypes.c_size_t, ctypes.c_uint64,
+            ]
+        if self.has("crypt_keyslot_get_pbkdf"):
+            lib.crypt_keyslot_get_pbkdf.argtypes = [
+                ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_PbkdfType),
+            ]
+
+    def has(self, symbol: str) -> bool:
+        return hasattr(self.lib, symbol)
+
+    def version(self) -> str:
+        if self.has("crypt_get_version"):
+            fn = self.lib.crypt_get_version
+            fn.restype = ctypes.c_char_p
+            return str(fn().decode())
+        return "unknown (no crypt_get_version)"
+
+    def _check(self, call: str, name: str, rc: int) -> int:
+        if rc < 0:
+            raise CryptError(call, name, rc, self.messages)
+        return rc
+
+
+class Device:
+    """An active dm-crypt mapping, opened by its dm name."""
+
+    def __init__(self, library: Library, name: str) -> None:
+        self.library = library
+        self.name = name
+        self._bname = name.encode()
+        self.cd = ctypes.c_void_p()
+        rc = library.lib.crypt_init_by_name(ctypes.byref(self.cd), self._bname)
+        library._check("crypt_init_by_name", name, rc)
+        self.last_keyslot = CRYPT_ANY_SLOT
+        self.slots = self.active_keyslots()
+
+    def luks_type(self) -> str:
+        t = self.library.lib.crypt_get_type(self.cd)
+        return t.decode() if t else ""
+
+    def pbkdf_memory_kib(self) -> int:
+        """The largest KDF memory of the active keyslots (Argon2; 0 for PBKDF2/LUKS1)."""
+        lib = self.library.lib
+        if not self.library.has("crypt_keyslot_get_pbkdf"):
+            return 0
+        most = 0
+        for slot in self.slots:
+            p = _PbkdfType()
+            if lib.crypt_keyslot_get_pbkdf(self.cd, slot, ctypes.byref(p)) == 0:
+                most = max(most, int(p.max_memory_kb))
+        return most
+
+    def suspend(self) -> None:
+        rc = self.library.lib.crypt_suspend(self.cd, self._bname)
+        self.library._check("crypt_suspend", self.name, rc)
+
+    def active_keyslots(self) -> list[int]:
+        lib = self.library.lib
+        active = (CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST)
+        return [s for s in range(MAX_KEYSLOTS) if lib.crypt_keyslot_status(self.cd, s) in active]
+
+    def resume_by_passphrase(self, address: int, length: int) -> bool:
+        """address: of the passphrase bytes (a SecretBuffer), so nothing is copied. True
+        when a keyslot took it, False for a wrong passphrase; raises on other errors. The
+        keyslot that worked last time is tried first: each try costs a full KDF run."""
+        lib = self.library.lib
+        slots = self.slots or [CRYPT_ANY_SLOT]
+        if self.last_keyslot in slots:
+            slots = [self.last_keyslot] + [s for s in slots if s != self.last_keyslot]
+        for slot in slots:
+            rc = lib.crypt_resume_by_passphrase(self.cd, self._bname, slot, address, length)
+            if rc >= 0:
+                self.last_keyslot = rc
+                return True
+            if rc not in (-1, -2):  # EPERM: wrong passphrase; ENOENT: slot not usable
+                self.library._check("crypt_resume_by_passphrase", self.name, rc)
+        return False
+
+    def resume_by_keyfile(self, path: str, size: int = 0, offset: int = 0) -> None:
+        lib = self.library.lib
+        rc = lib.crypt_resume_by_keyfile_device_offset(
+            self.cd, self._bname, CRYPT_ANY_SLOT, path.encode(), size, offset
+        )
+        self.library._check("crypt_resume_by_keyfile_device_offset", self.name, rc)
+
+    def free(self) -> None:
+        if self.cd:
+            self.library.lib.crypt_free(self.cd)
+            self.cd = ctypes.c_void_p()

@@ -1,0 +1,84 @@
+"""The cycle record: what happened, when, to which devices, and how the wipe was verified.
+
+Times are CLOCK_BOOTTIME seconds: unlike CLOCK_MONOTONIC it keeps counting while the
+machine sleeps, and the daemon and the helper share it, so their steps merge into one
+timeline.
+"""
+
+from __future__ import annotations
+
+import time
+
+TYPE_CHECKING = False  # see cycle.py
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def now() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class CycleRecord:
+    def __init__(self, devices: list[str]) -> None:
+        self.devices = list(devices)
+        self.timeline: dict[str, float] = {}
+        self.success = False
+        self.reason = ""
+        self.slept = False
+        self.sleep_state = ""
+        self.wrong_passphrases = 0
+        self.suspended: list[str] = []
+        self.resumed: list[str] = []
+        # per device: {"dm_table_key": "zeroed"|"present"|"error: ...", "keyring": ...}
+        self.verification: dict[str, dict[str, str]] = {}
+        self.problems: list[str] = []
+
+    def step(self, name: str, at: float | None = None) -> None:
+        # A repeated step (a second prompt, say) keeps its first time and gets a numbered twin.
+        key, n = name, 2
+        while key in self.timeline:
+            key, n = f"{name}#{n}", n + 1
+        self.timeline[key] = now() if at is None else at
+
+    def fail(self, reason: str) -> None:
+        # The first reason is the cause; later ones are consequences, kept as problems.
+        if not self.reason:
+            self.reason = reason
+        else:
+            self.problems.append(reason)
+
+    def verified(self) -> bool:
+        if not self.suspended:
+            return False
+        return all(
+            self.verification.get(d, {}).get("dm_table_key") == "zeroed" for d in self.suspended
+        )
+
+    def finish(self) -> None:
+        all_suspended = set(self.suspended) == set(self.devices)
+        all_resumed = set(self.resumed) == set(self.suspended)
+        if self.slept and all_suspended and not self.verified():
+            self.fail("the wipe could not be verified for every device")
+        self.success = (
+            self.slept and all_suspended and all_resumed and self.verified() and not self.reason
+        )
+        self.step("finished")
+
+    def as_dict(self) -> dict[str, Any]:
+        start = min(self.timeline.values()) if self.timeline else 0.0
+        return {
+            "result": "success" if self.success else "failed",
+            "success": self.success,
+            "reason": self.reason,
+            "problems": list(self.problems),
+            "devices": list(self.devices),
+            "suspended": list(self.suspended),
+            "resumed": list(self.resumed),
+            "slept": self.slept,
+            "sleep_state": self.sleep_state,
+            "wrong_passphrases": self.wrong_passphrases,
+            "started_boottime": start,
+            # step -> milliseconds since the first step
+            "timeline_ms": {k: round((v - start) * 1000.0, 1) for k, v in self.timeline.items()},
+            "verification": {d: dict(v) for d, v in self.verification.items()},
+        }

@@ -1,0 +1,86 @@
+"""The helper's virtual terminal: allocate, switch to it and back, prompt with echo off."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import termios
+
+from cryptlockd.helper.secret import SecretBuffer
+
+TYPE_CHECKING = False  # see cycle.py
+if TYPE_CHECKING:
+    from types import FrameType
+
+VT_OPENQRY = 0x5600
+VT_GETSTATE = 0x5603
+VT_ACTIVATE = 0x5606
+VT_WAITACTIVE = 0x5607
+
+
+class VtError(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError("VT switch did not complete")
+
+
+class Terminal:
+    def __init__(self, number: int = 0) -> None:
+        with open("/dev/tty0", "rb", buffering=0) as tty0:
+            if number <= 0:
+                buf = fcntl.ioctl(tty0, VT_OPENQRY, struct.pack("i", 0))
+                number = struct.unpack("i", buf)[0]
+                if number <= 0:
+                    raise VtError("no free virtual terminal")
+            state = fcntl.ioctl(tty0, VT_GETSTATE, struct.pack("HHH", 0, 0, 0))
+            self.original = struct.unpack("HHH", state)[0]
+        self.number = number
+        self.fd = os.open(f"/dev/tty{number}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+
+    def activate(self, number: int, timeout: float = 5.0) -> None:
+        # VT_WAITACTIVE blocks for good if a display server in VT_PROCESS mode never lets
+        # go; an alarm turns that into an error.
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            fcntl.ioctl(self.fd, VT_ACTIVATE, number)
+            fcntl.ioctl(self.fd, VT_WAITACTIVE, number)
+        except OSError as e:
+            raise VtError(f"switching to VT {number}: {e}") from e
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+    def switch_to(self) -> None:
+        self.activate(self.number)
+
+    def switch_back(self) -> None:
+        if self.original and self.original != self.number:
+            self.activate(self.original)
+
+    def write(self, text: str) -> None:
+        data = text.replace("\n", "\r\n").encode()
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+
+    def flush_input(self) -> None:
+        termios.tcflush(self.fd, termios.TCIFLUSH)
+
+    def read_secret(self, secret: SecretBuffer) -> bool:
+        """One line with echo off, straight into `secret`."""
+        old = termios.tcgetattr(self.fd)
+        new = list(old)
+        new[3] = (new[3] & ~termios.ECHO) | termios.ICANON | termios.ECHONL
+        termios.tcsetattr(self.fd, termios.TCSAFLUSH, new)
+        try:
+            return secret.read_line_from(self.fd)
+        finally:
+            termios.tcsetattr(self.fd, termios.TCSANOW, old)
+
+    def close(self) -> None:
+        os.close(self.fd)
