@@ -1,0 +1,240 @@
+"""The daemon's side of the helper: keep the RAM filesystem current, start the helper unit
+through systemd, arm it, and hand its cycle record to the daemon.
+
+The helper runs in a unit of its own (cryptlockd-helper.service, in cryptlockd.slice), so
+a restart of the daemon cannot kill it mid-cycle; the daemon talks to it over the unix
+socket in the ramfs (protocol.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from cryptlockd.arm import CycleCallback
+from cryptlockd.config import Config
+from cryptlockd.defs import DBUS_CALL_TIMEOUT, RUNTIME_DIR
+from cryptlockd.devices import LuksDevice, suspend_order
+from cryptlockd.errors import CryptlockdError
+from cryptlockd.helper import protocol, sleepconf
+from cryptlockd.ramfs import Ramfs
+
+if TYPE_CHECKING:
+    from cryptlockd.helper.protocol import Message as HelperMessage
+
+log = logging.getLogger(__name__)
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+# Test hook, root-only: a sleep state to write instead of sleep.conf's (to make the write
+# fail on purpose).
+SLEEP_STATE_OVERRIDE = Path(RUNTIME_DIR) / "debug-sleep-state"
+
+
+class HelperError(CryptlockdError):
+    pass
+
+
+def boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def choose_sleep_state(root: str = "/") -> tuple[str, str | None]:
+    if SLEEP_STATE_OVERRIDE.exists():
+        return SLEEP_STATE_OVERRIDE.read_text().strip(), None
+    texts = []
+    for path in sleepconf.config_files(root):
+        with contextlib.suppress(OSError):
+            texts.append(Path(path).read_text())
+    state = Path(root, "sys/power/state").read_text()
+    try:
+        mem = Path(root, "sys/power/mem_sleep").read_text()
+    except OSError:
+        mem = ""
+    return sleepconf.choose(texts, state, mem)
+
+
+def device_plan(devices: Sequence[LuksDevice]) -> list[dict[str, str]]:
+    return [
+        {"name": d.name, "uuid": d.uuid, "key_source": d.key_source}
+        for d in suspend_order(devices)
+    ]
+
+
+class HelperArmer:
+    def __init__(self, ramfs: Ramfs | None = None, unit: str = protocol.HELPER_UNIT,
+                 socket_path: str = protocol.SOCKET_PATH) -> None:
+        self.ramfs = ramfs or Ramfs()
+        self.unit = unit
+        self.socket_path = socket_path
+        self.config = Config()
+        self._bus: MessageBus | None = None
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._build_lock = threading.Lock()
+        self._build_error: str | None = None
+        self._builder: threading.Thread | None = None
+        self.last_arm_seconds = 0.0
+
+    # -- the RAM filesystem -------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+        if self._builder is None:
+            # Built at start, in the background: a build takes seconds, arming must not.
+            self._builder = threading.Thread(target=self._ensure_ramfs, daemon=True,
+                                             name="ramfs-build")
+            self._builder.start()
+
+    def _ensure_ramfs(self) -> None:
+        with self._build_lock:
+            try:
+                if self.ramfs.ensure():
+                    log.info("helper RAM filesystem (re)built: %.1f MiB",
+                             self.ramfs.size / 2**20)
+                self._build_error = None
+            except Exception as e:
+                self._build_error = str(e)
+                log.error("cannot build the helper's RAM filesystem: %s", e)
+
+    def ramfs_status(self) -> tuple[bool, str]:
+        """For Check(): (ok, detail with the size)."""
+        if self._build_error:
+            return False, self._build_error
+        if not self.ramfs.size:
+            return False, "not built yet"
+        return True, (f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB "
+                      f"(target {48} MiB or less)")
+
+    # -- systemd --------------------------------------------------------------------------
+
+    async def _systemd(self, member: str, mode: str = "replace") -> None:
+        if self._bus is None or not self._bus.connected:
+            self._bus = await asyncio.wait_for(
+                MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect(),
+                DBUS_CALL_TIMEOUT,
+            )
+        reply = await asyncio.wait_for(self._bus.call(Message(
+            destination=SYSTEMD_BUS_NAME, path=SYSTEMD_PATH, interface=SYSTEMD_MANAGER,
+            member=member, signature="ss", body=[self.unit, mode],
+        )), DBUS_CALL_TIMEOUT)
+        if reply is None or reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply is not None and reply.body else ""
+            raise HelperError(f"systemd {member} {self.unit}: "
+                              f"{reply.error_name if reply else 'no reply'} {detail}")
+
+    # -- arming ---------------------------------------------------------------------------
+
+    async def _connect(self, deadline: float) -> tuple[asyncio.StreamReader,
+                                                       asyncio.StreamWriter]:
+        # The helper creates its socket once it runs; a stale socket file refuses.
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                return await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
+            except OSError as e:
+                last = e
+                await asyncio.sleep(0.01)
+        raise HelperError(f"the helper did not open {self.socket_path}: {last}")
+
+    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+        t0, b0 = time.monotonic(), boottime()
+        deadline = t0 + self.config.cycle.arm_timeout_sec
+        if not self.ramfs.current():
+            await asyncio.to_thread(self._ensure_ramfs)
+            if self._build_error:
+                raise HelperError(f"no RAM filesystem for the helper: {self._build_error}")
+        await self._close()
+        state, mem_sleep = await asyncio.to_thread(choose_sleep_state)
+        await self._systemd("StartUnit")
+        reader, writer = await self._connect(deadline)
+        prompt = self.config.prompt
+        msg = protocol.arm_message(
+            device_plan(devices), sleep_state=state, mem_sleep=mem_sleep, vt=prompt.vt,
+            freeze_timeout=self.config.cycle.freeze_timeout_sec,
+            backoff_initial=prompt.backoff_initial_sec, backoff_max=prompt.backoff_max_sec,
+            poweroff_after=prompt.max_failures_before_poweroff,
+        )
+        writer.write(protocol.encode(msg))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic()))
+        if not line:
+            writer.close()
+            raise HelperError("the helper closed the connection while arming")
+        reply = protocol.decode(line)
+        if reply["op"] != protocol.OP_ARMED:
+            writer.close()
+            raise HelperError(str(reply.get("reason", reply)))
+        self.last_arm_seconds = time.monotonic() - t0
+        log.info("helper armed in %.3f s (VT %s, KDF reserve %s KiB, pid %s)",
+                 self.last_arm_seconds, reply.get("vt"), reply.get("reserve_kib"),
+                 reply.get("pid"))
+        self._conn = (reader, writer)
+        daemon_steps = {"arm_requested": b0, "armed": boottime()}
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._await_record(reader, on_finished, daemon_steps, reply)
+        )
+
+    async def _await_record(self, reader: asyncio.StreamReader, on_finished: CycleCallback,
+                            daemon_steps: dict[str, float], armed: HelperMessage) -> None:
+        buf = protocol.LineBuffer()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for msg in buf.feed(data):
+                if msg["op"] == protocol.OP_RECORD:
+                    record = merge_record(msg["record"], daemon_steps, armed)
+                    on_finished(bool(msg["success"]), record)
+                    await self._close()
+                    return
+
+    async def disarm(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn[1].write(protocol.encode({"op": protocol.OP_DISARM}))
+                await self._conn[1].drain()
+        await self._close()
+        with contextlib.suppress(HelperError, TimeoutError):
+            await self._systemd("StopUnit")
+
+    async def _close(self) -> None:
+        task, self._reader_task = self._reader_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        if self._conn is not None:
+            writer = self._conn[1]
+            self._conn = None
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+def merge_record(record: dict[str, Any], daemon_steps: dict[str, float],
+                 armed: HelperMessage) -> dict[str, Any]:
+    """Put the daemon's steps (PrepareForSleep, armed) on the helper's timeline."""
+    out = dict(record)
+    helper_start = float(record.get("started_boottime", 0.0))
+    start = min(helper_start, *daemon_steps.values())
+    timeline = {k: round(v + (helper_start - start) * 1000.0, 1)
+                for k, v in dict(record.get("timeline_ms", {})).items()}
+    out["started_boottime"] = start
+    for name, t in daemon_steps.items():
+        timeline[name] = round((t - start) * 1000.0, 1)
+    out["timeline_ms"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))
+    out["arm_seconds"] = round(daemon_steps["armed"] - daemon_steps["arm_requested"], 3)
+    out["kdf_reserve_kib"] = armed.get("reserve_kib", 0)
+    out["vt"] = armed.get("vt", 0)
+    return out
+
+
