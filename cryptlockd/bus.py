@@ -151,8 +151,17 @@ class ExportedObject:
         self._tasks: set[asyncio.Task[None]] = set()
         self._introspection = self._build_introspection()
 
-    def _build_introspection(self) -> str:
+    @staticmethod
+    def _standard_node() -> Node:
+        # dbus-fast's default node also lists ObjectManager, which this object is not.
         node = Node.default()
+        node.interfaces = [i for i in node.interfaces
+                           if i.name in (INTROSPECTABLE_INTERFACE, PROPERTIES_INTERFACE,
+                                         PEER_INTERFACE)]
+        return node
+
+    def _build_introspection(self) -> str:
+        node = self._standard_node()
         node.interfaces.append(self.interface)
         return str(node.tostring())
 
@@ -162,7 +171,7 @@ class ExportedObject:
         if not self._path.startswith(prefix):
             return None
         child = self._path[len(prefix):].split("/")[0]
-        node = Node.default()
+        node = self._standard_node()
         node.nodes.append(Node(child))
         return str(node.tostring())
 

@@ -10,7 +10,7 @@ import logging
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.bus import RemoteError, call
+from cryptlockd.bus import DBUS_NAME, DBUS_PATH, RemoteError, call
 from cryptlockd.defs import POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
 from cryptlockd.errors import NotAuthorized
 from cryptlockd.log import MessageId, event
@@ -53,6 +53,21 @@ async def is_authorized(bus: MessageBus, sender: str, action: str,
 
 async def require(bus: MessageBus, sender: str | None, action: str,
                   timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Raise NotAuthorized unless polkit says yes."""
+    """Raise NotAuthorized unless polkit says yes and the caller is still there.
+
+    The second part matters when the check took a while (an authentication dialog, a slow
+    polkitd): a caller that disconnected meanwhile has abandoned its request, and we do
+    not act on it. Unique names are never reused, so the test is exact."""
     if not sender or not await is_authorized(bus, sender, action, timeout):
         raise NotAuthorized(f"not authorized for {action}")
+    try:
+        reply = await call(bus, destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME,
+                           member="NameHasOwner", signature="s", body=[sender],
+                           timeout=timeout)
+        present = bool(reply.body[0])
+    except RemoteError as e:
+        log.warning("cannot tell whether %s is still connected: %s", sender, e)
+        present = False
+    if not present:
+        log.info("%s disconnected while waiting for polkit; %s dropped", sender, action)
+        raise NotAuthorized(f"caller disconnected before {action} was authorized")
