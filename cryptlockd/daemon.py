@@ -96,6 +96,7 @@ class Manager:
             },
         )
         self._started = False
+        self._status_sent = ""
 
     # --- properties ----------------------------------------------------------------
 
@@ -157,8 +158,10 @@ class Manager:
                      "".join(f"\n  {p}" for p in problems),
                      extra=event(MessageId.PROTECTION_CHANGED, PROTECTED=int(protected)))
         self.protected, self.problems = protected, problems
-        if self._started:
-            self.notifier.status(self.status_line())
+        status = self.status_line()
+        if self._started and status != self._status_sent:
+            self._status_sent = status
+            self.notifier.status(status)
 
     def refresh(self) -> None:
         """Re-evaluate after anything changed (inhibitor, devices, config, enabled)."""
@@ -392,7 +395,8 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
 
     log.info("cryptlockd %s running (armer: %s)", __version__, kind,
              extra=event(MessageId.STARTED, ARMER=kind))
-    notifier.ready(manager.status_line())
+    manager._status_sent = manager.status_line()
+    notifier.ready(manager._status_sent)
     notifier.start_watchdog()
     await stop.wait()
 

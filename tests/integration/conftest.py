@@ -247,9 +247,22 @@ def start_bus(directory: Path, reporter: _Reporter, *, policy: str = PERMISSIVE_
     return bus
 
 
+POLICY_FILE = REPO / "dbus" / "org.cryptlockd1.conf"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "system_bus_policy: the private bus enforces a system-bus-like default "
+        "deny policy and loads dbus/org.cryptlockd1.conf")
+
+
 @pytest.fixture
-def system_bus(runtime_dir: Path, _reporter: _Reporter) -> Iterator[SystemBus]:
-    bus = start_bus(runtime_dir, _reporter)
+def system_bus(runtime_dir: Path, _reporter: _Reporter,
+               request: pytest.FixtureRequest) -> Iterator[SystemBus]:
+    if request.node.get_closest_marker("system_bus_policy"):
+        bus = start_bus(runtime_dir, _reporter, policy=SYSTEM_LIKE_POLICY, include=POLICY_FILE)
+    else:
+        bus = start_bus(runtime_dir, _reporter)
     yield bus
     bus.close()
 

@@ -1,0 +1,94 @@
+"""sd_notify: READY, STATUS, watchdog pings and STOPPING reach NOTIFY_SOCKET; SIGTERM is a
+clean shutdown; the notify variables do not stay in the environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cryptlockd.notify import Notifier
+from cryptlockd.run import child_env
+from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus
+from tests.integration.support import eventually
+
+
+class NotifyListener:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def drain(self) -> list[dict[str, str]]:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self.messages
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+            self.messages.append(fields)
+
+    def seen(self, key: str, value: str | None = None) -> list[dict[str, str]]:
+        return [m for m in self.drain() if key in m and (value is None or m[key] == value)]
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    nl = NotifyListener(tmp_path / "notify.sock")
+    yield nl
+    nl.sock.close()
+
+
+def test_ready_status_watchdog_stopping(
+    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
+    listener: NotifyListener,
+) -> None:
+    d = start_daemon(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"})
+    [ready] = eventually(lambda: listener.seen("READY", "1"), message="READY=1")
+    assert ready.get("STATUS"), ready
+    # Pings at half of WATCHDOG_USEC: several within a second.
+    eventually(lambda: len(listener.seen("WATCHDOG", "1")) >= 3, message="WATCHDOG=1 pings")
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.wait(20)
+    assert d.proc.returncode == 0, d.log()
+    assert listener.seen("STOPPING", "1"), listener.messages
+    # A clean shutdown gives the name back and drops the lock.
+    assert not system_bus.name_has_owner("org.cryptlockd1")
+    eventually(lambda: not logind.our_inhibitors(), message="inhibitor released on exit")
+    assert "STOPPING" in d.log()
+
+
+def test_watchdog_for_another_pid_is_ignored(
+    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
+    listener: NotifyListener,
+) -> None:
+    d = start_daemon(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "100000",
+                      "WATCHDOG_PID": "1"})
+    eventually(lambda: listener.seen("READY", "1"), message="READY=1")
+    # A round trip, so the loop has run well past where the first ping would go out.
+    obj = system_bus.conn.get_object("org.cryptlockd1", "/org/cryptlockd1", introspect=False)
+    obj.Check(dbus_interface="org.cryptlockd1.Manager", timeout=20)
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.wait(20)
+    assert listener.seen("STOPPING", "1")
+    assert not listener.seen("WATCHDOG")
+
+
+def test_notify_variables_leave_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    n = Notifier.from_environment()
+    assert n.enabled and n.watchdog_usec == 1_000_000
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        assert var not in os.environ
+    # And run()'s children never get it even if something put it back.
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    assert "NOTIFY_SOCKET" not in child_env()
