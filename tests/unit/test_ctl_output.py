@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 
 from dbus_fast import Message, MessageType, Variant
 
 from cryptlockd.ctl import (
+    COMMANDS,
     Output,
     SignalPrinter,
     build_parser,
@@ -113,3 +116,16 @@ def test_monitor_human_cycle_line() -> None:
     stream = io.StringIO()
     SignalPrinter(Output(False, stream), owner=":1.7").handle(cycle_signal(":1.7"))
     assert stream.getvalue().endswith(" cycle finished: success [cryptroot]\n")
+
+
+
+def test_man_page_covers_every_command_and_option() -> None:
+    page = (Path(__file__).resolve().parents[2] / "man" / "cryptlockctl.1").read_text()
+    section = page.split(".SH COMMANDS", 1)[1].split(".SH OPTIONS", 1)[0]
+    # Each command is the tag of a .TP item: the line right after ".TP".
+    tags = " ".join(re.findall(r"^\.TP\n(.*)$", section, re.MULTILINE))
+    for name in COMMANDS:
+        assert re.search(rf"\b{name}\b", tags), f"{name} has no item in cryptlockctl(1)"
+    for action in build_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in page.replace("\\-", "-"), f"{opt} is not in cryptlockctl(1)"
