@@ -65,8 +65,12 @@ def choose_sleep_state(root: str = "/") -> tuple[str, str | None]:
 
 
 def device_plan(devices: Sequence[LuksDevice]) -> list[dict[str, str]]:
+    """In suspend order. The root device always takes the passphrase: its keyfile, if
+    crypttab names one, lives on the root itself or in the initramfs, neither of which
+    the helper may read while root is suspended."""
     return [
-        {"name": d.name, "uuid": d.uuid, "key_source": d.key_source}
+        {"name": d.name, "uuid": d.uuid,
+         "key_source": "passphrase" if d.holds_root else d.key_source}
         for d in suspend_order(devices)
     ]
 

@@ -50,6 +50,18 @@ def log(priority: int, text: str) -> None:
     sys.stderr.flush()
 
 
+def notice_console(text: str) -> None:
+    # A line on the system console (often a serial port on servers) pointing at the VT.
+    # Non-blocking: a stalled serial line must not hold up the prompt.
+    try:
+        fd = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, f"\r\n{text}\r\n".encode())
+    os.close(fd)
+
+
 def harden() -> None:
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
         raise OSError(ctypes.get_errno(), "mlockall")
@@ -135,6 +147,8 @@ class SystemOps:
 
     def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
         t = self.h.terminal
+        notice_console(f"cryptlockd: disks locked; passphrase prompt on VT {t.number} "
+                       f"(attempt {failures + 1})")
         if failures:
             t.write("Sorry, that passphrase did not unlock the disks.\n")
         t.write(f"\ncryptlockd: the disks were locked while the machine slept.\n"

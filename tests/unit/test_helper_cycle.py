@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import pytest
+
+from cryptlockd.helper.cycle import DevicePlan, SleepFailed, run_cycle
+from cryptlockd.helper.record import CycleRecord
+from cryptlockd.helper.secret import SecretBuffer
+
+GOOD = b"right one"
+
+
+class FakeOps:
+    def __init__(self, typed: list[bytes], *, sleep_fails: bool = False,
+                 freeze_fails: bool = False, suspend_fails: str = "",
+                 keyfile_fails: bool = False) -> None:
+        self.calls: list[str] = []
+        self.typed = list(typed)
+        self.sleep_fails = sleep_fails
+        self.freeze_fails = freeze_fails
+        self.suspend_fails = suspend_fails
+        self.keyfile_fails = keyfile_fails
+        self.sync_on_suspend = "1"
+        self.secrets: list[SecretBuffer] = []
+
+    def freeze(self, frozen: list[str]) -> None:
+        frozen.extend(["/system.slice", "/user.slice"])
+        self.calls.append("freeze")
+        if self.freeze_fails:
+            raise RuntimeError("not frozen after 10 s: /user.slice")
+
+    def thaw(self, frozen: list[str]) -> list[str]:
+        self.calls.append("thaw:" + ",".join(reversed(frozen)))
+        return []
+
+    def sync(self) -> list[str]:
+        self.calls.append("sync")
+        return []
+
+    def get_sync_on_suspend(self) -> str | None:
+        return self.sync_on_suspend
+
+    def set_sync_on_suspend(self, value: str) -> None:
+        self.calls.append(f"sync_on_suspend={value}")
+        self.sync_on_suspend = value
+
+    def suspend(self, device: str) -> None:
+        if device == self.suspend_fails:
+            raise OSError("EBUSY")
+        self.calls.append(f"suspend:{device}")
+
+    def verify(self, device: str) -> dict[str, str]:
+        return {"dm_table_key": "zeroed", "dm_suspended": "yes"}
+
+    def enter_sleep(self) -> None:
+        self.calls.append("sleep")
+        if self.sleep_fails:
+            raise SleepFailed("writing 'mem' to /sys/power/state: EBUSY")
+
+    def release_reserve(self) -> None:
+        self.calls.append("release_reserve")
+
+    def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
+        self.calls.append(f"prompt:{','.join(devices)}")
+        self.secrets.append(secret)
+        phrase = self.typed.pop(0)
+        secret.view()[: len(phrase)] = phrase
+        secret.length = len(phrase)
+        return True
+
+    def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
+        ok = bytes(secret.buf[: secret.length]) == GOOD
+        if ok:
+            self.calls.append(f"resume:{device}")
+        return ok
+
+    def resume_keyfile(self, device: str, keyfile: str) -> None:
+        if self.keyfile_fails:
+            raise OSError("No such file")
+        self.calls.append(f"keyfile:{device}:{keyfile}")
+
+    def backoff(self, failures: int) -> None:
+        self.calls.append(f"backoff:{failures}")
+
+    def power_off(self) -> None:
+        self.calls.append("power_off")
+
+
+# Suspend order: the upper layer (nested) first; data takes a keyfile on root.
+DEVICES = [DevicePlan("nested", "passphrase"), DevicePlan("root", "passphrase"),
+           DevicePlan("data", "keyfile:/etc/keys/data.key")]
+
+
+def cycle(ops: FakeOps, poweroff_after: int = 0) -> CycleRecord:
+    rec = CycleRecord([d.name for d in DEVICES])
+    run_cycle(ops, DEVICES, rec, poweroff_after)
+    rec.finish()
+    return rec
+
+
+def test_full_cycle_order() -> None:
+    ops = FakeOps([GOOD])
+    rec = cycle(ops)
+    assert ops.calls == [
+        "freeze", "sync", "sync_on_suspend=0", "suspend:nested", "suspend:root", "suspend:data",
+        "sleep", "release_reserve", "prompt:root,nested", "resume:root", "resume:nested",
+        "keyfile:data:/etc/keys/data.key", "sync_on_suspend=1", "thaw:/user.slice,/system.slice",
+    ]
+    assert rec.success and rec.slept and rec.reason == ""
+    d = rec.as_dict()
+    assert list(d["timeline_ms"])[:3] == ["freeze_start", "frozen", "synced"]
+    assert d["resumed"] == ["root", "nested", "data"]
+
+
+def test_passphrase_buffer_is_zero_after_use() -> None:
+    ops = FakeOps([b"wrong", GOOD])
+    cycle(ops)
+    assert ops.secrets and all(s.is_zero() for s in ops.secrets)
+
+
+def test_wrong_passphrases_keep_asking_with_backoff() -> None:
+    ops = FakeOps([b"a", b"b", b"c", GOOD])
+    rec = cycle(ops)
+    assert [c for c in ops.calls if c.startswith(("prompt", "backoff"))] == [
+        "prompt:root,nested", "backoff:1", "prompt:root,nested", "backoff:2",
+        "prompt:root,nested", "backoff:3", "prompt:root,nested"]
+    assert rec.wrong_passphrases == 3 and rec.success
+
+
+def test_power_off_after_n_failures() -> None:
+    ops = FakeOps([b"a", b"b", GOOD])
+    cycle(ops, poweroff_after=2)
+    assert ops.calls.index("power_off") == ops.calls.index("backoff:1") + 2
+
+
+def test_failed_sleep_write_goes_straight_to_prompt() -> None:
+    ops = FakeOps([GOOD], sleep_fails=True)
+    rec = cycle(ops)
+    assert ops.calls[ops.calls.index("sleep") + 1:ops.calls.index("sleep") + 3] == [
+        "release_reserve", "prompt:root,nested"]
+    assert not rec.success and not rec.slept and "EBUSY" in rec.reason
+    assert ops.calls[-1].startswith("thaw") and ops.sync_on_suspend == "1"
+
+
+def test_freeze_timeout_touches_no_device_and_thaws() -> None:
+    ops = FakeOps([], freeze_fails=True)
+    rec = cycle(ops)
+    assert ops.calls == ["freeze", "thaw:/user.slice,/system.slice"]
+    assert not rec.success and "not frozen" in rec.reason
+
+
+def test_keyfile_failure_falls_back_to_prompt() -> None:
+    ops = FakeOps([GOOD, GOOD], keyfile_fails=True)
+    rec = cycle(ops)
+    assert "prompt:data" in ops.calls and "resume:data" in ops.calls
+    assert rec.success
+
+
+def test_suspend_failure_is_reported_and_rest_still_resumed() -> None:
+    ops = FakeOps([GOOD], suspend_fails="root")
+    rec = cycle(ops)
+    assert "suspend:root" not in ops.calls and "resume:nested" in ops.calls
+    assert not rec.success and "suspending root" in rec.reason
+
+
+def test_unverified_wipe_fails_the_cycle() -> None:
+    ops = FakeOps([GOOD])
+    ops.verify = lambda device: {"dm_table_key": "present"}  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert not rec.success and "verified" in rec.reason
+
+
+@pytest.mark.parametrize("source,keyfile", [("passphrase", None), ("keyfile:/k", "/k")])
+def test_device_plan_keyfile(source: str, keyfile: str | None) -> None:
+    assert DevicePlan("x", source).keyfile == keyfile
