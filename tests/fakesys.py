@@ -50,7 +50,7 @@ class FakeSystem:
 
     def daemon_args(self) -> list[str]:
         return ["--sysfs", str(self.sysfs), "--mountinfo", str(self.mountinfo),
-                "--crypttab", str(self.crypttab)]
+                "--crypttab", str(self.crypttab), "--dev", str(self.dev)]
 
     def _devno(self, major: int) -> str:
         minor = self._next_minor.get(major, 0)
