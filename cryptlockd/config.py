@@ -98,11 +98,6 @@ class CycleSettings(BaseModel):
         description="How long the helper waits for every cgroup to report frozen; past "
         "it, the protected cycle is abandoned and the failure reported.",
     )
-    run_sleep_hooks: bool = Field(
-        default=True,
-        description="Run the system-sleep hooks (pre and post suspend) as "
-        "systemd-suspend.service would.",
-    )
 
 
 class Config(BaseModel):

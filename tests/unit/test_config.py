@@ -228,3 +228,9 @@ def test_every_setting_is_in_the_man_page() -> None:
         )
         default = f"Defaults to {toml_value(s.default)}"
         assert default in plain, f"{s.dotted}: man page does not say '{default}'"
+
+
+def test_man_page_documents_no_unknown_setting() -> None:
+    page = (REPO / "man" / "cryptlockd.conf.5").read_text()
+    documented = set(re.findall(r"^\.TP\n\\fB(\w+)\\fR = ", page, re.MULTILINE))
+    assert documented == {s.key for s in settings_table()}
