@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -25,7 +26,9 @@ from cryptlockd.config import Config
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, RUNTIME_DIR
 from cryptlockd.devices import LuksDevice, suspend_order
 from cryptlockd.errors import CryptlockdError
-from cryptlockd.helper import protocol, sleepconf
+from cryptlockd.helper import cgroups, protocol, sleepconf
+from cryptlockd.helper.cgroups import CGROUP_ROOT
+from cryptlockd.helper.power import SYNC_ON_SUSPEND
 from cryptlockd.ramfs import Ramfs
 
 if TYPE_CHECKING:
@@ -102,6 +105,9 @@ class HelperArmer:
 
     def _ensure_ramfs(self) -> None:
         with self._build_lock:
+            if _helper_alive(self.socket_path):
+                return  # never pull the tree from under a running helper
+            repair(self.ramfs.path, self.socket_path)
             try:
                 if self.ramfs.ensure():
                     log.info("helper RAM filesystem (re)built: %.1f MiB",
@@ -222,6 +228,48 @@ class HelperArmer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def _helper_alive(socket_path: str) -> bool:
+    # A live helper accepts connections even mid-cycle (the listen backlog), a dead one's
+    # socket refuses.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(socket_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def repair(ramfs_path: Path, socket_path: str, cgroup_root: str = CGROUP_ROOT,
+           sync_file: str = SYNC_ON_SUSPEND) -> list[str]:
+    """What a helper that died mid-cycle left behind (it notes both before touching them):
+    thaw the cgroups it froze and restore sync_on_suspend. Returns what was repaired."""
+    if _helper_alive(socket_path):
+        return []
+    done: list[str] = []
+    frozen_list = ramfs_path / "state" / "frozen"
+    with contextlib.suppress(FileNotFoundError):
+        frozen = [c for c in frozen_list.read_text().splitlines() if c]
+        errors = cgroups.thaw(cgroup_root, frozen)
+        for e in errors:
+            log.error("repair: cannot thaw %s", e)
+        log.warning("repair: thawed %d cgroups a crashed cycle left frozen", len(frozen))
+        done.append("thawed " + " ".join(frozen))
+        frozen_list.unlink()
+    saved = ramfs_path / "state" / "sync_on_suspend"
+    with contextlib.suppress(FileNotFoundError):
+        value = saved.read_text().strip()
+        if value and value != "0":
+            Path(sync_file).write_text(value)
+            log.warning("repair: restored sync_on_suspend=%s left at 0 by a crashed cycle",
+                        value)
+            done.append(f"sync_on_suspend={value}")
+        saved.unlink()
+    return done
 
 
 def merge_record(record: dict[str, Any], daemon_steps: dict[str, float],

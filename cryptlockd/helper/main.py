@@ -35,6 +35,7 @@ MCL_CURRENT, MCL_FUTURE = 1, 2
 PR_SET_DUMPABLE = 4
 # Where the daemon finds what a crashed cycle left frozen (repair at start).
 FROZEN_STATE = "/state/frozen"
+SYNC_STATE = "/state/sync_on_suspend"
 # Never hold more than this for the KDF, nor more than half the RAM.
 RESERVE_CAP_KIB = 1 << 20
 # Armed but no sleep came: stand down (the daemon re-arms on the next PrepareForSleep).
@@ -122,10 +123,18 @@ class SystemOps:
         return power.sync_all()
 
     def get_sync_on_suspend(self) -> str | None:
-        return power.get_sync_on_suspend()
+        value = power.get_sync_on_suspend()
+        if value is not None:
+            # For the daemon's repair, should we die before restoring it.
+            with open(SYNC_STATE, "w") as f:
+                f.write(value + "\n")
+        return value
 
     def set_sync_on_suspend(self, value: str) -> None:
         power.set_sync_on_suspend(value)
+        if value != "0":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(SYNC_STATE)
 
     def suspend(self, device: str) -> None:
         self.h.devices[device].suspend()
