@@ -1,0 +1,88 @@
+"""`make install DESTDIR=... PREFIX=/usr/local` puts every file where SPEC section 3 says,
+with the paths substituted, and the installed venv runs the daemon's code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = "/usr/local"
+VENV = f"{PREFIX}/lib/cryptlockd/venv"
+
+
+@pytest.fixture(scope="module")
+def destdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("destdir")
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={dest}",
+                           f"PREFIX={PREFIX}"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dest
+
+
+def test_files_in_place(destdir: Path) -> None:
+    expected = [
+        f"{PREFIX}/bin/cryptlockd",
+        f"{PREFIX}/bin/cryptlockctl",
+        f"{PREFIX}/lib/systemd/system/cryptlockd.service",
+        f"{PREFIX}/lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf",
+        "usr/share/dbus-1/system.d/org.cryptlockd1.conf",
+        "usr/share/dbus-1/system-services/org.cryptlockd1.service",
+        "usr/share/dbus-1/interfaces/org.cryptlockd1.Manager.xml",
+        "usr/share/polkit-1/actions/org.cryptlockd1.policy",
+        f"{PREFIX}/share/man/man8/cryptlockd.8",
+        "etc/cryptlockd/cryptlockd.conf",
+    ]
+    missing = [p for p in expected if not (destdir / p.lstrip("/")).is_file()]
+    assert not missing
+    # Nothing escapes DESTDIR into the real PREFIX.
+    for p in expected:
+        text = (destdir / p.lstrip("/")).read_text(errors="replace")
+        assert "@BINDIR@" not in text and "@LIBDIR@" not in text and "@VENVDIR@" not in text, p
+        assert str(destdir) not in text, p
+
+
+def test_wrappers_point_into_the_installed_venv(destdir: Path) -> None:
+    for prog, module in (("cryptlockd", "cryptlockd.daemon"), ("cryptlockctl", "cryptlockd.ctl")):
+        wrapper = destdir / PREFIX.lstrip("/") / "bin" / prog
+        assert os.access(wrapper, os.X_OK)
+        assert f'exec {VENV}/bin/python -m {module} "$@"' in wrapper.read_text()
+    unit = (destdir / PREFIX.lstrip("/") / "lib/systemd/system/cryptlockd.service").read_text()
+    assert f"ExecStart={PREFIX}/bin/cryptlockd\n" in unit
+    activation = (destdir / "usr/share/dbus-1/system-services/org.cryptlockd1.service")
+    assert f"Exec={PREFIX}/bin/cryptlockd\n" in activation.read_text()
+
+
+def test_installed_venv_runs_the_installed_code(destdir: Path) -> None:
+    python = destdir / VENV.lstrip("/") / "bin" / "python"
+    out = subprocess.run(
+        [str(python), "-I", "-c",
+         "import cryptlockd.daemon, cryptlockd.defs as d; print(cryptlockd.daemon.__file__);"
+         "print(d.INTROSPECTION_XML.is_file())"],
+        capture_output=True, text=True, timeout=60, cwd="/", check=True,
+    ).stdout.split()
+    assert out[0].startswith(str(destdir / VENV.lstrip("/"))), out
+    assert out[1] == "True"  # the XML ships inside the package
+    version = subprocess.run([str(python), "-I", "-m", "cryptlockd.daemon", "--version"],
+                             capture_output=True, text=True, timeout=60, cwd="/", check=True)
+    assert version.stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_unit_file_verifies(destdir: Path, tmp_path: Path) -> None:
+    unit = (destdir / PREFIX.lstrip("/") / "lib/systemd/system/cryptlockd.service").read_text()
+    # verify insists that ExecStart exists on this machine: point it at the DESTDIR copy.
+    unit = unit.replace(f"ExecStart={PREFIX}/bin/cryptlockd",
+                        f"ExecStart={destdir}{PREFIX}/bin/cryptlockd")
+    (tmp_path / "cryptlockd.service").write_text(unit)
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                           str(tmp_path / "cryptlockd.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
