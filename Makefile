@@ -22,7 +22,7 @@ SYSCONFDIR ?= /etc
 
 # System packages the test suite and the demo need on a Debian 12 host.
 HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
-	dbus python3-dbusmock python3-gi systemd \
+	dbus python3-dbusmock python3-gi systemd umockdev gir1.2-umockdev-1.0 \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio
 
 VENV = .venv
