@@ -366,7 +366,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     armer, kind = choose_armer(args.armer)
-    bus = await MessageBus(bus_type=_system_bus_type(), negotiate_unix_fd=True).connect()
+    bus = await asyncio.wait_for(
+        MessageBus(bus_type=_system_bus_type(), negotiate_unix_fd=True).connect(),
+        DBUS_CALL_TIMEOUT)
     manager = Manager(bus, args, armer, kind, notifier)
     await manager.start()
 

@@ -75,7 +75,10 @@ class Logind:
         except RemoteError as e:
             log.warning("logind is not on the bus: %s", e)
             owner = None
-        await self._set_owner(owner)
+        # Under the same lock as the NameOwnerChanged handler, so a change that arrives
+        # while we act on this answer is applied after it, not interleaved with it.
+        async with self._serial:
+            await self._set_owner(owner)
 
     def stop(self) -> None:
         self._bus.remove_message_handler(self._handle)
