@@ -123,6 +123,13 @@ def check_armer(kind: str) -> CheckResult:
                        f"armer '{kind}' only records the cycle: nothing would be wiped")
 
 
+def check_helper_ramfs(ok: bool, detail: str) -> CheckResult:
+    # The helper runs from it; without it arming fails and the sleep goes unprotected.
+    if ok:
+        return CheckResult("helper-ramfs", True, detail)
+    return CheckResult("helper-ramfs", False, f"the helper's RAM filesystem: {detail}")
+
+
 def evaluate(results: Sequence[CheckResult]) -> tuple[bool, list[str]]:
     """(Protected, Problems): protected when every blocking check passes; one line for
     each failed check, blocking or not."""

@@ -147,8 +147,25 @@ class Manager:
             checks.check_devices(self.devices, self.excluded),
             checks.check_sleep_dropin(self.root),
             checks.check_armer(self.armer_kind),
+            *self._ramfs_check(),
             checks.check_config(self.config_error),
         ]
+
+    def _ramfs_check(self) -> list[checks.CheckResult]:
+        status = getattr(self.armer, "ramfs_status", None)
+        if not callable(status):
+            return []
+        ok, detail = status()
+        return [checks.check_helper_ramfs(bool(ok), str(detail))]
+
+    async def watch_ramfs(self, interval: float = 2.0) -> None:
+        """The armer builds its RAM filesystem in the background, and nothing tells us when
+        it is done: look now and then, and re-evaluate when its status changes."""
+        while True:
+            await asyncio.sleep(interval)
+            now = self._ramfs_check()
+            if now and now[0] not in self.check_results:
+                self.refresh()
 
     def _evaluate(self) -> None:
         self.check_results = self.run_checks()
@@ -395,6 +412,7 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     disconnected = loop.create_task(_wait_for_disconnect(bus))
     disconnected.add_done_callback(lambda _t: stop.set())
 
+    ramfs_watch = loop.create_task(manager.watch_ramfs())
     log.info("cryptlockd %s running (armer: %s)", __version__, kind,
              extra=event(MessageId.STARTED, ARMER=kind))
     manager._status_sent = manager.status_line()
@@ -405,6 +423,7 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     log.info("stopping", extra=event(MessageId.STOPPING))
     notifier.stopping()
     notifier.stop_watchdog()
+    ramfs_watch.cancel()
     if monitor is not None:
         monitor.stop()
     manager.obj.stop()

@@ -154,3 +154,29 @@ def test_to_variant_shapes() -> None:
     assert to_variant([1, "a"]) == Variant("av", [Variant("x", 1), Variant("s", "a")])
     assert to_variant({"k": {"n": 1.0}}) == Variant(
         "a{sv}", {"k": Variant("a{sv}", {"n": Variant("d", 1.0)})})
+
+
+class RamfsArmer(RecordingArmer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = (False, "not built yet")
+
+    def ramfs_status(self) -> tuple[bool, str]:
+        return self.status
+
+
+@pytest.mark.asyncio
+async def test_ramfs_status_reaches_problems_when_it_changes(tmp_path: Path) -> None:
+    armer = RamfsArmer()
+    m, _bus = make_manager(tmp_path, armer)
+    m.refresh()
+    assert "helper-ramfs: the helper's RAM filesystem: not built yet" in m.problems
+    watch = asyncio.get_running_loop().create_task(m.watch_ramfs(interval=0.01))
+    try:
+        armer.status = (True, "/run/cryptlockd/ramfs: 30.0 MiB")
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(p.startswith("helper-ramfs") for p in m.problems):
+            assert asyncio.get_running_loop().time() < deadline, m.problems
+            await asyncio.sleep(0.01)
+    finally:
+        watch.cancel()
