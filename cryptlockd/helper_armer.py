@@ -22,6 +22,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.arm import CycleCallback
+from cryptlockd.checks import CheckResult
 from cryptlockd.config import Config
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, RUNTIME_DIR
 from cryptlockd.devices import LuksDevice, suspend_order
@@ -117,6 +118,11 @@ class HelperArmer:
                 self._build_error = str(e)
                 log.error("cannot build the helper's RAM filesystem: %s", e)
 
+    def checks(self) -> list[CheckResult]:
+        ok, detail = self.ramfs_status()
+        # Only a failed build blocks protection; "not built yet" is the first seconds.
+        return [CheckResult("helper-ramfs", ok, detail, blocking=self._build_error is not None)]
+
     def ramfs_status(self) -> tuple[bool, str]:
         """For Check(): (ok, detail with the size)."""
         if self._build_error:
@@ -210,6 +216,11 @@ class HelperArmer:
                     return
 
     async def disarm(self) -> None:
+        # PrepareForSleep(false) can be read before the record the helper sent just
+        # earlier on our socket: let the reader take it first.
+        task = self._reader_task
+        if task is not None:
+            await asyncio.wait({task}, timeout=1.0)
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn[1].write(protocol.encode({"op": protocol.OP_DISARM}))

@@ -64,7 +64,11 @@ def plan_freeze(root: str, keep: str) -> list[str]:
                 continue
             out.append(child)
 
+    if not os.path.exists(os.path.join(root, "cgroup.procs")):
+        raise FreezeError(f"no cgroup v2 hierarchy at {root}")
     walk("")
+    if not out:
+        raise FreezeError(f"nothing to freeze under {root}: is the hierarchy visible?")
     return out
 
 

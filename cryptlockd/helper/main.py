@@ -217,6 +217,10 @@ class Helper:
         self.record = CycleRecord([d["name"] for d in msg["devices"]])
         self.record.step("helper_arm")
         harden()
+        # Fail now, while the sleep can still go ahead unprotected and say so, rather
+        # than mid-cycle.
+        with open("/proc/self/cgroup") as f:
+            cgroups.plan_freeze(cgroups.CGROUP_ROOT, cgroups.own_cgroup(f.read()))
         if self.library is None:
             self.library = Library()
         for dev in self.devices.values():

@@ -8,6 +8,7 @@ from cryptlockd.helper import cgroups
 
 
 def make_tree(root: Path, paths: list[str]) -> None:
+    (root / "cgroup.procs").write_text("")
     # Like cgroupfs: every cgroup below the root has the control files.
     for p in paths:
         parts = p.split("/")
@@ -65,3 +66,8 @@ def test_freeze_deadline_names_the_laggard_and_keeps_list(tmp_path: Path) -> Non
     with pytest.raises(cgroups.FreezeError, match="/b"):
         cgroups.freeze(str(tmp_path), ["/a", "/b"], 0.05, frozen)
     assert frozen == ["/a", "/b"]  # the caller still thaws both
+
+
+def test_plan_refuses_an_invisible_hierarchy(tmp_path: Path) -> None:
+    with pytest.raises(cgroups.FreezeError):
+        cgroups.plan_freeze(str(tmp_path), "/x.service")
