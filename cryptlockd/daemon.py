@@ -147,8 +147,6 @@ class Manager:
             checks.check_devices(self.devices, self.excluded),
             checks.check_sleep_dropin(self.root),
             checks.check_armer(self.armer_kind),
-            # The helper armer adds its own (the RAM filesystem and its size).
-            *getattr(self.armer, "checks", list)(),
             *self._ramfs_check(),
             checks.check_config(self.config_error),
         ]

@@ -22,7 +22,6 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.arm import CycleCallback
-from cryptlockd.checks import CheckResult
 from cryptlockd.config import Config
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, RUNTIME_DIR
 from cryptlockd.devices import LuksDevice, suspend_order
@@ -117,11 +116,6 @@ class HelperArmer:
             except Exception as e:
                 self._build_error = str(e)
                 log.error("cannot build the helper's RAM filesystem: %s", e)
-
-    def checks(self) -> list[CheckResult]:
-        ok, detail = self.ramfs_status()
-        # Only a failed build blocks protection; "not built yet" is the first seconds.
-        return [CheckResult("helper-ramfs", ok, detail, blocking=self._build_error is not None)]
 
     def ramfs_status(self) -> tuple[bool, str]:
         """For Check(): (ok, detail with the size)."""
