@@ -75,6 +75,28 @@ async def test_forged_prepare_for_sleep_is_ignored(
 
 
 @pytest.mark.asyncio
+async def test_forged_owner_change_does_not_make_a_forger_logind(
+    logind: LogindMock, start_daemon: DaemonFactory, luks_system: FakeSystem,
+    client: MessageBus,
+) -> None:
+    d = start_daemon(*luks_system.daemon_args())
+    eventually(logind.our_inhibitors, message="inhibitor taken at start")
+    # Claim that logind moved to us, then "be" logind. The bus stamps our own unique name
+    # as the sender of both, so neither may count.
+    client.send(Message.new_signal("/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                   "NameOwnerChanged", "sss",
+                                   ["org.freedesktop.login1", "", client.unique_name]))
+    client.send(Message.new_signal(LOGIND_PATH, LOGIND_MANAGER_INTERFACE, "PrepareForSleep",
+                                   "b", [True]))
+    assert await get_property(client, "State") == "idle"
+    assert len(logind.our_inhibitors()) == 1
+    assert "owner: " not in d.log().split("took the logind delay inhibitor")[-1]
+    # The genuine logind is still obeyed.
+    logind.prepare_for_sleep(True)
+    eventually(lambda: not logind.our_inhibitors(), timeout=5.0, message="genuine signal")
+
+
+@pytest.mark.asyncio
 async def test_logind_restart_is_survived(
     system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
     luks_system: FakeSystem, client: MessageBus,

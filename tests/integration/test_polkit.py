@@ -103,7 +103,7 @@ async def test_hanging_polkit_means_denied(
         with pytest.raises(DBusError) as e:
             await call()
         assert e.value.type == NOT_AUTHORIZED
-        assert time.monotonic() - t0 < POLKIT_TIMEOUT + 3
+        assert time.monotonic() - t0 < POLKIT_TIMEOUT + 8  # generous: shared CPUs
     with pytest.raises(DBusError) as e:
         await manager.call_set_enabled(False)  # type: ignore[attr-defined]
     assert e.value.type == NOT_AUTHORIZED
