@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from cryptlockd.helper.protocol import Message
 
 MCL_CURRENT, MCL_FUTURE = 1, 2
-PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 # Where the daemon finds what a crashed cycle left frozen (repair at start).
 FROZEN_STATE = "/state/frozen"
 SYNC_STATE = "/state/sync_on_suspend"
@@ -68,6 +68,19 @@ def harden() -> None:
         raise OSError(ctypes.get_errno(), "mlockall")
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+
+
+def hardening_status() -> dict[str, str]:
+    """What the helper looks like from /proc right after arming (for the record)."""
+    out = {"dumpable": str(_libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmLck", "VmRSS"):
+                out[key] = value.strip()
+    with open("/proc/self/oom_score_adj") as f:
+        out["oom_score_adj"] = f.read().strip()
+    return out
 
 
 def mem_total_kib() -> int:
@@ -244,6 +257,7 @@ class Helper:
         if self._terminal is None:
             self._terminal = Terminal(int(msg.get("vt", 0)))
         self.record.step("helper_armed")
+        self.record.hardening = hardening_status()
         return {
             "op": protocol.OP_ARMED,
             "vt": self.terminal.number,

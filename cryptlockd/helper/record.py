@@ -32,6 +32,7 @@ class CycleRecord:
         # per device: {"dm_table_key": "zeroed"|"present"|"error: ...", "keyring": ...}
         self.verification: dict[str, dict[str, str]] = {}
         self.problems: list[str] = []
+        self.hardening: dict[str, str] = {}
 
     def step(self, name: str, at: float | None = None) -> None:
         # A repeated step (a second prompt, say) keeps its first time and gets a numbered twin.
@@ -81,4 +82,5 @@ class CycleRecord:
             # step -> milliseconds since the first step
             "timeline_ms": {k: round((v - start) * 1000.0, 1) for k, v in self.timeline.items()},
             "verification": {d: dict(v) for d, v in self.verification.items()},
+            "helper": dict(self.hardening),
         }
