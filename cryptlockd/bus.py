@@ -200,6 +200,12 @@ class ExportedObject:
     def _handle(self, msg: Message) -> Message | bool | None:
         if msg.message_type != MessageType.METHOD_CALL:
             return None
+        result = self._handle_call(msg)
+        if isinstance(result, Message) and msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True  # handled; the caller asked for no reply, and a bus may refuse one
+        return result
+
+    def _handle_call(self, msg: Message) -> Message | bool | None:
         if msg.path != self._path:
             if msg.interface in (INTROSPECTABLE_INTERFACE, None) and msg.member == "Introspect":
                 xml = self._ancestor_introspection(msg.path or "")
@@ -234,7 +240,7 @@ class ExportedObject:
     def _properties(self, msg: Message) -> Message:
         member, sig, body = msg.member, msg.signature, msg.body
         if member == "Get" and sig == "ss":
-            if body[0] != self.interface.name:
+            if body[0] not in (self.interface.name, ""):
                 return _error(msg, ERR_UNKNOWN_INTERFACE, f"no interface {body[0]}")
             ptype = self._property_types.get(body[1])
             if ptype is None:
