@@ -20,7 +20,9 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Method, Node
 
-from cryptlockd.errors import CryptlockdError
+from cryptlockd.errors import CryptlockdError, RemoteError
+
+__all__ = ["ExportedObject", "RemoteError", "add_match", "call", "to_vardict", "to_variant"]
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,6 @@ ERR_LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 # A method implementation gets the call (for its sender) and its arguments and returns
 # the out arguments. It raises CryptlockdError for anything the caller should see.
 MethodImpl = Callable[[Message, list[Any]], Awaitable[list[Any]]]
-
-
-class RemoteError(CryptlockdError):
-    """A D-Bus call we made failed: an error reply, a timeout, or a lost connection."""
-
-    def __init__(self, what: str, error_name: str, text: str) -> None:
-        self.error_name = error_name
-        super().__init__(f"{what}: {error_name}: {text}")
 
 
 async def call(

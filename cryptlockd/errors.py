@@ -46,3 +46,11 @@ class CommandError(CryptlockdError):
         self.stderr = stderr
         detail = f": {stderr.strip().splitlines()[-1]}" if stderr.strip() else ""
         super().__init__(f"{' '.join(argv)} exited with status {returncode}{detail}")
+
+
+class RemoteError(CryptlockdError):
+    """A D-Bus call we made failed: an error reply, a timeout, or a lost connection."""
+
+    def __init__(self, what: str, error_name: str, text: str) -> None:
+        self.error_name = error_name
+        super().__init__(f"{what}: {error_name}: {text}")
