@@ -28,8 +28,10 @@ async def test_suspend_allowed_asks_logind(
     calls = logind.method_calls("Suspend")
     assert [list(args) for _ts, args in calls] == [[False]]
     # The subject is the caller's unique name from the message header.
-    [(_ts, (subject, action, *_rest))] = polkit.method_calls("CheckAuthorization")
+    [(_ts, (subject, action, _details, flags, _cancel))] = \
+        polkit.method_calls("CheckAuthorization")
     assert str(action) == POLKIT_ACTION_SUSPEND
+    assert int(flags) == 1  # AllowUserInteraction
     assert str(subject[0]) == "system-bus-name"
     assert str(subject[1]["name"]) == client.unique_name
 
@@ -70,6 +72,8 @@ async def test_set_enabled_allowed_and_denied(
     polkit.allow(POLKIT_ACTION_CONFIGURE)
     await manager.call_set_enabled(False)  # type: ignore[attr-defined]
     assert await get_property(client, "Enabled") is False
+    actions = {str(args[1]) for _ts, args in polkit.method_calls("CheckAuthorization")}
+    assert actions == {POLKIT_ACTION_CONFIGURE}
     problems = await get_property(client, "Problems")
     assert any(p.startswith("enabled:") for p in problems)
     eventually(lambda: any("Enabled" in c for c in changed), message="PropertiesChanged")
