@@ -231,9 +231,11 @@ class Manager:
         log.info("PrepareForSleep(%s)", "true" if start else "false",
                  extra=event(MessageId.PREPARE_FOR_SLEEP, START=int(start)))
         if start:
+            self.notifier.suspend_watchdog()
             await self._arm()
         else:
             await self._resumed()
+            self.notifier.restore_watchdog()
 
     async def _arm(self) -> None:
         if self.state != State.IDLE:

@@ -16,6 +16,10 @@ import socket
 
 log = logging.getLogger(__name__)
 
+# A week: longer than anyone sits at the resume prompt, short enough to still catch a
+# daemon that hangs for good.
+SLEEP_WATCHDOG_USEC = 7 * 24 * 3600 * 1_000_000
+
 
 class Notifier:
     def __init__(self, address: str | None, watchdog_usec: int | None) -> None:
@@ -63,6 +67,19 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify(STOPPING="1", STATUS="Stopping")
+
+    def suspend_watchdog(self) -> None:
+        """For the sleep cycle: the helper freezes our cgroup, and PID 1's too, and then
+        waits at the passphrase prompt for as long as the user takes. systemd measures the
+        watchdog on the monotonic clock, which runs while we are frozen, so on thaw it
+        would find us overdue and kill us mid-report. Stretch the timeout (WATCHDOG_USEC=
+        at runtime, systemd >= 236) until restore_watchdog()."""
+        if self.watchdog_usec is not None:
+            self.notify(WATCHDOG="1", WATCHDOG_USEC=str(SLEEP_WATCHDOG_USEC))
+
+    def restore_watchdog(self) -> None:
+        if self.watchdog_usec is not None:
+            self.notify(WATCHDOG_USEC=str(self.watchdog_usec), WATCHDOG="1")
 
     def start_watchdog(self) -> None:
         """Ping at half the interval from the event loop: a loop stuck in something

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd.notify import Notifier
+from cryptlockd.notify import SLEEP_WATCHDOG_USEC, Notifier
 from cryptlockd.run import child_env
+from tests.fakesys import FakeSystem
 from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus
 from tests.integration.support import eventually
 
@@ -78,6 +79,24 @@ def test_watchdog_for_another_pid_is_ignored(
     d.proc.wait(20)
     assert listener.seen("STOPPING", "1")
     assert not listener.seen("WATCHDOG")
+
+
+def test_watchdog_stretched_across_a_sleep(
+    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
+    listener: NotifyListener, luks_system: FakeSystem,
+) -> None:
+    # The helper freezes us (and PID 1) until the passphrase is typed: systemd must not
+    # find us overdue on thaw.
+    start_daemon(*luks_system.daemon_args(),
+                 env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "20000000"})
+    eventually(lambda: listener.seen("READY", "1"), message="READY=1")
+    eventually(logind.our_inhibitors, message="inhibitor taken")
+    logind.prepare_for_sleep(True)
+    eventually(lambda: listener.seen("WATCHDOG_USEC", str(SLEEP_WATCHDOG_USEC)),
+               message="watchdog stretched for the sleep")
+    logind.prepare_for_sleep(False)
+    eventually(lambda: listener.seen("WATCHDOG_USEC", "20000000"),
+               message="watchdog restored after the sleep")
 
 
 def test_notify_variables_leave_the_environment(monkeypatch: pytest.MonkeyPatch,
