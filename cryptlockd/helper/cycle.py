@@ -141,7 +141,15 @@ def resume_all(ops: Ops, devices: list[DevicePlan], suspended: list[str],
                     record.step(f"resumed:{dev.name}")
                 continue
             record.step("prompt")
-            if not ops.prompt(secret, [d.name for d in asking], failures):
+            try:
+                entered = ops.prompt(secret, [d.name for d in asking], failures)
+            except Exception as e:
+                # The devices stay suspended until a passphrase gets through: never give
+                # up here, whatever the terminal does.
+                record.problems.append(f"prompt: {e}")
+                entered = False
+                ops.backoff(1)
+            if not entered:
                 secret.wipe()
                 continue
             record.step("passphrase_entered")

@@ -172,3 +172,18 @@ def test_unverified_wipe_fails_the_cycle() -> None:
 @pytest.mark.parametrize("source,keyfile", [("passphrase", None), ("keyfile:/k", "/k")])
 def test_device_plan_keyfile(source: str, keyfile: str | None) -> None:
     assert DevicePlan("x", source).keyfile == keyfile
+
+
+def test_a_failing_prompt_is_retried_not_fatal() -> None:
+    ops = FakeOps([GOOD])
+    real = ops.prompt
+    failures = [OSError("EIO on the VT")]
+
+    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(secret, devices, n)
+
+    ops.prompt = flaky  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.success and any("EIO" in p for p in rec.problems)
