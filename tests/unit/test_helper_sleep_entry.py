@@ -1,0 +1,103 @@
+"""The sleep entry's hand-over rules against a scripted helper on a real unix socket:
+fall back to the stock sleep only before the helper was told to sleep, never after."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cryptlockd import sleep_entry
+from cryptlockd.helper import protocol
+
+Script = Callable[[sleep_entry.Channel], None]
+
+
+@pytest.fixture
+def entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
+    calls: dict[str, object] = {"stock": [], "hooks": []}
+    path = str(tmp_path / "helper.sock")
+    monkeypatch.setattr(sleep_entry, "connect", lambda: _connect(path))
+    monkeypatch.setattr(sleep_entry, "stock_sleep",
+                        lambda why: calls["stock"].append(why) or 0)  # type: ignore[attr-defined]
+    monkeypatch.setattr(sleep_entry, "run_hooks",
+                        lambda phase: calls["hooks"].append(phase))  # type: ignore[attr-defined]
+    calls["path"] = path
+    yield calls
+
+
+_real_connect = sleep_entry.connect
+
+
+def _connect(path: str) -> sleep_entry.Channel | None:
+    return _real_connect(path)
+
+
+def serve(path: str, script: Script) -> threading.Thread:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        try:
+            script(sleep_entry.Channel(conn))
+        finally:
+            conn.close()
+            srv.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_no_helper_means_stock_sleep(entry: dict[str, object]) -> None:
+    assert sleep_entry.main() == 0
+    assert entry["stock"] and "no cryptlockd helper" in entry["stock"][0]  # type: ignore[index]
+
+
+def test_not_armed_means_stock_sleep(entry: dict[str, object]) -> None:
+    def script(ch: sleep_entry.Channel) -> None:
+        assert ch.receive(5)["op"] == protocol.OP_BEGIN  # type: ignore[index]
+        ch.send({"op": protocol.OP_ERROR, "reason": "not armed"})
+
+    t = serve(str(entry["path"]), script)
+    assert sleep_entry.main() == 0
+    t.join(5)
+    assert "not armed" in entry["stock"][0]  # type: ignore[index]
+    assert entry["hooks"] == []
+
+
+def test_full_hand_over_runs_hooks_around_the_sleep(entry: dict[str, object]) -> None:
+    seen: list[str] = []
+
+    def script(ch: sleep_entry.Channel) -> None:
+        seen.append(ch.receive(5)["op"])  # type: ignore[index]
+        ch.send({"op": protocol.OP_READY})
+        msg = ch.receive(5)
+        assert msg is not None and "hooks_pre_end" in msg["times"]
+        seen.append(msg["op"])
+        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
+        seen.append(ch.receive(5)["op"])  # type: ignore[index]
+        ch.send({"op": protocol.OP_DONE, "success": True})
+
+    t = serve(str(entry["path"]), script)
+    assert sleep_entry.main() == 0
+    t.join(5)
+    assert seen == ["begin", "sleep", "finish"]
+    assert entry["hooks"] == ["pre", "post"] and entry["stock"] == []
+
+
+def test_helper_lost_after_sleep_never_sleeps_again(entry: dict[str, object]) -> None:
+    def script(ch: sleep_entry.Channel) -> None:
+        ch.receive(5)
+        ch.send({"op": protocol.OP_READY})
+        ch.receive(5)  # the sleep order, then the helper vanishes
+
+    t = serve(str(entry["path"]), script)
+    assert sleep_entry.main() == 1
+    t.join(5)
+    assert entry["stock"] == [] and entry["hooks"] == ["pre", "post"]
