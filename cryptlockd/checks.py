@@ -77,6 +77,24 @@ def check_logind(owner: str | None, inhibitor_held: bool, sleeping: bool) -> Che
     return CheckResult("logind", True, f"logind at {owner}; delay inhibitor held")
 
 
+def check_inhibit_delay(delay_max_usec: int | None, arm_timeout_sec: float) -> CheckResult:
+    # logind stops waiting for delay locks after InhibitDelayMaxSec; arming that takes
+    # longer loses the race and the machine sleeps unprotected. Not blocking: arming
+    # usually takes well under a second.
+    if delay_max_usec is None:
+        return CheckResult("inhibit-delay", True, "logind's InhibitDelayMaxSec unknown",
+                           blocking=False)
+    delay = delay_max_usec / 1e6
+    if delay >= arm_timeout_sec:
+        return CheckResult("inhibit-delay", True,
+                           f"logind waits up to {delay:g} s; arming may take {arm_timeout_sec:g} s",
+                           blocking=False)
+    return CheckResult("inhibit-delay", False,
+                       f"logind's InhibitDelayMaxSec={delay:g}s is shorter than "
+                       f"cycle.arm_timeout_sec={arm_timeout_sec:g}: a slow arm would lose "
+                       "the race and the machine would sleep unprotected", blocking=False)
+
+
 def check_devices(devices: Sequence[LuksDevice], excluded: Sequence[str] = ()) -> CheckResult:
     if devices:
         names = ", ".join(d.name for d in devices)

@@ -144,12 +144,17 @@ class Manager:
             checks.check_sync_on_suspend(self.paths.sysfs),
             checks.check_suspend_to_ram(self.paths.sysfs),
             checks.check_logind(self.logind.owner, self.logind.inhibitor_held, sleeping),
+            checks.check_inhibit_delay(self.logind.delay_max_usec, self.arm_timeout),
             checks.check_devices(self.devices, self.excluded),
             checks.check_sleep_dropin(self.root),
             checks.check_armer(self.armer_kind),
             *self._ramfs_check(),
             checks.check_config(self.config_error),
         ]
+
+    @property
+    def arm_timeout(self) -> float:
+        return float(getattr(self.config.cycle, "arm_timeout_sec", DEFAULT_ARM_TIMEOUT))
 
     def _ramfs_check(self) -> list[checks.CheckResult]:
         status = getattr(self.armer, "ramfs_status", None)
@@ -254,7 +259,7 @@ class Manager:
             # fails is logged there, and the sleep entry falls back to a plain sleep.
             log.warning("arming although checks fail: %s", "; ".join(self.problems))
         self.set_state(State.ARMING)
-        timeout = float(getattr(self.config.cycle, "arm_timeout_sec", DEFAULT_ARM_TIMEOUT))
+        timeout = self.arm_timeout
         try:
             await asyncio.wait_for(self.armer.arm(list(self.devices), self.cycle_finished),
                                    timeout)

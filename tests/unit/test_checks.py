@@ -67,3 +67,10 @@ def test_evaluate_blocking_and_informational() -> None:
     protected, problems = checks.evaluate([*good, checks.check_enabled(False)])
     assert not protected
     assert problems == ["enabled: protection disabled (config or SetEnabled)"]
+
+
+def test_inhibit_delay_is_informational() -> None:
+    assert checks.check_inhibit_delay(None, 3.0).ok
+    assert checks.check_inhibit_delay(5_000_000, 3.0).ok
+    r = checks.check_inhibit_delay(2_000_000, 3.0)
+    assert not r.ok and not r.blocking and "InhibitDelayMaxSec=2s" in r.detail
