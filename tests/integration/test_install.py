@@ -1,5 +1,6 @@
 """`make install DESTDIR=... PREFIX=/usr/local` puts every file where SPEC section 3 says,
-with the paths substituted, and the installed venv runs the daemon's code."""
+with the paths substituted, works offline from a wheelhouse, and the installed venv runs
+the daemon's code."""
 
 from __future__ import annotations
 
@@ -16,10 +17,25 @@ VENV = f"{PREFIX}/lib/cryptlockd/venv"
 
 
 @pytest.fixture(scope="module")
-def destdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Everything `make install` needs from PyPI, fetched once (with the network)."""
+    wh = tmp_path_factory.mktemp("wheelhouse")
+    proc = subprocess.run([str(REPO / ".venv/bin/pip"), "wheel", "-q", "--wheel-dir", str(wh),
+                           str(REPO), "setuptools", "wheel"],
+                          capture_output=True, text=True, timeout=900, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return wh
+
+
+@pytest.fixture(scope="module")
+def destdir(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
+    """`make install` offline: PIP_NO_INDEX and PIP_FIND_LINKS reach pip (SPEC 3), and an
+    index URL that cannot answer proves nothing was fetched."""
     dest = tmp_path_factory.mktemp("destdir")
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse),
+               PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_CACHE_DIR="1")
     proc = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={dest}",
                            f"PREFIX={PREFIX}"],
                           capture_output=True, text=True, timeout=900, env=env)
