@@ -23,6 +23,14 @@ UNIT_SEARCH_PATH = (
 SLEEP_DROPIN = "systemd-suspend.service.d/cryptlockd.conf"
 
 
+def _exists(path: Path, *, regular_file: bool = False) -> bool:
+    # Path.exists()/is_file() raise on EACCES; for a check that is just "not there".
+    try:
+        return path.is_file() if regular_file else path.exists()
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class CheckResult:
     name: str
@@ -37,7 +45,7 @@ class CheckResult:
 
 def check_cgroup2(cgroup_root: Path) -> CheckResult:
     # The helper freezes cgroups with cgroup.freeze, which only the unified hierarchy has.
-    if (cgroup_root / "cgroup.controllers").exists():
+    if _exists(cgroup_root / "cgroup.controllers"):
         return CheckResult("cgroup-v2", True, f"unified cgroup hierarchy at {cgroup_root}")
     return CheckResult("cgroup-v2", False,
                        f"no cgroup v2 hierarchy at {cgroup_root}: cannot freeze tasks")
@@ -46,7 +54,7 @@ def check_cgroup2(cgroup_root: Path) -> CheckResult:
 def check_sync_on_suspend(sysfs: Path) -> CheckResult:
     # Without the knob the kernel syncs in suspend and hangs on the suspended disk.
     path = sysfs / "power" / "sync_on_suspend"
-    if path.exists():
+    if _exists(path):
         return CheckResult("sync-on-suspend", True, f"{path} present")
     return CheckResult("sync-on-suspend", False,
                        f"{path} missing (kernel older than 5.6?): suspend would hang in sync")
@@ -106,7 +114,7 @@ def check_devices(devices: Sequence[LuksDevice], excluded: Sequence[str] = ()) -
 def find_sleep_dropin(root: Path) -> Path | None:
     for d in UNIT_SEARCH_PATH:
         candidate = root / d / SLEEP_DROPIN
-        if candidate.is_file():
+        if _exists(candidate, regular_file=True):
             return candidate
     return None
 

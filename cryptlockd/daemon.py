@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, RequestNameReply
+from dbus_fast import DBusError, Message, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
@@ -173,7 +173,13 @@ class Manager:
                 self.refresh()
 
     def _evaluate(self) -> None:
-        self.check_results = self.run_checks()
+        try:
+            self.check_results = self.run_checks()
+        except Exception as e:
+            # A broken check must not take the daemon down; it just cannot vouch for us.
+            log.exception("a self-check failed")
+            self.check_results = [checks.CheckResult("self-checks", False,
+                                                     f"a check failed: {e}")]
         protected, problems = checks.evaluate(self.check_results)
         if protected != self.protected or problems != self.problems:
             log.info("protection: %s%s", "yes" if protected else "no",
@@ -406,8 +412,13 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
             log.error("no hotplug monitor (devices are read at start and Reload): %s", e)
             monitor = None
 
-    reply = await asyncio.wait_for(bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE),
-                                   DBUS_CALL_TIMEOUT)
+    try:
+        reply = await asyncio.wait_for(bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE),
+                                       DBUS_CALL_TIMEOUT)
+    except (DBusError, TimeoutError) as e:
+        # AccessDenied: the bus policy lets only root own the name.
+        log.error("cannot own %s: %s", BUS_NAME, e)
+        return 1
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         log.error("cannot own %s (%s): another instance runs?", BUS_NAME, reply.name)
         return 1

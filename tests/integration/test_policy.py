@@ -73,6 +73,23 @@ def test_root_daemon_owns_the_name_nobody_cannot(
     assert r == {"ok": False, "error": ACCESS_DENIED, "text": r.get("text")}
 
 
+def test_daemon_as_nobody_cannot_take_the_name(
+    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory
+) -> None:
+    # The real daemon, unprivileged: the bus refuses it the name and it exits saying so.
+    # It cannot even read its (0700) test root: that must not stop it from trying.
+    d = start_daemon(wait=False, preexec_fn=_drop_to_nobody)
+    assert d.proc.wait(60) == 1
+    assert "cannot own org.cryptlockd1" in d.log() and ACCESS_DENIED in d.log()
+    assert not system_bus.name_has_owner("org.cryptlockd1")
+
+
+def _drop_to_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
 def test_unprivileged_caller(
     system_bus: SystemBus, logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory
 ) -> None:
@@ -87,6 +104,8 @@ def test_unprivileged_caller(
     assert r["ok"] and "Protected" in r["result"]  # type: ignore[operator]
     r = as_nobody(system_bus, method("org.freedesktop.DBus.Introspectable", "Introspect"))
     assert r["ok"] and MANAGER in r["result"]  # type: ignore[operator]
+    r = as_nobody(system_bus, method("org.freedesktop.DBus.Peer", "Ping"))
+    assert r["ok"], r
     r = as_nobody(system_bus, method(MANAGER, "GetDevice", "nope"))
     assert r["error"] == "org.cryptlockd1.Error.NoSuchDevice"
 
