@@ -206,8 +206,9 @@ class Manager:
         before = self._snapshot()
         try:
             found = discover_devices(self.paths)
-        except OSError as e:
-            log.error("device discovery failed: %s", e)
+        except Exception:
+            # Runs from the hotplug callback too: odd sysfs content must not kill us.
+            log.exception("device discovery failed")
             found = []
         kept = apply_exclude(found, self.config.devices.exclude)
         self.excluded = [d.name for d in found if d not in kept]
