@@ -100,3 +100,24 @@ async def get_property(bus: MessageBus, name: str, timeout: float = DEFAULT_TIME
         raise AssertionError(f"Get {name}: {reply.error_name}: {reply.body}")
     value = reply.body[0]
     return value.value if isinstance(value, Variant) else value
+
+
+_PROPERTIES_XML = """<node><interface name="org.freedesktop.DBus.Properties">
+  <signal name="PropertiesChanged">
+    <arg type="s"/><arg type="a{sv}"/><arg type="as"/>
+  </signal>
+</interface></node>"""
+
+
+def watch_properties(bus: MessageBus) -> list[dict[str, Any]]:
+    """Collect the daemon's PropertiesChanged, unwrapped, in arrival order."""
+    seen: list[dict[str, Any]] = []
+    props = bus.get_proxy_object(BUS_NAME, OBJECT_PATH, _PROPERTIES_XML).get_interface(
+        "org.freedesktop.DBus.Properties")
+
+    def on_changed(iface: str, changed: dict[str, Variant], _invalidated: list[str]) -> None:
+        if iface == MANAGER_INTERFACE:
+            seen.append({k: v.value for k, v in changed.items()})
+
+    props.on_properties_changed(on_changed)  # type: ignore[attr-defined]
+    return seen

@@ -12,7 +12,12 @@ from dbus_fast.aio import MessageBus
 from cryptlockd.defs import LOGIND_MANAGER_INTERFACE, LOGIND_PATH
 from tests.fakesys import FakeSystem
 from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus, _Reporter
-from tests.integration.support import eventually, eventually_async, get_property
+from tests.integration.support import (
+    eventually,
+    eventually_async,
+    get_property,
+    watch_properties,
+)
 
 
 def test_inhibitor_held_after_start(logind: LogindMock, start_daemon: DaemonFactory) -> None:
@@ -30,6 +35,7 @@ async def test_released_within_one_second_then_retaken(
 ) -> None:
     start_daemon(*luks_system.daemon_args())
     eventually(logind.our_inhibitors, message="inhibitor taken at start")
+    changes = watch_properties(client)
     assert await get_property(client, "State") == "idle"
 
     t0 = time.monotonic()
@@ -45,6 +51,9 @@ async def test_released_within_one_second_then_retaken(
     [again] = eventually(logind.our_inhibitors, message="inhibitor taken again")
     assert str(again[3]) == "delay"
     await eventually_async(lambda: _state_is(client, "idle"), message="State back to idle")
+    # Every step was announced with PropertiesChanged.
+    await eventually_async(lambda: [c["State"] for c in changes if "State" in c]
+                           == ["arming", "armed", "idle"], message="State changes signalled")
 
     # And the next sleep works the same way.
     logind.prepare_for_sleep(True)
