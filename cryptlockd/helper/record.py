@@ -18,6 +18,14 @@ def now() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+def device_verified(v: dict[str, str]) -> bool:
+    # "protected" is verify.is_protected's verdict (dm table and keyring); records from
+    # before the keyring check only have the dm table part.
+    if "protected" in v:
+        return v["protected"] == "yes"
+    return v.get("dm_table_key") == "zeroed"
+
+
 class CycleRecord:
     def __init__(self, devices: list[str]) -> None:
         self.devices = list(devices)
@@ -48,18 +56,22 @@ class CycleRecord:
         else:
             self.problems.append(reason)
 
+    def unverified(self) -> list[str]:
+        """The suspended devices whose wipe was not proven (dm table and keyring)."""
+        return [d for d in self.suspended if not device_verified(self.verification.get(d, {}))]
+
     def verified(self) -> bool:
-        if not self.suspended:
-            return False
-        return all(
-            self.verification.get(d, {}).get("dm_table_key") == "zeroed" for d in self.suspended
-        )
+        return bool(self.suspended) and not self.unverified()
 
     def finish(self) -> None:
         all_suspended = set(self.suspended) == set(self.devices)
         all_resumed = set(self.resumed) == set(self.suspended)
         if self.slept and all_suspended and not self.verified():
             self.fail("the wipe could not be verified for every device")
+        for d in self.unverified():
+            v = self.verification.get(d, {})
+            self.problems.append(f"{d} was NOT protected: dm table key {v.get('dm_table_key')}, "
+                                 f"keyring {v.get('keyring', 'not checked')}")
         self.success = (
             self.slept and all_suspended and all_resumed and self.verified() and not self.reason
         )
