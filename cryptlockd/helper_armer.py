@@ -91,6 +91,7 @@ class HelperArmer:
         self._build_lock = threading.Lock()
         self._build_error: str | None = None
         self._builder: threading.Thread | None = None
+        self._prestart_task: asyncio.Task[None] | None = None
         self.last_arm_seconds = 0.0
 
     # -- the RAM filesystem -------------------------------------------------------------
@@ -102,13 +103,20 @@ class HelperArmer:
             self._builder = threading.Thread(target=self._ensure_ramfs, daemon=True,
                                              name="ramfs-build")
             self._builder.start()
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                self._prestart_task = loop.create_task(self._prestart_after_build())
 
     def _ensure_ramfs(self) -> None:
         with self._build_lock:
-            if _helper_alive(self.socket_path):
-                return  # never pull the tree from under a running helper
             repair(self.ramfs.path, self.socket_path)
             try:
+                # An idle helper stands down when told; a busy one (mid-cycle) does not
+                # answer, and its tree must stay.
+                if (not self.ramfs.current() and _helper_alive(self.socket_path)
+                        and not _stop_idle_helper(self.socket_path)):
+                        raise HelperError("the RAM filesystem is stale, but the helper "
+                                          "running from it is busy")
                 if self.ramfs.ensure():
                     log.info("helper RAM filesystem (re)built: %.1f MiB",
                              self.ramfs.size / 2**20)
@@ -116,6 +124,22 @@ class HelperArmer:
             except Exception as e:
                 self._build_error = str(e)
                 log.error("cannot build the helper's RAM filesystem: %s", e)
+
+    async def _prestart_after_build(self) -> None:
+        if self._builder is not None:
+            await asyncio.to_thread(self._builder.join)
+        await self._prestart()
+
+    async def _prestart(self) -> None:
+        """Start the helper ahead of the next sleep, so arming only has to talk to it: a
+        cold start (systemd, the interpreter, libcryptsetup) costs most of the 1 s budget
+        on a slow machine. The idle helper is not locked in memory and holds no VT."""
+        if self._build_error:
+            return
+        try:
+            await self._systemd("StartUnit")
+        except Exception as e:
+            log.warning("could not start the helper ahead of time: %s", e)
 
     def ramfs_status(self) -> tuple[bool, str]:
         """For Check(): (ok, detail with the size)."""
@@ -166,7 +190,8 @@ class HelperArmer:
                 raise HelperError(f"no RAM filesystem for the helper: {self._build_error}")
         await self._close()
         state, mem_sleep = await asyncio.to_thread(choose_sleep_state)
-        await self._systemd("StartUnit")
+        if not _helper_alive(self.socket_path):
+            await self._systemd("StartUnit")
         reader, writer = await self._connect(deadline)
         prompt = self.config.prompt
         msg = protocol.arm_message(
@@ -207,6 +232,7 @@ class HelperArmer:
                     record = merge_record(msg["record"], daemon_steps, armed)
                     on_finished(bool(msg["success"]), record)
                     await self._close()
+                    await self._restart_idle()
                     return
 
     async def disarm(self) -> None:
@@ -222,6 +248,14 @@ class HelperArmer:
         await self._close()
         with contextlib.suppress(HelperError, TimeoutError):
             await self._systemd("StopUnit")
+        await self._restart_idle()
+
+    async def _restart_idle(self) -> None:
+        # The helper exits after a cycle or a disarm; a fresh one waits for the next sleep.
+        deadline = time.monotonic() + 10.0
+        while _helper_alive(self.socket_path) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._prestart()
 
     async def _close(self) -> None:
         task, self._reader_task = self._reader_task, None
@@ -247,6 +281,23 @@ def _helper_alive(socket_path: str) -> bool:
         return False
     finally:
         sock.close()
+
+
+def _stop_idle_helper(socket_path: str, timeout: float = 5.0) -> bool:
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(1.0)
+        sock.connect(socket_path)
+        sock.sendall(protocol.encode({"op": protocol.OP_DISARM}))
+        sock.close()
+    except OSError:
+        return not _helper_alive(socket_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _helper_alive(socket_path):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def repair(ramfs_path: Path, socket_path: str, cgroup_root: str = CGROUP_ROOT,

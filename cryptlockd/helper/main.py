@@ -379,6 +379,9 @@ def serve(helper: Helper, listener: socket.socket) -> int:
             log(6, f"armed: devices {', '.join(helper.devices)}, VT {reply['vt']}, "
                    f"KDF reserve {reply['reserve_kib']} KiB")
             daemon, helper.daemon, armed_at = conn, sock, time.monotonic()
+        elif msg["op"] == protocol.OP_DISARM:
+            log(6, "told to stand down")
+            return 0
         elif msg["op"] == protocol.OP_BEGIN:
             if armed_at is None:
                 send(sock, {"op": protocol.OP_ERROR, "reason": "not armed"})
@@ -444,6 +447,8 @@ def main(argv: list[str]) -> int:
         os.umask(old)
     listener.listen(4)
     helper = Helper()
+    # Loaded now, while idle: arming then only opens the devices.
+    helper.library = Library()
     try:
         return serve(helper, listener)
     finally:
