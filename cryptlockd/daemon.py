@@ -150,6 +150,10 @@ class Manager:
             checks.check_armer(self.armer_kind),
             *self._ramfs_check(),
             checks.check_config(self.config_error),
+            # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
+            # the last sleep's wipe was proven.
+            *checks.check_key_risks(checks.crypto_facts(self.paths.crypttab)),
+            *checks.check_last_cycle(self.last_cycle),
         ]
 
     @property
