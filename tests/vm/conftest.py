@@ -38,6 +38,7 @@ class VmTimes:
     image: str = ""
     accel: str = ""
     install: str = ""
+    snapshots: list[str] = field(default_factory=list)
     tests: list[tuple[str, str, float, float | None]] = field(default_factory=list)
 
 
@@ -92,6 +93,63 @@ def vm_session_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class BootedState:
+    """A guest booted once and saved (RAM + devices) on `disks`, which stay untouched: each
+    test resumes it on its own copy-on-write overlays instead of booting."""
+
+    disks: DiskSet
+    state: Path | None  # None: snapshots disabled, every test boots
+    boot_seconds: float | None
+
+
+def _snapshots_enabled() -> bool:
+    return os.environ.get("CRYPTLOCKD_VM_SNAPSHOT", "1") != "0"
+
+
+async def _boot_and_save(img: image_mod.TestbedImage, accel: str, backing: DiskSet,
+                         workdir: Path, name: str, ready: str | None) -> BootedState:
+    disks = backing.overlay(workdir / "disks")
+    guest = Guest(img, disks, workdir, accel, name=name)
+    try:
+        await guest.start()
+        # Let the boot settle, so no test inherits half-started units.
+        await guest.run("systemctl is-system-running --wait", timeout=180, check=False)
+        if ready:
+            await guest.wait_for_command(ready, 180, ready)
+        await guest.save_state(workdir / "state")
+    finally:
+        await guest.close()
+    log.info("%s: booted in %.1f s and saved", name, guest.boot_seconds or -1)
+    return BootedState(disks, workdir / "state", guest.boot_seconds)
+
+
+@pytest.fixture(scope="session")
+def vm_base_state(vm_image: image_mod.TestbedImage, vm_accel: str,
+                  vm_session_dir: Path) -> BootedState:
+    backing = DiskSet.of_image(vm_image)
+    if not _snapshots_enabled():
+        return BootedState(backing, None, None)
+    state = asyncio.run(_boot_and_save(vm_image, vm_accel, backing,
+                                       vm_session_dir / "base-state", "base", None))
+    TIMES.snapshots.append(f"base guest: booted once in {state.boot_seconds:.1f} s, saved")
+    return state
+
+
+@pytest.fixture(scope="session")
+def vm_installed_state(vm_image: image_mod.TestbedImage, vm_accel: str,
+                       vm_installed: InstalledLayer, vm_session_dir: Path) -> BootedState:
+    if not vm_installed.ok:
+        pytest.fail("installing the project in the guest failed:\n" + vm_installed.log[-6000:])
+    if not _snapshots_enabled():
+        return BootedState(vm_installed.disks, None, None)
+    state = asyncio.run(_boot_and_save(
+        vm_image, vm_accel, vm_installed.disks, vm_session_dir / "installed-state",
+        "installed", "systemctl is-active cryptlockd.service"))
+    TIMES.snapshots.append(f"installed guest: booted once in {state.boot_seconds:.1f} s, saved")
+    return state
+
+
 @pytest.fixture(scope="session")
 def vm_installed(vm_image: image_mod.TestbedImage, vm_accel: str,
                  vm_session_dir: Path) -> InstalledLayer:
@@ -125,11 +183,11 @@ def _test_dir(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-async def _boot(request: pytest.FixtureRequest, disks: DiskSet,
+async def _boot(request: pytest.FixtureRequest, booted: BootedState,
                 img: image_mod.TestbedImage, accel: str) -> AsyncIterator[Guest]:
     workdir = _test_dir(request)
-    guest = Guest(img, disks.overlay(workdir / "disks"), workdir, accel,
-                  name=request.node.name)
+    guest = Guest(img, booted.disks.overlay(workdir / "disks"), workdir, accel,
+                  name=request.node.name, incoming=booted.state)
     start = time.monotonic()
     failed = True
     try:
@@ -164,19 +222,18 @@ async def _save_failure(guest: Guest, workdir: Path) -> None:
 
 @pytest_asyncio.fixture
 async def guest(request: pytest.FixtureRequest, vm_image: image_mod.TestbedImage,
-                vm_accel: str) -> AsyncIterator[Guest]:
-    """A booted base guest (root on LUKS, data disk on /data, no cryptlockd)."""
-    async for g in _boot(request, DiskSet.of_image(vm_image), vm_image, vm_accel):
+                vm_accel: str, vm_base_state: BootedState) -> AsyncIterator[Guest]:
+    """A running base guest (root on LUKS, data disk on /data, no cryptlockd)."""
+    async for g in _boot(request, vm_base_state, vm_image, vm_accel):
         yield g
 
 
 @pytest_asyncio.fixture
 async def installed_guest(request: pytest.FixtureRequest, vm_image: image_mod.TestbedImage,
-                          vm_accel: str, vm_installed: InstalledLayer) -> AsyncIterator[Guest]:
-    """A booted guest with the project installed and cryptlockd.service enabled."""
-    if not vm_installed.ok:
-        pytest.fail("installing the project in the guest failed:\n" + vm_installed.log[-6000:])
-    async for g in _boot(request, vm_installed.disks, vm_image, vm_accel):
+                          vm_accel: str, vm_installed_state: BootedState
+                          ) -> AsyncIterator[Guest]:
+    """A running guest with the project installed and cryptlockd.service active."""
+    async for g in _boot(request, vm_installed_state, vm_image, vm_accel):
         yield g
 
 
@@ -185,10 +242,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("QEMU test bed times")
-    for line in (TIMES.image, f"accelerator: {TIMES.accel}", TIMES.install):
+    for line in (TIMES.image, f"accelerator: {TIMES.accel}", TIMES.install, *TIMES.snapshots):
         if line:
             tr.write_line(line)
     for nodeid, accel, total, boot in TIMES.tests:
-        boot_s = f"boot {boot:5.1f} s" if boot is not None else "boot  n/a"
+        boot_s = f"start {boot:5.1f} s" if boot is not None else "start  n/a"
         tr.write_line(f"{total:6.1f} s ({boot_s}, {accel})  {nodeid}")
     tr.write_line(f"VM suite total: {time.monotonic() - TIMES.started:.1f} s")

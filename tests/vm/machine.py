@@ -69,10 +69,10 @@ def kvm_works(kernel: Path) -> bool:
             proc.wait()
 
 
-def _probe_cache_key(kernel: Path) -> str:
+def _probe_cache_key() -> str:
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout
-    return hashlib.sha256(f"{boot_id}\n{qemu}\n{kernel}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{boot_id}\n{qemu}".encode()).hexdigest()[:16]
 
 
 def choose_accel(kernel: Path, cache_dir: Path) -> str:
@@ -86,7 +86,7 @@ def choose_accel(kernel: Path, cache_dir: Path) -> str:
         log.info("accelerator %s (forced by CRYPTLOCKD_VM_ACCEL)", forced)
         return forced
     record = cache_dir / "accel.json"
-    key = _probe_cache_key(kernel)
+    key = _probe_cache_key()
     try:
         cached = json.loads(record.read_text())
         if cached.get("key") == key:
