@@ -234,6 +234,15 @@ async def test_failed_sleep_write_then_unprotected_stock_sleep(installed_guest: 
     assert "UNPROTECTED" in journal.stdout, journal.stdout[-3000:]
     assert [e.name for e in g.events[mark:]].count("SUSPEND") == 1
 
+    # 3. Daemon back, then restarted while its helper waits: the next cycle is protected.
+    await g.run("systemctl start cryptlockd.service")
+    await armed_ready(g)
+    await g.run("systemctl restart cryptlockd.service")
+    await armed_ready(g)
+    await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
+    await assert_restored(g, sync_before, vt_before)
+    assert_complete(await last_cycle(g))
+
 
 WRITER = """
 import hashlib, os, time
