@@ -239,9 +239,12 @@ async def test_failed_sleep_write_then_unprotected_stock_sleep(installed_guest: 
     await armed_ready(g)
     await g.run("systemctl restart cryptlockd.service")
     await armed_ready(g)
-    await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
+    to_suspend = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
     await assert_restored(g, sync_before, vt_before)
-    assert_complete(await last_cycle(g))
+    rec = await last_cycle(g)
+    assert_complete(rec)
+    print(f"protected sleep, same guest: trigger->SUSPEND {to_suspend:.2f} s, "
+          f"arm {rec['arm_seconds']} s")
 
 
 WRITER = """
