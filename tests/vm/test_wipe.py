@@ -1,0 +1,272 @@
+"""The verified wipe (issue 5), proven on the guest's RAM from the host.
+
+The volume keys are read in the guest beforehand (`luksDump --dump-volume-key`, which
+prints hex: libcryptsetup keeps the binary key in wiped memory). While the guest sleeps,
+QMP dump-guest-memory gives its whole RAM, and we count:
+- each whole 64-byte AES-XTS key, and each 32-byte half (the kernel keeps the halves, one
+  per AES context, SPEC 6);
+- the AES-256 key schedule of each half past its first 32 bytes (round keys 2..5), which
+  only the kernel's cipher contexts can hold, so a hit there is a live dm-crypt key and not
+  some stray copy of the raw bytes.
+The control is the same scan of a stock sleep (daemon stopped): the scanner finds the keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vm import layout
+from tests.vm.guest import Guest
+from tests.vm.memscan import count_occurrences
+
+pytestmark = [pytest.mark.timeout(900)]
+
+
+def vm(fn: Any) -> Any:
+    return pytest.mark.vm(pytest.mark.asyncio(fn))
+
+
+MANAGER = "org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager"
+PROMPT_NOTICE = "cryptlockd: disks locked; passphrase prompt on VT"
+DEVICES = {layout.ROOT_DM_NAME: (layout.ROOT_DISK, layout.ROOT_KEYFILE),
+           layout.DATA_DM_NAME: (layout.DATA_DISK, layout.DATA_KEYFILE)}
+
+
+# ---- AES-256 key expansion (FIPS-197 section 5.2), pure Python, for the scanner ----------
+
+def _sbox() -> list[int]:
+    box = [0] * 256
+    p = q = 1
+    while True:
+        # p walks the multiplicative group by 3, q by its inverse (1/3).
+        p = p ^ ((p << 1) & 0xFF) ^ (0x1B if p & 0x80 else 0)
+        q ^= q << 1
+        q ^= q << 2
+        q ^= q << 4
+        q &= 0xFF
+        if q & 0x80:
+            q ^= 0x09
+        rot = q ^ ((q << 1 | q >> 7) & 0xFF) ^ ((q << 2 | q >> 6) & 0xFF) \
+            ^ ((q << 3 | q >> 5) & 0xFF) ^ ((q << 4 | q >> 4) & 0xFF)
+        box[p] = rot ^ 0x63
+        if p == 1:
+            break
+    box[0] = 0x63
+    return box
+
+
+SBOX = _sbox()
+
+
+def aes256_schedule(key: bytes) -> bytes:
+    """The 240-byte expanded encryption key, in the byte order the kernel stores it."""
+    assert len(key) == 32
+    words = [list(key[i:i + 4]) for i in range(0, 32, 4)]
+    rcon = 1
+    for i in range(8, 60):
+        t = list(words[i - 1])
+        if i % 8 == 0:
+            t = [SBOX[b] for b in t[1:] + t[:1]]
+            t[0] ^= rcon
+            rcon = ((rcon << 1) ^ (0x1B if rcon & 0x80 else 0)) & 0xFF
+        elif i % 8 == 4:
+            t = [SBOX[b] for b in t]
+        words.append([a ^ b for a, b in zip(words[i - 8], t, strict=True)])
+    return bytes(b for w in words for b in w)
+
+
+def test_aes256_schedule_known_answer() -> None:
+    # FIPS-197 appendix A.3.
+    key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    sched = aes256_schedule(key)
+    assert len(sched) == 240
+    assert sched[32:36].hex() == "9ba35411"
+    assert sched[-4:].hex() == "706c631e"
+
+
+def key_needles(vk: bytes) -> dict[str, bytes]:
+    """Labelled byte strings to count for one AES-XTS volume key."""
+    assert len(vk) == 64
+    out = {"whole key": vk}
+    for i, half in enumerate((vk[:32], vk[32:])):
+        out[f"half {i + 1}"] = half
+        out[f"schedule {i + 1}"] = aes256_schedule(half)[32:96]
+    return out
+
+
+def parse_volume_key(dump: str) -> bytes:
+    """The hex bytes after 'MK dump:' (cryptsetup 2.6) / 'Volume key dump:'-like lines."""
+    lines = dump.splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.search(r"dump:", ln, re.I))
+    hexes: list[str] = []
+    first = lines[start].split(":", 1)[1]
+    for ln in [first, *lines[start + 1:]]:
+        tokens = ln.split()
+        if not tokens or not all(re.fullmatch(r"[0-9a-fA-F]{2}", t) for t in tokens):
+            if hexes:
+                break
+            continue
+        hexes.extend(tokens)
+    return bytes.fromhex("".join(hexes))
+
+
+async def volume_keys(g: Guest) -> dict[str, bytes]:
+    keys = {}
+    for dm, (disk, keyfile) in DEVICES.items():
+        out = await g.run(f"cryptsetup luksDump --dump-volume-key --batch-mode "
+                          f"--key-file {keyfile} {disk}", timeout=120)
+        keys[dm] = parse_volume_key(out.stdout)
+        assert len(keys[dm]) == 64, out.stdout
+    return keys
+
+
+def scan(dump: Path, keys: dict[str, bytes], extra: dict[str, bytes] | None = None
+         ) -> dict[str, int]:
+    labelled = {f"{dm} {label}": n for dm, vk in keys.items()
+                for label, n in key_needles(vk).items()}
+    labelled.update(extra or {})
+    counts = count_occurrences(dump, labelled.values())
+    return {label: counts[n] for label, n in labelled.items()}
+
+
+# ---- driving the guest ------------------------------------------------------------------
+
+async def poll(g: Guest, command: str, ok: Any, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        res = await g.run(command, check=False, timeout=30)
+        last = res.stdout + res.stderr
+        if res.rc == 0 and ok(res.stdout):
+            return res.stdout
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s; last output: {last[-2000:]}")
+
+
+async def armed_ready(g: Guest) -> None:
+    await poll(g, f"busctl get-property {MANAGER} Protected", lambda o: "true" in o, 240,
+               "cryptlockd reports Protected")
+
+
+def unwrap(v: Any) -> Any:
+    if isinstance(v, dict) and set(v) == {"type", "data"}:
+        return unwrap(v["data"])
+    if isinstance(v, dict):
+        return {k: unwrap(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [unwrap(x) for x in v]
+    return v
+
+
+async def last_cycle(g: Guest, since: float) -> dict[str, Any]:
+    """LastCycle, once it is the record of a cycle that started after `since` (boottime)."""
+    out = await poll(
+        g, f"busctl --json=short get-property {MANAGER} LastCycle",
+        lambda o: unwrap(json.loads(o)["data"]).get("started_boottime", 0) > since,
+        120, "LastCycle of this cycle")
+    rec: dict[str, Any] = unwrap(json.loads(out)["data"])
+    return rec
+
+
+async def boottime(g: Guest) -> float:
+    return float((await g.run("cut -d' ' -f1 /proc/uptime")).stdout) - 1.0
+
+
+async def sleep_and_dump(g: Guest, trigger: str, name: str) -> Path:
+    """Triggers a suspend and dumps the RAM while the guest is in S3."""
+    mark = g.event_mark()
+    await g.spawn(trigger, "/root/trigger.log")
+    await g.wait_event("SUSPEND", 120, since=mark)
+    assert await g.status() == "suspended"
+    t0 = time.monotonic()
+    dump = await g.dump_memory(name)
+    print(f"\n{name}: RAM dump of {dump.stat().st_size >> 20} MiB in "
+          f"{time.monotonic() - t0:.1f} s")
+    assert await g.status() == "suspended", "the dump woke the guest"
+    return dump
+
+
+async def wake_and_unlock(g: Guest, notices_before: int) -> None:
+    mark = g.event_mark()
+    await g.wakeup()
+    await g.wait_event("WAKEUP", 60, since=mark)
+    deadline = time.monotonic() + 180
+    while g.console_text().count(PROMPT_NOTICE) <= notices_before:
+        assert time.monotonic() < deadline, f"no prompt after wake-up\n{g.console_tail()}"
+        await asyncio.sleep(0.3)
+    await g.type_text(layout.PASSPHRASE)
+    await g.wait_agent(240, "agent after resume")
+
+
+def passphrase_needles() -> dict[str, bytes]:
+    p = layout.PASSPHRASE
+    return {"passphrase ascii": p.encode(), "passphrase utf-16le": p.encode("utf-16-le"),
+            "passphrase utf-32le": p.encode("utf-32-le")}
+
+
+# ---- the tests ----------------------------------------------------------------------------
+
+@vm
+async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(
+        installed_guest: Guest) -> None:
+    g = installed_guest
+    await armed_ready(g)
+    keys = await volume_keys(g)
+    check = json.loads((await g.run("cryptlockctl check --json", check=False)).stdout)
+    risks = {r["name"]: r for r in check if r["name"].startswith("risk-")}
+    kernel = (await g.run("uname -r")).stdout.strip()
+    assert kernel in risks["risk-kernel-keyring"]["detail"], risks
+    assert "risk-libcryptsetup" in risks
+    print("\nCheck() risk lines in the guest:\n" + "\n".join(
+        f"  {n}: {r['detail']}" for n, r in risks.items()))
+
+    # 1. A cryptlockd cycle: while asleep, no key, no half, no schedule.
+    since = await boottime(g)
+    notices = g.console_text().count(PROMPT_NOTICE)
+    dump = await sleep_and_dump(g, "systemctl suspend", "asleep-cryptlockd")
+    try:
+        asleep = scan(dump, keys)
+    finally:
+        dump.unlink()
+    print(f"asleep with cryptlockd: {json.dumps(asleep)}")
+    await wake_and_unlock(g, notices)
+    rec = await last_cycle(g, since)
+    assert rec["success"] is True, rec
+    for dm in DEVICES:
+        v = rec["verification"][dm]
+        assert v["dm_table_key"] == "zeroed" and v["protected"] == "yes", rec["verification"]
+        assert v["keyring"].startswith(("none", "invalidated")), rec["verification"]
+    print(f"verification: {json.dumps(rec['verification'])}")
+    assert all(n == 0 for n in asleep.values()), asleep
+
+    # 2. After resume: the passphrase is nowhere in RAM.
+    dump = await g.dump_memory("after-resume")
+    try:
+        after = scan(dump, {}, passphrase_needles())
+    finally:
+        dump.unlink()
+    print(f"after resume: {json.dumps(after)}")
+    assert all(n == 0 for n in after.values()), after
+
+    # 3. Control: the daemon stopped, a stock sleep: the same scan finds the keys.
+    await g.run("systemctl stop cryptlockd.service")
+    dump = await sleep_and_dump(g, "systemctl suspend", "asleep-stock")
+    try:
+        stock = scan(dump, keys)
+    finally:
+        dump.unlink()
+    print(f"asleep without cryptlockd (control): {json.dumps(stock)}")
+    mark = g.event_mark()
+    await g.wakeup()
+    await g.wait_event("WAKEUP", 60, since=mark)
+    await g.wait_agent(240, "agent after the stock sleep")
+    for dm in DEVICES:
+        assert stock[f"{dm} schedule 1"] > 0 and stock[f"{dm} schedule 2"] > 0, stock
+        assert stock[f"{dm} half 1"] > 0 and stock[f"{dm} half 2"] > 0, stock
