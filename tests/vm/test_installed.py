@@ -1,0 +1,85 @@
+"""cryptlockd installed in the guest by `make install` and `systemctl enable --now`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.vm import layout
+from tests.vm.guest import Guest
+
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(1500)]
+
+LIST_INHIBITORS = ("busctl --json=short call org.freedesktop.login1 /org/freedesktop/login1 "
+                   "org.freedesktop.login1.Manager ListInhibitors")
+
+
+async def devices(guest: Guest) -> list[dict[str, Any]]:
+    result = await guest.run("cryptlockctl devices --json", timeout=30)
+    parsed: list[dict[str, Any]] = result.json()
+    return parsed
+
+
+async def wait_devices(guest: Guest, predicate: Any, what: str,
+                       timeout: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await devices(guest)
+        if predicate(current):
+            return current
+        assert time.monotonic() < deadline, f"{what} not seen within {timeout:.0f} s: {current}"
+        await asyncio.sleep(0.5)
+
+
+async def test_daemon_runs_with_delay_lock_and_lists_devices(installed_guest: Guest) -> None:
+    g = installed_guest
+    await g.wait_for_command("systemctl is-active cryptlockd.service", 60, "cryptlockd active")
+    assert (await g.run("systemctl is-enabled cryptlockd.service")).stdout.strip() == "enabled"
+    main_pid = int((await g.run("systemctl show -P MainPID cryptlockd.service")).stdout)
+    assert main_pid > 0
+
+    deadline = time.monotonic() + 30
+    ours: list[list[Any]] = []
+    while not ours:
+        reply = json.loads((await g.run(LIST_INHIBITORS)).stdout)
+        # a(ssssuu): what, who, why, mode, uid, pid
+        ours = [i for i in reply["data"][0] if i[5] == main_pid]
+        assert time.monotonic() < deadline, f"no inhibitor of pid {main_pid}: {reply}"
+        await asyncio.sleep(0.5)
+    assert any("sleep" in i[0].split(":") and i[3] == "delay" for i in ours), ours
+
+    found = await wait_devices(g, lambda d: len(d) >= 2, "both LUKS devices")
+    by_name = {d["name"]: d for d in found}
+    assert set(by_name) == {layout.ROOT_DM_NAME, layout.DATA_DM_NAME}, found
+    assert by_name[layout.ROOT_DM_NAME]["holds_root"] is True
+    assert by_name[layout.DATA_DM_NAME]["holds_root"] is False
+    assert by_name[layout.ROOT_DM_NAME]["backing_device"] == layout.ROOT_DISK
+    assert by_name[layout.DATA_DM_NAME]["key_source"] == f"keyfile:{layout.DATA_KEYFILE}"
+    assert all(d["luks_type"] == "LUKS2" and not d["suspended"] for d in found)
+    text = (await g.run("cryptlockctl devices")).stdout
+    assert layout.ROOT_DM_NAME in text and layout.DATA_DM_NAME in text
+
+
+async def test_hotplugged_luks_device_appears_and_goes(installed_guest: Guest) -> None:
+    g = installed_guest
+    await g.wait_for_command("systemctl is-active cryptlockd.service", 60, "cryptlockd active")
+    await wait_devices(g, lambda d: len(d) == 2, "the two boot devices")
+    await g.run(
+        "truncate -s 64M /var/tmp/extra.img && head -c 64 /dev/urandom > /run/extra.key && "
+        "cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 "
+        "--pbkdf-force-iterations 1000 /var/tmp/extra.img /run/extra.key && "
+        "cryptsetup open --key-file /run/extra.key /var/tmp/extra.img extra",
+        timeout=120,
+    )
+    found = await wait_devices(g, lambda d: "extra" in {x["name"] for x in d},
+                               "the hot-plugged device 'extra'")
+    extra = next(d for d in found if d["name"] == "extra")
+    assert extra["backing_device"].startswith("/dev/loop"), extra
+    assert extra["holds_root"] is False
+    await g.run("cryptsetup close extra")
+    await wait_devices(g, lambda d: "extra" not in {x["name"] for x in d},
+                       "'extra' gone after close")
