@@ -93,6 +93,7 @@ class HelperArmer:
         self._builder: threading.Thread | None = None
         self._prestart_task: asyncio.Task[None] | None = None
         self.last_arm_seconds = 0.0
+        self.keyslots: dict[str, int] = {}
 
     # -- the RAM filesystem -------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class HelperArmer:
             device_plan(devices), sleep_state=state, mem_sleep=mem_sleep, vt=prompt.vt,
             freeze_timeout=self.config.cycle.freeze_timeout_sec,
             backoff_initial=prompt.backoff_initial_sec, backoff_max=prompt.backoff_max_sec,
-            poweroff_after=prompt.max_failures_before_poweroff,
+            poweroff_after=prompt.max_failures_before_poweroff, keyslots=self.keyslots,
         )
         writer.write(protocol.encode(msg))
         await writer.drain()
@@ -230,6 +231,10 @@ class HelperArmer:
             for msg in buf.feed(data):
                 if msg["op"] == protocol.OP_RECORD:
                     record = merge_record(msg["record"], daemon_steps, armed)
+                    slots = record.get("keyslots")
+                    if isinstance(slots, dict):
+                        self.keyslots.update(
+                            {str(k): v for k, v in slots.items() if isinstance(v, int)})
                     on_finished(bool(msg["success"]), record)
                     await self._close()
                     await self._restart_idle()

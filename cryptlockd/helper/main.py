@@ -235,8 +235,11 @@ class Helper:
             dev.free()
         self.devices = {}
         self.plan = [DevicePlan(d["name"], d["key_source"]) for d in msg["devices"]]
+        hints = msg.get("keyslots") or {}
         for p in self.plan:
             self.devices[p.name] = Device(self.library, p.name)
+            if isinstance(hints.get(p.name), int):
+                self.devices[p.name].last_keyslot = hints[p.name]
         self.sleep_state = str(msg["sleep_state"])
         self.mem_sleep = msg.get("mem_sleep") or None
         self.record.sleep_state = self.sleep_state
@@ -292,6 +295,9 @@ class Helper:
             self.record.step("vt_switched_back")
         except Exception as e:
             self.record.problems.append(f"VT switch back: {e}")
+        self.record.keyslots = {
+            name: dev.last_keyslot for name, dev in self.devices.items() if dev.last_keyslot >= 0
+        }
         self.record.finish()
         return {"op": protocol.OP_DONE, "success": self.record.success}
 

@@ -91,6 +91,7 @@ def arm_message(
     backoff_initial: float = 1.0,
     backoff_max: float = 30.0,
     poweroff_after: int = 0,
+    keyslots: dict[str, int] | None = None,
 ) -> Message:
     """devices: in suspend order (upper layers first), each {name, uuid, key_source}."""
     return {
@@ -103,4 +104,6 @@ def arm_message(
         "backoff_initial": backoff_initial,
         "backoff_max": backoff_max,
         "poweroff_after": poweroff_after,
+        # dm name -> the keyslot that took the passphrase last time: tried first.
+        "keyslots": dict(keyslots or {}),
     }

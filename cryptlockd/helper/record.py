@@ -41,6 +41,7 @@ class CycleRecord:
         self.verification: dict[str, dict[str, str]] = {}
         self.problems: list[str] = []
         self.hardening: dict[str, str] = {}
+        self.keyslots: dict[str, int] = {}
 
     def step(self, name: str, at: float | None = None) -> None:
         # A repeated step (a second prompt, say) keeps its first time and gets a numbered twin.
@@ -95,4 +96,5 @@ class CycleRecord:
             "timeline_ms": {k: round((v - start) * 1000.0, 1) for k, v in self.timeline.items()},
             "verification": {d: dict(v) for d, v in self.verification.items()},
             "helper": dict(self.hardening),
+            "keyslots": dict(self.keyslots),
         }

@@ -81,3 +81,30 @@ def test_repair_thaws_and_restores(tmp_path: Path) -> None:
     assert sync.read_text() == "1" and not (state / "frozen").exists()
     assert helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg),
                                str(sync)) == []
+
+
+def test_last_keyslot_is_tried_first() -> None:
+    from cryptlockd.helper import libcryptsetup
+
+    tried: list[int] = []
+
+    class FakeLib:
+        def crypt_resume_by_passphrase(self, cd: object, name: bytes, slot: int,
+                                       addr: int, length: int) -> int:
+            tried.append(slot)
+            return slot if slot == 3 else -1
+
+    class FakeLibrary:
+        lib = FakeLib()
+        messages: tuple[str, ...] = ()
+
+    dev = libcryptsetup.Device.__new__(libcryptsetup.Device)
+    dev.library = FakeLibrary()  # type: ignore[assignment]
+    dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, [0, 1, 3]  # type: ignore[assignment]
+    dev.last_keyslot = -1
+    assert dev.resume_by_passphrase(0, 4) and tried == [0, 1, 3]
+    tried.clear()
+    assert dev.resume_by_passphrase(0, 4) and tried == [3]
+    dev.last_keyslot = 1
+    tried.clear()
+    assert dev.resume_by_passphrase(0, 4) and tried == [1, 0, 3]
