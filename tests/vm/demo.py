@@ -38,10 +38,19 @@ def show_output(text: str) -> None:
         print(f"    {line}", flush=True)
 
 
-async def show(guest: Guest, command: str, *, check: bool = True) -> str:
+FAILED: list[str] = []
+
+
+async def show(guest: Guest, command: str, *, expect_ok: bool = True) -> str:
+    """Runs a command in the guest and shows it like a terminal would. A command that should
+    succeed but fails is shown too, and makes the demo exit non-zero at the end."""
     print(f"  guest# {command}", flush=True)
-    result = await guest.run(command, check=check, timeout=60)
+    result = await guest.run(command, check=False, timeout=60)
     show_output(result.stdout + result.stderr)
+    if result.rc != 0:
+        print(f"    (exit status {result.rc})", flush=True)
+        if expect_ok:
+            FAILED.append(command)
     return result.stdout
 
 
@@ -53,29 +62,30 @@ async def tour(guest: Guest) -> None:
         "mounted on /data. While the machine runs, the kernel holds both volume keys in RAM: "
         "that is what cryptlockd protects across suspend.")
     await show(guest, "lsblk -o NAME,TYPE,FSTYPE,SIZE,MOUNTPOINT /dev/vda /dev/vdb")
-    await show(guest, "findmnt -n -o SOURCE,TARGET / /data")
+    await show(guest, "findmnt -o TARGET,SOURCE,FSTYPE /; findmnt -n -o TARGET,SOURCE,FSTYPE /data")
 
     heading("2. cryptlockd runs as a system service")
     say("It was installed inside the guest by the project's own `make install` (offline, from "
         "a wheelhouse the host collected) and enabled with `systemctl enable --now`.")
-    await show(guest, "systemctl --no-pager --lines=0 status cryptlockd.service", check=False)
+    await show(guest, "systemctl --no-pager --lines=0 status cryptlockd.service")
 
     heading("3. It knows which LUKS devices to protect")
     say("`cryptlockctl` asks the daemon over D-Bus. The root device is flagged, because "
         "suspending it means nothing may touch the disk until the passphrase is back.")
-    await show(guest, "cryptlockctl devices", check=False)
+    await show(guest, "cryptlockctl devices")
 
     heading("4. It holds a delay lock in logind")
     say("Before any suspend, logind asks every holder of a 'delay' inhibitor to get ready. "
         "cryptlockd uses that moment to arm its helper (which will wipe the keys) and then "
         "releases the lock.")
-    await show(guest, "systemd-inhibit --list --no-pager", check=False)
+    await show(guest, "systemd-inhibit --list --no-pager")
 
     heading("5. `cryptlockctl check`: is this machine protected?")
     say("The administrator's question. Each line is one self-check; exit status 0 means "
         "the next suspend will wipe the keys.")
-    await show(guest, "cryptlockctl check", check=False)
-    await show(guest, "cryptlockctl status", check=False)
+    # Exit status 1 here is an answer ("not protected, because ..."), not a demo failure.
+    await show(guest, "cryptlockctl check", expect_ok=False)
+    await show(guest, "cryptlockctl status")
 
 
 async def sleep_cycle(guest: Guest) -> None:
@@ -91,6 +101,7 @@ async def sleep_cycle(guest: Guest) -> None:
 
 async def main() -> int:
     logging.basicConfig(level=logging.INFO, format="  [testbed] %(message)s")
+    logging.getLogger("qemu").setLevel(logging.WARNING)  # its connection chatter means nothing here
     heading("cryptlockd demo")
     say("cryptlockd wipes the LUKS disk-encryption keys from RAM while a Linux machine is "
         "suspended, and asks for the passphrase on wake. This machine's kernel cannot run "
@@ -130,6 +141,9 @@ async def main() -> int:
         await guest.close()
         for disks in (workdir / "disks", workdir / "installed" / "disks"):
             shutil.rmtree(disks, ignore_errors=True)
+    if FAILED:
+        say(f"These steps failed: {', '.join(FAILED)}. Console log: {guest.console_log}")
+        return 1
     heading("Done")
     say(f"The demo took {time.monotonic() - START:.0f} s. The guest's console log is in "
         f"{guest.console_log}. `make test` runs the whole suite, this guest included.")
