@@ -131,6 +131,14 @@ async def main() -> int:
         say(f"Booted in {guest.boot_seconds:.0f} s.")
         await guest.wait_for_command("systemctl is-active cryptlockd.service", 60,
                                      "cryptlockd.service active")
+        say("Waiting (up to 4 minutes) until cryptlockd reports the machine protected: at start "
+            "it builds the RAM filesystem its helper runs from ...")
+        try:
+            await guest.wait_for_command(
+                "busctl get-property org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager "
+                "Protected | grep -q true", 240, "Protected", interval=2.0)
+        except GuestError:
+            say("It does not (yet); `cryptlockctl check` below says why.")
         await tour(guest)
         await sleep_cycle(guest)
     except GuestError as e:

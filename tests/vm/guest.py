@@ -28,7 +28,9 @@ from tests.vm.image import TestbedImage
 
 log = logging.getLogger(__name__)
 
-BOOT_TIMEOUT = {"kvm": 90.0, "tcg": 240.0}
+# A quiet 2-core host boots the guest under TCG in about 50 s; with other TCG guests and
+# builds on the same cores it has taken 160 s, hence the margin.
+BOOT_TIMEOUT = {"kvm": 90.0, "tcg": 420.0}
 
 
 class GuestError(AssertionError):
@@ -300,8 +302,7 @@ class Guest:
             self._proc.kill()
             await self._proc.wait()
         for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(GuestError("guest closed"))
+            fut.cancel()  # nobody waits for them any more (abandoned pings, a dead guest)
         self._pending.clear()
 
     # ---- QMP ----------------------------------------------------------------------------

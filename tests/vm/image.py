@@ -39,6 +39,8 @@ PACKAGES = [
     "linux-image-amd64", "python3", "python3-venv", "python3-systemd", "make", "kbd",
     "polkitd", "e2fsprogs", "procps", "keyutils", "util-linux", "mawk",
 ]
+# trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd.
+SUITE_PACKAGES = {"bookworm": [], "trixie": ["systemd-cryptsetup"]}
 ROOT_DISK_SIZE = 2 * 1024**3
 DATA_DISK_SIZE = 256 * 1024**2
 OUTPUT_DISK_SIZE = 256 * 1024**2
@@ -102,7 +104,7 @@ def cache_root() -> Path:
 
 def inputs_hash(suite: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"suite": suite, "packages": PACKAGES}).encode())
+    h.update(json.dumps({"suite": suite, "packages": _packages(suite)}).encode())
     for source in [Path(__file__), HERE / "layout.py", *sorted(GUEST_FILES.iterdir())]:
         if source.is_file():
             h.update(source.name.encode() + b"\0" + source.read_bytes())
@@ -121,12 +123,16 @@ def _run(argv: list[str], timeout: float, what: str) -> subprocess.CompletedProc
     return proc
 
 
+def _packages(suite: str) -> list[str]:
+    return PACKAGES + SUITE_PACKAGES.get(suite, [])
+
+
 def _bootstrap(suite: str, rootfs: Path) -> None:
     if os.geteuid() != 0:
         raise ImageBuildError("building the test bed image needs root (mmdebstrap, mkfs -d)")
     _run([
         "mmdebstrap", "--variant=minbase", "--mode=root",
-        f"--include={','.join(PACKAGES)}",
+        f"--include={','.join(_packages(suite))}",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
