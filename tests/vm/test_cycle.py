@@ -340,3 +340,22 @@ async def test_lid_close_with_busy_fsync_writer(installed_guest: Guest) -> None:
     assert await count_writer(g) > after
     print(f"\ncycle (lid, busy writer): trigger->SUSPEND {to_suspend:.2f} s, "
           f"{after - before} fsynced records around the cycle, timeline_ms {json.dumps(timeline)}")
+
+
+async def test_shared_passphrase_one_prompt(installed_guest: Guest) -> None:
+    """Both disks on the passphrase (crypttab says none for data): one prompt opens both."""
+    g = installed_guest
+    await armed_ready(g)
+    await g.run("sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab && "
+                "grep '^data' /etc/crypttab && "
+                f"busctl call {MANAGER} Reload")
+    await poll(g, "cryptlockctl devices --json",
+               lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get("data")
+               == "passphrase", 60, "data takes the passphrase now")
+    notices = g.console_text().count(PROMPT_NOTICE)
+    await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
+    rec = await last_cycle(g)
+    assert_complete(rec)
+    assert g.console_text().count(PROMPT_NOTICE) == notices + 1, "more than one prompt"
+    assert rec["timeline_ms"]["resumed:data"] < rec["timeline_ms"]["thawed"]
+    assert "prompt#2" not in rec["timeline_ms"]
