@@ -14,6 +14,7 @@ The control is the same scan of a stock sleep (daemon stopped): the scanner find
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import time
@@ -270,3 +271,103 @@ async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(
     for dm in DEVICES:
         assert stock[f"{dm} schedule 1"] > 0 and stock[f"{dm} schedule 2"] > 0, stock
         assert stock[f"{dm} half 1"] > 0 and stock[f"{dm} half 2"] > 0, stock
+
+
+# A key planted the way a leftover would sit: a logon key named like cryptsetup's, linked
+# into a keyring that outlives the process that made it. The payload goes from hex straight
+# into a ctypes buffer that is wiped, so the planting process leaves no binary copy behind
+# (add_key's own kernel buffer is freed with kvfree_sensitive).
+PLANT = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_ADD_KEY, SYS_KEYCTL = 248, 250
+KEYCTL_SETPERM, KEYCTL_LINK, KEYCTL_UNLINK = 5, 8, 9
+SESSION, USER = -3, -4
+desc, hexkey, perm = sys.argv[1], sys.argv[2], int(sys.argv[3], 16)
+
+def keyctl(*args):
+    if libc.syscall(ctypes.c_long(SYS_KEYCTL), *(ctypes.c_long(a) for a in args)) < 0:
+        sys.exit(f"keyctl{args}: errno {ctypes.get_errno()}")
+
+buf = ctypes.create_string_buffer(len(hexkey) // 2)
+for i in range(len(buf)):
+    buf[i] = int(hexkey[2 * i:2 * i + 2], 16)
+# Made in our session keyring, where we possess it (so we may set its permissions), then
+# moved to the user keyring, which outlives this process.
+serial = libc.syscall(ctypes.c_long(SYS_ADD_KEY), b"logon", desc.encode(), buf,
+                      ctypes.c_size_t(len(buf)), ctypes.c_long(SESSION))
+ctypes.memset(buf, 0, len(buf))
+if serial < 0:
+    sys.exit(f"add_key: errno {ctypes.get_errno()}")
+keyctl(KEYCTL_SETPERM, serial, perm)
+keyctl(KEYCTL_LINK, serial, USER)
+keyctl(KEYCTL_UNLINK, serial, SESSION)
+print("%08x" % serial)
+"""
+# Possessor: all; owner (user): view only, as cryptsetup's keys; other: view for the
+# nobody-owned key, so that root sees it in /proc/keys but may not invalidate it.
+PERM_ROOT_KEY = "3f010000"
+PERM_NOBODY_KEY = "3f010001"
+
+
+async def luks_uuid(g: Guest, disk: str) -> str:
+    return (await g.run(f"cryptsetup luksUUID {disk}")).stdout.strip()
+
+
+async def proc_keys(g: Guest, description: str) -> list[str]:
+    out = await g.run(f"grep -F -- '{description}' /proc/keys || true")
+    return out.stdout.splitlines()
+
+
+@vm
+async def test_planted_keyring_copy_is_invalidated_or_reported(installed_guest: Guest) -> None:
+    g = installed_guest
+    await armed_ready(g)
+    keys = await volume_keys(g)
+    data_desc = f"cryptsetup:{await luks_uuid(g, layout.DATA_DISK)}-d0"
+    root_desc = f"cryptsetup:{await luks_uuid(g, layout.ROOT_DISK)}-d0"
+    await g.write_file("/run/plant.py", PLANT.encode(), 0o755)  # nobody runs it too
+    # 1. data's real volume key, in root's user keyring: the helper can take it out.
+    data_serial = (await g.run(["python3", "/run/plant.py", data_desc,
+                                keys[layout.DATA_DM_NAME].hex(), PERM_ROOT_KEY])).stdout.strip()
+    # 2. A marker under root's name, owned by nobody: root sees it but may not remove it.
+    marker = hashlib.sha512(b"cryptlockd: planted, cannot be removed").digest()
+    nobody = await g.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "python3", "/run/plant.py", root_desc, marker.hex(),
+                          PERM_NOBODY_KEY])
+    root_serial = nobody.stdout.strip()
+    assert [ln for ln in await proc_keys(g, data_desc) if ln.startswith(data_serial)]
+    assert [ln for ln in await proc_keys(g, root_desc) if ln.startswith(root_serial)]
+
+    since = await boottime(g)
+    notices = g.console_text().count(PROMPT_NOTICE)
+    dump = await sleep_and_dump(g, "systemctl suspend", "asleep-planted")
+    try:
+        asleep = scan(dump, keys, {"nobody's marker": marker})
+    finally:
+        dump.unlink()
+    print(f"asleep with planted keyring copies: {json.dumps(asleep)}")
+    await wake_and_unlock(g, notices)
+    rec = await last_cycle(g, since)
+    print(f"verification: {json.dumps(rec['verification'])}")
+
+    data = rec["verification"][layout.DATA_DM_NAME]
+    assert data["keyring"] == f"invalidated: {data_serial}", data
+    assert data["protected"] == "yes"
+    assert await proc_keys(g, data_desc) == []
+    assert all(asleep[f"{layout.DATA_DM_NAME} {label}"] == 0
+               for label in key_needles(keys[layout.DATA_DM_NAME])), asleep
+
+    root = rec["verification"][layout.ROOT_DM_NAME]
+    assert root["dm_table_key"] == "zeroed"
+    assert root["keyring"].startswith(f"left: {root_serial}"), root
+    assert root["protected"] == "no"
+    assert rec["success"] is False and "could not be verified" in rec["reason"], rec
+    assert any(p.startswith(f"{layout.ROOT_DM_NAME} was NOT protected") for p in rec["problems"])
+    # The scanner sees a keyring payload that stayed: the dump is a fair witness.
+    assert asleep["nobody's marker"] >= 1, asleep
+    problems = await poll(g, f"busctl --json=short get-property {MANAGER} Problems",
+                          lambda o: "last-cycle" in o, 60, "Problems names the last cycle")
+    assert f"NOT protect {layout.ROOT_DM_NAME}" in problems
+    journal = await g.run("journalctl -b -p warning --no-pager -o cat")
+    assert f"{layout.ROOT_DM_NAME} was NOT protected" in journal.stdout
