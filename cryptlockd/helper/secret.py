@@ -25,11 +25,13 @@ class SecretBuffer:
         self.wipe()
         with self.view() as view:
             n = os.readv(fd, [view])
-        if n == 0:
-            return False
-        if n > 0 and self.buf[n - 1] == b"\n":
-            n -= 1
-            self.buf[n] = b"\0"
+            if n == 0:
+                return False
+            # Compare as ints through the view: indexing the ctypes array would make a
+            # bytes object of a passphrase character.
+            if view[n - 1] == 0x0A:
+                n -= 1
+                view[n] = 0
         self.length = n
         return True
 
