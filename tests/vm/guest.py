@@ -525,3 +525,16 @@ def artifacts_dir() -> Path:
     """Where test guests keep their files: CRYPTLOCKD_VM_ARTIFACTS or tests/vm/artifacts."""
     env = os.environ.get("CRYPTLOCKD_VM_ARTIFACTS")
     return Path(env) if env else Path(__file__).resolve().parent / "artifacts"
+
+
+async def poll(guest: Guest, command: str, ok: Any, timeout: float, what: str) -> str:
+    """Polls `command` until it exits 0 and `ok(stdout)` holds; returns that stdout."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        res = await guest.run(command, check=False, timeout=30)
+        last = res.stdout + res.stderr
+        if res.rc == 0 and ok(res.stdout):
+            return res.stdout
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s; last output: {last[-2000:]}")

@@ -18,24 +18,12 @@ from typing import Any
 import pytest
 
 from tests.vm import layout
-from tests.vm.guest import Guest
+from tests.vm.guest import Guest, poll
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(900)]
 
 PROMPT_NOTICE = "cryptlockd: disks locked; passphrase prompt on VT"
 MANAGER = "org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager"
-
-
-async def poll(guest: Guest, command: str, ok: Any, timeout: float, what: str) -> str:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        res = await guest.run(command, check=False, timeout=30)
-        last = res.stdout + res.stderr
-        if res.rc == 0 and ok(res.stdout):
-            return res.stdout
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s; last output: {last[-2000:]}")
 
 
 async def armed_ready(guest: Guest) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.vm import layout
-from tests.vm.guest import Guest
+from tests.vm.guest import Guest, poll
 from tests.vm.memscan import count_occurrences
 
 pytestmark = [pytest.mark.timeout(900)]
@@ -138,18 +138,6 @@ def scan(dump: Path, keys: dict[str, bytes], extra: dict[str, bytes] | None = No
 
 
 # ---- driving the guest ------------------------------------------------------------------
-
-async def poll(g: Guest, command: str, ok: Any, timeout: float, what: str) -> str:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        res = await g.run(command, check=False, timeout=30)
-        last = res.stdout + res.stderr
-        if res.rc == 0 and ok(res.stdout):
-            return res.stdout
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s; last output: {last[-2000:]}")
-
 
 async def armed_ready(g: Guest) -> None:
     await poll(g, f"busctl get-property {MANAGER} Protected", lambda o: "true" in o, 240,
