@@ -538,3 +538,14 @@ async def poll(guest: Guest, command: str, ok: Any, timeout: float, what: str) -
             return res.stdout
         await asyncio.sleep(0.5)
     raise AssertionError(f"{what}: not within {timeout:.0f} s; last output: {last[-2000:]}")
+
+
+def unwrap(v: Any) -> Any:
+    """busctl --json=short output without its {"type", "data"} wrappers."""
+    if isinstance(v, dict) and set(v) == {"type", "data"}:
+        return unwrap(v["data"])
+    if isinstance(v, dict):
+        return {k: unwrap(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [unwrap(x) for x in v]
+    return v

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.vm import layout
-from tests.vm.guest import Guest, poll
+from tests.vm.guest import Guest, poll, unwrap
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(900)]
 
@@ -54,14 +54,6 @@ async def last_cycle(guest: Guest) -> dict[str, Any]:
     return {k: unwrap(v) for k, v in value.items()}
 
 
-def unwrap(v: Any) -> Any:
-    if isinstance(v, dict) and set(v) == {"type", "data"}:
-        return unwrap(v["data"])
-    if isinstance(v, dict):
-        return {k: unwrap(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [unwrap(x) for x in v]
-    return v
 
 
 async def run_cycle(guest: Guest, passphrases: list[str], trigger: str) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.vm import layout
-from tests.vm.guest import Guest, poll
+from tests.vm.guest import Guest, poll, unwrap
 from tests.vm.memscan import count_occurrences
 
 pytestmark = [pytest.mark.timeout(900)]
@@ -144,14 +144,6 @@ async def armed_ready(g: Guest) -> None:
                "cryptlockd reports Protected")
 
 
-def unwrap(v: Any) -> Any:
-    if isinstance(v, dict) and set(v) == {"type", "data"}:
-        return unwrap(v["data"])
-    if isinstance(v, dict):
-        return {k: unwrap(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [unwrap(x) for x in v]
-    return v
 
 
 async def last_cycle(g: Guest, since: float) -> dict[str, Any]:
