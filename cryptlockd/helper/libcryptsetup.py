@@ -29,10 +29,13 @@ class CryptError(Exception):
 
 
 class _PbkdfType(ctypes.Structure):
+    # struct crypt_pbkdf_type of libcryptsetup.h, field for field: a missing field shifts
+    # every later one (without `iterations`, max_memory_kb read the iteration count).
     _fields_ = [
         ("type", ctypes.c_char_p),
         ("hash", ctypes.c_char_p),
         ("time_ms", ctypes.c_uint32),
+        ("iterations", ctypes.c_uint32),
         ("max_memory_kb", ctypes.c_uint32),
         ("parallel_threads", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),

@@ -149,6 +149,8 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(
     helper = rec["helper"]
     assert helper["dumpable"] == "0" and helper["oom_score_adj"] == "-1000"
     assert int(helper["VmLck"].split()[0]) > 0, helper
+    # The Argon2 memory that resume needs was reserved: the passphrase keyslot's cost.
+    assert rec["kdf_reserve_kib"] == layout.ARGON2_MEMORY_KIB, rec["kdf_reserve_kib"]
     signal = await poll(g, "cat /root/cycle-signal.log", lambda o: "CycleFinished" in o, 60,
                         "CycleFinished signal")
     assert '"data":[true' in signal.replace(" ", ""), signal[-2000:]
