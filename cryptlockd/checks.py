@@ -256,7 +256,7 @@ def _crypttab_links(crypttab: Path) -> tuple[str, ...]:
 
 @functools.cache
 def _libcryptsetup_facts() -> tuple[str | None, bool]:
-    # The version by symbol: crypt_get_version only exists from 2.7 on.
+    # The version by symbol: Debian's 2.6.1 and 2.7.5 export no crypt_get_version.
     try:
         lib = ctypes.CDLL(LIBCRYPTSETUP)
     except OSError:
@@ -266,6 +266,8 @@ def _libcryptsetup_facts() -> tuple[str | None, bool]:
         fn = lib.crypt_get_version
         fn.restype = ctypes.c_char_p
         return str(fn().decode()), link
+    if link:
+        return "2.7 or later (by its symbols)", link
     return ("2.5 or 2.6 (by its symbols)" if hasattr(lib, "crypt_resume_by_token_pin")
             else "older than 2.5 (by its symbols)"), link
 
