@@ -156,6 +156,12 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(
     assert '"data":[true' in signal.replace(" ", ""), signal[-2000:]
     unit = await g.run("systemctl show -p LimitCORE -p OOMScoreAdjust cryptlockd-helper.service")
     assert "LimitCORE=0" in unit.stdout and "OOMScoreAdjust=-1000" in unit.stdout
+    # Arming must not queue behind busy writers: both processes run at nice -10.
+    # (The helper is started again, idle, after each cycle: wait for it.)
+    nice = await poll(g, "ps -o ni= -p $(systemctl show -p MainPID --value cryptlockd.service) "
+                      "-p $(systemctl show -p MainPID --value cryptlockd-helper.service)",
+                      lambda o: len(o.split()) == 2, 60, "daemon and idle helper running")
+    assert nice.split() == ["-10", "-10"], nice
     print(f"\ncycle 1 (systemctl suspend): trigger->SUSPEND {to_suspend:.2f} s, "
           f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}")
 
