@@ -31,7 +31,7 @@ def base_args(accel: str) -> list[str]:
         # thread=single: with one host thread per vCPU (MTTCG, QEMU 7.2), the trixie guest
         # (kernel 6.12) woke from S3 with corrupted RFLAGS (reserved bits and TF set: a #DB
         # in syscore_resume or CPU1's bring-up, then an oops) in 7 of 10 protected cycles,
-        # whatever -cpu. Round-robin TCG woke 6 of 6 (so did -smp 1), about as fast here.
+        # with max, max,pku=off or max,la57=off. Round-robin TCG woke 6 of 6 (so did -smp 1).
         accel_args = ["-accel", "tcg,tb-size=256,thread=single", "-cpu", "max"]
     return [
         QEMU,
