@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.vm import layout
-from tests.vm.guest import Guest
-from tests.vm.test_cycle import LID, armed_ready, last_cycle, poll, run_cycle
+from tests.vm.guest import Guest, poll
+from tests.vm.test_cycle import LID, armed_ready, last_cycle, run_cycle
 
 
 def _print(text: str) -> None:
