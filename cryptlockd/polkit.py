@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 ALLOW_USER_INTERACTION = 1
 
-# Long enough for polkitd to answer under load, short enough that a hung polkitd does not
-# keep a caller (and the daemon's bounded worker pool) waiting for minutes.
-DEFAULT_TIMEOUT = 5.0
+# Long enough for a person to type a password into a polkit agent, and for a bus-activated
+# polkitd to start on a slow machine (5 s was not: a TCG guest took 5.1 s to start it).
+# Shorter than cryptlockctl's 60 s, so the CLI reports the denial, not its own timeout.
+DEFAULT_TIMEOUT = 50.0
 
 
 async def is_authorized(bus: MessageBus, sender: str, action: str,
