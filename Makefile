@@ -4,6 +4,7 @@
 #   make test      the whole suite: lint, types, unit, host integration, QEMU guest
 #                  (bookworm and trixie guests; VM_SUITES=bookworm for one)
 #   make demo      boots a Debian guest with root on LUKS and shows cryptlockd at work
+#   make bench     times the sleep cycle in the guest (BENCH_CYCLES=5) and prints the figures
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -31,7 +32,7 @@ VPY = $(VENV)/bin/python
 
 SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@VENVDIR@|$(VENVDIR)|g'
 
-.PHONY: all deps venv lint test test-unit test-integration test-vm demo install clean
+.PHONY: all deps venv lint test test-unit test-integration test-vm demo bench install clean
 
 all: venv
 
@@ -55,7 +56,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: deps $(VENV)/.stamp
 
 lint: venv
-	$(VENV)/bin/ruff check cryptlockd tests
+	$(VENV)/bin/ruff check cryptlockd tests bench
 	$(VENV)/bin/mypy --strict cryptlockd
 
 test-unit: venv
@@ -82,6 +83,9 @@ test: venv lint
 
 demo: venv
 	$(VPY) -m tests.vm.demo
+
+bench: venv
+	$(VPY) -m bench.cycle
 
 install:
 	install -d $(DESTDIR)$(LIBDIR)

@@ -225,6 +225,7 @@ class Helper:
         self.record = CycleRecord([d["name"] for d in msg["devices"]])
         self.record.step("helper_arm")
         harden()
+        self.record.step("helper_hardened")
         # Fail now, while the sleep can still go ahead unprotected and say so, rather
         # than mid-cycle.
         with open("/proc/self/cgroup") as f:
@@ -240,6 +241,7 @@ class Helper:
             self.devices[p.name] = Device(self.library, p.name)
             if isinstance(hints.get(p.name), int):
                 self.devices[p.name].last_keyslot = hints[p.name]
+        self.record.step("helper_devices_loaded")
         self.sleep_state = str(msg["sleep_state"])
         self.mem_sleep = msg.get("mem_sleep") or None
         self.record.sleep_state = self.sleep_state
@@ -252,6 +254,7 @@ class Helper:
         if kib != self.reserve.kib:
             self.reserve.release()
             self.reserve = Reserve(kib)
+        self.record.step("helper_kdf_reserved")
         if self._terminal is None:
             self._terminal = Terminal(int(msg.get("vt", 0)))
         self.record.step("helper_armed")

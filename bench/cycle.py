@@ -1,0 +1,176 @@
+"""Benchmark of the protected sleep cycle in the QEMU guest. Prints its figures as Markdown
+tables, ready for bench/RESULTS.md:
+
+- delay-lock close (`arm_seconds`: the daemon's arm request to the helper's `armed`;
+  target 1 s, logind's limit 5 s), and the helper's own arming step by step;
+- each step of the cycle's timeline;
+- trigger to QMP SUSPEND, protected against stock `systemd-sleep` (daemon stopped), in the
+  same guest;
+- the RAM filesystem's size and the helper's locked memory.
+
+Scenarios: `systemctl suspend` on a quiet guest, then with a busy fsync writer on the
+encrypted root, then the stock sleep. Run: `make bench` (BENCH_CYCLES=5 cycles each;
+CRYPTLOCKD_VM_SUITE=bookworm|trixie picks the guest release).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.vm import image as image_mod
+from tests.vm import layout, machine
+from tests.vm.guest import Guest, artifacts_dir, poll
+from tests.vm.install import build_installed_layer
+from tests.vm.test_cycle import WRITER, armed_ready, assert_complete, last_cycle, run_cycle
+
+# Intervals of the timeline worth a row: (label, from step, to step).
+INTERVALS = [
+    ("arm request -> helper starts arming", "arm_requested", "helper_arm"),
+    ("  mlockall + not dumpable", "helper_arm", "helper_hardened"),
+    ("  crypt_init_by_name of each device", "helper_hardened", "helper_devices_loaded"),
+    ("  KDF reserve faulted in", "helper_devices_loaded", "helper_kdf_reserved"),
+    ("  VT open", "helper_kdf_reserved", "helper_armed"),
+    ("helper armed -> delay lock closed", "helper_armed", "armed"),
+    ("delay lock closed -> sleep entry begins", "armed", "begin"),
+    ("begin -> cgroups frozen", "begin", "frozen"),
+    ("frozen -> synced", "frozen", "synced"),
+    ("synced -> devices suspended and verified", "synced", "verified"),
+    ("verified -> sleep write", "verified", "sleep_write"),
+    ("woke -> prompt", "woke", "prompt"),
+    ("passphrase entered -> root resumed", "passphrase_entered", f"resumed:{layout.ROOT_DM_NAME}"),
+    ("root resumed -> data resumed (keyfile)", f"resumed:{layout.ROOT_DM_NAME}",
+     f"resumed:{layout.DATA_DM_NAME}"),
+    ("data resumed -> thawed", f"resumed:{layout.DATA_DM_NAME}", "thawed"),
+    ("thawed -> finished", "thawed", "finished"),
+]
+
+
+def stats(values: Sequence[float]) -> str:
+    if not values:
+        return "n/a | n/a | n/a"
+    return (f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f}")
+
+
+async def protected_cycles(g: Guest, n: int) -> list[tuple[float, dict[str, Any]]]:
+    out = []
+    previous = json.dumps(await last_cycle(g), sort_keys=True, default=str)
+    for _ in range(n):
+        await armed_ready(g)
+        to_suspend = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
+        deadline = time.monotonic() + 60
+        while True:
+            rec = await last_cycle(g)
+            now = json.dumps(rec, sort_keys=True, default=str)
+            if now != previous:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("LastCycle did not change after a cycle")
+            await asyncio.sleep(0.5)
+        previous = now
+        assert_complete(rec)
+        out.append((to_suspend, rec))
+        print(f"  cycle: trigger->SUSPEND {to_suspend:.2f} s, arm {rec['arm_seconds']} s",
+              flush=True)
+    return out
+
+
+async def stock_cycles(g: Guest, n: int) -> list[float]:
+    await g.run("systemctl stop cryptlockd.service")
+    out = []
+    for _ in range(n):
+        mark = g.event_mark()
+        t0 = time.monotonic()
+        await g.spawn("systemctl suspend", "/root/trigger.log")
+        suspend = await g.wait_event("SUSPEND", 90, since=mark)
+        out.append(suspend.monotonic - t0)
+        await g.wakeup()
+        await g.wait_agent(240, "agent after the stock sleep")
+        print(f"  stock: trigger->SUSPEND {out[-1]:.2f} s", flush=True)
+    await g.run("systemctl start cryptlockd.service")
+    return out
+
+
+def report(scenario: str, cycles: list[tuple[float, dict[str, Any]]]) -> None:
+    print(f"\n### {scenario} ({len(cycles)} cycles)\n")
+    print("| figure (s) | median | min | max |\n| --- | --- | --- | --- |")
+    print(f"| **delay-lock close (arm_seconds)** | "
+          f"{stats([float(r['arm_seconds']) for _, r in cycles])} |")
+    print(f"| trigger -> QMP SUSPEND | {stats([t for t, _ in cycles])} |")
+    for label, a, b in INTERVALS:
+        values = [(r["timeline_ms"][b] - r["timeline_ms"][a]) / 1000 for _, r in cycles
+                  if a in r["timeline_ms"] and b in r["timeline_ms"]]
+        print(f"| {label} | {stats(values)} |")
+
+
+async def bench(n: int) -> int:
+    img = image_mod.ensure_image()
+    accel = machine.choose_accel(img.kernel, image_mod.cache_root())
+    workdir = artifacts_dir() / "bench"
+    shutil.rmtree(workdir, ignore_errors=True)
+    layer = await build_installed_layer(img, accel, workdir / "installed")
+    if not layer.ok:
+        print(f"make install failed in the guest:\n{layer.log[-4000:]}")
+        return 1
+    guest = Guest(img, layer.disks.overlay(workdir / "disks"), workdir / "guest", accel,
+                  name="bench")
+    try:
+        await guest.start()
+        g = guest
+        await armed_ready(g)
+        quiet = await protected_cycles(g, n)
+        await g.write_file("/root/writer.py", WRITER.encode())
+        await g.spawn("python3 /root/writer.py", "/root/writer.out")
+        await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60,
+                   "the writer is writing")
+        busy = await protected_cycles(g, n)
+        await g.run("pkill -f /root/writer.py")
+        stock = await stock_cycles(g, n)
+        ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
+        check = (await g.run("cryptlockctl check || true")).stdout
+        kernel = (await g.run("uname -r")).stdout.strip()
+        lib = (await g.run("dpkg-query -W -f='${Version}' libcryptsetup12")).stdout.strip()
+    finally:
+        await guest.close()
+        for disks in (workdir / "disks", workdir / "installed" / "disks"):
+            shutil.rmtree(disks, ignore_errors=True)
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Debian {img.suite} "
+          f"guest (kernel {kernel}, libcryptsetup {lib})\n")
+    print(f"Host: {os.cpu_count()} cores ({cpu}), kernel {platform.release()}; QEMU "
+          f"{accel.upper()}, {layout.GUEST_MEMORY_MIB} MiB guest; `python -m bench.cycle`.")
+    print("Timeline figures are intervals between cycle-record steps (CLOCK_BOOTTIME).")
+    report("systemctl suspend, quiet guest", quiet)
+    report("systemctl suspend, busy fsync writer on the encrypted root", busy)
+    print(f"\n### Stock systemd-sleep, daemon stopped ({len(stock)} sleeps)\n")
+    print(f"| trigger -> QMP SUSPEND (s) | {stats(stock)} |\n| --- | --- |")
+    helper = quiet[-1][1].get("helper", {})
+    print(f"\nRAM filesystem: {int(ramfs) / 1024:.1f} MiB (target 48 MiB). Helper while armed: "
+          f"VmLck {helper.get('VmLck')}, VmRSS {helper.get('VmRSS')}, KDF reserve "
+          f"{quiet[-1][1].get('kdf_reserve_kib')} KiB.")
+    print("`cryptlockctl check` in the guest:\n")
+    print("\n".join(f"    {line}" for line in check.rstrip().splitlines()))
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    n = int(os.environ.get("BENCH_CYCLES", "5"))
+    return asyncio.run(bench(n))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
