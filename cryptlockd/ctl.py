@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import signal
 import sys
@@ -22,7 +21,7 @@ from dbus_fast.introspection import Node
 
 from cryptlockd import __version__
 from cryptlockd.defs import BUS_NAME, INTROSPECTION_XML, MANAGER_INTERFACE, OBJECT_PATH
-from cryptlockd.devices import LuksDevice
+from cryptlockd.devices import BUS_FIELDS
 
 __all__ = ["main"]
 
@@ -42,7 +41,7 @@ NOT_RUNNING_ERRORS = (
 )
 NOT_RUNNING = f"cryptlockd is not running ({BUS_NAME} has no owner on the system bus)"
 
-DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(LuksDevice))
+DEVICE_FIELDS = BUS_FIELDS
 
 
 class CtlError(Exception):

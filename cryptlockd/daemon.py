@@ -35,7 +35,13 @@ from cryptlockd.defs import (
     POLKIT_ACTION_SUSPEND,
     State,
 )
-from cryptlockd.devices import LuksDevice, SystemPaths, apply_exclude, discover_devices
+from cryptlockd.devices import (
+    BUS_FIELDS,
+    LuksDevice,
+    SystemPaths,
+    apply_exclude,
+    discover_devices,
+)
 from cryptlockd.errors import Busy, ConfigError, CryptlockdError, NoSuchDevice
 from cryptlockd.log import MessageId, event, setup_logging
 from cryptlockd.logind import Logind
@@ -48,8 +54,8 @@ DEFAULT_ARM_TIMEOUT = 3.0
 
 def device_struct(d: LuksDevice) -> list[Any]:
     """(ssssbbsas), in the order the XML documents."""
-    return [d.name, d.uuid, d.luks_type, d.backing_device, d.holds_root, d.suspended,
-            d.key_source, list(d.holders)]
+    return [list(v) if isinstance(v, tuple) else v
+            for v in (getattr(d, f) for f in BUS_FIELDS)]
 
 
 class Manager:

@@ -42,6 +42,14 @@ class LuksDevice:
     suspended: bool  # dm reports it suspended now
     key_source: str  # "passphrase" or "keyfile:<path>" (from crypttab)
     holders: tuple[str, ...] = ()  # dm names stacked on top (LVM LVs, ...)
+    # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
+    keyfile_size: int = 0
+    keyfile_offset: int = 0
+
+
+# What the D-Bus Devices property carries of a LuksDevice, in the XML's order (ssssbbsas).
+BUS_FIELDS = ("name", "uuid", "luks_type", "backing_device", "holds_root", "suspended",
+              "key_source", "holders")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,26 @@ class CrypttabEntry:
     @property
     def key_source(self) -> str:
         return f"keyfile:{self.keyfile}" if self.keyfile else "passphrase"
+
+    @property
+    def keyfile_size(self) -> int:
+        return self._bytes_option("keyfile-size")
+
+    @property
+    def keyfile_offset(self) -> int:
+        return self._bytes_option("keyfile-offset")
+
+    def _bytes_option(self, key: str) -> int:
+        """A non-negative integer option; 0 when absent. An unreadable value is logged and
+        read as 0 (the whole file), which at worst means a passphrase prompt at resume."""
+        for option in self.options:
+            name, _, value = option.partition("=")
+            if name == key:
+                if value.isdigit():
+                    return int(value)
+                log.warning("crypttab: %s: %s is not a number of bytes, ignored",
+                            self.name, option)
+        return 0
 
 
 def parse_crypttab(text: str) -> list[CrypttabEntry]:
@@ -252,7 +280,7 @@ def build_devices(
     dev: Path = Path("/dev"),
 ) -> list[LuksDevice]:
     """The LUKS devices among `nodes`, sorted by dm name."""
-    keys = {e.name: e.key_source for e in crypttab}
+    entries = {e.name: e for e in crypttab}
     root_kname = _root_kname(nodes, root, dev)
     out: list[LuksDevice] = []
     for node in nodes.values():
@@ -262,6 +290,7 @@ def build_devices(
         if parsed is None:
             continue
         luks_type, uuid = parsed
+        entry = entries.get(node.dm_name)
         above = _walk(nodes, node.kname, lambda n: n.holders)
         holders = tuple(
             (nodes[k].dm_name or k) if k in nodes else k for k in above
@@ -275,8 +304,10 @@ def build_devices(
                 holds_root=root_kname is not None
                 and (root_kname == node.kname or root_kname in above),
                 suspended=node.suspended,
-                key_source=keys.get(node.dm_name, "passphrase"),
+                key_source=entry.key_source if entry else "passphrase",
                 holders=holders,
+                keyfile_size=entry.keyfile_size if entry else 0,
+                keyfile_offset=entry.keyfile_offset if entry else 0,
             )
         )
     return sorted(out, key=lambda d: d.name)

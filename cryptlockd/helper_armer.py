@@ -67,15 +67,18 @@ def choose_sleep_state(root: str = "/") -> tuple[str, str | None]:
     return sleepconf.choose(texts, state, mem)
 
 
-def device_plan(devices: Sequence[LuksDevice]) -> list[dict[str, str]]:
+def device_plan(devices: Sequence[LuksDevice]) -> list[dict[str, str | int]]:
     """In suspend order. The root device always takes the passphrase: its keyfile, if
     crypttab names one, lives on the root itself or in the initramfs, neither of which
     the helper may read while root is suspended."""
-    return [
-        {"name": d.name, "uuid": d.uuid,
-         "key_source": "passphrase" if d.holds_root else d.key_source}
-        for d in suspend_order(devices)
-    ]
+    plan: list[dict[str, str | int]] = []
+    for d in suspend_order(devices):
+        keyfile = not d.holds_root and d.key_source != "passphrase"
+        plan.append({"name": d.name, "uuid": d.uuid,
+                     "key_source": d.key_source if keyfile else "passphrase",
+                     "keyfile_size": d.keyfile_size if keyfile else 0,
+                     "keyfile_offset": d.keyfile_offset if keyfile else 0})
+    return plan
 
 
 class HelperArmer:

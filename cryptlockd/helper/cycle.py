@@ -19,14 +19,19 @@ if TYPE_CHECKING:
 
 
 class DevicePlan:
-    __slots__ = ("key_source", "name")
+    __slots__ = ("key_source", "keyfile_offset", "keyfile_size", "name")
 
-    def __init__(self, name: str, key_source: str) -> None:
+    def __init__(self, name: str, key_source: str, keyfile_size: int = 0,
+                 keyfile_offset: int = 0) -> None:
         self.name = name
         self.key_source = key_source  # "passphrase" or "keyfile:<path>"
+        # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
+        self.keyfile_size = keyfile_size
+        self.keyfile_offset = keyfile_offset
 
     def __repr__(self) -> str:
-        return f"DevicePlan({self.name!r}, {self.key_source!r})"
+        return (f"DevicePlan({self.name!r}, {self.key_source!r}, {self.keyfile_size}, "
+                f"{self.keyfile_offset})")
 
     @property
     def keyfile(self) -> str | None:
@@ -50,7 +55,7 @@ if TYPE_CHECKING:
         def release_reserve(self) -> None: ...
         def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool: ...
         def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool: ...
-        def resume_keyfile(self, device: str, keyfile: str) -> None: ...
+        def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None: ...
         def backoff(self, failures: int) -> None: ...
         def power_off(self) -> None: ...
 
@@ -131,7 +136,8 @@ def resume_all(ops: Ops, devices: list[DevicePlan], suspended: list[str],
                 for dev in list(pending):
                     assert dev.keyfile is not None
                     try:
-                        ops.resume_keyfile(dev.name, dev.keyfile)
+                        ops.resume_keyfile(dev.name, dev.keyfile, dev.keyfile_size,
+                                           dev.keyfile_offset)
                     except Exception as e:
                         record.problems.append(f"keyfile for {dev.name}: {e}")
                         keyfile_failed.add(dev.name)

@@ -182,9 +182,9 @@ class SystemOps:
             ctypes.addressof(secret.buf), secret.length
         )
 
-    def resume_keyfile(self, device: str, keyfile: str) -> None:
+    def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None:
         # The keyfile lives on the real root, which is PID 1's root; it is back by now.
-        self.h.devices[device].resume_by_keyfile(power.HOST_ROOT + keyfile)
+        self.h.devices[device].resume_by_keyfile(power.HOST_ROOT + keyfile, size, offset)
 
     def backoff(self, failures: int) -> None:
         delay = min(self.h.backoff_initial * 2 ** (failures - 1), self.h.backoff_max)
@@ -235,7 +235,8 @@ class Helper:
         for dev in self.devices.values():
             dev.free()
         self.devices = {}
-        self.plan = [DevicePlan(d["name"], d["key_source"]) for d in msg["devices"]]
+        self.plan = [DevicePlan(d["name"], d["key_source"], int(d.get("keyfile_size", 0)),
+                                int(d.get("keyfile_offset", 0))) for d in msg["devices"]]
         hints = msg.get("keyslots") or {}
         for p in self.plan:
             self.devices[p.name] = Device(self.library, p.name)

@@ -82,7 +82,7 @@ class LineBuffer:
 
 
 def arm_message(
-    devices: list[dict[str, str]],
+    devices: list[dict[str, str | int]],
     *,
     sleep_state: str,
     mem_sleep: str | None,
@@ -93,7 +93,8 @@ def arm_message(
     poweroff_after: int = 0,
     keyslots: dict[str, int] | None = None,
 ) -> Message:
-    """devices: in suspend order (upper layers first), each {name, uuid, key_source}."""
+    """devices: in suspend order (upper layers first), each {name, uuid, key_source,
+    keyfile_size, keyfile_offset}."""
     return {
         "op": OP_ARM,
         "devices": devices,

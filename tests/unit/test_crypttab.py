@@ -35,6 +35,17 @@ def test_key_source() -> None:
     assert CrypttabEntry("a", "UUID=1", "/k:UUID=9").key_source == "keyfile:/k:UUID=9"
 
 
+def test_keyfile_size_and_offset() -> None:
+    [entry, plain, bad] = parse_crypttab(
+        "data UUID=1 /dev/sdb none,keyfile-size=64,keyfile-offset=4096,luks\n"
+        "plain UUID=2 /k luks\n"
+        "bad UUID=3 /k keyfile-size=64k,keyfile-offset=\n")
+    assert (entry.keyfile_size, entry.keyfile_offset) == (64, 4096)
+    assert (plain.keyfile_size, plain.keyfile_offset) == (0, 0)
+    # Not a number of bytes: read as the whole file (a prompt at worst), not an error.
+    assert (bad.keyfile_size, bad.keyfile_offset) == (0, 0)
+
+
 def test_line_without_device_is_skipped() -> None:
     assert parse_crypttab("lonely\nok /dev/vda none\n") == [
         CrypttabEntry("ok", "/dev/vda", None, ())

@@ -74,6 +74,16 @@ def test_two_disks_one_keyfile(fs: FakeSystem) -> None:
     assert devs["cryptdata"].uuid == UUID_B
 
 
+def test_keyfile_size_and_offset_from_crypttab(fs: FakeSystem) -> None:
+    two_disks_keyfile(fs)
+    fs.write_crypttab(f"cryptroot UUID={UUID_A} none luks\n"
+                      f"cryptdata UUID={UUID_B} /etc/keys/data.key "
+                      "luks,keyfile-size=64,keyfile-offset=512\n")
+    devs = by_name(discover_devices(fs.paths))
+    assert (devs["cryptdata"].keyfile_size, devs["cryptdata"].keyfile_offset) == (64, 512)
+    assert (devs["cryptroot"].keyfile_size, devs["cryptroot"].keyfile_offset) == (0, 0)
+
+
 def test_luks1(fs: FakeSystem) -> None:
     fs.disk("sda", partitions=1)
     fs.luks("dm-0", "legacy", UUID_C, ["sda1"], version=1)

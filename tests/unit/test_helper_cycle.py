@@ -73,10 +73,11 @@ class FakeOps:
             self.calls.append(f"resume:{device}")
         return ok
 
-    def resume_keyfile(self, device: str, keyfile: str) -> None:
+    def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None:
         if self.keyfile_fails:
             raise OSError("No such file")
-        self.calls.append(f"keyfile:{device}:{keyfile}")
+        self.calls.append(f"keyfile:{device}:{keyfile}"
+                          + (f":{size}@{offset}" if size or offset else ""))
 
     def backoff(self, failures: int) -> None:
         self.calls.append(f"backoff:{failures}")
@@ -172,6 +173,15 @@ def test_unverified_wipe_fails_the_cycle() -> None:
 @pytest.mark.parametrize("source,keyfile", [("passphrase", None), ("keyfile:/k", "/k")])
 def test_device_plan_keyfile(source: str, keyfile: str | None) -> None:
     assert DevicePlan("x", source).keyfile == keyfile
+
+
+def test_keyfile_size_and_offset_reach_the_resume() -> None:
+    ops = FakeOps([GOOD])
+    devices = [DevicePlan("root", "passphrase"), DevicePlan("data", "keyfile:/k", 64, 4096)]
+    rec = CycleRecord([d.name for d in devices])
+    run_cycle(ops, devices, rec)
+    rec.finish()
+    assert "keyfile:data:/k:64@4096" in ops.calls and rec.success
 
 
 def test_a_failing_prompt_is_retried_not_fatal() -> None:

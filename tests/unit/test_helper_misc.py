@@ -56,6 +56,19 @@ def test_device_plan_root_takes_passphrase() -> None:
     assert plan == {"root": "passphrase", "data": "keyfile:/etc/keys/d.key"}
 
 
+def test_device_plan_carries_keyfile_size_and_offset() -> None:
+    devs = [
+        LuksDevice("root", "u1", "LUKS2", "/dev/vda", True, False, "keyfile:/r.key",
+                   keyfile_size=32, keyfile_offset=8),
+        LuksDevice("data", "u2", "LUKS2", "/dev/vdb", False, False, "keyfile:/d.key",
+                   keyfile_size=64, keyfile_offset=4096),
+    ]
+    plan = {str(d["name"]): (d["keyfile_size"], d["keyfile_offset"])
+            for d in helper_armer.device_plan(devs)}
+    # The root's keyfile is never read (it takes the passphrase), so neither are its options.
+    assert plan == {"root": (0, 0), "data": (64, 4096)}
+
+
 def test_merge_record_puts_daemon_steps_first() -> None:
     rec = {"started_boottime": 100.0, "timeline_ms": {"helper_arm": 0.0, "finished": 900.0}}
     out = helper_armer.merge_record(rec, {"arm_requested": 99.5, "armed": 100.2},

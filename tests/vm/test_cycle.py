@@ -347,3 +347,39 @@ async def test_shared_passphrase_one_prompt(installed_guest: Guest) -> None:
     assert g.console_text().count(PROMPT_NOTICE) == notices + 1, "more than one prompt"
     assert rec["timeline_ms"]["resumed:data"] < rec["timeline_ms"]["thawed"]
     assert "prompt#2" not in rec["timeline_ms"]
+
+
+async def test_keyfile_offset_and_size_from_crypttab(installed_guest: Guest) -> None:
+    """data's key is 64 bytes at offset 4096 of a larger file, as crypttab's keyfile-offset=
+    and keyfile-size= say: it comes back from that keyfile, with no second prompt."""
+    g = installed_guest
+    await armed_ready(g)
+    key = "/etc/keys/data-embedded.key"
+    disk = layout.DATA_DISK
+    await g.run(
+        f"head -c 4096 /dev/urandom > {key} && head -c 64 /dev/urandom >> {key} && "
+        f"head -c 1000 /dev/urandom >> {key} && chmod 0400 {key} && "
+        f"cryptsetup luksAddKey --batch-mode --key-file {layout.DATA_KEYFILE} "
+        "--pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
+        f"--new-keyfile-offset 4096 --new-keyfile-size 64 {disk} {key}", timeout=120)
+    # Control: the key is the 64 bytes at 4096, and the whole file opens nothing.
+    await g.run(f"cryptsetup open --test-passphrase --key-file {key} --keyfile-offset 4096 "
+                f"--keyfile-size 64 {disk}", timeout=120)
+    whole = await g.run(f"cryptsetup open --test-passphrase --key-file {key} {disk}",
+                        check=False, timeout=120)
+    assert whole.rc != 0, "the whole keyfile opened the disk: the test proves nothing"
+    await g.run(f"sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s.*|data \\1 {key} "
+                "luks,keyfile-offset=4096,keyfile-size=64|' /etc/crypttab && "
+                f"grep '^data.*keyfile-offset=4096' /etc/crypttab && busctl call {MANAGER} Reload")
+    await poll(g, "cryptlockctl devices --json",
+               lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get("data")
+               == f"keyfile:{key}", 60, "data takes the embedded keyfile now")
+    await data_before(g)
+    notices = g.console_text().count(PROMPT_NOTICE)
+    await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
+    await usable_after(g)
+    rec = await last_cycle(g)
+    assert_complete(rec)
+    assert not [p for p in rec["problems"] if "keyfile" in p], rec["problems"]
+    assert "prompt#2" not in rec["timeline_ms"]
+    assert g.console_text().count(PROMPT_NOTICE) == notices + 1, "more than one prompt"
