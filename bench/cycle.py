@@ -80,8 +80,11 @@ async def protected_cycles(g: Guest, n: int) -> list[tuple[float, dict[str, Any]
         previous = now
         assert_complete(rec)
         out.append((to_suspend, rec))
-        print(f"  cycle: trigger->SUSPEND {to_suspend:.2f} s, arm {rec['arm_seconds']} s",
-              flush=True)
+        t = rec["timeline_ms"]
+        arming = ", ".join(f"{b.removeprefix('helper_')} +{t[b] - t[a]:.0f}" for _, a, b
+                           in INTERVALS[:6] if a in t and b in t)
+        print(f"  cycle: trigger->SUSPEND {to_suspend:.2f} s, arm {rec['arm_seconds']} s "
+              f"(ms: {arming})", flush=True)
     return out
 
 
@@ -127,23 +130,34 @@ async def bench(n: int) -> int:
     try:
         await guest.start()
         g = guest
-        await armed_ready(g)
-        quiet = await protected_cycles(g, n)
-        await g.write_file("/root/writer.py", WRITER.encode())
-        await g.spawn("python3 /root/writer.py", "/root/writer.out")
-        await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60,
-                   "the writer is writing")
-        busy = await protected_cycles(g, n)
-        await g.run("pkill -f /root/writer.py")
-        stock = await stock_cycles(g, n)
-        ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
-        check = (await g.run("cryptlockctl check || true")).stdout
-        kernel = (await g.run("uname -r")).stdout.strip()
-        lib = (await g.run("dpkg-query -W -f='${Version}' libcryptsetup12")).stdout.strip()
+        return await measure(g, img, accel, n)
+    except Exception:
+        if guest.running:
+            journal = await guest.journal(timeout=30)
+            print("---- guest journal, cryptlockd and logind ----")
+            print("\n".join(line for line in journal.splitlines()
+                            if "cryptlockd" in line or "logind" in line or "sleep" in line))
+        raise
     finally:
         await guest.close()
         for disks in (workdir / "disks", workdir / "installed" / "disks"):
             shutil.rmtree(disks, ignore_errors=True)
+
+
+async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> int:
+    await armed_ready(g)
+    quiet = await protected_cycles(g, n)
+    await g.write_file("/root/writer.py", WRITER.encode())
+    await g.spawn("python3 /root/writer.py", "/root/writer.out")
+    await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60,
+               "the writer is writing")
+    busy = await protected_cycles(g, n)
+    await g.run("pkill -f /root/writer.py")
+    stock = await stock_cycles(g, n)
+    ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
+    check = (await g.run("cryptlockctl check || true")).stdout
+    kernel = (await g.run("uname -r")).stdout.strip()
+    lib = (await g.run("dpkg-query -W -f='${Version}' libcryptsetup12")).stdout.strip()
 
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
