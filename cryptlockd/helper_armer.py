@@ -39,13 +39,18 @@ log = logging.getLogger(__name__)
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 # Test hook, root-only: a sleep state to write instead of sleep.conf's (to make the write
 # fail on purpose).
 SLEEP_STATE_OVERRIDE = Path(RUNTIME_DIR) / "debug-sleep-state"
 
 
 class HelperError(CryptlockdError):
-    pass
+    def __init__(self, message: str, dbus_error: str | None = None) -> None:
+        super().__init__(message)
+        self.dbus_error = dbus_error
 
 
 def boottime() -> float:
@@ -141,7 +146,7 @@ class HelperArmer:
         if self._build_error:
             return
         try:
-            await self._systemd("StartUnit")
+            await self._start_unit(time.monotonic() + 10.0)
         except Exception as e:
             log.warning("could not start the helper ahead of time: %s", e)
 
@@ -156,20 +161,53 @@ class HelperArmer:
 
     # -- systemd --------------------------------------------------------------------------
 
-    async def _systemd(self, member: str, mode: str = "replace") -> None:
+    async def _systemd_call(self, path: str, interface: str, member: str, signature: str,
+                            body: list[Any]) -> Message:
         if self._bus is None or not self._bus.connected:
             self._bus = await asyncio.wait_for(
                 MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect(),
                 DBUS_CALL_TIMEOUT,
             )
         reply = await asyncio.wait_for(self._bus.call(Message(
-            destination=SYSTEMD_BUS_NAME, path=SYSTEMD_PATH, interface=SYSTEMD_MANAGER,
-            member=member, signature="ss", body=[self.unit, mode],
+            destination=SYSTEMD_BUS_NAME, path=path, interface=interface,
+            member=member, signature=signature, body=body,
         )), DBUS_CALL_TIMEOUT)
         if reply is None or reply.message_type == MessageType.ERROR:
             detail = reply.body[0] if reply is not None and reply.body else ""
             raise HelperError(f"systemd {member} {self.unit}: "
-                              f"{reply.error_name if reply else 'no reply'} {detail}")
+                              f"{reply.error_name if reply else 'no reply'} {detail}",
+                              reply.error_name if reply else None)
+        return reply
+
+    async def _systemd(self, member: str, mode: str = "replace") -> None:
+        await self._systemd_call(SYSTEMD_PATH, SYSTEMD_MANAGER, member, "ss", [self.unit, mode])
+
+    async def _unit_state(self) -> str:
+        """The helper unit's ActiveState; "inactive" when systemd has not loaded it."""
+        try:
+            reply = await self._systemd_call(SYSTEMD_PATH, SYSTEMD_MANAGER, "GetUnit", "s",
+                                             [self.unit])
+        except HelperError as e:
+            if e.dbus_error == NO_SUCH_UNIT:
+                return "inactive"
+            raise
+        prop = await self._systemd_call(str(reply.body[0]), PROPERTIES_INTERFACE, "Get", "ss",
+                                        [SYSTEMD_UNIT, "ActiveState"])
+        return str(prop.body[0].value)
+
+    async def _start_unit(self, deadline: float) -> None:
+        """StartUnit, once systemd has seen the last helper go. A helper that has just
+        exited no longer accepts connections, but until systemd reaps it the unit is
+        still active, and StartUnit on an active unit does nothing: the next sleep would
+        find no helper and go unprotected. (Seen in the guest: a cycle right after one.)"""
+        while (state := await self._unit_state()) in ("active", "deactivating", "reloading"):
+            if _helper_alive(self.socket_path):
+                return  # a helper runs and listens: nothing to start
+            if time.monotonic() >= deadline:
+                raise HelperError(f"{self.unit} is still {state} although its helper has "
+                                  "exited")
+            await asyncio.sleep(0.05)
+        await self._systemd("StartUnit")
 
     # -- arming ---------------------------------------------------------------------------
 
@@ -195,7 +233,7 @@ class HelperArmer:
         await self._close()
         state, mem_sleep = await asyncio.to_thread(choose_sleep_state)
         if not _helper_alive(self.socket_path):
-            await self._systemd("StartUnit")
+            await self._start_unit(deadline)
         reader, writer = await self._connect(deadline)
         prompt = self.config.prompt
         msg = protocol.arm_message(
