@@ -42,7 +42,7 @@ from cryptlockd.devices import (
     apply_exclude,
     discover_devices,
 )
-from cryptlockd.errors import Busy, ConfigError, CryptlockdError, NoSuchDevice
+from cryptlockd.errors import Busy, ConfigError, CryptlockdError, NoSuchDevice, NotProtected
 from cryptlockd.log import MessageId, event, setup_logging
 from cryptlockd.logind import Logind
 from cryptlockd.notify import Notifier
@@ -324,7 +324,11 @@ class Manager:
         if self.state != State.IDLE:
             raise Busy(f"a sleep is already in progress ({self.state.value})")
         if not self.protected:
-            log.warning("suspend requested by %s while not protected", msg.sender)
+            # The caller asked for a sleep with the keys wiped; one that keeps them is
+            # theirs to ask logind for (systemctl suspend), not ours to give silently.
+            log.warning("suspend requested by %s refused: not protected", msg.sender)
+            raise NotProtected("the next sleep would not wipe the keys: "
+                               + "; ".join(self.problems or ["unknown reason"]))
         log.info("suspend requested by %s", msg.sender,
                  extra=event(MessageId.SUSPEND_REQUESTED, SENDER=msg.sender or ""))
         await self.logind.suspend()

@@ -248,10 +248,15 @@ def test_suspend(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock,
     assert "org.cryptlockd1.Error.NotAuthorized" in proc.stderr
     assert logind.method_calls("Suspend") == []
 
+    # Allowed, but the host daemon is never Protected (no dm-crypt): refused, no sleep.
     polkit.allow(POLKIT_ACTION_SUSPEND)
     proc = ctl(system_bus, "suspend")
-    assert (proc.returncode, proc.stderr) == (0, "")
-    assert len(logind.method_calls("Suspend")) == 1
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("cryptlockctl: Suspend failed: "
+                                  "org.cryptlockd1.Error.NotProtected: the next sleep would "
+                                  "not wipe the keys: ")
+    assert proc.stderr.count("\n") == 1
+    assert logind.method_calls("Suspend") == []
 
 
 class LineReader:

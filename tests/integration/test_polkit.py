@@ -18,15 +18,21 @@ POLKIT_TIMEOUT = 2.0
 
 
 @pytest.mark.asyncio
-async def test_suspend_allowed_asks_logind(
+async def test_suspend_allowed_but_not_protected_is_refused(
     logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, client: MessageBus
 ) -> None:
+    # The host has no dm-crypt, so the daemon here is never Protected: polkit lets the
+    # call through, and the protection check refuses it without asking logind. (The
+    # protected path, Suspend -> logind -> a full cycle, runs in the guest: test_cycle.)
     start_daemon()
     polkit.allow(POLKIT_ACTION_SUSPEND)
     manager = await manager_proxy(client)
-    await manager.call_suspend()  # type: ignore[attr-defined]
-    calls = logind.method_calls("Suspend")
-    assert [list(args) for _ts, args in calls] == [[False]]
+    assert await get_property(client, "Protected") is False
+    with pytest.raises(DBusError) as e:
+        await manager.call_suspend()  # type: ignore[attr-defined]
+    assert e.value.type == "org.cryptlockd1.Error.NotProtected"
+    assert "would not wipe the keys" in str(e.value.text)
+    assert logind.method_calls("Suspend") == []
     # The subject is the caller's unique name from the message header.
     [(_ts, (subject, action, _details, flags, _cancel))] = \
         polkit.method_calls("CheckAuthorization")

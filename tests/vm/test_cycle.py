@@ -166,6 +166,9 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(
           f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}")
 
     # 2. busctl Suspend, three wrong passphrases first: the devices stay suspended.
+    # (Suspend refuses unless Protected, which the daemon says again once it holds its
+    # new delay lock.)
+    await armed_ready(g)
     wrong = ["wrong-one", "Wrong-Two", "nope3"]
     to_suspend = await run_cycle(
         g, [*wrong, layout.PASSPHRASE],
