@@ -105,6 +105,17 @@ class Device:
         self.last_keyslot = CRYPT_ANY_SLOT
         self.slots = self.active_keyslots()
 
+    def reload(self) -> None:
+        """Reads the header again. After the sleep, so that resume uses the keyslots on
+        disk now, not those of when the (idle) helper loaded it. Reads the backing disk
+        only, which is not suspended; keeps the old handle if that fails."""
+        fresh = ctypes.c_void_p()
+        rc = self.library.lib.crypt_init_by_name(ctypes.byref(fresh), self._bname)
+        self.library._check("crypt_init_by_name", self.name, rc)
+        self.library.lib.crypt_free(self.cd)
+        self.cd = fresh
+        self.slots = self.active_keyslots()
+
     def luks_type(self) -> str:
         t = self.library.lib.crypt_get_type(self.cd)
         return t.decode() if t else ""

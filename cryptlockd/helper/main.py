@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from cryptlockd.helper import cgroups, power, protocol, verify
+from cryptlockd.helper import cgroups, mappings, power, protocol, verify
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
 from cryptlockd.helper.libcryptsetup import Device, Library
 from cryptlockd.helper.record import CycleRecord
@@ -162,6 +162,15 @@ class SystemOps:
     def release_reserve(self) -> None:
         self.h.reserve.release()
 
+    def refresh_headers(self, devices: list[str]) -> list[str]:
+        problems = []
+        for name in devices:
+            try:
+                self.h.devices[name].reload()
+            except Exception as e:
+                problems.append(f"re-reading the header of {name}: {e}")
+        return problems
+
     def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
         t = self.h.terminal
         notice_console(f"cryptlockd: disks locked; passphrase prompt on VT {t.number} "
@@ -200,6 +209,8 @@ class Helper:
     def __init__(self) -> None:
         self.library: Library | None = None
         self.devices: dict[str, Device] = {}
+        # Loaded while idle (preload), by dm name, with the dm UUID they were loaded under.
+        self.preloaded: dict[str, tuple[str, Device]] = {}
         self.plan: list[DevicePlan] = []
         self._terminal: Terminal | None = None
         self.reserve = Reserve(0)
@@ -212,6 +223,43 @@ class Helper:
         self.record = CycleRecord([])
         self.daemon: socket.socket | None = None
         self.in_cycle = False
+
+    def preload(self) -> None:
+        """Opens every LUKS mapping while idle: reading headers at arm time queues behind
+        a busy writer's I/O, and logind waits for the arm. The headers are read again
+        after the sleep (SystemOps.refresh_headers), before any resume."""
+        assert self.library is not None
+        for name, uuid in mappings.luks_mappings().items():
+            try:
+                self.preloaded[name] = (uuid, Device(self.library, name))
+            except Exception as e:
+                log(4, f"preloading {name}: {e} (it is opened when armed instead)")
+
+    def _take_devices(self, names: list[str]) -> dict[str, Device]:
+        """The plan's devices: preloaded ones if the mapping is still the same (by dm UUID,
+        from sysfs), freshly opened otherwise. Raises if one cannot be opened."""
+        assert self.library is not None
+        current = mappings.luks_mappings()
+        old = {**{n: ("", d) for n, d in self.devices.items()}, **self.preloaded}
+        self.preloaded, self.devices = {}, {}
+        taken: dict[str, Device] = {}
+        try:
+            for name in names:
+                uuid, dev = old.pop(name, ("", None))
+                if dev is not None and uuid and uuid == current.get(name):
+                    taken[name] = dev
+                else:
+                    if dev is not None:
+                        dev.free()
+                    taken[name] = Device(self.library, name)
+        except BaseException:
+            for dev in taken.values():
+                dev.free()
+            raise
+        finally:
+            for _, dev in old.values():
+                dev.free()
+        return taken
 
     @property
     def terminal(self) -> Terminal:
@@ -232,14 +280,11 @@ class Helper:
             cgroups.plan_freeze(cgroups.CGROUP_ROOT, cgroups.own_cgroup(f.read()))
         if self.library is None:
             self.library = Library()
-        for dev in self.devices.values():
-            dev.free()
-        self.devices = {}
         self.plan = [DevicePlan(d["name"], d["key_source"], int(d.get("keyfile_size", 0)),
                                 int(d.get("keyfile_offset", 0))) for d in msg["devices"]]
+        self.devices = self._take_devices([p.name for p in self.plan])
         hints = msg.get("keyslots") or {}
         for p in self.plan:
-            self.devices[p.name] = Device(self.library, p.name)
             if isinstance(hints.get(p.name), int):
                 self.devices[p.name].last_keyslot = hints[p.name]
         self.record.step("helper_devices_loaded")
@@ -457,8 +502,9 @@ def main(argv: list[str]) -> int:
         os.umask(old)
     listener.listen(4)
     helper = Helper()
-    # Loaded now, while idle: arming then only opens the devices.
+    # Loaded now, while idle: arming then has no library to load and no header to read.
     helper.library = Library()
+    helper.preload()
     try:
         return serve(helper, listener)
     finally:

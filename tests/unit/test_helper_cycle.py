@@ -67,6 +67,10 @@ class FakeOps:
         secret.length = len(phrase)
         return True
 
+    def refresh_headers(self, devices: list[str]) -> list[str]:
+        self.calls.append("refresh:" + ",".join(devices))
+        return []
+
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         ok = bytes(secret.buf[: secret.length]) == GOOD
         if ok:
@@ -103,7 +107,8 @@ def test_full_cycle_order() -> None:
     rec = cycle(ops)
     assert ops.calls == [
         "freeze", "sync", "sync_on_suspend=0", "suspend:nested", "suspend:root", "suspend:data",
-        "sleep", "release_reserve", "prompt:root,nested", "resume:root", "resume:nested",
+        "sleep", "release_reserve", "refresh:data,root,nested", "prompt:root,nested",
+        "resume:root", "resume:nested",
         "keyfile:data:/etc/keys/data.key", "sync_on_suspend=1", "thaw:/user.slice,/system.slice",
     ]
     assert rec.success and rec.slept and rec.reason == ""
@@ -136,10 +141,21 @@ def test_power_off_after_n_failures() -> None:
 def test_failed_sleep_write_goes_straight_to_prompt() -> None:
     ops = FakeOps([GOOD], sleep_fails=True)
     rec = cycle(ops)
-    assert ops.calls[ops.calls.index("sleep") + 1:ops.calls.index("sleep") + 3] == [
-        "release_reserve", "prompt:root,nested"]
+    assert ops.calls[ops.calls.index("sleep") + 1:ops.calls.index("sleep") + 4] == [
+        "release_reserve", "refresh:data,root,nested", "prompt:root,nested"]
     assert not rec.success and not rec.slept and "EBUSY" in rec.reason
     assert ops.calls[-1].startswith("thaw") and ops.sync_on_suspend == "1"
+
+
+def test_headers_are_read_again_before_any_resume_and_a_failure_is_a_problem() -> None:
+    ops = FakeOps([GOOD])
+    ops.refresh_headers = lambda devices: [  # type: ignore[method-assign]
+        "re-reading the header of data: EIO"]
+    rec = cycle(ops)
+    assert rec.success  # the header loaded before the sleep still serves
+    assert "re-reading the header of data: EIO" in rec.problems
+    t = rec.as_dict()["timeline_ms"]
+    assert t["woke"] <= t["headers_reloaded"] <= t["prompt"]
 
 
 def test_freeze_timeout_touches_no_device_and_thaws() -> None:
