@@ -152,7 +152,8 @@ async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> 
     await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60,
                "the writer is writing")
     busy = await protected_cycles(g, n)
-    await g.run("pkill -f /root/writer.py")
+    # The pattern must not match the shell that runs pkill itself.
+    await g.run("pkill -f 'python3 /root/[w]riter.py'")
     stock = await stock_cycles(g, n)
     ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
     check = (await g.run("cryptlockctl check || true")).stdout
