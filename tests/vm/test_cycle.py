@@ -101,13 +101,16 @@ def assert_complete(rec: dict[str, Any]) -> dict[str, float]:
     assert rec["success"] is True, rec
     assert set(rec["suspended"]) == {layout.ROOT_DM_NAME, layout.DATA_DM_NAME}
     assert set(rec["resumed"]) == set(rec["suspended"])
+    # The headers loaded while idle were read again after wake, before any resume.
+    assert not [p for p in rec["problems"] if "header" in p], rec["problems"]
     for dm in rec["suspended"]:
         assert rec["verification"][dm]["dm_table_key"] == "zeroed", rec["verification"]
         assert rec["verification"][dm]["dm_suspended"] == "yes"
     timeline: dict[str, float] = rec["timeline_ms"]
     order = ["arm_requested", "armed", "begin", "vt_switched", "freeze_start", "frozen",
              "synced", "sync_on_suspend_off", f"suspended:{layout.DATA_DM_NAME}",
-             "verified", "sleep_write", "woke", "prompt", "passphrase_entered",
+             "verified", "sleep_write", "woke", "headers_reloaded", "prompt",
+             "passphrase_entered",
              f"resumed:{layout.ROOT_DM_NAME}", f"resumed:{layout.DATA_DM_NAME}", "thawed",
              "vt_switched_back", "finished"]
     missing = [s for s in order if s not in timeline]
