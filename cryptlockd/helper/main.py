@@ -240,8 +240,9 @@ class Helper:
         from sysfs), freshly opened otherwise. Raises if one cannot be opened."""
         assert self.library is not None
         current = mappings.luks_mappings()
-        old = {**{n: ("", d) for n, d in self.devices.items()}, **self.preloaded}
-        self.preloaded, self.devices = {}, {}
+        for stale in self.devices.values():  # from an earlier arm: never reused
+            stale.free()
+        old, self.preloaded, self.devices = self.preloaded, {}, {}
         taken: dict[str, Device] = {}
         try:
             for name in names:
