@@ -56,6 +56,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: deps $(VENV)/.stamp
 
 lint: venv
+	$(VENV)/bin/ruff format --check cryptlockd tests bench
 	$(VENV)/bin/ruff check cryptlockd tests bench
 	$(VENV)/bin/mypy --strict cryptlockd
 

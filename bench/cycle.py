@@ -49,8 +49,11 @@ INTERVALS = [
     ("verified -> sleep write", "verified", "sleep_write"),
     ("woke -> prompt", "woke", "prompt"),
     ("passphrase entered -> root resumed", "passphrase_entered", f"resumed:{layout.ROOT_DM_NAME}"),
-    ("root resumed -> data resumed (keyfile)", f"resumed:{layout.ROOT_DM_NAME}",
-     f"resumed:{layout.DATA_DM_NAME}"),
+    (
+        "root resumed -> data resumed (keyfile)",
+        f"resumed:{layout.ROOT_DM_NAME}",
+        f"resumed:{layout.DATA_DM_NAME}",
+    ),
     ("data resumed -> thawed", f"resumed:{layout.DATA_DM_NAME}", "thawed"),
     ("thawed -> finished", "thawed", "finished"),
 ]
@@ -59,7 +62,7 @@ INTERVALS = [
 def stats(values: Sequence[float]) -> str:
     if not values:
         return "n/a | n/a | n/a"
-    return (f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f}")
+    return f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f}"
 
 
 async def protected_cycles(g: Guest, n: int) -> list[tuple[float, dict[str, Any]]]:
@@ -81,10 +84,16 @@ async def protected_cycles(g: Guest, n: int) -> list[tuple[float, dict[str, Any]
         assert_complete(rec)
         out.append((to_suspend, rec))
         t = rec["timeline_ms"]
-        arming = ", ".join(f"{b.removeprefix('helper_')} +{t[b] - t[a]:.0f}" for _, a, b
-                           in INTERVALS[:6] if a in t and b in t)
-        print(f"  cycle: trigger->SUSPEND {to_suspend:.2f} s, arm {rec['arm_seconds']} s "
-              f"(ms: {arming})", flush=True)
+        arming = ", ".join(
+            f"{b.removeprefix('helper_')} +{t[b] - t[a]:.0f}"
+            for _, a, b in INTERVALS[:6]
+            if a in t and b in t
+        )
+        print(
+            f"  cycle: trigger->SUSPEND {to_suspend:.2f} s, arm {rec['arm_seconds']} s "
+            f"(ms: {arming})",
+            flush=True,
+        )
     return out
 
 
@@ -107,12 +116,17 @@ async def stock_cycles(g: Guest, n: int) -> list[float]:
 def report(scenario: str, cycles: list[tuple[float, dict[str, Any]]]) -> None:
     print(f"\n### {scenario} ({len(cycles)} cycles)\n")
     print("| figure (s) | median | min | max |\n| --- | --- | --- | --- |")
-    print(f"| **delay-lock close (arm_seconds)** | "
-          f"{stats([float(r['arm_seconds']) for _, r in cycles])} |")
+    print(
+        f"| **delay-lock close (arm_seconds)** | "
+        f"{stats([float(r['arm_seconds']) for _, r in cycles])} |"
+    )
     print(f"| trigger -> QMP SUSPEND | {stats([t for t, _ in cycles])} |")
     for label, a, b in INTERVALS:
-        values = [(r["timeline_ms"][b] - r["timeline_ms"][a]) / 1000 for _, r in cycles
-                  if a in r["timeline_ms"] and b in r["timeline_ms"]]
+        values = [
+            (r["timeline_ms"][b] - r["timeline_ms"][a]) / 1000
+            for _, r in cycles
+            if a in r["timeline_ms"] and b in r["timeline_ms"]
+        ]
         print(f"| {label} | {stats(values)} |")
 
 
@@ -125,8 +139,9 @@ async def bench(n: int) -> int:
     if not layer.ok:
         print(f"make install failed in the guest:\n{layer.log[-4000:]}")
         return 1
-    guest = Guest(img, layer.disks.overlay(workdir / "disks"), workdir / "guest", accel,
-                  name="bench")
+    guest = Guest(
+        img, layer.disks.overlay(workdir / "disks"), workdir / "guest", accel, name="bench"
+    )
     try:
         await guest.start()
         g = guest
@@ -135,8 +150,13 @@ async def bench(n: int) -> int:
         if guest.running:
             journal = await guest.journal(timeout=30)
             print("---- guest journal, cryptlockd and logind ----")
-            print("\n".join(line for line in journal.splitlines()
-                            if "cryptlockd" in line or "logind" in line or "sleep" in line))
+            print(
+                "\n".join(
+                    line
+                    for line in journal.splitlines()
+                    if "cryptlockd" in line or "logind" in line or "sleep" in line
+                )
+            )
         raise
     finally:
         await guest.close()
@@ -149,8 +169,9 @@ async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> 
     quiet = await protected_cycles(g, n)
     await g.write_file("/root/writer.py", WRITER.encode())
     await g.spawn("python3 /root/writer.py", "/root/writer.out")
-    await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60,
-               "the writer is writing")
+    await poll(
+        g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60, "the writer is writing"
+    )
     busy = await protected_cycles(g, n)
     # The pattern must not match the shell that runs pkill itself.
     await g.run("pkill -f 'python3 /root/[w]riter.py'")
@@ -160,22 +181,33 @@ async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> 
     kernel = (await g.run("uname -r")).stdout.strip()
     lib = (await g.run("dpkg-query -W -f='${Version}' libcryptsetup12")).stdout.strip()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    print(f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Debian {img.suite} "
-          f"guest (kernel {kernel}, libcryptsetup {lib})\n")
-    print(f"Host: {os.cpu_count()} cores ({cpu}), kernel {platform.release()}; QEMU "
-          f"{accel.upper()}, {layout.GUEST_MEMORY_MIB} MiB guest; `python -m bench.cycle`.")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    print(
+        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Debian {img.suite} "
+        f"guest (kernel {kernel}, libcryptsetup {lib})\n"
+    )
+    print(
+        f"Host: {os.cpu_count()} cores ({cpu}), kernel {platform.release()}; QEMU "
+        f"{accel.upper()}, {layout.GUEST_MEMORY_MIB} MiB guest; `python -m bench.cycle`."
+    )
     print("Timeline figures are intervals between cycle-record steps (CLOCK_BOOTTIME).")
     report("systemctl suspend, quiet guest", quiet)
     report("systemctl suspend, busy fsync writer on the encrypted root", busy)
     print(f"\n### Stock systemd-sleep, daemon stopped ({len(stock)} sleeps)\n")
     print(f"| trigger -> QMP SUSPEND (s) | {stats(stock)} |\n| --- | --- |")
     helper = quiet[-1][1].get("helper", {})
-    print(f"\nRAM filesystem: {int(ramfs) / 1024:.1f} MiB (target 48 MiB). Helper while armed: "
-          f"VmLck {helper.get('VmLck')}, VmRSS {helper.get('VmRSS')}, KDF reserve "
-          f"{quiet[-1][1].get('kdf_reserve_kib')} KiB.")
+    print(
+        f"\nRAM filesystem: {int(ramfs) / 1024:.1f} MiB (target 48 MiB). Helper while armed: "
+        f"VmLck {helper.get('VmLck')}, VmRSS {helper.get('VmRSS')}, KDF reserve "
+        f"{quiet[-1][1].get('kdf_reserve_kib')} KiB."
+    )
     print("`cryptlockctl check` in the guest:\n")
     print("\n".join(f"    {line}" for line in check.rstrip().splitlines()))
     return 0

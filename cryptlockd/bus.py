@@ -58,13 +58,21 @@ async def call(
 ) -> Message:
     """One method call with a deadline; an error reply becomes RemoteError."""
     what = f"{destination} {interface}.{member}"
-    msg = Message(destination=destination, path=path, interface=interface, member=member,
-                  signature=signature, body=list(body), flags=flags)
+    msg = Message(
+        destination=destination,
+        path=path,
+        interface=interface,
+        member=member,
+        signature=signature,
+        body=list(body),
+        flags=flags,
+    )
     try:
         reply = await asyncio.wait_for(bus.call(msg), timeout)
     except TimeoutError:
-        raise RemoteError(what, "org.freedesktop.DBus.Error.Timeout",
-                          f"no reply within {timeout} s") from None
+        raise RemoteError(
+            what, "org.freedesktop.DBus.Error.Timeout", f"no reply within {timeout} s"
+        ) from None
     except (OSError, EOFError, ConnectionError) as e:
         raise RemoteError(what, "org.freedesktop.DBus.Error.Disconnected", str(e)) from e
     if reply is None:
@@ -76,8 +84,16 @@ async def call(
 
 
 async def add_match(bus: MessageBus, rule: str, timeout: float) -> None:
-    await call(bus, destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME,
-               member="AddMatch", signature="s", body=[rule], timeout=timeout)
+    await call(
+        bus,
+        destination=DBUS_NAME,
+        path=DBUS_PATH,
+        interface=DBUS_NAME,
+        member="AddMatch",
+        signature="s",
+        body=[rule],
+        timeout=timeout,
+    )
 
 
 def to_variant(value: Any) -> Variant:
@@ -149,9 +165,11 @@ class ExportedObject:
     def _standard_node() -> Node:
         # dbus-fast's default node also lists ObjectManager, which this object is not.
         node = Node.default()
-        node.interfaces = [i for i in node.interfaces
-                           if i.name in (INTROSPECTABLE_INTERFACE, PROPERTIES_INTERFACE,
-                                         PEER_INTERFACE)]
+        node.interfaces = [
+            i
+            for i in node.interfaces
+            if i.name in (INTROSPECTABLE_INTERFACE, PROPERTIES_INTERFACE, PEER_INTERFACE)
+        ]
         return node
 
     def _build_introspection(self) -> str:
@@ -164,7 +182,7 @@ class ExportedObject:
         prefix = path.rstrip("/") + "/"
         if not self._path.startswith(prefix):
             return None
-        child = self._path[len(prefix):].split("/")[0]
+        child = self._path[len(prefix) :].split("/")[0]
         node = self._standard_node()
         node.nodes.append(Node(child))
         return str(node.tostring())
@@ -181,13 +199,21 @@ class ExportedObject:
 
     def emit_properties_changed(self, names: Sequence[str]) -> None:
         changed = {n: Variant(self._property_types[n], self._get_property(n)) for n in names}
-        self._bus.send(Message.new_signal(self._path, PROPERTIES_INTERFACE, "PropertiesChanged",
-                                          "sa{sv}as", [self.interface.name, changed, []]))
+        self._bus.send(
+            Message.new_signal(
+                self._path,
+                PROPERTIES_INTERFACE,
+                "PropertiesChanged",
+                "sa{sv}as",
+                [self.interface.name, changed, []],
+            )
+        )
 
     def emit_signal(self, member: str, body: list[Any]) -> None:
         sig = next(s for s in self.interface.signals if s.name == member)
-        self._bus.send(Message.new_signal(self._path, self.interface.name, member,
-                                          sig.signature, body))
+        self._bus.send(
+            Message.new_signal(self._path, self.interface.name, member, sig.signature, body)
+        )
 
     # --- incoming ------------------------------------------------------------------
 
@@ -221,9 +247,11 @@ class ExportedObject:
         if method is None:
             return _error(msg, ERR_UNKNOWN_METHOD, f"no method {msg.member}")
         if msg.signature != method.in_signature:
-            return _error(msg, ERR_INVALID_ARGS,
-                          f"{method.name} takes ({method.in_signature}), "
-                          f"got ({msg.signature})")
+            return _error(
+                msg,
+                ERR_INVALID_ARGS,
+                f"{method.name} takes ({method.in_signature}), got ({msg.signature})",
+            )
         if len(self._tasks) >= self._max_pending:
             return _error(msg, ERR_LIMITS_EXCEEDED, "too many calls in progress")
         task = asyncio.get_running_loop().create_task(self._dispatch(method, msg))
@@ -250,8 +278,11 @@ class ExportedObject:
             if body[0] != self.interface.name or body[1] not in self._property_types:
                 return _error(msg, ERR_UNKNOWN_PROPERTY, f"no property {body[1]}")
             return _error(msg, ERR_PROPERTY_READ_ONLY, f"{body[1]} is read-only")
-        return _error(msg, ERR_UNKNOWN_METHOD if member not in ("Get", "GetAll", "Set")
-                      else ERR_INVALID_ARGS, f"bad call {member}({sig})")
+        return _error(
+            msg,
+            ERR_UNKNOWN_METHOD if member not in ("Get", "GetAll", "Set") else ERR_INVALID_ARGS,
+            f"bad call {member}({sig})",
+        )
 
     async def _dispatch(self, method: Method, msg: Message) -> None:
         async with self._running:
@@ -265,8 +296,9 @@ class ExportedObject:
                 raise
             except Exception:
                 log.exception("%s from %s failed", method.name, msg.sender)
-                reply = _error(msg, CryptlockdError.dbus_name,
-                               f"{method.name} failed; see the journal")
+                reply = _error(
+                    msg, CryptlockdError.dbus_name, f"{method.name} failed; see the journal"
+                )
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return
         try:

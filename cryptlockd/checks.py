@@ -52,8 +52,9 @@ def check_cgroup2(cgroup_root: Path) -> CheckResult:
     # The helper freezes cgroups with cgroup.freeze, which only the unified hierarchy has.
     if _exists(cgroup_root / "cgroup.controllers"):
         return CheckResult("cgroup-v2", True, f"unified cgroup hierarchy at {cgroup_root}")
-    return CheckResult("cgroup-v2", False,
-                       f"no cgroup v2 hierarchy at {cgroup_root}: cannot freeze tasks")
+    return CheckResult(
+        "cgroup-v2", False, f"no cgroup v2 hierarchy at {cgroup_root}: cannot freeze tasks"
+    )
 
 
 def check_sync_on_suspend(sysfs: Path) -> CheckResult:
@@ -61,8 +62,11 @@ def check_sync_on_suspend(sysfs: Path) -> CheckResult:
     path = sysfs / "power" / "sync_on_suspend"
     if _exists(path):
         return CheckResult("sync-on-suspend", True, f"{path} present")
-    return CheckResult("sync-on-suspend", False,
-                       f"{path} missing (kernel older than 5.6?): suspend would hang in sync")
+    return CheckResult(
+        "sync-on-suspend",
+        False,
+        f"{path} missing (kernel older than 5.6?): suspend would hang in sync",
+    )
 
 
 def check_suspend_to_ram(sysfs: Path) -> CheckResult:
@@ -73,20 +77,24 @@ def check_suspend_to_ram(sysfs: Path) -> CheckResult:
         return CheckResult("suspend-to-ram", False, f"cannot read {path}: {e.strerror}")
     if "mem" in states:
         return CheckResult("suspend-to-ram", True, f"{path}: {' '.join(states)}")
-    return CheckResult("suspend-to-ram", False,
-                       f"the kernel offers no suspend-to-RAM ({path}: {' '.join(states)})")
+    return CheckResult(
+        "suspend-to-ram", False, f"the kernel offers no suspend-to-RAM ({path}: {' '.join(states)})"
+    )
 
 
 def check_logind(owner: str | None, inhibitor_held: bool, sleeping: bool) -> CheckResult:
     if owner is None:
         return CheckResult("logind", False, "logind (org.freedesktop.login1) is not on the bus")
     if sleeping:
-        return CheckResult("logind", True,
-                           f"logind at {owner}; inhibitor released for the sleep in progress")
+        return CheckResult(
+            "logind", True, f"logind at {owner}; inhibitor released for the sleep in progress"
+        )
     if not inhibitor_held:
-        return CheckResult("logind", False,
-                           f"logind at {owner}, but we hold no delay inhibitor: "
-                           "a suspend would not wait for us")
+        return CheckResult(
+            "logind",
+            False,
+            f"logind at {owner}, but we hold no delay inhibitor: a suspend would not wait for us",
+        )
     return CheckResult("logind", True, f"logind at {owner}; delay inhibitor held")
 
 
@@ -95,17 +103,25 @@ def check_inhibit_delay(delay_max_usec: int | None, arm_timeout_sec: float) -> C
     # longer loses the race and the machine sleeps unprotected. Not blocking: arming
     # usually takes well under a second.
     if delay_max_usec is None:
-        return CheckResult("inhibit-delay", True, "logind's InhibitDelayMaxSec unknown",
-                           blocking=False)
+        return CheckResult(
+            "inhibit-delay", True, "logind's InhibitDelayMaxSec unknown", blocking=False
+        )
     delay = delay_max_usec / 1e6
     if delay >= arm_timeout_sec:
-        return CheckResult("inhibit-delay", True,
-                           f"logind waits up to {delay:g} s; arming may take {arm_timeout_sec:g} s",
-                           blocking=False)
-    return CheckResult("inhibit-delay", False,
-                       f"logind's InhibitDelayMaxSec={delay:g}s is shorter than "
-                       f"cycle.arm_timeout_sec={arm_timeout_sec:g}: a slow arm would lose "
-                       "the race and the machine would sleep unprotected", blocking=False)
+        return CheckResult(
+            "inhibit-delay",
+            True,
+            f"logind waits up to {delay:g} s; arming may take {arm_timeout_sec:g} s",
+            blocking=False,
+        )
+    return CheckResult(
+        "inhibit-delay",
+        False,
+        f"logind's InhibitDelayMaxSec={delay:g}s is shorter than "
+        f"cycle.arm_timeout_sec={arm_timeout_sec:g}: a slow arm would lose "
+        "the race and the machine would sleep unprotected",
+        blocking=False,
+    )
 
 
 def check_devices(devices: Sequence[LuksDevice], excluded: Sequence[str] = ()) -> CheckResult:
@@ -128,17 +144,21 @@ def check_sleep_dropin(root: Path) -> CheckResult:
     found = find_sleep_dropin(root)
     if found:
         return CheckResult("sleep-drop-in", True, f"{found} installed")
-    return CheckResult("sleep-drop-in", False,
-                       f"{SLEEP_DROPIN} is not installed in the unit search path: "
-                       "systemd-suspend.service would sleep without us")
+    return CheckResult(
+        "sleep-drop-in",
+        False,
+        f"{SLEEP_DROPIN} is not installed in the unit search path: "
+        "systemd-suspend.service would sleep without us",
+    )
 
 
 def check_config(error: str | None) -> CheckResult:
     # Not blocking: we keep running with the last good config (or the defaults).
     if error is None:
         return CheckResult("config", True, "configuration valid", blocking=False)
-    return CheckResult("config", False, f"{error} (running with the last good settings)",
-                       blocking=False)
+    return CheckResult(
+        "config", False, f"{error} (running with the last good settings)", blocking=False
+    )
 
 
 def check_enabled(enabled: bool) -> CheckResult:
@@ -150,8 +170,9 @@ def check_enabled(enabled: bool) -> CheckResult:
 def check_armer(kind: str) -> CheckResult:
     if kind == "helper":
         return CheckResult("helper", True, "the sleep-cycle helper is available")
-    return CheckResult("helper", False,
-                       f"armer '{kind}' only records the cycle: nothing would be wiped")
+    return CheckResult(
+        "helper", False, f"armer '{kind}' only records the cycle: nothing would be wiped"
+    )
 
 
 def check_helper_ramfs(ok: bool, detail: str) -> CheckResult:
@@ -164,6 +185,7 @@ def check_helper_ramfs(ok: bool, detail: str) -> CheckResult:
 @dataclass(frozen=True)
 class CryptoFacts:
     """What the key-wipe risks depend on: the running kernel and libcryptsetup."""
+
     kernel_release: str
     kernel_keyrings: bool  # /proc/keys exists (CONFIG_KEYS)
     libcryptsetup: str | None  # None: cannot be loaded
@@ -191,49 +213,93 @@ def check_key_risks(facts: CryptoFacts) -> list[CheckResult]:
     kname = f"kernel {facts.kernel_release}"
     out: list[CheckResult] = []
     if not facts.kernel_keyrings:
-        out.append(CheckResult("risk-kernel-keyring", True,
-                               f"{kname} has no key retention service (/proc/keys): the volume "
-                               "key lives only in the dm table, which luksSuspend wipes and "
-                               "cryptlockd checks", blocking=False))
+        out.append(
+            CheckResult(
+                "risk-kernel-keyring",
+                True,
+                f"{kname} has no key retention service (/proc/keys): the volume "
+                "key lives only in the dm table, which luksSuspend wipes and "
+                "cryptlockd checks",
+                blocking=False,
+            )
+        )
     elif kv >= KEYRING_RISK_KERNEL:
-        out.append(CheckResult("risk-kernel-keyring", True,
-                               f"{kname} (6.9 or later) with LUKS2 in keyring mode: a volume key "
-                               "may stay in a kernel keyring after luksSuspend. cryptlockd "
-                               "looks for cryptsetup:<uuid>-d<N> keys after every suspend, "
-                               "invalidates them, checks again, and fails the cycle if one "
-                               "stays", blocking=False))
+        out.append(
+            CheckResult(
+                "risk-kernel-keyring",
+                True,
+                f"{kname} (6.9 or later) with LUKS2 in keyring mode: a volume key "
+                "may stay in a kernel keyring after luksSuspend. cryptlockd "
+                "looks for cryptsetup:<uuid>-d<N> keys after every suspend, "
+                "invalidates them, checks again, and fails the cycle if one "
+                "stays",
+                blocking=False,
+            )
+        )
     elif kv >= DM_CRYPT_KEYRING_KERNEL:
-        out.append(CheckResult("risk-kernel-keyring", True,
-                               f"{kname}: LUKS2 keys go through a kernel keyring on activation; "
-                               "cryptsetup drops its copy, and cryptlockd checks after every "
-                               "suspend that no copy was left (and invalidates leftovers)",
-                               blocking=False))
+        out.append(
+            CheckResult(
+                "risk-kernel-keyring",
+                True,
+                f"{kname}: LUKS2 keys go through a kernel keyring on activation; "
+                "cryptsetup drops its copy, and cryptlockd checks after every "
+                "suspend that no copy was left (and invalidates leftovers)",
+                blocking=False,
+            )
+        )
     else:
-        out.append(CheckResult("risk-kernel-keyring", True,
-                               f"{kname} predates dm-crypt keyring support: the key lives only "
-                               "in the dm table, which luksSuspend wipes and cryptlockd checks",
-                               blocking=False))
+        out.append(
+            CheckResult(
+                "risk-kernel-keyring",
+                True,
+                f"{kname} predates dm-crypt keyring support: the key lives only "
+                "in the dm table, which luksSuspend wipes and cryptlockd checks",
+                blocking=False,
+            )
+        )
     if facts.libcryptsetup is None:
-        out.append(CheckResult("risk-libcryptsetup", False,
-                               "libcryptsetup cannot be loaded: the helper cannot suspend "
-                               "the devices", blocking=False))
+        out.append(
+            CheckResult(
+                "risk-libcryptsetup",
+                False,
+                "libcryptsetup cannot be loaded: the helper cannot suspend the devices",
+                blocking=False,
+            )
+        )
     elif facts.keyring_to_link:
-        out.append(CheckResult("risk-libcryptsetup", True,
-                               f"libcryptsetup {facts.libcryptsetup} can link a volume key "
-                               "into any keyring under any name (--link-vk-to-keyring, "
-                               "crypttab link-volume-key=); cryptlockd only recognises "
-                               "cryptsetup:<uuid>-d<N>, so do not use that option",
-                               blocking=False))
+        out.append(
+            CheckResult(
+                "risk-libcryptsetup",
+                True,
+                f"libcryptsetup {facts.libcryptsetup} can link a volume key "
+                "into any keyring under any name (--link-vk-to-keyring, "
+                "crypttab link-volume-key=); cryptlockd only recognises "
+                "cryptsetup:<uuid>-d<N>, so do not use that option",
+                blocking=False,
+            )
+        )
     else:
-        out.append(CheckResult("risk-libcryptsetup", True,
-                               f"libcryptsetup {facts.libcryptsetup}: volume keys only under "
-                               "cryptsetup:<uuid>-d<N>, which cryptlockd checks", blocking=False))
+        out.append(
+            CheckResult(
+                "risk-libcryptsetup",
+                True,
+                f"libcryptsetup {facts.libcryptsetup}: volume keys only under "
+                "cryptsetup:<uuid>-d<N>, which cryptlockd checks",
+                blocking=False,
+            )
+        )
     if facts.linked_in_crypttab:
-        out.append(CheckResult("risk-linked-volume-key", False,
-                               "crypttab links the volume key of "
-                               f"{', '.join(facts.linked_in_crypttab)} into a keyring "
-                               "(link-volume-key=): that copy survives luksSuspend under a "
-                               "name cryptlockd cannot check", blocking=False))
+        out.append(
+            CheckResult(
+                "risk-linked-volume-key",
+                False,
+                "crypttab links the volume key of "
+                f"{', '.join(facts.linked_in_crypttab)} into a keyring "
+                "(link-volume-key=): that copy survives luksSuspend under a "
+                "name cryptlockd cannot check",
+                blocking=False,
+            )
+        )
     return out
 
 
@@ -248,8 +314,11 @@ def _crypttab_links(crypttab: Path) -> tuple[str, ...]:
     names = []
     for line in lines:
         fields = line.split()
-        if len(fields) >= 4 and not fields[0].startswith("#") and any(
-                o.startswith("link-volume-key=") for o in fields[3].split(",")):
+        if (
+            len(fields) >= 4
+            and not fields[0].startswith("#")
+            and any(o.startswith("link-volume-key=") for o in fields[3].split(","))
+        ):
             names.append(fields[0])
     return tuple(names)
 
@@ -268,14 +337,18 @@ def _libcryptsetup_facts() -> tuple[str | None, bool]:
         return str(fn().decode()), link
     if link:
         return "2.7 or later (by its symbols)", link
-    return ("2.5 or 2.6 (by its symbols)" if hasattr(lib, "crypt_resume_by_token_pin")
-            else "older than 2.5 (by its symbols)"), link
+    return (
+        "2.5 or 2.6 (by its symbols)"
+        if hasattr(lib, "crypt_resume_by_token_pin")
+        else "older than 2.5 (by its symbols)"
+    ), link
 
 
 def crypto_facts(crypttab: Path, proc_keys: Path = Path("/proc/keys")) -> CryptoFacts:
     version, link = _libcryptsetup_facts()
-    return CryptoFacts(os.uname().release, _exists(proc_keys), version, link,
-                       _crypttab_links(crypttab))
+    return CryptoFacts(
+        os.uname().release, _exists(proc_keys), version, link, _crypttab_links(crypttab)
+    )
 
 
 def check_last_cycle(record: Mapping[str, Any]) -> list[CheckResult]:
@@ -290,15 +363,27 @@ def check_last_cycle(record: Mapping[str, Any]) -> list[CheckResult]:
             continue
         ok = v.get("protected", "yes" if v.get("dm_table_key") == "zeroed" else "no") == "yes"
         if not ok:
-            bad.append(f"{dev} (dm table key {v.get('dm_table_key')}, "
-                       f"keyring {v.get('keyring', 'not checked')})")
+            bad.append(
+                f"{dev} (dm table key {v.get('dm_table_key')}, "
+                f"keyring {v.get('keyring', 'not checked')})"
+            )
     if bad:
-        return [CheckResult("last-cycle", False,
-                            "the last sleep did NOT protect " + "; ".join(bad),
-                            blocking=False)]
-    return [CheckResult("last-cycle", True,
-                        f"the last sleep wiped and verified {', '.join(verification)}",
-                        blocking=False)]
+        return [
+            CheckResult(
+                "last-cycle",
+                False,
+                "the last sleep did NOT protect " + "; ".join(bad),
+                blocking=False,
+            )
+        ]
+    return [
+        CheckResult(
+            "last-cycle",
+            True,
+            f"the last sleep wiped and verified {', '.join(verification)}",
+            blocking=False,
+        )
+    ]
 
 
 def evaluate(results: Sequence[CheckResult]) -> tuple[bool, list[str]]:

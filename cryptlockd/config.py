@@ -105,8 +105,7 @@ class Config(BaseModel):
 
     enabled: bool = Field(
         default=True,
-        description="Protect suspend-to-RAM. When false, the machine sleeps without "
-        "wiping keys.",
+        description="Protect suspend-to-RAM. When false, the machine sleeps without wiping keys.",
     )
     # Frozen, so one shared default instance is safe.
     prompt: PromptSettings = PromptSettings()
@@ -148,8 +147,9 @@ def settings_table() -> list[Setting]:
                 )
         else:
             out.append(
-                Setting("", name, field.default, _type_name(field.annotation),
-                        field.description or "")
+                Setting(
+                    "", name, field.default, _type_name(field.annotation), field.description or ""
+                )
             )
     return out
 

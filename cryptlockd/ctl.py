@@ -120,8 +120,9 @@ class Client:
             if e.type in NOT_RUNNING_ERRORS:
                 raise CtlError(NOT_RUNNING) from e
             if e.type.startswith("org.freedesktop.DBus.Error.Spawn."):
-                raise CtlError(f"cryptlockd is not running and could not be started: "
-                               f"{e.text} ({e.type})") from e
+                raise CtlError(
+                    f"cryptlockd is not running and could not be started: {e.text} ({e.type})"
+                ) from e
             text = " ".join(str(e.text).split())  # one line, whatever the daemon sent
             raise CtlError(f"{what} failed: {e.type}: {text}") from e
         except (OSError, EOFError) as e:
@@ -132,20 +133,35 @@ class Client:
         if reply is None:
             raise EOFError("no reply")
         if reply.message_type == MessageType.ERROR:
-            raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed",
-                            str(reply.body[0]) if reply.body else "", reply)
+            raise DBusError(
+                reply.error_name or "org.freedesktop.DBus.Error.Failed",
+                str(reply.body[0]) if reply.body else "",
+                reply,
+            )
         return list(reply.body)
 
     async def properties(self) -> dict[str, Any]:
-        body = await self._await("GetAll", self._raw_call(Message(
-            destination=BUS_NAME, path=OBJECT_PATH, interface=PROPERTIES_INTERFACE,
-            member="GetAll", signature="s", body=[MANAGER_INTERFACE])))
+        body = await self._await(
+            "GetAll",
+            self._raw_call(
+                Message(
+                    destination=BUS_NAME,
+                    path=OBJECT_PATH,
+                    interface=PROPERTIES_INTERFACE,
+                    member="GetAll",
+                    signature="s",
+                    body=[MANAGER_INTERFACE],
+                )
+            ),
+        )
         props: dict[str, Variant] = body[0]
         for name, sig in self.xml_properties.items():
             got = props.get(name)
             if got is not None and got.signature != sig:
-                raise CtlError(f"cryptlockd sent {name} as '{got.signature}', expected '{sig}' "
-                               f"(a cryptlockd of another version?)")
+                raise CtlError(
+                    f"cryptlockd sent {name} as '{got.signature}', expected '{sig}' "
+                    f"(a cryptlockd of another version?)"
+                )
         return {k: v.value for k, v in props.items()}
 
     async def check(self) -> list[tuple[str, bool, str]]:
@@ -153,26 +169,46 @@ class Client:
         return [(str(n), bool(ok), str(d)) for n, ok, d in rows]
 
     async def get_device(self, name: str) -> dict[str, Any]:
-        struct = await self._await(
-            "GetDevice", self.manager.call_get_device(name))  # type: ignore[attr-defined]
+        struct = await self._await("GetDevice", self.manager.call_get_device(name))  # type: ignore[attr-defined]
         return device_dict(struct)
 
     async def privileged(self, method: str, *args: Any) -> None:
         fn = getattr(self.manager, f"call_{method_snake(method)}")
         # Lets polkit ask for a password through an agent in the caller's session.
-        await self._await(method, fn(*args, flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION),
-                          privileged=True)
+        await self._await(
+            method, fn(*args, flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION), privileged=True
+        )
 
     async def name_owner(self, name: str) -> str:
-        body = await self._await("GetNameOwner", self._raw_call(Message(
-            destination=DBUS_INTERFACE, path="/org/freedesktop/DBus", interface=DBUS_INTERFACE,
-            member="GetNameOwner", signature="s", body=[name])))
+        body = await self._await(
+            "GetNameOwner",
+            self._raw_call(
+                Message(
+                    destination=DBUS_INTERFACE,
+                    path="/org/freedesktop/DBus",
+                    interface=DBUS_INTERFACE,
+                    member="GetNameOwner",
+                    signature="s",
+                    body=[name],
+                )
+            ),
+        )
         return str(body[0])
 
     async def add_match(self, rule: str) -> None:
-        await self._await("AddMatch", self._raw_call(Message(
-            destination=DBUS_INTERFACE, path="/org/freedesktop/DBus", interface=DBUS_INTERFACE,
-            member="AddMatch", signature="s", body=[rule])))
+        await self._await(
+            "AddMatch",
+            self._raw_call(
+                Message(
+                    destination=DBUS_INTERFACE,
+                    path="/org/freedesktop/DBus",
+                    interface=DBUS_INTERFACE,
+                    member="AddMatch",
+                    signature="s",
+                    body=[rule],
+                )
+            ),
+        )
 
 
 def method_snake(name: str) -> str:
@@ -226,8 +262,14 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
     header = ("NAME", "TYPE", "BACKING", "ROOT", "SUSPENDED", "KEY", "HOLDERS", "UUID")
     rows = [header] + [
         (
-            d["name"], d["luks_type"], d["backing_device"] or "-", yes_no(d["holds_root"]),
-            yes_no(d["suspended"]), d["key_source"], ",".join(d["holders"]) or "-", d["uuid"],
+            d["name"],
+            d["luks_type"],
+            d["backing_device"] or "-",
+            yes_no(d["holds_root"]),
+            yes_no(d["suspended"]),
+            d["key_source"],
+            ",".join(d["holders"]) or "-",
+            d["uuid"],
         )
         for d in devices
     ]
@@ -239,11 +281,13 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
 
 def format_check(results: list[tuple[str, bool, str]]) -> str:
     width = max((len(n) for n, _, _ in results), default=0)
-    lines = [f"{'ok  ' if ok else 'FAIL'}  {n.ljust(width)}  {d}".rstrip()
-             for n, ok, d in results]
+    lines = [f"{'ok  ' if ok else 'FAIL'}  {n.ljust(width)}  {d}".rstrip() for n, ok, d in results]
     failed = sum(1 for _, ok, _ in results if not ok)
-    lines.append(f"{failed} of {len(results)} checks failed." if failed
-                 else f"All {len(results)} checks passed.")
+    lines.append(
+        f"{failed} of {len(results)} checks failed."
+        if failed
+        else f"All {len(results)} checks passed."
+    )
     return "\n".join(lines)
 
 
@@ -297,8 +341,7 @@ async def cmd_devices(client: Client, args: argparse.Namespace, out: Output) -> 
 
 async def cmd_check(client: Client, args: argparse.Namespace, out: Output) -> int:
     results = await client.check()
-    out.emit(format_check(results),
-             [{"name": n, "ok": ok, "detail": d} for n, ok, d in results])
+    out.emit(format_check(results), [{"name": n, "ok": ok, "detail": d} for n, ok, d in results])
     return 0 if all(ok for _, ok, _ in results) else 1
 
 
@@ -341,30 +384,52 @@ class SignalPrinter:
         if msg.message_type != MessageType.SIGNAL:
             return
         stamp = _now()
-        if (msg.member == "NameOwnerChanged" and msg.sender == DBUS_INTERFACE
-                and msg.interface == DBUS_INTERFACE and msg.body and msg.body[0] == BUS_NAME):
+        if (
+            msg.member == "NameOwnerChanged"
+            and msg.sender == DBUS_INTERFACE
+            and msg.interface == DBUS_INTERFACE
+            and msg.body
+            and msg.body[0] == BUS_NAME
+        ):
             self.owner = str(msg.body[2])
             running = bool(self.owner)
-            self.out.emit(f"{stamp} cryptlockd {'appeared on' if running else 'left'} the bus",
-                          {"time": stamp, "event": "NameOwnerChanged", "running": running})
+            self.out.emit(
+                f"{stamp} cryptlockd {'appeared on' if running else 'left'} the bus",
+                {"time": stamp, "event": "NameOwnerChanged", "running": running},
+            )
             return
         if not self.owner or msg.sender != self.owner or msg.path != OBJECT_PATH:
             return
-        if (msg.member == "PropertiesChanged" and msg.interface == PROPERTIES_INTERFACE
-                and msg.signature == "sa{sv}as" and msg.body[0] == MANAGER_INTERFACE):
+        if (
+            msg.member == "PropertiesChanged"
+            and msg.interface == PROPERTIES_INTERFACE
+            and msg.signature == "sa{sv}as"
+            and msg.body[0] == MANAGER_INTERFACE
+        ):
             changed = status_dict({k: v.value for k, v in msg.body[1].items()})
             invalidated = [str(x) for x in msg.body[2]]
             human = f"{stamp} changed: {format_changes(changed)}"
             if invalidated:
                 human += f" (invalidated: {', '.join(invalidated)})"
-            self.out.emit(human, {"time": stamp, "event": "PropertiesChanged",
-                                  "changed": changed, "invalidated": invalidated})
-        elif (msg.member == "CycleFinished" and msg.interface == MANAGER_INTERFACE
-              and msg.signature == "ba{sv}"):
+            self.out.emit(
+                human,
+                {
+                    "time": stamp,
+                    "event": "PropertiesChanged",
+                    "changed": changed,
+                    "invalidated": invalidated,
+                },
+            )
+        elif (
+            msg.member == "CycleFinished"
+            and msg.interface == MANAGER_INTERFACE
+            and msg.signature == "ba{sv}"
+        ):
             success, record = bool(msg.body[0]), plain(msg.body[1])
-            self.out.emit(f"{stamp} cycle finished: {describe_cycle(record)}",
-                          {"time": stamp, "event": "CycleFinished", "success": success,
-                           "record": record})
+            self.out.emit(
+                f"{stamp} cycle finished: {describe_cycle(record)}",
+                {"time": stamp, "event": "CycleFinished", "success": success, "record": record},
+            )
 
 
 async def cmd_monitor(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -373,22 +438,29 @@ async def cmd_monitor(client: Client, args: argparse.Namespace, out: Output) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    await client.add_match(f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
-                           f"interface='{PROPERTIES_INTERFACE}',member='PropertiesChanged',"
-                           f"arg0='{MANAGER_INTERFACE}'")
-    await client.add_match(f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
-                           f"interface='{MANAGER_INTERFACE}',member='CycleFinished'")
-    await client.add_match(f"type='signal',sender='{DBUS_INTERFACE}',interface='{DBUS_INTERFACE}'"
-                           f",member='NameOwnerChanged',arg0='{BUS_NAME}'")
+    await client.add_match(
+        f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
+        f"interface='{PROPERTIES_INTERFACE}',member='PropertiesChanged',"
+        f"arg0='{MANAGER_INTERFACE}'"
+    )
+    await client.add_match(
+        f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
+        f"interface='{MANAGER_INTERFACE}',member='CycleFinished'"
+    )
+    await client.add_match(
+        f"type='signal',sender='{DBUS_INTERFACE}',interface='{DBUS_INTERFACE}'"
+        f",member='NameOwnerChanged',arg0='{BUS_NAME}'"
+    )
     printer = SignalPrinter(out, await client.name_owner(BUS_NAME))
     client.bus.add_message_handler(printer.handle)
     # Subscribed first, then the snapshot: nothing that happens after this line is missed.
     status = status_dict(await client.properties())
     stamp = _now()
-    out.emit(f"{stamp} status: {format_changes(status)}",
-             {"time": stamp, "event": "status", "properties": status})
-    disconnected = asyncio.ensure_future(
-        client.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    out.emit(
+        f"{stamp} status: {format_changes(status)}",
+        {"time": stamp, "event": "status", "properties": status},
+    )
+    disconnected = asyncio.ensure_future(client.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
     for fut in (disconnected, stopped):
@@ -425,14 +497,23 @@ def positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output (JSON; JSON lines for monitor)")
-    common.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
-                        metavar="SEC", help="give up on a D-Bus call after SEC seconds")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output (JSON; JSON lines for monitor)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=argparse.SUPPRESS,
+        metavar="SEC",
+        help="give up on a D-Bus call after SEC seconds",
+    )
     parser = argparse.ArgumentParser(
-        prog=PROG, parents=[common],
-        description="Query and control cryptlockd, which wipes LUKS keys from RAM across "
-        "suspend.",
+        prog=PROG,
+        parents=[common],
+        description="Query and control cryptlockd, which wipes LUKS keys from RAM across suspend.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -54,24 +54,31 @@ DEFAULT_ARM_TIMEOUT = 3.0
 
 def device_struct(d: LuksDevice) -> list[Any]:
     """(ssssbbsas), in the order the XML documents."""
-    return [list(v) if isinstance(v, tuple) else v
-            for v in (getattr(d, f) for f in BUS_FIELDS)]
+    return [list(v) if isinstance(v, tuple) else v for v in (getattr(d, f) for f in BUS_FIELDS)]
 
 
 class Manager:
     """The daemon's state and the Manager interface's behaviour."""
 
-    def __init__(self, bus: MessageBus, args: argparse.Namespace, armer: Armer,
-                 armer_kind: str, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        bus: MessageBus,
+        args: argparse.Namespace,
+        armer: Armer,
+        armer_kind: str,
+        notifier: Notifier,
+    ) -> None:
         self.bus = bus
         self.root = Path(args.root)
         self.paths = SystemPaths(
-            sysfs=Path(args.sysfs), mountinfo=Path(args.mountinfo),
+            sysfs=Path(args.sysfs),
+            mountinfo=Path(args.mountinfo),
             crypttab=Path(args.crypttab) if args.crypttab else self.root / "etc" / "crypttab",
             dev=Path(args.dev),
         )
-        self.cgroup_root = Path(args.cgroup_root) if args.cgroup_root else (
-            self.paths.sysfs / "fs" / "cgroup")
+        self.cgroup_root = (
+            Path(args.cgroup_root) if args.cgroup_root else (self.paths.sysfs / "fs" / "cgroup")
+        )
         self.polkit_timeout: float = args.polkit_timeout
         self.armer = armer
         self.armer_kind = armer_kind
@@ -89,10 +96,17 @@ class Manager:
         self.cycle_came = False
         self.check_results: list[checks.CheckResult] = []
 
-        self.logind = Logind(bus, on_prepare_for_sleep=self.prepare_for_sleep,
-                             on_change=self.refresh, timeout=DBUS_CALL_TIMEOUT)
+        self.logind = Logind(
+            bus,
+            on_prepare_for_sleep=self.prepare_for_sleep,
+            on_change=self.refresh,
+            timeout=DBUS_CALL_TIMEOUT,
+        )
         self.obj = ExportedObject(
-            bus, OBJECT_PATH, INTROSPECTION_XML.read_text(), self.get_property,
+            bus,
+            OBJECT_PATH,
+            INTROSPECTION_XML.read_text(),
+            self.get_property,
             {
                 "Suspend": self.m_suspend,
                 "SetEnabled": self.m_set_enabled,
@@ -125,8 +139,10 @@ class Manager:
         raise KeyError(name)
 
     def _snapshot(self) -> dict[str, Any]:
-        return {n: self.get_property(n)
-                for n in ("Enabled", "Protected", "Problems", "State", "Devices", "LastCycle")}
+        return {
+            n: self.get_property(n)
+            for n in ("Enabled", "Protected", "Problems", "State", "Devices", "LastCycle")
+        }
 
     def _emit_changes(self, before: dict[str, Any]) -> None:
         after = self._snapshot()
@@ -188,13 +204,15 @@ class Manager:
         except Exception as e:
             # A broken check must not take the daemon down; it just cannot vouch for us.
             log.exception("a self-check failed")
-            self.check_results = [checks.CheckResult("self-checks", False,
-                                                     f"a check failed: {e}")]
+            self.check_results = [checks.CheckResult("self-checks", False, f"a check failed: {e}")]
         protected, problems = checks.evaluate(self.check_results)
         if protected != self.protected or problems != self.problems:
-            log.info("protection: %s%s", "yes" if protected else "no",
-                     "".join(f"\n  {p}" for p in problems),
-                     extra=event(MessageId.PROTECTION_CHANGED, PROTECTED=int(protected)))
+            log.info(
+                "protection: %s%s",
+                "yes" if protected else "no",
+                "".join(f"\n  {p}" for p in problems),
+                extra=event(MessageId.PROTECTION_CHANGED, PROTECTED=int(protected)),
+            )
         self.protected, self.problems = protected, problems
         status = self.status_line()
         if self._started and status != self._status_sent:
@@ -223,9 +241,11 @@ class Manager:
         kept = apply_exclude(found, self.config.devices.exclude)
         self.excluded = [d.name for d in found if d not in kept]
         if kept != self.devices:
-            log.info("LUKS devices: %s", ", ".join(d.name for d in kept) or "(none)",
-                     extra=event(MessageId.DEVICES_CHANGED,
-                                 DEVICES=" ".join(d.name for d in kept)))
+            log.info(
+                "LUKS devices: %s",
+                ", ".join(d.name for d in kept) or "(none)",
+                extra=event(MessageId.DEVICES_CHANGED, DEVICES=" ".join(d.name for d in kept)),
+            )
         self.devices = kept
         self._evaluate()
         self._emit_changes(before)
@@ -236,22 +256,27 @@ class Manager:
             config = load_config(self.root)
         except ConfigError as e:
             self.config_error = str(e)
-            log.error("configuration invalid: %s", e,
-                      extra=event(MessageId.CONFIG_INVALID))
+            log.error("configuration invalid: %s", e, extra=event(MessageId.CONFIG_INVALID))
             raise
         self.config, self.config_error = config, None
         self.enabled = config.enabled
         configure = getattr(self.armer, "configure", None)
         if callable(configure):
             configure(config)
-        log.info("configuration loaded (enabled=%s)", config.enabled,
-                 extra=event(MessageId.CONFIG_LOADED))
+        log.info(
+            "configuration loaded (enabled=%s)",
+            config.enabled,
+            extra=event(MessageId.CONFIG_LOADED),
+        )
 
     # --- the sleep cycle -----------------------------------------------------------
 
     async def prepare_for_sleep(self, start: bool) -> None:
-        log.info("PrepareForSleep(%s)", "true" if start else "false",
-                 extra=event(MessageId.PREPARE_FOR_SLEEP, START=int(start)))
+        log.info(
+            "PrepareForSleep(%s)",
+            "true" if start else "false",
+            extra=event(MessageId.PREPARE_FOR_SLEEP, START=int(start)),
+        )
         if start:
             self.notifier.suspend_watchdog()
             await self._arm()
@@ -267,8 +292,11 @@ class Manager:
         self.cycle_came = False
         if not self.enabled or not self.devices:
             why = "protection disabled" if not self.enabled else "no LUKS device"
-            log.warning("this sleep is NOT protected, the LUKS keys stay in RAM: %s", why,
-                        extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why))
+            log.warning(
+                "this sleep is NOT protected, the LUKS keys stay in RAM: %s",
+                why,
+                extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why),
+            )
             self.logind.release_inhibitor("sleeping unprotected")
             return
         if not self.protected:
@@ -278,20 +306,24 @@ class Manager:
         self.set_state(State.ARMING)
         timeout = self.arm_timeout
         try:
-            await asyncio.wait_for(self.armer.arm(list(self.devices), self.cycle_finished),
-                                   timeout)
+            await asyncio.wait_for(self.armer.arm(list(self.devices), self.cycle_finished), timeout)
         except Exception as e:
             why = f"arming timed out after {timeout} s" if isinstance(e, TimeoutError) else str(e)
-            log.critical("this sleep is NOT protected, the LUKS keys stay in RAM: "
-                         "cannot arm the helper: %s", why,
-                         extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why))
+            log.critical(
+                "this sleep is NOT protected, the LUKS keys stay in RAM: cannot arm the helper: %s",
+                why,
+                extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why),
+            )
             self.logind.release_inhibitor("arming failed")
             self.set_state(State.IDLE)
             return
         self.set_state(State.ARMED)
         self.logind.release_inhibitor("armed")
-        log.info("armed in %.3f s", time.monotonic() - t0,
-                 extra=event(MessageId.ARMED, ARM_SECONDS=f"{time.monotonic() - t0:.3f}"))
+        log.info(
+            "armed in %.3f s",
+            time.monotonic() - t0,
+            extra=event(MessageId.ARMED, ARM_SECONDS=f"{time.monotonic() - t0:.3f}"),
+        )
 
     async def _resumed(self) -> None:
         was = self.state
@@ -311,8 +343,12 @@ class Manager:
         self.last_cycle = dict(record)
         self.last_cycle.setdefault("success", success)
         level = logging.INFO if success else logging.WARNING
-        log.log(level, "cycle finished: %s", "success" if success else "FAILED",
-                extra=event(MessageId.CYCLE_FINISHED, SUCCESS=int(success)))
+        log.log(
+            level,
+            "cycle finished: %s",
+            "success" if success else "FAILED",
+            extra=event(MessageId.CYCLE_FINISHED, SUCCESS=int(success)),
+        )
         self._evaluate()
         self._emit_changes(before)
         self.obj.emit_signal("CycleFinished", [success, to_vardict(record)])
@@ -327,10 +363,15 @@ class Manager:
             # The caller asked for a sleep with the keys wiped; one that keeps them is
             # theirs to ask logind for (systemctl suspend), not ours to give silently.
             log.warning("suspend requested by %s refused: not protected", msg.sender)
-            raise NotProtected("the next sleep would not wipe the keys: "
-                               + "; ".join(self.problems or ["unknown reason"]))
-        log.info("suspend requested by %s", msg.sender,
-                 extra=event(MessageId.SUSPEND_REQUESTED, SENDER=msg.sender or ""))
+            raise NotProtected(
+                "the next sleep would not wipe the keys: "
+                + "; ".join(self.problems or ["unknown reason"])
+            )
+        log.info(
+            "suspend requested by %s",
+            msg.sender,
+            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=msg.sender or ""),
+        )
         await self.logind.suspend()
         return []
 
@@ -412,8 +453,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     armer, kind = choose_armer(args.armer)
     bus = await asyncio.wait_for(
-        MessageBus(bus_type=_system_bus_type(), negotiate_unix_fd=True).connect(),
-        DBUS_CALL_TIMEOUT)
+        MessageBus(bus_type=_system_bus_type(), negotiate_unix_fd=True).connect(), DBUS_CALL_TIMEOUT
+    )
     manager = Manager(bus, args, armer, kind, notifier)
     await manager.start()
 
@@ -421,6 +462,7 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     if not args.no_udev:
         try:
             from cryptlockd.udev_monitor import DeviceMonitor
+
             monitor = DeviceMonitor(manager.load_devices)
             monitor.start(asyncio.get_running_loop())
         except Exception as e:
@@ -428,8 +470,9 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
             monitor = None
 
     try:
-        reply = await asyncio.wait_for(bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE),
-                                       DBUS_CALL_TIMEOUT)
+        reply = await asyncio.wait_for(
+            bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE), DBUS_CALL_TIMEOUT
+        )
     except (DBusError, TimeoutError) as e:
         # AccessDenied: the bus policy lets only root own the name.
         log.error("cannot own %s: %s", BUS_NAME, e)
@@ -446,8 +489,12 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     disconnected.add_done_callback(lambda _t: stop.set())
 
     ramfs_watch = loop.create_task(manager.watch_ramfs())
-    log.info("cryptlockd %s running (armer: %s)", __version__, kind,
-             extra=event(MessageId.STARTED, ARMER=kind))
+    log.info(
+        "cryptlockd %s running (armer: %s)",
+        __version__,
+        kind,
+        extra=event(MessageId.STARTED, ARMER=kind),
+    )
     manager._status_sent = manager.status_line()
     notifier.ready(manager._status_sent)
     notifier.start_watchdog()

@@ -48,8 +48,16 @@ class LuksDevice:
 
 
 # What the D-Bus Devices property carries of a LuksDevice, in the XML's order (ssssbbsas).
-BUS_FIELDS = ("name", "uuid", "luks_type", "backing_device", "holds_root", "suspended",
-              "key_source", "holders")
+BUS_FIELDS = (
+    "name",
+    "uuid",
+    "luks_type",
+    "backing_device",
+    "holds_root",
+    "suspended",
+    "key_source",
+    "holders",
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,7 @@ class CrypttabEntry:
             if name == key:
                 if value.isdigit():
                     return int(value)
-                log.warning("crypttab: %s: %s is not a number of bytes, ignored",
-                            self.name, option)
+                log.warning("crypttab: %s: %s is not a number of bytes, ignored", self.name, option)
         return 0
 
 
@@ -220,8 +227,9 @@ def parse_dm_uuid(dm_uuid: str) -> tuple[str, str] | None:
     return m.group(1), uuid
 
 
-def _walk(nodes: dict[str, BlockNode], start: str, step: Callable[[BlockNode], Iterable[str]]
-          ) -> list[str]:
+def _walk(
+    nodes: dict[str, BlockNode], start: str, step: Callable[[BlockNode], Iterable[str]]
+) -> list[str]:
     """Breadth-first knames reachable from `start` (excluded) through `step`."""
     seen: list[str] = []
     queue = [start]
@@ -246,8 +254,7 @@ def _backing_device(nodes: dict[str, BlockNode], kname: str) -> str:
     return ""
 
 
-def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: Path
-                ) -> str | None:
+def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: Path) -> str | None:
     if root is None:
         return None
     devno, source = root
@@ -258,7 +265,7 @@ def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: 
     # An anonymous device number (btrfs, for one): fall back to the mount source.
     if not source.startswith("/dev/"):
         return None
-    rel = source[len("/dev/"):]
+    rel = source[len("/dev/") :]
     candidate = dev / rel
     try:
         resolved = candidate.resolve(strict=True).name
@@ -268,7 +275,7 @@ def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: 
         return resolved
     if rel.startswith("mapper/"):
         for node in nodes.values():
-            if node.dm_name == rel[len("mapper/"):]:
+            if node.dm_name == rel[len("mapper/") :]:
                 return node.kname
     return rel if rel in nodes else None
 
@@ -292,9 +299,7 @@ def build_devices(
         luks_type, uuid = parsed
         entry = entries.get(node.dm_name)
         above = _walk(nodes, node.kname, lambda n: n.holders)
-        holders = tuple(
-            (nodes[k].dm_name or k) if k in nodes else k for k in above
-        )
+        holders = tuple((nodes[k].dm_name or k) if k in nodes else k for k in above)
         out.append(
             LuksDevice(
                 name=node.dm_name,
@@ -343,9 +348,7 @@ def _ordered(
     pending = list(devices)
     placed: list[LuksDevice] = []
     while pending:
-        ready = [
-            d for d in pending if not any(must_wait_for(d, o) for o in pending if o is not d)
-        ]
+        ready = [d for d in pending if not any(must_wait_for(d, o) for o in pending if o is not d)]
         if not ready:
             placed.extend(sorted(pending, key=priority))
             break

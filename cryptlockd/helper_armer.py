@@ -79,16 +79,25 @@ def device_plan(devices: Sequence[LuksDevice]) -> list[dict[str, str | int]]:
     plan: list[dict[str, str | int]] = []
     for d in suspend_order(devices):
         keyfile = not d.holds_root and d.key_source != "passphrase"
-        plan.append({"name": d.name, "uuid": d.uuid,
-                     "key_source": d.key_source if keyfile else "passphrase",
-                     "keyfile_size": d.keyfile_size if keyfile else 0,
-                     "keyfile_offset": d.keyfile_offset if keyfile else 0})
+        plan.append(
+            {
+                "name": d.name,
+                "uuid": d.uuid,
+                "key_source": d.key_source if keyfile else "passphrase",
+                "keyfile_size": d.keyfile_size if keyfile else 0,
+                "keyfile_offset": d.keyfile_offset if keyfile else 0,
+            }
+        )
     return plan
 
 
 class HelperArmer:
-    def __init__(self, ramfs: Ramfs | None = None, unit: str = protocol.HELPER_UNIT,
-                 socket_path: str = protocol.SOCKET_PATH) -> None:
+    def __init__(
+        self,
+        ramfs: Ramfs | None = None,
+        unit: str = protocol.HELPER_UNIT,
+        socket_path: str = protocol.SOCKET_PATH,
+    ) -> None:
         self.ramfs = ramfs or Ramfs()
         self.unit = unit
         self.socket_path = socket_path
@@ -109,8 +118,9 @@ class HelperArmer:
         self.config = config
         if self._builder is None:
             # Built at start, in the background: a build takes seconds, arming must not.
-            self._builder = threading.Thread(target=self._ensure_ramfs, daemon=True,
-                                             name="ramfs-build")
+            self._builder = threading.Thread(
+                target=self._ensure_ramfs, daemon=True, name="ramfs-build"
+            )
             self._builder.start()
             with contextlib.suppress(RuntimeError):
                 loop = asyncio.get_running_loop()
@@ -122,13 +132,16 @@ class HelperArmer:
             try:
                 # An idle helper stands down when told; a busy one (mid-cycle) does not
                 # answer, and its tree must stay.
-                if (not self.ramfs.current() and _helper_alive(self.socket_path)
-                        and not _stop_idle_helper(self.socket_path)):
-                        raise HelperError("the RAM filesystem is stale, but the helper "
-                                          "running from it is busy")
+                if (
+                    not self.ramfs.current()
+                    and _helper_alive(self.socket_path)
+                    and not _stop_idle_helper(self.socket_path)
+                ):
+                    raise HelperError(
+                        "the RAM filesystem is stale, but the helper running from it is busy"
+                    )
                 if self.ramfs.ensure():
-                    log.info("helper RAM filesystem (re)built: %.1f MiB",
-                             self.ramfs.size / 2**20)
+                    log.info("helper RAM filesystem (re)built: %.1f MiB", self.ramfs.size / 2**20)
                 self._build_error = None
             except Exception as e:
                 self._build_error = str(e)
@@ -156,27 +169,40 @@ class HelperArmer:
             return False, self._build_error
         if not self.ramfs.size:
             return False, "not built yet"
-        return True, (f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB "
-                      f"(target {48} MiB or less)")
+        return True, (
+            f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB (target {48} MiB or less)"
+        )
 
     # -- systemd --------------------------------------------------------------------------
 
-    async def _systemd_call(self, path: str, interface: str, member: str, signature: str,
-                            body: list[Any]) -> Message:
+    async def _systemd_call(
+        self, path: str, interface: str, member: str, signature: str, body: list[Any]
+    ) -> Message:
         if self._bus is None or not self._bus.connected:
             self._bus = await asyncio.wait_for(
                 MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect(),
                 DBUS_CALL_TIMEOUT,
             )
-        reply = await asyncio.wait_for(self._bus.call(Message(
-            destination=SYSTEMD_BUS_NAME, path=path, interface=interface,
-            member=member, signature=signature, body=body,
-        )), DBUS_CALL_TIMEOUT)
+        reply = await asyncio.wait_for(
+            self._bus.call(
+                Message(
+                    destination=SYSTEMD_BUS_NAME,
+                    path=path,
+                    interface=interface,
+                    member=member,
+                    signature=signature,
+                    body=body,
+                )
+            ),
+            DBUS_CALL_TIMEOUT,
+        )
         if reply is None or reply.message_type == MessageType.ERROR:
             detail = reply.body[0] if reply is not None and reply.body else ""
-            raise HelperError(f"systemd {member} {self.unit}: "
-                              f"{reply.error_name if reply else 'no reply'} {detail}",
-                              reply.error_name if reply else None)
+            raise HelperError(
+                f"systemd {member} {self.unit}: "
+                f"{reply.error_name if reply else 'no reply'} {detail}",
+                reply.error_name if reply else None,
+            )
         return reply
 
     async def _systemd(self, member: str, mode: str = "replace") -> None:
@@ -185,14 +211,16 @@ class HelperArmer:
     async def _unit_state(self) -> str:
         """The helper unit's ActiveState; "inactive" when systemd has not loaded it."""
         try:
-            reply = await self._systemd_call(SYSTEMD_PATH, SYSTEMD_MANAGER, "GetUnit", "s",
-                                             [self.unit])
+            reply = await self._systemd_call(
+                SYSTEMD_PATH, SYSTEMD_MANAGER, "GetUnit", "s", [self.unit]
+            )
         except HelperError as e:
             if e.dbus_error == NO_SUCH_UNIT:
                 return "inactive"
             raise
-        prop = await self._systemd_call(str(reply.body[0]), PROPERTIES_INTERFACE, "Get", "ss",
-                                        [SYSTEMD_UNIT, "ActiveState"])
+        prop = await self._systemd_call(
+            str(reply.body[0]), PROPERTIES_INTERFACE, "Get", "ss", [SYSTEMD_UNIT, "ActiveState"]
+        )
         return str(prop.body[0].value)
 
     async def _start_unit(self, deadline: float) -> None:
@@ -204,15 +232,13 @@ class HelperArmer:
             if _helper_alive(self.socket_path):
                 return  # a helper runs and listens: nothing to start
             if time.monotonic() >= deadline:
-                raise HelperError(f"{self.unit} is still {state} although its helper has "
-                                  "exited")
+                raise HelperError(f"{self.unit} is still {state} although its helper has exited")
             await asyncio.sleep(0.05)
         await self._systemd("StartUnit")
 
     # -- arming ---------------------------------------------------------------------------
 
-    async def _connect(self, deadline: float) -> tuple[asyncio.StreamReader,
-                                                       asyncio.StreamWriter]:
+    async def _connect(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         # The helper creates its socket once it runs; a stale socket file refuses.
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -237,10 +263,15 @@ class HelperArmer:
         reader, writer = await self._connect(deadline)
         prompt = self.config.prompt
         msg = protocol.arm_message(
-            device_plan(devices), sleep_state=state, mem_sleep=mem_sleep, vt=prompt.vt,
+            device_plan(devices),
+            sleep_state=state,
+            mem_sleep=mem_sleep,
+            vt=prompt.vt,
             freeze_timeout=self.config.cycle.freeze_timeout_sec,
-            backoff_initial=prompt.backoff_initial_sec, backoff_max=prompt.backoff_max_sec,
-            poweroff_after=prompt.max_failures_before_poweroff, keyslots=self.keyslots,
+            backoff_initial=prompt.backoff_initial_sec,
+            backoff_max=prompt.backoff_max_sec,
+            poweroff_after=prompt.max_failures_before_poweroff,
+            keyslots=self.keyslots,
         )
         writer.write(protocol.encode(msg))
         await writer.drain()
@@ -253,17 +284,26 @@ class HelperArmer:
             writer.close()
             raise HelperError(str(reply.get("reason", reply)))
         self.last_arm_seconds = time.monotonic() - t0
-        log.info("helper armed in %.3f s (VT %s, KDF reserve %s KiB, pid %s)",
-                 self.last_arm_seconds, reply.get("vt"), reply.get("reserve_kib"),
-                 reply.get("pid"))
+        log.info(
+            "helper armed in %.3f s (VT %s, KDF reserve %s KiB, pid %s)",
+            self.last_arm_seconds,
+            reply.get("vt"),
+            reply.get("reserve_kib"),
+            reply.get("pid"),
+        )
         self._conn = (reader, writer)
         daemon_steps = {"arm_requested": b0, "armed": boottime()}
         self._reader_task = asyncio.get_running_loop().create_task(
             self._await_record(reader, on_finished, daemon_steps, reply)
         )
 
-    async def _await_record(self, reader: asyncio.StreamReader, on_finished: CycleCallback,
-                            daemon_steps: dict[str, float], armed: HelperMessage) -> None:
+    async def _await_record(
+        self,
+        reader: asyncio.StreamReader,
+        on_finished: CycleCallback,
+        daemon_steps: dict[str, float],
+        armed: HelperMessage,
+    ) -> None:
         buf = protocol.LineBuffer()
         while True:
             data = await reader.read(65536)
@@ -275,7 +315,8 @@ class HelperArmer:
                     slots = record.get("keyslots")
                     if isinstance(slots, dict):
                         self.keyslots.update(
-                            {str(k): v for k, v in slots.items() if isinstance(v, int)})
+                            {str(k): v for k, v in slots.items() if isinstance(v, int)}
+                        )
                     on_finished(bool(msg["success"]), record)
                     await self._close()
                     await self._restart_idle()
@@ -346,8 +387,12 @@ def _stop_idle_helper(socket_path: str, timeout: float = 5.0) -> bool:
     return False
 
 
-def repair(ramfs_path: Path, socket_path: str, cgroup_root: str = CGROUP_ROOT,
-           sync_file: str = SYNC_ON_SUSPEND) -> list[str]:
+def repair(
+    ramfs_path: Path,
+    socket_path: str,
+    cgroup_root: str = CGROUP_ROOT,
+    sync_file: str = SYNC_ON_SUSPEND,
+) -> list[str]:
     """What a helper that died mid-cycle left behind (it notes both before touching them):
     thaw the cgroups it froze and restore sync_on_suspend. Returns what was repaired."""
     if _helper_alive(socket_path):
@@ -367,21 +412,23 @@ def repair(ramfs_path: Path, socket_path: str, cgroup_root: str = CGROUP_ROOT,
         value = saved.read_text().strip()
         if value and value != "0":
             Path(sync_file).write_text(value)
-            log.warning("repair: restored sync_on_suspend=%s left at 0 by a crashed cycle",
-                        value)
+            log.warning("repair: restored sync_on_suspend=%s left at 0 by a crashed cycle", value)
             done.append(f"sync_on_suspend={value}")
         saved.unlink()
     return done
 
 
-def merge_record(record: dict[str, Any], daemon_steps: dict[str, float],
-                 armed: HelperMessage) -> dict[str, Any]:
+def merge_record(
+    record: dict[str, Any], daemon_steps: dict[str, float], armed: HelperMessage
+) -> dict[str, Any]:
     """Put the daemon's steps (PrepareForSleep, armed) on the helper's timeline."""
     out = dict(record)
     helper_start = float(record.get("started_boottime", 0.0))
     start = min(helper_start, *daemon_steps.values())
-    timeline = {k: round(v + (helper_start - start) * 1000.0, 1)
-                for k, v in dict(record.get("timeline_ms", {})).items()}
+    timeline = {
+        k: round(v + (helper_start - start) * 1000.0, 1)
+        for k, v in dict(record.get("timeline_ms", {})).items()
+    }
     out["started_boottime"] = start
     for name, t in daemon_steps.items():
         timeline[name] = round((t - start) * 1000.0, 1)
@@ -390,5 +437,3 @@ def merge_record(record: dict[str, Any], daemon_steps: dict[str, float],
     out["kdf_reserve_kib"] = armed.get("reserve_kib", 0)
     out["vt"] = armed.get("vt", 0)
     return out
-
-

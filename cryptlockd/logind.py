@@ -68,9 +68,16 @@ class Logind:
             self._timeout,
         )
         try:
-            reply = await call(self._bus, destination=DBUS_NAME, path=DBUS_PATH,
-                               interface=DBUS_NAME, member="GetNameOwner", signature="s",
-                               body=[LOGIND_BUS_NAME], timeout=self._timeout)
+            reply = await call(
+                self._bus,
+                destination=DBUS_NAME,
+                path=DBUS_PATH,
+                interface=DBUS_NAME,
+                member="GetNameOwner",
+                signature="s",
+                body=[LOGIND_BUS_NAME],
+                timeout=self._timeout,
+            )
             owner = str(reply.body[0])
         except RemoteError as e:
             log.warning("logind is not on the bus: %s", e)
@@ -90,21 +97,32 @@ class Logind:
         if self.owner is None:
             return
         try:
-            reply = await call(self._bus, destination=LOGIND_BUS_NAME, path=LOGIND_PATH,
-                               interface=LOGIND_MANAGER_INTERFACE, member="Inhibit",
-                               signature="ssss",
-                               body=["sleep", "cryptlockd", INHIBIT_WHY, "delay"],
-                               timeout=self._timeout)
+            reply = await call(
+                self._bus,
+                destination=LOGIND_BUS_NAME,
+                path=LOGIND_PATH,
+                interface=LOGIND_MANAGER_INTERFACE,
+                member="Inhibit",
+                signature="ssss",
+                body=["sleep", "cryptlockd", INHIBIT_WHY, "delay"],
+                timeout=self._timeout,
+            )
             fd = self._fd_from(reply)
         except (RemoteError, LogindError) as e:
-            log.error("cannot take the logind delay inhibitor: %s", e,
-                      extra=event(MessageId.INHIBITOR_FAILED))
+            log.error(
+                "cannot take the logind delay inhibitor: %s",
+                e,
+                extra=event(MessageId.INHIBITOR_FAILED),
+            )
             self._on_change()
             return
         self.release_inhibitor("replaced")
         self.inhibitor_fd = fd
-        log.info("took the logind delay inhibitor (fd %d)", fd,
-                 extra=event(MessageId.INHIBITOR_TAKEN, LOGIND_OWNER=self.owner))
+        log.info(
+            "took the logind delay inhibitor (fd %d)",
+            fd,
+            extra=event(MessageId.INHIBITOR_TAKEN, LOGIND_OWNER=self.owner),
+        )
         self._on_change()
 
     @staticmethod
@@ -113,8 +131,7 @@ class Logind:
         if reply.signature != "h" or not fds:
             for fd in fds:
                 os.close(fd)
-            raise LogindError("Inhibit returned no file descriptor "
-                              "(was fd passing negotiated?)")
+            raise LogindError("Inhibit returned no file descriptor (was fd passing negotiated?)")
         index = reply.body[0]
         if not isinstance(index, int) or not 0 <= index < len(fds):
             index = 0
@@ -132,20 +149,28 @@ class Logind:
             os.close(fd)
         except OSError as e:
             log.warning("closing the inhibitor fd %d: %s", fd, e)
-        log.info("released the logind delay inhibitor: %s", why,
-                 extra=event(MessageId.INHIBITOR_RELEASED, REASON=why))
+        log.info(
+            "released the logind delay inhibitor: %s",
+            why,
+            extra=event(MessageId.INHIBITOR_RELEASED, REASON=why),
+        )
         self._on_change()
 
     async def _read_delay_max(self) -> None:
         try:
-            reply = await call(self._bus, destination=LOGIND_BUS_NAME, path=LOGIND_PATH,
-                               interface=PROPERTIES_INTERFACE, member="Get", signature="ss",
-                               body=[LOGIND_MANAGER_INTERFACE, "InhibitDelayMaxUSec"],
-                               timeout=self._timeout)
+            reply = await call(
+                self._bus,
+                destination=LOGIND_BUS_NAME,
+                path=LOGIND_PATH,
+                interface=PROPERTIES_INTERFACE,
+                member="Get",
+                signature="ss",
+                body=[LOGIND_MANAGER_INTERFACE, "InhibitDelayMaxUSec"],
+                timeout=self._timeout,
+            )
             value = reply.body[0]
             self.delay_max_usec = int(value.value if isinstance(value, Variant) else value)
-            log.info("logind allows delay inhibitors %.1f s",
-                     self.delay_max_usec / 1e6)
+            log.info("logind allows delay inhibitors %.1f s", self.delay_max_usec / 1e6)
         except (RemoteError, TypeError, ValueError) as e:
             self.delay_max_usec = None
             log.info("cannot read InhibitDelayMaxUSec: %s", e)
@@ -156,9 +181,12 @@ class Logind:
         if owner == self.owner:
             return
         old, self.owner = self.owner, owner
-        log.info("org.freedesktop.login1 owner: %s -> %s", old or "(none)", owner or "(none)",
-                 extra=event(MessageId.LOGIND_OWNER_CHANGED, OLD_OWNER=old or "",
-                             NEW_OWNER=owner or ""))
+        log.info(
+            "org.freedesktop.login1 owner: %s -> %s",
+            old or "(none)",
+            owner or "(none)",
+            extra=event(MessageId.LOGIND_OWNER_CHANGED, OLD_OWNER=old or "", NEW_OWNER=owner or ""),
+        )
         # An inhibitor held with a logind that went away protects nothing.
         self.release_inhibitor("logind went away" if owner is None else "logind restarted")
         if owner is not None:
@@ -181,16 +209,26 @@ class Logind:
     def _handle(self, msg: Message) -> bool | None:
         if msg.message_type != MessageType.SIGNAL:
             return None
-        if (msg.member == "NameOwnerChanged" and msg.interface == DBUS_NAME
-                and msg.sender == DBUS_NAME and msg.signature == "sss"
-                and msg.body[0] == LOGIND_BUS_NAME):
+        if (
+            msg.member == "NameOwnerChanged"
+            and msg.interface == DBUS_NAME
+            and msg.sender == DBUS_NAME
+            and msg.signature == "sss"
+            and msg.body[0] == LOGIND_BUS_NAME
+        ):
             self._spawn(self._set_owner(msg.body[2] or None))
-        elif (msg.member == "PrepareForSleep" and msg.interface == LOGIND_MANAGER_INTERFACE
-              and msg.path == LOGIND_PATH):
+        elif (
+            msg.member == "PrepareForSleep"
+            and msg.interface == LOGIND_MANAGER_INTERFACE
+            and msg.path == LOGIND_PATH
+        ):
             if self.owner is None or msg.sender != self.owner:
-                log.warning("ignored a PrepareForSleep from %s, which is not logind (%s)",
-                            msg.sender, self.owner or "not on the bus",
-                            extra=event(MessageId.FORGED_SIGNAL, SENDER=msg.sender or ""))
+                log.warning(
+                    "ignored a PrepareForSleep from %s, which is not logind (%s)",
+                    msg.sender,
+                    self.owner or "not on the bus",
+                    extra=event(MessageId.FORGED_SIGNAL, SENDER=msg.sender or ""),
+                )
                 return None
             if msg.signature != "b":
                 log.warning("ignored PrepareForSleep with signature %r", msg.signature)
@@ -202,8 +240,15 @@ class Logind:
 
     async def suspend(self) -> None:
         try:
-            await call(self._bus, destination=LOGIND_BUS_NAME, path=LOGIND_PATH,
-                       interface=LOGIND_MANAGER_INTERFACE, member="Suspend", signature="b",
-                       body=[False], timeout=self._timeout)
+            await call(
+                self._bus,
+                destination=LOGIND_BUS_NAME,
+                path=LOGIND_PATH,
+                interface=LOGIND_MANAGER_INTERFACE,
+                member="Suspend",
+                signature="b",
+                body=[False],
+                timeout=self._timeout,
+            )
         except RemoteError as e:
             raise LogindError(f"logind refused to suspend: {e}") from e

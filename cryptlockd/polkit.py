@@ -25,35 +25,54 @@ ALLOW_USER_INTERACTION = 1
 DEFAULT_TIMEOUT = 50.0
 
 
-async def is_authorized(bus: MessageBus, sender: str, action: str,
-                        timeout: float = DEFAULT_TIMEOUT) -> bool:
+async def is_authorized(
+    bus: MessageBus, sender: str, action: str, timeout: float = DEFAULT_TIMEOUT
+) -> bool:
     """Whether the bus client `sender` (a unique name, from the message header) may do
     `action`. The subject kind is system-bus-name: polkit resolves it to the caller's
     process and session itself, so nothing the caller says about itself is trusted."""
     subject = ["system-bus-name", {"name": Variant("s", sender)}]
     try:
         reply = await call(
-            bus, destination=POLKIT_BUS_NAME, path=POLKIT_PATH, interface=POLKIT_INTERFACE,
-            member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-            body=[subject, action, {}, ALLOW_USER_INTERACTION, ""], timeout=timeout,
+            bus,
+            destination=POLKIT_BUS_NAME,
+            path=POLKIT_PATH,
+            interface=POLKIT_INTERFACE,
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[subject, action, {}, ALLOW_USER_INTERACTION, ""],
+            timeout=timeout,
         )
         is_auth, is_challenge, _details = reply.body[0]
         allowed = bool(is_auth) and reply.signature == "(bba{ss})"
         challenge = bool(is_challenge)
     except (RemoteError, ValueError, TypeError, IndexError) as e:
-        log.warning("polkit check of %s for %s failed, denying: %s", action, sender, e,
-                    extra=event(MessageId.AUTHORIZATION, ACTION=action, SENDER=sender,
-                                RESULT="error"))
+        log.warning(
+            "polkit check of %s for %s failed, denying: %s",
+            action,
+            sender,
+            e,
+            extra=event(MessageId.AUTHORIZATION, ACTION=action, SENDER=sender, RESULT="error"),
+        )
         return False
-    log.info("polkit: %s for %s: %s", action, sender,
-             "allowed" if allowed else ("challenge" if challenge else "denied"),
-             extra=event(MessageId.AUTHORIZATION, ACTION=action, SENDER=sender,
-                         RESULT="allowed" if allowed else "denied"))
+    log.info(
+        "polkit: %s for %s: %s",
+        action,
+        sender,
+        "allowed" if allowed else ("challenge" if challenge else "denied"),
+        extra=event(
+            MessageId.AUTHORIZATION,
+            ACTION=action,
+            SENDER=sender,
+            RESULT="allowed" if allowed else "denied",
+        ),
+    )
     return allowed
 
 
-async def require(bus: MessageBus, sender: str | None, action: str,
-                  timeout: float = DEFAULT_TIMEOUT) -> None:
+async def require(
+    bus: MessageBus, sender: str | None, action: str, timeout: float = DEFAULT_TIMEOUT
+) -> None:
     """Raise NotAuthorized unless polkit says yes and the caller is still there.
 
     The second part matters when the check took a while (an authentication dialog, a slow
@@ -62,9 +81,16 @@ async def require(bus: MessageBus, sender: str | None, action: str,
     if not sender or not await is_authorized(bus, sender, action, timeout):
         raise NotAuthorized(f"not authorized for {action}")
     try:
-        reply = await call(bus, destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME,
-                           member="NameHasOwner", signature="s", body=[sender],
-                           timeout=timeout)
+        reply = await call(
+            bus,
+            destination=DBUS_NAME,
+            path=DBUS_PATH,
+            interface=DBUS_NAME,
+            member="NameHasOwner",
+            signature="s",
+            body=[sender],
+            timeout=timeout,
+        )
         present = bool(reply.body[0])
     except RemoteError as e:
         log.warning("cannot tell whether %s is still connected: %s", sender, e)

@@ -124,8 +124,11 @@ def _soname_links(paths: set[str]) -> list[str]:
             continue
         with entries:
             for e in entries:
-                if (e.name.startswith(stem + ".so.") and e.is_symlink()
-                        and os.path.realpath(e.path) == real):
+                if (
+                    e.name.startswith(stem + ".so.")
+                    and e.is_symlink()
+                    and os.path.realpath(e.path) == real
+                ):
                     out.append(e.path)
     return out
 
@@ -159,8 +162,12 @@ def _mirror(root: Path, path: str) -> None:
 
 def manifest_of(closure: Closure) -> dict[str, object]:
     inputs = sorted(
-        {closure.executable, *closure.python_files, *closure.library_paths,
-         *(s for s, _ in closure.package_files)}
+        {
+            closure.executable,
+            *closure.python_files,
+            *closure.library_paths,
+            *(s for s, _ in closure.package_files),
+        }
     )
     stamps = []
     for p in inputs:
@@ -215,9 +222,9 @@ def tree_size(root: Path) -> int:
 def self_test(root: Path, python: str = DEFAULT_PYTHON) -> dict[str, object]:
     """Runs the helper's self-test inside the tree; the error names what is missing."""
     proc = run(
-        ["chroot", str(root), python, "-I", "-S", "-B", "-m", "cryptlockd.helper",
-         "--self-test"],
-        check=False, timeout=120,
+        ["chroot", str(root), python, "-I", "-S", "-B", "-m", "cryptlockd.helper", "--self-test"],
+        check=False,
+        timeout=120,
     )
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -242,8 +249,9 @@ def _is_mountpoint(path: Path) -> bool:
 class Ramfs:
     """Owns the helper's RAM filesystem at `path` (default /run/cryptlockd/ramfs)."""
 
-    def __init__(self, path: str = protocol.RAMFS_DIR, python: str = DEFAULT_PYTHON,
-                 mount: bool = True) -> None:
+    def __init__(
+        self, path: str = protocol.RAMFS_DIR, python: str = DEFAULT_PYTHON, mount: bool = True
+    ) -> None:
         self.path = Path(path)
         self.python = python
         self.mount = mount
@@ -285,16 +293,20 @@ class Ramfs:
         (self.path / MANIFEST).write_text(json.dumps(manifest))
         self.digest = str(manifest["digest"])
         level = logging.INFO if self.size <= SIZE_TARGET else logging.WARNING
-        log.log(level, "helper RAM filesystem built at %s: %.1f MiB (target %d MiB)",
-                self.path, self.size / 2**20, SIZE_TARGET // 2**20)
+        log.log(
+            level,
+            "helper RAM filesystem built at %s: %.1f MiB (target %d MiB)",
+            self.path,
+            self.size / 2**20,
+            SIZE_TARGET // 2**20,
+        )
 
     def _fresh_tree(self) -> None:
         if self.mount:
             while _is_mountpoint(self.path):
                 run(["umount", "--lazy", str(self.path)])
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            run(["mount", "-t", "ramfs", "-o", "mode=0755", "cryptlockd-helper",
-                 str(self.path)])
+            run(["mount", "-t", "ramfs", "-o", "mode=0755", "cryptlockd-helper", str(self.path)])
         else:
             if self.path.exists():
                 shutil.rmtree(self.path)

@@ -22,8 +22,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import Message
 
-HOOK_DIRS = ("/usr/lib/systemd/system-sleep", "/usr/local/lib/systemd/system-sleep",
-             "/etc/systemd/system-sleep")
+HOOK_DIRS = (
+    "/usr/lib/systemd/system-sleep",
+    "/usr/local/lib/systemd/system-sleep",
+    "/etc/systemd/system-sleep",
+)
 STOCK_SLEEP = ("/usr/lib/systemd/systemd-sleep", "/lib/systemd/systemd-sleep")
 HOOK_TIMEOUT = 90.0
 CONNECT_TIMEOUT = 2.0
@@ -62,8 +65,12 @@ def hook_programs(dirs: Sequence[str] = HOOK_DIRS) -> list[str]:
 
 def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:
     for hook in hook_programs(dirs):
-        proc = run([hook, phase, "suspend"], check=False, timeout=HOOK_TIMEOUT,
-                   env={"SYSTEMD_SLEEP_ACTION": "suspend"})
+        proc = run(
+            [hook, phase, "suspend"],
+            check=False,
+            timeout=HOOK_TIMEOUT,
+            env={"SYSTEMD_SLEEP_ACTION": "suspend"},
+        )
         if proc.returncode != 0:
             log(4, f"hook {hook} {phase} failed ({proc.returncode}): {proc.stderr.strip()}")
 
@@ -114,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {"sleep_entry": boottime()}
     chan = connect()
     if chan is None:
-        return stock_sleep("no cryptlockd helper is armed (is cryptlockd running, and "
-                           "protecting any LUKS device?)")
+        return stock_sleep(
+            "no cryptlockd helper is armed (is cryptlockd running, and protecting any LUKS device?)"
+        )
     try:
         chan.send({"op": protocol.OP_BEGIN})
     except OSError as e:

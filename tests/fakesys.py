@@ -45,12 +45,21 @@ class FakeSystem:
 
     @property
     def paths(self) -> SystemPaths:
-        return SystemPaths(sysfs=self.sysfs, mountinfo=self.mountinfo, crypttab=self.crypttab,
-                           dev=self.dev)
+        return SystemPaths(
+            sysfs=self.sysfs, mountinfo=self.mountinfo, crypttab=self.crypttab, dev=self.dev
+        )
 
     def daemon_args(self) -> list[str]:
-        return ["--sysfs", str(self.sysfs), "--mountinfo", str(self.mountinfo),
-                "--crypttab", str(self.crypttab), "--dev", str(self.dev)]
+        return [
+            "--sysfs",
+            str(self.sysfs),
+            "--mountinfo",
+            str(self.mountinfo),
+            "--crypttab",
+            str(self.crypttab),
+            "--dev",
+            str(self.dev),
+        ]
 
     def _devno(self, major: int) -> str:
         minor = self._next_minor.get(major, 0)
@@ -81,8 +90,9 @@ class FakeSystem:
             names.append(part)
         return names
 
-    def dm(self, kname: str, name: str, uuid: str, slaves: list[str],
-           suspended: bool = False) -> str:
+    def dm(
+        self, kname: str, name: str, uuid: str, slaves: list[str], suspended: bool = False
+    ) -> str:
         base = self._node(kname, 253)
         (base / "dm").mkdir()
         (base / "dm" / "name").write_text(name + "\n")
@@ -95,8 +105,15 @@ class FakeSystem:
         os.symlink(f"../{kname}", self.dev / "mapper" / name)
         return kname
 
-    def luks(self, kname: str, name: str, uuid: str, slaves: list[str], version: int = 2,
-             suspended: bool = False) -> str:
+    def luks(
+        self,
+        kname: str,
+        name: str,
+        uuid: str,
+        slaves: list[str],
+        version: int = 2,
+        suspended: bool = False,
+    ) -> str:
         return self.dm(kname, name, luks_dm_uuid(uuid, name, version), slaves, suspended)
 
     def lv(self, kname: str, vg: str, lv: str, slaves: list[str]) -> str:
@@ -119,12 +136,14 @@ class FakeSystem:
     def set_suspended(self, kname: str, suspended: bool) -> None:
         (self.block / kname / "dm" / "suspended").write_text("1\n" if suspended else "0\n")
 
-    def mount(self, mountpoint: str, kname_or_devno: str, source: str,
-              fstype: str = "ext4") -> None:
+    def mount(
+        self, mountpoint: str, kname_or_devno: str, source: str, fstype: str = "ext4"
+    ) -> None:
         devno = kname_or_devno if ":" in kname_or_devno else self.devno(kname_or_devno)
         mid = 100 + len(self._mounts)
-        self._mounts.append(f"{mid} 1 {devno} / {mountpoint} rw,relatime shared:1 - {fstype} "
-                            f"{source} rw")
+        self._mounts.append(
+            f"{mid} 1 {devno} / {mountpoint} rw,relatime shared:1 - {fstype} {source} rw"
+        )
         self.mountinfo.write_text("\n".join(self._mounts) + "\n")
 
     def write_crypttab(self, text: str) -> None:

@@ -40,9 +40,7 @@ def _children(root: str, rel: str) -> list[str]:
         entries = sorted(os.scandir(base), key=lambda e: e.name)
     except FileNotFoundError:
         return []
-    return [
-        f"{rel.rstrip('/')}/{e.name}" for e in entries if e.is_dir(follow_symlinks=False)
-    ]
+    return [f"{rel.rstrip('/')}/{e.name}" for e in entries if e.is_dir(follow_symlinks=False)]
 
 
 def plan_freeze(root: str, keep: str) -> list[str]:

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 class DevicePlan:
     __slots__ = ("key_source", "keyfile_offset", "keyfile_size", "name")
 
-    def __init__(self, name: str, key_source: str, keyfile_size: int = 0,
-                 keyfile_offset: int = 0) -> None:
+    def __init__(
+        self, name: str, key_source: str, keyfile_size: int = 0, keyfile_offset: int = 0
+    ) -> None:
         self.name = name
         self.key_source = key_source  # "passphrase" or "keyfile:<path>"
         # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
@@ -30,12 +31,16 @@ class DevicePlan:
         self.keyfile_offset = keyfile_offset
 
     def __repr__(self) -> str:
-        return (f"DevicePlan({self.name!r}, {self.key_source!r}, {self.keyfile_size}, "
-                f"{self.keyfile_offset})")
+        return (
+            f"DevicePlan({self.name!r}, {self.key_source!r}, {self.keyfile_size}, "
+            f"{self.keyfile_offset})"
+        )
 
     @property
     def keyfile(self) -> str | None:
-        return self.key_source[len("keyfile:"):] if self.key_source.startswith("keyfile:") else None
+        return (
+            self.key_source[len("keyfile:") :] if self.key_source.startswith("keyfile:") else None
+        )
 
 
 class SleepFailed(Exception):
@@ -43,6 +48,7 @@ class SleepFailed(Exception):
 
 
 if TYPE_CHECKING:
+
     class Ops(Protocol):
         def freeze(self, frozen: list[str]) -> None: ...
         def thaw(self, frozen: list[str]) -> list[str]: ...
@@ -61,8 +67,9 @@ if TYPE_CHECKING:
         def power_off(self) -> None: ...
 
 
-def run_cycle(ops: Ops, devices: list[DevicePlan], record: CycleRecord,
-              poweroff_after: int = 0) -> None:
+def run_cycle(
+    ops: Ops, devices: list[DevicePlan], record: CycleRecord, poweroff_after: int = 0
+) -> None:
     """devices in suspend order: upper layers first."""
     frozen: list[str] = []
     suspended: list[str] = []
@@ -121,8 +128,13 @@ def run_cycle(ops: Ops, devices: list[DevicePlan], record: CycleRecord,
                 record.step("thawed")
 
 
-def resume_all(ops: Ops, devices: list[DevicePlan], suspended: list[str],
-               record: CycleRecord, poweroff_after: int = 0) -> None:
+def resume_all(
+    ops: Ops,
+    devices: list[DevicePlan],
+    suspended: list[str],
+    record: CycleRecord,
+    poweroff_after: int = 0,
+) -> None:
     """Bottom-up: the passphrase devices (one prompt serves all that share it), then the
     keyfile devices, whose keyfiles may live on a filesystem that has just come back.
     Reading a keyfile earlier could block on a suspended disk for good."""
@@ -141,8 +153,9 @@ def resume_all(ops: Ops, devices: list[DevicePlan], suspended: list[str],
                 for dev in list(pending):
                     assert dev.keyfile is not None
                     try:
-                        ops.resume_keyfile(dev.name, dev.keyfile, dev.keyfile_size,
-                                           dev.keyfile_offset)
+                        ops.resume_keyfile(
+                            dev.name, dev.keyfile, dev.keyfile_size, dev.keyfile_offset
+                        )
                     except Exception as e:
                         record.problems.append(f"keyfile for {dev.name}: {e}")
                         keyfile_failed.add(dev.name)

@@ -28,8 +28,16 @@ KEYCTL_GET_PERSISTENT = 22
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
 # __NR_keyctl: the syscall has no libc wrapper without libkeyutils.
-SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "i686": 288, "i386": 288, "armv7l": 311,
-              "riscv64": 219, "ppc64le": 280, "s390x": 280}
+SYS_KEYCTL = {
+    "x86_64": 250,
+    "aarch64": 219,
+    "i686": 288,
+    "i386": 288,
+    "armv7l": 311,
+    "riscv64": 219,
+    "ppc64le": 280,
+    "s390x": 280,
+}
 # Key types that can carry a volume key: cryptsetup uses logon (user for
 # --link-vk-to-keyring when asked).
 VOLUME_KEY_TYPES = ("logon", "user")
@@ -86,7 +94,7 @@ def is_volume_key(key: ProcKey, luks_uuid: str) -> bool:
     prefix = volume_key_prefix(luks_uuid)
     if key.type not in VOLUME_KEY_TYPES or not key.description.lower().startswith(prefix):
         return False
-    return key.description[len(prefix):].isdigit()
+    return key.description[len(prefix) :].isdigit()
 
 
 def volume_keys(keys: list[ProcKey], luks_uuid: str) -> list[ProcKey]:
@@ -147,8 +155,7 @@ class KeyringOps:
         return time.monotonic()
 
 
-def sweep(luks_uuid: str, ops: KeyringOps | None = None,
-          gc_deadline: float = GC_DEADLINE) -> str:
+def sweep(luks_uuid: str, ops: KeyringOps | None = None, gc_deadline: float = GC_DEADLINE) -> str:
     """Invalidates every viewable keyring copy of the device's volume key and checks that
     they are gone. Returns 'none' (nothing found), 'invalidated: <serials>' (found and
     gone), or a string starting 'left: ' or 'error: ' (the device is not protected)."""
@@ -195,8 +202,13 @@ def sweep(luks_uuid: str, ops: KeyringOps | None = None,
         return f"invalidated: {names}"
     details = ", ".join(
         f"{k.serial:08x} {k.type} {k.description}"
-        + (f" ({errors[k.serial]})" if k.serial in errors
-           else " (invalidated, not yet collected)" if k.invalidated else "")
+        + (
+            f" ({errors[k.serial]})"
+            if k.serial in errors
+            else " (invalidated, not yet collected)"
+            if k.invalidated
+            else ""
+        )
         for k in left
     )
     return f"left: {details}"

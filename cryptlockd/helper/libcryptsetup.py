@@ -61,19 +61,29 @@ class Library:
         lib.crypt_free.restype = None
         lib.crypt_suspend.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.crypt_resume_by_passphrase.argtypes = [
-            ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
         ]
         lib.crypt_get_type.argtypes = [ctypes.c_void_p]
         lib.crypt_get_type.restype = ctypes.c_char_p
         lib.crypt_keyslot_status.argtypes = [ctypes.c_void_p, ctypes.c_int]
         if self.has("crypt_resume_by_keyfile_device_offset"):
             lib.crypt_resume_by_keyfile_device_offset.argtypes = [
-                ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                ctypes.c_size_t, ctypes.c_uint64,
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_uint64,
             ]
         if self.has("crypt_keyslot_get_pbkdf"):
             lib.crypt_keyslot_get_pbkdf.argtypes = [
-                ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_PbkdfType),
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.POINTER(_PbkdfType),
             ]
 
     def has(self, symbol: str) -> bool:

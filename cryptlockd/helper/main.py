@@ -173,12 +173,15 @@ class SystemOps:
 
     def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
         t = self.h.terminal
-        notice_console(f"cryptlockd: disks locked; passphrase prompt on VT {t.number} "
-                       f"(attempt {failures + 1})")
+        notice_console(
+            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} (attempt {failures + 1})"
+        )
         if failures:
             t.write("Sorry, that passphrase did not unlock the disks.\n")
-        t.write(f"\ncryptlockd: the disks were locked while the machine slept.\n"
-                f"Passphrase for {', '.join(devices)}: ")
+        t.write(
+            f"\ncryptlockd: the disks were locked while the machine slept.\n"
+            f"Passphrase for {', '.join(devices)}: "
+        )
         ok = t.read_secret(secret)
         if ok:
             t.write("Unlocking...\n")
@@ -281,8 +284,15 @@ class Helper:
             cgroups.plan_freeze(cgroups.CGROUP_ROOT, cgroups.own_cgroup(f.read()))
         if self.library is None:
             self.library = Library()
-        self.plan = [DevicePlan(d["name"], d["key_source"], int(d.get("keyfile_size", 0)),
-                                int(d.get("keyfile_offset", 0))) for d in msg["devices"]]
+        self.plan = [
+            DevicePlan(
+                d["name"],
+                d["key_source"],
+                int(d.get("keyfile_size", 0)),
+                int(d.get("keyfile_offset", 0)),
+            )
+            for d in msg["devices"]
+        ]
         self.devices = self._take_devices([p.name for p in self.plan])
         hints = msg.get("keyslots") or {}
         for p in self.plan:
@@ -358,8 +368,10 @@ class Helper:
             log(6, f"libcryptsetup: {line}")
         if self.daemon is not None:
             try:
-                send(self.daemon, {"op": protocol.OP_RECORD, "success": rec["success"],
-                                   "record": rec})
+                send(
+                    self.daemon,
+                    {"op": protocol.OP_RECORD, "success": rec["success"], "record": rec},
+                )
             except OSError as e:
                 log(4, f"could not hand the cycle record to the daemon: {e}")
 
@@ -398,8 +410,8 @@ def serve(helper: Helper, listener: socket.socket) -> int:
     armed_at: float | None = None
     while True:
         watch: list[socket.socket] = [listener] + ([daemon.sock] if daemon else [])
-        timeout = None if armed_at is None else max(
-            0.0, armed_at + ARMED_IDLE_TIMEOUT - time.monotonic()
+        timeout = (
+            None if armed_at is None else max(0.0, armed_at + ARMED_IDLE_TIMEOUT - time.monotonic())
         )
         ready, _, _ = select.select(watch, [], [], timeout)
         if not ready:
@@ -432,8 +444,11 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 sock.close()
                 continue
             send(sock, reply)
-            log(6, f"armed: devices {', '.join(helper.devices)}, VT {reply['vt']}, "
-                   f"KDF reserve {reply['reserve_kib']} KiB")
+            log(
+                6,
+                f"armed: devices {', '.join(helper.devices)}, VT {reply['vt']}, "
+                f"KDF reserve {reply['reserve_kib']} KiB",
+            )
             daemon, helper.daemon, armed_at = conn, sock, time.monotonic()
         elif msg["op"] == protocol.OP_DISARM:
             log(6, "told to stand down")
@@ -472,8 +487,17 @@ def drive_cycle(helper: Helper, entry: Connection) -> int:
 def self_test() -> int:
     """Imports everything and loads libcryptsetup: run in a chroot of the fresh ramfs."""
     lib = Library()
-    missing = [s for s in ("crypt_init_by_name", "crypt_suspend", "crypt_resume_by_passphrase",
-                           "crypt_resume_by_keyfile_device_offset", "crypt_free") if not lib.has(s)]
+    missing = [
+        s
+        for s in (
+            "crypt_init_by_name",
+            "crypt_suspend",
+            "crypt_resume_by_passphrase",
+            "crypt_resume_by_keyfile_device_offset",
+            "crypt_free",
+        )
+        if not lib.has(s)
+    ]
     with SecretBuffer(64) as secret:
         secret.view()[:4] = b"test"
     result = {

@@ -71,8 +71,10 @@ class CycleRecord:
             self.fail("the wipe could not be verified for every device")
         for d in self.unverified():
             v = self.verification.get(d, {})
-            self.problems.append(f"{d} was NOT protected: dm table key {v.get('dm_table_key')}, "
-                                 f"keyring {v.get('keyring', 'not checked')}")
+            self.problems.append(
+                f"{d} was NOT protected: dm table key {v.get('dm_table_key')}, "
+                f"keyring {v.get('keyring', 'not checked')}"
+            )
         self.success = (
             self.slept and all_suspended and all_resumed and self.verified() and not self.reason
         )

@@ -15,10 +15,18 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 DEFAULT_SUSPEND_STATES = ("mem", "standby", "freeze")
-MAIN_FILES = ("etc/systemd/sleep.conf", "run/systemd/sleep.conf",
-              "usr/local/lib/systemd/sleep.conf", "usr/lib/systemd/sleep.conf")
-DROPIN_DIRS = ("etc/systemd/sleep.conf.d", "run/systemd/sleep.conf.d",
-               "usr/local/lib/systemd/sleep.conf.d", "usr/lib/systemd/sleep.conf.d")
+MAIN_FILES = (
+    "etc/systemd/sleep.conf",
+    "run/systemd/sleep.conf",
+    "usr/local/lib/systemd/sleep.conf",
+    "usr/lib/systemd/sleep.conf",
+)
+DROPIN_DIRS = (
+    "etc/systemd/sleep.conf.d",
+    "run/systemd/sleep.conf.d",
+    "usr/local/lib/systemd/sleep.conf.d",
+    "usr/lib/systemd/sleep.conf.d",
+)
 
 
 class NoSleepState(Exception):
@@ -85,9 +93,7 @@ def kernel_default(mem_sleep_text: str) -> str | None:
     return None
 
 
-def choose(
-    texts: Iterable[str], power_state: str, mem_sleep: str
-) -> tuple[str, str | None]:
+def choose(texts: Iterable[str], power_state: str, mem_sleep: str) -> tuple[str, str | None]:
     """(state for /sys/power/state, mode for /sys/power/mem_sleep or None to keep it)."""
     states, modes = parse(texts)
     wanted = states if states else list(DEFAULT_SUSPEND_STATES)

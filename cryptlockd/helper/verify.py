@@ -90,8 +90,23 @@ def table_state(name: str) -> tuple[bool, str, str]:
     wiped after parsing: for a device that was not suspended it would hold the key."""
     buf = bytearray(_BUFSIZE)
     struct.pack_into(
-        _DM_IOCTL_FMT, buf, 0, 4, 0, 0, _BUFSIZE, _DM_IOCTL_SIZE, 0, 0,
-        _DM_STATUS_TABLE_FLAG, 0, 0, 0, name.encode()[:127], b"", b"",
+        _DM_IOCTL_FMT,
+        buf,
+        0,
+        4,
+        0,
+        0,
+        _BUFSIZE,
+        _DM_IOCTL_SIZE,
+        0,
+        0,
+        _DM_STATUS_TABLE_FLAG,
+        0,
+        0,
+        0,
+        name.encode()[:127],
+        b"",
+        b"",
     )
     fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
     try:

@@ -119,14 +119,19 @@ def _stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
 class LoggedProcess:
     """A child process whose stdout+stderr go to a file, shown when a test fails."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logfile: Path,
-                 **popen: Any) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], logfile: Path, **popen: Any
+    ) -> None:
         self.name = name
         self.argv = argv
         self.logfile = logfile
         self._out = open(logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            argv, env=env, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             **popen,
         )
         self.returncode: int | None = None
@@ -206,8 +211,11 @@ class SystemBus:
         return str(self.conn.get_name_owner(name))
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+        }
         env["DBUS_SYSTEM_BUS_ADDRESS"] = self.address
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
         env["PYTHONUNBUFFERED"] = "1"
@@ -222,14 +230,22 @@ class SystemBus:
         self.proc.stop()
 
 
-def start_bus(directory: Path, reporter: _Reporter, *, policy: str = PERMISSIVE_POLICY,
-              include: Path | None = None) -> SystemBus:
+def start_bus(
+    directory: Path,
+    reporter: _Reporter,
+    *,
+    policy: str = PERMISSIVE_POLICY,
+    include: Path | None = None,
+) -> SystemBus:
     socket = directory / "system_bus_socket"
     config = directory / "bus.conf"
     config.write_text(_bus_config(socket, policy, include))
-    proc = LoggedProcess("dbus-daemon",
-                         [DBUS_DAEMON, f"--config-file={config}", "--nofork", "--nopidfile"],
-                         dict(os.environ), directory / "dbus-daemon.log")
+    proc = LoggedProcess(
+        "dbus-daemon",
+        [DBUS_DAEMON, f"--config-file={config}", "--nofork", "--nopidfile"],
+        dict(os.environ),
+        directory / "dbus-daemon.log",
+    )
     reporter.processes.append(proc)
     address = f"unix:path={socket}"
     bus = SystemBus(address, directory, proc)
@@ -252,13 +268,16 @@ POLICY_FILE = REPO / "dbus" / "org.cryptlockd1.conf"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "system_bus_policy: the private bus enforces a system-bus-like default "
-        "deny policy and loads dbus/org.cryptlockd1.conf")
+        "markers",
+        "system_bus_policy: the private bus enforces a system-bus-like default "
+        "deny policy and loads dbus/org.cryptlockd1.conf",
+    )
 
 
 @pytest.fixture
-def system_bus(runtime_dir: Path, _reporter: _Reporter,
-               request: pytest.FixtureRequest) -> Iterator[SystemBus]:
+def system_bus(
+    runtime_dir: Path, _reporter: _Reporter, request: pytest.FixtureRequest
+) -> Iterator[SystemBus]:
     if request.node.get_closest_marker("system_bus_policy"):
         bus = start_bus(runtime_dir, _reporter, policy=SYSTEM_LIKE_POLICY, include=POLICY_FILE)
     else:
@@ -270,8 +289,15 @@ def system_bus(runtime_dir: Path, _reporter: _Reporter,
 class DBusMock:
     """A python-dbusmock template in its own process on the private bus."""
 
-    def __init__(self, bus: SystemBus, reporter: _Reporter, template: str, bus_name: str,
-                 path: str, interface: str) -> None:
+    def __init__(
+        self,
+        bus: SystemBus,
+        reporter: _Reporter,
+        template: str,
+        bus_name: str,
+        path: str,
+        interface: str,
+    ) -> None:
         self.bus = bus
         self.reporter = reporter
         self.template = template
@@ -285,7 +311,8 @@ class DBusMock:
         self.proc = LoggedProcess(
             f"{self.template} mock",
             [MOCK_PYTHON, "-m", "dbusmock", "--system", "--template", self.template],
-            self.bus.env(), self.bus.directory / f"{self.template}-mock.log",
+            self.bus.env(),
+            self.bus.directory / f"{self.template}-mock.log",
         )
         self.reporter.processes.append(self.proc)
         proc = self.proc
@@ -310,8 +337,11 @@ class DBusMock:
         """A crash and restart: the bus name gets a new unique owner."""
         old = self.bus.get_name_owner(self.bus_name)
         self.stop()
-        eventually(lambda: not self.bus.name_has_owner(self.bus_name), START_TIMEOUT,
-                   message=f"{self.bus_name} released")
+        eventually(
+            lambda: not self.bus.name_has_owner(self.bus_name),
+            START_TIMEOUT,
+            message=f"{self.bus_name} released",
+        )
         self.start()
         assert self.bus.get_name_owner(self.bus_name) != old
 
@@ -320,8 +350,9 @@ class DBusMock:
         return self.bus.conn.get_object(self.bus_name, self.path)
 
     def call(self, method: str, *args: Any, interface: str | None = None) -> Any:
-        return getattr(self.obj, method)(*args, dbus_interface=interface or self.interface,
-                                         timeout=10)
+        return getattr(self.obj, method)(
+            *args, dbus_interface=interface or self.interface, timeout=10
+        )
 
     def mock(self, method: str, *args: Any) -> Any:
         return self.call(method, *args, interface=MOCK_IFACE)
@@ -333,15 +364,17 @@ class DBusMock:
 
 class LogindMock(DBusMock):
     def __init__(self, bus: SystemBus, reporter: _Reporter) -> None:
-        super().__init__(bus, reporter, "logind", LOGIND_BUS_NAME, LOGIND_PATH,
-                         LOGIND_MANAGER_INTERFACE)
+        super().__init__(
+            bus, reporter, "logind", LOGIND_BUS_NAME, LOGIND_PATH, LOGIND_MANAGER_INTERFACE
+        )
 
     def after_start(self) -> None:
         import dbus
 
         # The template lacks it; the daemon reads it for the delay budget.
-        self.mock("AddProperty", LOGIND_MANAGER_INTERFACE, "InhibitDelayMaxUSec",
-                  dbus.UInt64(5_000_000))
+        self.mock(
+            "AddProperty", LOGIND_MANAGER_INTERFACE, "InhibitDelayMaxUSec", dbus.UInt64(5_000_000)
+        )
 
     def list_inhibitors(self) -> list[tuple[str, str, str, str, int, int]]:
         return [tuple(x) for x in self.call("ListInhibitors")]  # type: ignore[misc]
@@ -353,17 +386,23 @@ class LogindMock(DBusMock):
         """The genuine signal, sent by the owner of org.freedesktop.login1."""
         import dbus
 
-        self.mock("EmitSignal", LOGIND_MANAGER_INTERFACE, "PrepareForSleep", "b",
-                  [dbus.Boolean(start)])
+        self.mock(
+            "EmitSignal", LOGIND_MANAGER_INTERFACE, "PrepareForSleep", "b", [dbus.Boolean(start)]
+        )
 
 
 class PolkitMock(DBusMock):
     """polkitd: denies everything until told otherwise."""
 
     def __init__(self, bus: SystemBus, reporter: _Reporter) -> None:
-        super().__init__(bus, reporter, "polkitd", POLKIT_BUS_NAME,
-                         "/org/freedesktop/PolicyKit1/Authority",
-                         "org.freedesktop.PolicyKit1.Authority")
+        super().__init__(
+            bus,
+            reporter,
+            "polkitd",
+            POLKIT_BUS_NAME,
+            "/org/freedesktop/PolicyKit1/Authority",
+            "org.freedesktop.PolicyKit1.Authority",
+        )
 
     def allow(self, *actions: str) -> None:
         self.mock("SetAllowed", list(actions))
@@ -432,29 +471,41 @@ def luks_system(tmp_path: Path, daemon_root: Path) -> FakeSystem:
 
 
 @pytest.fixture
-def start_daemon(system_bus: SystemBus, _reporter: _Reporter, daemon_root: Path,
-                 tmp_path: Path) -> Iterator[DaemonFactory]:
+def start_daemon(
+    system_bus: SystemBus, _reporter: _Reporter, daemon_root: Path, tmp_path: Path
+) -> Iterator[DaemonFactory]:
     """start_daemon(*args, env=None, wait=True, udev=False) runs `python -m cryptlockd.daemon`
     on the private bus. Defaults: --root <tmp> --no-udev --armer recording --log-target stderr,
     unless the caller passes those options itself. With wait=True it returns once the
     daemon owns org.cryptlockd1."""
     daemons: list[Daemon] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, wait: bool = True,
-                udev: bool = False, **popen: Any) -> Daemon:
+    def factory(
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        udev: bool = False,
+        **popen: Any,
+    ) -> Daemon:
         argv = [str(VENV_PYTHON), "-m", "cryptlockd.daemon", *args]
-        defaults = {"--root": str(daemon_root), "--armer": "recording",
-                    "--log-target": "stderr"}
+        defaults = {"--root": str(daemon_root), "--armer": "recording", "--log-target": "stderr"}
         for opt, value in defaults.items():
             if opt not in args:
                 argv += [opt, value]
         if not udev and "--no-udev" not in args:
             argv.append("--no-udev")
-        d = Daemon(f"cryptlockd #{len(daemons) + 1}", argv, system_bus.env(env),
-                   tmp_path / f"cryptlockd-{len(daemons) + 1}.log", cwd=str(REPO), **popen)
+        d = Daemon(
+            f"cryptlockd #{len(daemons) + 1}",
+            argv,
+            system_bus.env(env),
+            tmp_path / f"cryptlockd-{len(daemons) + 1}.log",
+            cwd=str(REPO),
+            **popen,
+        )
         daemons.append(d)
         _reporter.processes.append(d)
         if wait:
+
             def up() -> bool:
                 if not d.alive():
                     raise GiveUp(f"daemon exited with {d.exit_status()}:\n{d.log()}")

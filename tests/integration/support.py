@@ -25,7 +25,9 @@ class GiveUp(Exception):
 
 
 def eventually(
-    predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02,
+    predicate: Callable[[], T],
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = 0.02,
     message: str = "",
 ) -> T:
     """Poll `predicate` until it returns something truthy; fail with `message` at the deadline.
@@ -49,8 +51,10 @@ def eventually(
 
 
 async def eventually_async(
-    predicate: Callable[[], T | Awaitable[T]], timeout: float = DEFAULT_TIMEOUT,
-    interval: float = 0.02, message: str = "",
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = 0.02,
+    message: str = "",
 ) -> T:
     """Like `eventually`, for predicates that may be coroutines; yields to the event loop."""
     deadline = time.monotonic() + timeout
@@ -113,7 +117,8 @@ def watch_properties(bus: MessageBus) -> list[dict[str, Any]]:
     """Collect the daemon's PropertiesChanged, unwrapped, in arrival order."""
     seen: list[dict[str, Any]] = []
     props = bus.get_proxy_object(BUS_NAME, OBJECT_PATH, _PROPERTIES_XML).get_interface(
-        "org.freedesktop.DBus.Properties")
+        "org.freedesktop.DBus.Properties"
+    )
 
     def on_changed(iface: str, changed: dict[str, Variant], _invalidated: list[str]) -> None:
         if iface == MANAGER_INTERFACE:

@@ -18,10 +18,20 @@ from tests.integration.support import eventually
 MiB = 1024 * 1024
 
 
-def manager_call(member: str, signature: str = "", body: list[Any] | None = None,
-                 interface: str | None = MANAGER_INTERFACE) -> Message:
-    return Message(destination=BUS_NAME, path=OBJECT_PATH, interface=interface, member=member,
-                   signature=signature, body=body or [])
+def manager_call(
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+    interface: str | None = MANAGER_INTERFACE,
+) -> Message:
+    return Message(
+        destination=BUS_NAME,
+        path=OBJECT_PATH,
+        interface=interface,
+        member=member,
+        signature=signature,
+        body=body or [],
+    )
 
 
 async def call(bus: MessageBus, msg: Message, timeout: float = 20.0) -> Message:
@@ -31,9 +41,17 @@ async def call(bus: MessageBus, msg: Message, timeout: float = 20.0) -> Message:
 
 
 async def snapshot(bus: MessageBus) -> dict[str, Any]:
-    reply = await call(bus, Message(destination=BUS_NAME, path=OBJECT_PATH,
-                                    interface="org.freedesktop.DBus.Properties", member="GetAll",
-                                    signature="s", body=[MANAGER_INTERFACE]))
+    reply = await call(
+        bus,
+        Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface="org.freedesktop.DBus.Properties",
+            member="GetAll",
+            signature="s",
+            body=[MANAGER_INTERFACE],
+        ),
+    )
     assert reply.message_type == MessageType.METHOD_RETURN
     return {k: v.value for k, v in reply.body[0].items()}
 
@@ -49,8 +67,9 @@ async def assert_alive_and_unchanged(d: Daemon, bus: MessageBus, before: dict[st
 
 
 @pytest.fixture
-def daemon_with_device(logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory,
-                       luks_system: FakeSystem) -> Daemon:
+def daemon_with_device(
+    logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, luks_system: FakeSystem
+) -> Daemon:
     d = start_daemon(*luks_system.daemon_args())
     eventually(logind.our_inhibitors, message="inhibitor taken")
     return d
@@ -72,20 +91,39 @@ async def test_wrong_signatures(daemon_with_device: Daemon, client: MessageBus) 
     for msg in cases:
         reply = await call(client, msg)
         assert error_name(reply) == "org.freedesktop.DBus.Error.InvalidArgs", msg.member
-    assert error_name(await call(client, manager_call("NoSuchMethod"))) == \
-        "org.freedesktop.DBus.Error.UnknownMethod"
-    assert error_name(await call(client, manager_call("Check", interface="org.example.Nope"))) \
+    assert (
+        error_name(await call(client, manager_call("NoSuchMethod")))
+        == "org.freedesktop.DBus.Error.UnknownMethod"
+    )
+    assert (
+        error_name(await call(client, manager_call("Check", interface="org.example.Nope")))
         == "org.freedesktop.DBus.Error.UnknownInterface"
+    )
     # Properties: read-only, unknown names, wrong types.
     props = "org.freedesktop.DBus.Properties"
-    assert error_name(await call(client, manager_call(
-        "Set", "ssv", [MANAGER_INTERFACE, "Enabled", Variant("b", False)], props))) == \
-        "org.freedesktop.DBus.Error.PropertyReadOnly"
-    assert error_name(await call(client, manager_call(
-        "Get", "ss", [MANAGER_INTERFACE, "NoSuchProperty"], props))) == \
-        "org.freedesktop.DBus.Error.UnknownProperty"
-    assert error_name(await call(client, manager_call("Get", "s", [MANAGER_INTERFACE], props))) \
+    assert (
+        error_name(
+            await call(
+                client,
+                manager_call(
+                    "Set", "ssv", [MANAGER_INTERFACE, "Enabled", Variant("b", False)], props
+                ),
+            )
+        )
+        == "org.freedesktop.DBus.Error.PropertyReadOnly"
+    )
+    assert (
+        error_name(
+            await call(
+                client, manager_call("Get", "ss", [MANAGER_INTERFACE, "NoSuchProperty"], props)
+            )
+        )
+        == "org.freedesktop.DBus.Error.UnknownProperty"
+    )
+    assert (
+        error_name(await call(client, manager_call("Get", "s", [MANAGER_INTERFACE], props)))
         == "org.freedesktop.DBus.Error.InvalidArgs"
+    )
     # No interface field at all is legal D-Bus; it must still be answered correctly.
     reply = await call(client, manager_call("Check", interface=None))
     assert reply.message_type == MessageType.METHOD_RETURN
@@ -93,8 +131,9 @@ async def test_wrong_signatures(daemon_with_device: Daemon, client: MessageBus) 
 
 
 @pytest.mark.asyncio
-async def test_unknown_and_huge_device_names(daemon_with_device: Daemon,
-                                             client: MessageBus) -> None:
+async def test_unknown_and_huge_device_names(
+    daemon_with_device: Daemon, client: MessageBus
+) -> None:
     before = await snapshot(client)
     for name in ("nope", "", "../../etc/passwd", "x" * MiB, "\u00e9\u4e2d" * 1000):
         reply = await call(client, manager_call("GetDevice", "s", [name]))
@@ -104,20 +143,24 @@ async def test_unknown_and_huge_device_names(daemon_with_device: Daemon,
     assert reply.message_type == MessageType.METHOD_RETURN
     assert reply.body[0][0] == "cryptroot" and reply.body[0][4] is True
     # A megabyte where a property name goes.
-    reply = await call(client, manager_call("Get", "ss", [MANAGER_INTERFACE, "P" * MiB],
-                                            "org.freedesktop.DBus.Properties"))
+    reply = await call(
+        client,
+        manager_call(
+            "Get", "ss", [MANAGER_INTERFACE, "P" * MiB], "org.freedesktop.DBus.Properties"
+        ),
+    )
     assert error_name(reply) == "org.freedesktop.DBus.Error.UnknownProperty"
     await assert_alive_and_unchanged(daemon_with_device, client, before)
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("n_conns", [1, 4])
-async def test_200_concurrent_calls(daemon_with_device: Daemon, client: MessageBus,
-                                    system_bus: SystemBus, n_conns: int) -> None:
+async def test_200_concurrent_calls(
+    daemon_with_device: Daemon, client: MessageBus, system_bus: SystemBus, n_conns: int
+) -> None:
     before = await snapshot(client)
     # From one connection, and spread over several callers.
-    conns = [await MessageBus(bus_address=system_bus.address).connect()
-             for _ in range(n_conns)]
+    conns = [await MessageBus(bus_address=system_bus.address).connect() for _ in range(n_conns)]
     try:
         kinds = [
             (manager_call("Check"), MessageType.METHOD_RETURN),
@@ -142,9 +185,13 @@ async def test_200_concurrent_calls(daemon_with_device: Daemon, client: MessageB
 
 
 @pytest.mark.asyncio
-async def test_caller_disconnects_mid_call(daemon_with_device: Daemon, polkit: PolkitMock,
-                                           client: MessageBus, system_bus: SystemBus,
-                                           logind: LogindMock) -> None:
+async def test_caller_disconnects_mid_call(
+    daemon_with_device: Daemon,
+    polkit: PolkitMock,
+    client: MessageBus,
+    system_bus: SystemBus,
+    logind: LogindMock,
+) -> None:
     before = await snapshot(client)
     polkit.allow("org.cryptlockd1.suspend", "org.cryptlockd1.configure")
     polkit.hang(True)

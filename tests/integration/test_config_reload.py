@@ -33,9 +33,15 @@ def dropins(daemon_root: Path) -> Path:
 
 
 @pytest_asyncio.fixture
-async def manager(system_bus: SystemBus, logind: LogindMock, polkit: PolkitMock,
-                  start_daemon: DaemonFactory, tmp_path: Path, etc: Path,
-                  client: MessageBus) -> ProxyInterface:
+async def manager(
+    system_bus: SystemBus,
+    logind: LogindMock,
+    polkit: PolkitMock,
+    start_daemon: DaemonFactory,
+    tmp_path: Path,
+    etc: Path,
+    client: MessageBus,
+) -> ProxyInterface:
     fake = FakeSystem(tmp_path / "fake")
     two_disks_keyfile(fake)
     (etc / "cryptlockd.conf").write_text("enabled = false\n")
@@ -59,15 +65,18 @@ async def device_names(client: MessageBus) -> list[str]:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("text", "message"), [
-    ("[prompt]\nretries = 3\n", "prompt.retries: unknown setting"),
-    ('enabled = "yes"\n', "enabled: Input should be a valid boolean"),
-    ('[devices]\nexclude = "cryptdata"\n', "devices.exclude: "),
-    ("enabled = true\n[prompt\n", "invalid TOML: "),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[prompt]\nretries = 3\n", "prompt.retries: unknown setting"),
+        ('enabled = "yes"\n', "enabled: Input should be a valid boolean"),
+        ('[devices]\nexclude = "cryptdata"\n', "devices.exclude: "),
+        ("enabled = true\n[prompt\n", "invalid TOML: "),
+    ],
+)
 async def test_bad_dropin_is_refused_and_the_last_good_config_kept(
-        manager: ProxyInterface, client: MessageBus, dropins: Path, text: str,
-        message: str) -> None:
+    manager: ProxyInterface, client: MessageBus, dropins: Path, text: str, message: str
+) -> None:
     assert await get_property(client, "Enabled") is False  # from the main file
     # The bad file also tries to turn protection on; none of it may take effect.
     bad = dropins / "10-x.conf"
@@ -92,7 +101,8 @@ async def test_bad_toml_error_names_the_line(manager: ProxyInterface, dropins: P
 
 @pytest.mark.asyncio
 async def test_good_change_takes_effect_and_clears_the_problem(
-        manager: ProxyInterface, client: MessageBus, dropins: Path) -> None:
+    manager: ProxyInterface, client: MessageBus, dropins: Path
+) -> None:
     bad = dropins / "10-x.conf"
     bad.write_text("[prompt]\nretries = 3\n")
     await reload_error(manager)
@@ -105,8 +115,9 @@ async def test_good_change_takes_effect_and_clears_the_problem(
 
 
 @pytest.mark.asyncio
-async def test_precedence_through_the_daemon(manager: ProxyInterface, client: MessageBus,
-                                             daemon_root: Path, dropins: Path) -> None:
+async def test_precedence_through_the_daemon(
+    manager: ProxyInterface, client: MessageBus, daemon_root: Path, dropins: Path
+) -> None:
     vendor = daemon_root / "usr" / "lib" / "cryptlockd" / "cryptlockd.conf.d"
     vendor.mkdir(parents=True)
     (vendor / "50-vendor.conf").write_text("enabled = true\n")
@@ -118,8 +129,9 @@ async def test_precedence_through_the_daemon(manager: ProxyInterface, client: Me
 
 
 @pytest.mark.asyncio
-async def test_denied_reload_reads_nothing(manager: ProxyInterface, client: MessageBus,
-                                           polkit: PolkitMock, etc: Path) -> None:
+async def test_denied_reload_reads_nothing(
+    manager: ProxyInterface, client: MessageBus, polkit: PolkitMock, etc: Path
+) -> None:
     polkit.allow()  # nothing allowed any more
     (etc / "cryptlockd.conf").write_text("enabled = true\n")
     with pytest.raises(DBusError) as exc:
@@ -130,8 +142,13 @@ async def test_denied_reload_reads_nothing(manager: ProxyInterface, client: Mess
 
 @pytest.mark.asyncio
 async def test_bad_config_at_start_is_reported(
-        system_bus: SystemBus, logind: LogindMock, polkit: PolkitMock,
-        start_daemon: DaemonFactory, etc: Path, client: MessageBus) -> None:
+    system_bus: SystemBus,
+    logind: LogindMock,
+    polkit: PolkitMock,
+    start_daemon: DaemonFactory,
+    etc: Path,
+    client: MessageBus,
+) -> None:
     (etc / "cryptlockd.conf").write_text("[prompt]\nvt = -1\n")
     start_daemon()
     problems = await get_property(client, "Problems")

@@ -39,16 +39,21 @@ from tests.integration.conftest import (
 )
 from tests.integration.support import eventually
 
-NOT_RUNNING = ("cryptlockctl: cryptlockd is not running "
-               "(org.cryptlockd1 has no owner on the system bus)\n")
-SUBCOMMANDS = ["status", "devices", "check", "suspend", "enable", "disable", "reload",
-               "monitor"]
+NOT_RUNNING = (
+    "cryptlockctl: cryptlockd is not running (org.cryptlockd1 has no owner on the system bus)\n"
+)
+SUBCOMMANDS = ["status", "devices", "check", "suspend", "enable", "disable", "reload", "monitor"]
 
 
 def ctl(bus: SystemBus, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", *args], env=bus.env(), cwd=REPO,
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", *args],
+        env=bus.env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -67,8 +72,13 @@ def fake(tmp_path: Path) -> FakeSystem:
 
 
 @pytest.fixture
-def daemon(system_bus: SystemBus, logind: LogindMock, polkit: PolkitMock,
-           start_daemon: DaemonFactory, fake: FakeSystem) -> Daemon:
+def daemon(
+    system_bus: SystemBus,
+    logind: LogindMock,
+    polkit: PolkitMock,
+    start_daemon: DaemonFactory,
+    fake: FakeSystem,
+) -> Daemon:
     d = start_daemon(*fake.daemon_args())
     # Started means on the bus; wait until it holds its inhibitor, so its state is settled.
     eventually(lambda: logind.our_inhibitors(), message="daemon took its inhibitor")
@@ -77,8 +87,9 @@ def daemon(system_bus: SystemBus, logind: LogindMock, polkit: PolkitMock,
 
 def bus_property(bus: SystemBus, name: str) -> Any:
     obj = bus.conn.get_object(BUS_NAME, OBJECT_PATH)
-    return obj.Get(MANAGER_INTERFACE, name, dbus_interface="org.freedesktop.DBus.Properties",
-                   timeout=10)
+    return obj.Get(
+        MANAGER_INTERFACE, name, dbus_interface="org.freedesktop.DBus.Properties", timeout=10
+    )
 
 
 def test_not_running_every_subcommand(system_bus: SystemBus) -> None:
@@ -90,17 +101,32 @@ def test_not_running_every_subcommand(system_bus: SystemBus) -> None:
 
 def test_no_system_bus_at_all(system_bus: SystemBus, tmp_path: Path) -> None:
     env = system_bus.env({"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/nothing"})
-    proc = subprocess.run([str(VENV_PYTHON), "-m", "cryptlockd.ctl", "status"], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", "status"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("cryptlockctl: cannot connect to the system bus: ")
     assert proc.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("args", [
-    [], ["bogus"], ["status", "extra"], ["enable", "now"], ["--timeout", "-1", "status"],
-    ["status", "--timeout", "x"], ["--jsonx", "status"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["bogus"],
+        ["status", "extra"],
+        ["enable", "now"],
+        ["--timeout", "-1", "status"],
+        ["status", "--timeout", "x"],
+        ["--jsonx", "status"],
+    ],
+)
 def test_usage_errors_exit_2(system_bus: SystemBus, args: list[str]) -> None:
     proc = ctl(system_bus, *args)
     assert proc.returncode == 2, proc
@@ -120,8 +146,11 @@ def test_help_and_version(system_bus: SystemBus) -> None:
 def test_status(system_bus: SystemBus, daemon: Daemon) -> None:
     status = ctl_json(system_bus, "status")
     xml = INTROSPECTION_XML.read_text()
-    assert set(status) == {p for p in ("Version", "Enabled", "Protected", "Problems", "State",
-                                       "Devices", "LastCycle") if f'name="{p}"' in xml}
+    assert set(status) == {
+        p
+        for p in ("Version", "Enabled", "Protected", "Problems", "State", "Devices", "LastCycle")
+        if f'name="{p}"' in xml
+    }
     assert status["Version"] == __version__
     assert status["Enabled"] is True
     assert status["State"] == "idle"
@@ -134,7 +163,14 @@ def test_status(system_bus: SystemBus, daemon: Daemon) -> None:
     assert proc.returncode == 0 and proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines if not ln.startswith(" ")] == [
-        "Protected", "Problems", "State", "Enabled", "Devices", "Last cycle", "Version"]
+        "Protected",
+        "Problems",
+        "State",
+        "Enabled",
+        "Devices",
+        "Last cycle",
+        "Version",
+    ]
     text = proc.stdout
     assert f"Protected:  {'yes' if status['Protected'] else 'no'}\n" in text
     assert "Devices:    2 (cryptdata, cryptroot)\n" in text
@@ -148,9 +184,14 @@ def test_devices(system_bus: SystemBus, daemon: Daemon) -> None:
     devices = ctl_json(system_bus, "devices")
     by = {d["name"]: d for d in devices}
     assert by["cryptroot"] == {
-        "name": "cryptroot", "uuid": UUID_A, "luks_type": "LUKS2",
-        "backing_device": "/dev/vda2", "holds_root": True, "suspended": False,
-        "key_source": "passphrase", "holders": [],
+        "name": "cryptroot",
+        "uuid": UUID_A,
+        "luks_type": "LUKS2",
+        "backing_device": "/dev/vda2",
+        "holds_root": True,
+        "suspended": False,
+        "key_source": "passphrase",
+        "holders": [],
     }
     assert by["cryptdata"]["key_source"] == "keyfile:/etc/keys/data.key"
     assert by["cryptdata"]["uuid"] == UUID_B
@@ -161,10 +202,26 @@ def test_devices(system_bus: SystemBus, daemon: Daemon) -> None:
     proc = ctl(system_bus, "devices")
     assert proc.returncode == 0
     header, *rows = proc.stdout.splitlines()
-    assert header.split() == ["NAME", "TYPE", "BACKING", "ROOT", "SUSPENDED", "KEY", "HOLDERS",
-                              "UUID"]
-    assert rows[1].split() == ["cryptroot", "LUKS2", "/dev/vda2", "yes", "no", "passphrase",
-                               "-", UUID_A]
+    assert header.split() == [
+        "NAME",
+        "TYPE",
+        "BACKING",
+        "ROOT",
+        "SUSPENDED",
+        "KEY",
+        "HOLDERS",
+        "UUID",
+    ]
+    assert rows[1].split() == [
+        "cryptroot",
+        "LUKS2",
+        "/dev/vda2",
+        "yes",
+        "no",
+        "passphrase",
+        "-",
+        UUID_A,
+    ]
 
 
 def test_devices_unknown_name(system_bus: SystemBus, daemon: Daemon) -> None:
@@ -172,7 +229,8 @@ def test_devices_unknown_name(system_bus: SystemBus, daemon: Daemon) -> None:
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.startswith(
-        "cryptlockctl: GetDevice failed: org.cryptlockd1.Error.NoSuchDevice: ")
+        "cryptlockctl: GetDevice failed: org.cryptlockd1.Error.NoSuchDevice: "
+    )
     assert proc.stderr.count("\n") == 1
 
 
@@ -181,8 +239,10 @@ def test_check(system_bus: SystemBus, daemon: Daemon) -> None:
     results = json.loads(proc.stdout)
     assert results and all(set(r) == {"name", "ok", "detail"} for r in results)
     obj = system_bus.conn.get_object(BUS_NAME, OBJECT_PATH)
-    on_bus = [(str(n), bool(ok), str(d))
-              for n, ok, d in obj.Check(dbus_interface=MANAGER_INTERFACE, timeout=10)]
+    on_bus = [
+        (str(n), bool(ok), str(d))
+        for n, ok, d in obj.Check(dbus_interface=MANAGER_INTERFACE, timeout=10)
+    ]
     assert [(r["name"], r["ok"], r["detail"]) for r in results] == on_bus
     # A host test bed has no sleep drop-in installed under --root, so a check fails: exit 1.
     failed = [r for r in results if not r["ok"]]
@@ -197,9 +257,13 @@ def test_check(system_bus: SystemBus, daemon: Daemon) -> None:
     assert proc.stdout.rstrip().endswith(f"{len(failed)} of {len(results)} checks failed.")
 
 
-def test_check_fails_without_devices(system_bus: SystemBus, logind: LogindMock,
-                                     polkit: PolkitMock, start_daemon: DaemonFactory,
-                                     tmp_path: Path) -> None:
+def test_check_fails_without_devices(
+    system_bus: SystemBus,
+    logind: LogindMock,
+    polkit: PolkitMock,
+    start_daemon: DaemonFactory,
+    tmp_path: Path,
+) -> None:
     empty = FakeSystem(tmp_path / "empty")
     start_daemon(*empty.daemon_args())
     proc = ctl(system_bus, "check", "--json")
@@ -212,7 +276,8 @@ def test_enable_disable(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMoc
     proc = ctl(system_bus, "disable")
     assert proc.returncode == 1
     assert proc.stderr.startswith(
-        "cryptlockctl: SetEnabled failed: org.cryptlockd1.Error.NotAuthorized")
+        "cryptlockctl: SetEnabled failed: org.cryptlockd1.Error.NotAuthorized"
+    )
     assert bool(bus_property(system_bus, "Enabled")) is True
 
     polkit.allow(POLKIT_ACTION_CONFIGURE)
@@ -224,8 +289,9 @@ def test_enable_disable(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMoc
     assert bus_property(system_bus, "Enabled")
 
 
-def test_reload(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock,
-                daemon_root: Path) -> None:
+def test_reload(
+    system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock, daemon_root: Path
+) -> None:
     proc = ctl(system_bus, "reload")
     assert proc.returncode == 1 and "org.cryptlockd1.Error.NotAuthorized" in proc.stderr
 
@@ -238,11 +304,13 @@ def test_reload(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock,
     assert proc.returncode == 1
     assert proc.stderr == (
         "cryptlockctl: Reload failed: org.cryptlockd1.Error.ConfigInvalid: "
-        f"{dropins / '10-bad.conf'}: prompt.retries: unknown setting\n")
+        f"{dropins / '10-bad.conf'}: prompt.retries: unknown setting\n"
+    )
 
 
-def test_suspend(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock,
-                 logind: LogindMock) -> None:
+def test_suspend(
+    system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock, logind: LogindMock
+) -> None:
     proc = ctl(system_bus, "suspend")
     assert proc.returncode == 1
     assert "org.cryptlockd1.Error.NotAuthorized" in proc.stderr
@@ -252,9 +320,11 @@ def test_suspend(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock,
     polkit.allow(POLKIT_ACTION_SUSPEND)
     proc = ctl(system_bus, "suspend")
     assert proc.returncode == 1
-    assert proc.stderr.startswith("cryptlockctl: Suspend failed: "
-                                  "org.cryptlockd1.Error.NotProtected: the next sleep would "
-                                  "not wipe the keys: ")
+    assert proc.stderr.startswith(
+        "cryptlockctl: Suspend failed: "
+        "org.cryptlockd1.Error.NotProtected: the next sleep would "
+        "not wipe the keys: "
+    )
     assert proc.stderr.count("\n") == 1
     assert logind.method_calls("Suspend") == []
 
@@ -294,9 +364,14 @@ class LineReader:
 
 
 def start_monitor(bus: SystemBus, *args: str) -> tuple[subprocess.Popen[str], LineReader]:
-    proc = subprocess.Popen([str(VENV_PYTHON), "-m", "cryptlockd.ctl", "monitor", *args],
-                            env=bus.env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", "monitor", *args],
+        env=bus.env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, LineReader(proc)
 
 
@@ -314,10 +389,18 @@ def stop_monitor(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tupl
 
 async def unique_name_of(client: MessageBus, pid: int) -> str:
     """The unique bus name of the connection opened by process `pid`."""
+
     async def call(member: str, sig: str, body: list[Any]) -> Any:
-        reply = await client.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member=member, signature=sig, body=body))
+        reply = await client.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member=member,
+                signature=sig,
+                body=body,
+            )
+        )
         assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
         return reply.body[0]
 
@@ -332,8 +415,9 @@ async def unique_name_of(client: MessageBus, pid: int) -> str:
 
 
 @pytest.mark.asyncio
-async def test_monitor_json(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock,
-                            client: MessageBus) -> None:
+async def test_monitor_json(
+    system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock, client: MessageBus
+) -> None:
     proc, reader = start_monitor(system_bus, "--json")
     try:
         first = json.loads(reader.next() or "null")
@@ -344,11 +428,20 @@ async def test_monitor_json(system_bus: SystemBus, daemon: Daemon, polkit: Polki
         # Forged signals, broadcast and sent straight to the monitor, must not be printed.
         me = await unique_name_of(client, proc.pid)
         for dest in (None, me):
-            await client.send(Message.new_signal(OBJECT_PATH, MANAGER_INTERFACE,
-                                                 "CycleFinished", "ba{sv}", [True, {}]))
-            forged = Message(message_type=MessageType.SIGNAL, path=OBJECT_PATH,
-                             interface=MANAGER_INTERFACE, member="CycleFinished",
-                             destination=dest, signature="ba{sv}", body=[True, {}])
+            await client.send(
+                Message.new_signal(
+                    OBJECT_PATH, MANAGER_INTERFACE, "CycleFinished", "ba{sv}", [True, {}]
+                )
+            )
+            forged = Message(
+                message_type=MessageType.SIGNAL,
+                path=OBJECT_PATH,
+                interface=MANAGER_INTERFACE,
+                member="CycleFinished",
+                destination=dest,
+                signature="ba{sv}",
+                body=[True, {}],
+            )
             await client.send(forged)
 
         def enabled_is(value: bool) -> Callable[[str], bool]:
@@ -369,8 +462,9 @@ async def test_monitor_json(system_bus: SystemBus, daemon: Daemon, polkit: Polki
     assert all(e["changed"] and isinstance(e["invalidated"], list) for e in events)
 
 
-def test_monitor_human_and_daemon_leaving(system_bus: SystemBus, daemon: Daemon,
-                                          polkit: PolkitMock) -> None:
+def test_monitor_human_and_daemon_leaving(
+    system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock
+) -> None:
     proc, reader = start_monitor(system_bus)
     try:
         first = reader.next() or ""

@@ -32,7 +32,11 @@ TESTBED = Path(__file__).with_name("umockdev_testbed.py")
 def umockdev_missing() -> str | None:
     probe = subprocess.run(
         [MOCK_PYTHON, "-c", "import gi; gi.require_version('UMockdev', '1.0')"],
-        capture_output=True, text=True, check=False, timeout=30)
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     if probe.returncode != 0:
         return "umockdev's GObject bindings (gir1.2-umockdev-1.0) are not installed"
     return None
@@ -41,8 +45,12 @@ def umockdev_missing() -> str | None:
 class UmockdevBed:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [MOCK_PYTHON, str(TESTBED)], env=dict(os.environ, LD_PRELOAD=PRELOAD),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [MOCK_PYTHON, str(TESTBED)],
+            env=dict(os.environ, LD_PRELOAD=PRELOAD),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.root = Path(self._answer()["root"])
 
     def _answer(self) -> dict[str, Any]:
@@ -63,11 +71,23 @@ class UmockdevBed:
     def env(self) -> dict[str, str]:
         return {"LD_PRELOAD": PRELOAD, "UMOCKDEV_DIR": str(self.root)}
 
-    def add(self, name: str, devno: str, parent: str | None = None,
-            dm: tuple[str, str] | None = None, slaves: tuple[str, ...] = ()) -> str:
+    def add(
+        self,
+        name: str,
+        devno: str,
+        parent: str | None = None,
+        dm: tuple[str, str] | None = None,
+        slaves: tuple[str, ...] = (),
+    ) -> str:
         attrs = ["dev", devno]
-        props = ["DEVNAME", f"/dev/{name}", "MAJOR", devno.split(":")[0],
-                 "MINOR", devno.split(":")[1]]
+        props = [
+            "DEVNAME",
+            f"/dev/{name}",
+            "MAJOR",
+            devno.split(":")[0],
+            "MINOR",
+            devno.split(":")[1],
+        ]
         if dm is not None:
             attrs += ["dm/name", dm[0], "dm/uuid", dm[1], "dm/suspended", "0"]
             props += ["DM_NAME", dm[0], "DM_UUID", dm[1]]
@@ -121,37 +141,55 @@ async def names(client: MessageBus) -> list[str]:
 
 @pytest.mark.asyncio
 async def test_hotplug_add_and_remove_reach_devices(
-        system_bus: SystemBus, logind: LogindMock, polkit: PolkitMock,
-        start_daemon: DaemonFactory, tmp_path: Path, testbed: UmockdevBed,
-        client: MessageBus) -> None:
+    system_bus: SystemBus,
+    logind: LogindMock,
+    polkit: PolkitMock,
+    start_daemon: DaemonFactory,
+    tmp_path: Path,
+    testbed: UmockdevBed,
+    client: MessageBus,
+) -> None:
     vda = testbed.add("vda", "252:0")
     vda2 = testbed.add("vda2", "252:2", parent=vda)
-    root = testbed.add("dm-0", "253:0", dm=("cryptroot", luks_dm_uuid(UUID_A, "cryptroot")),
-                       slaves=(vda2,))
+    root = testbed.add(
+        "dm-0", "253:0", dm=("cryptroot", luks_dm_uuid(UUID_A, "cryptroot")), slaves=(vda2,)
+    )
     mountinfo = tmp_path / "mountinfo"
     mountinfo.write_text("27 1 253:0 / / rw,relatime shared:1 - ext4 /dev/mapper/cryptroot rw\n")
     crypttab = tmp_path / "crypttab"
     crypttab.write_text(f"cryptdata UUID={UUID_B} /etc/keys/data.key luks\n")
 
     # --sysfs stays /sys: the preload library redirects it to the testbed.
-    start_daemon("--mountinfo", str(mountinfo), "--crypttab", str(crypttab),
-                 env=testbed.env, udev=True)
+    start_daemon(
+        "--mountinfo", str(mountinfo), "--crypttab", str(crypttab), env=testbed.env, udev=True
+    )
     assert await names(client) == ["cryptroot"]
     seen = await watch_devices(client)
 
     # A second LUKS disk appears.
     vdb = testbed.add("vdb", "252:16")
-    data = testbed.add("dm-1", "253:1", dm=("cryptdata", luks_dm_uuid(UUID_B, "cryptdata")),
-                       slaves=(vdb,))
+    data = testbed.add(
+        "dm-1", "253:1", dm=("cryptdata", luks_dm_uuid(UUID_B, "cryptdata")), slaves=(vdb,)
+    )
     testbed.uevent(data, "add")
-    await eventually_async(lambda: _eq(names(client), ["cryptdata", "cryptroot"]),
-                           message="Devices after the add")
+    await eventually_async(
+        lambda: _eq(names(client), ["cryptdata", "cryptroot"]), message="Devices after the add"
+    )
     await eventually_async(
         lambda: any([d[0] for d in s] == ["cryptdata", "cryptroot"] for s in seen),
-        message="PropertiesChanged with cryptdata")
+        message="PropertiesChanged with cryptdata",
+    )
     got = {d[0]: d for d in devices(await get_property(client, "Devices"))}
-    assert got["cryptdata"] == ["cryptdata", UUID_B, "LUKS2", "/dev/vdb", False, False,
-                                "keyfile:/etc/keys/data.key", []]
+    assert got["cryptdata"] == [
+        "cryptdata",
+        UUID_B,
+        "LUKS2",
+        "/dev/vdb",
+        False,
+        False,
+        "keyfile:/etc/keys/data.key",
+        [],
+    ]
 
     # An LVM volume is activated on top of cryptroot: its holders change.
     lv = testbed.add("dm-2", "253:2", dm=("vg-home", "LVM-" + "c" * 64), slaves=(root,))
@@ -161,15 +199,19 @@ async def test_hotplug_add_and_remove_reach_devices(
         found = {d[0]: d for d in devices(await get_property(client, "Devices"))}
         return list(found["cryptroot"][7])
 
-    await eventually_async(lambda: _eq(holders_of_root(), ["vg-home"]),
-                           message="cryptroot's holders after the LV add")
+    await eventually_async(
+        lambda: _eq(holders_of_root(), ["vg-home"]), message="cryptroot's holders after the LV add"
+    )
 
     # The second disk goes away.
     testbed.unplug(data)
-    await eventually_async(lambda: _eq(names(client), ["cryptroot"]),
-                           message="Devices after the remove")
-    await eventually_async(lambda: [d[0] for d in seen[-1]] == ["cryptroot"],
-                           message="PropertiesChanged after the remove")
+    await eventually_async(
+        lambda: _eq(names(client), ["cryptroot"]), message="Devices after the remove"
+    )
+    await eventually_async(
+        lambda: [d[0] for d in seen[-1]] == ["cryptroot"],
+        message="PropertiesChanged after the remove",
+    )
 
 
 async def _eq(value: Any, expected: Any) -> bool:

@@ -20,9 +20,22 @@ VENV = f"{PREFIX}/lib/cryptlockd/venv"
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Everything `make install` needs from PyPI, fetched once (with the network)."""
     wh = tmp_path_factory.mktemp("wheelhouse")
-    proc = subprocess.run([str(REPO / ".venv/bin/pip"), "wheel", "-q", "--wheel-dir", str(wh),
-                           str(REPO), "setuptools", "wheel"],
-                          capture_output=True, text=True, timeout=900, cwd=str(REPO))
+    proc = subprocess.run(
+        [
+            str(REPO / ".venv/bin/pip"),
+            "wheel",
+            "-q",
+            "--wheel-dir",
+            str(wh),
+            str(REPO),
+            "setuptools",
+            "wheel",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=str(REPO),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return wh
 
@@ -34,11 +47,19 @@ def destdir(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
     dest = tmp_path_factory.mktemp("destdir")
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
-    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse),
-               PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_CACHE_DIR="1")
-    proc = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={dest}",
-                           f"PREFIX={PREFIX}"],
-                          capture_output=True, text=True, timeout=900, env=env)
+    env.update(
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(wheelhouse),
+        PIP_INDEX_URL="http://127.0.0.1:9/simple",
+        PIP_NO_CACHE_DIR="1",
+    )
+    proc = subprocess.run(
+        ["make", "-C", str(REPO), "install", f"DESTDIR={dest}", f"PREFIX={PREFIX}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return dest
 
@@ -72,22 +93,36 @@ def test_wrappers_point_into_the_installed_venv(destdir: Path) -> None:
         assert f'exec {VENV}/bin/python -m {module} "$@"' in wrapper.read_text()
     unit = (destdir / PREFIX.lstrip("/") / "lib/systemd/system/cryptlockd.service").read_text()
     assert f"ExecStart={PREFIX}/bin/cryptlockd\n" in unit
-    activation = (destdir / "usr/share/dbus-1/system-services/org.cryptlockd1.service")
+    activation = destdir / "usr/share/dbus-1/system-services/org.cryptlockd1.service"
     assert f"Exec={PREFIX}/bin/cryptlockd\n" in activation.read_text()
 
 
 def test_installed_venv_runs_the_installed_code(destdir: Path) -> None:
     python = destdir / VENV.lstrip("/") / "bin" / "python"
     out = subprocess.run(
-        [str(python), "-I", "-c",
-         "import cryptlockd.daemon, cryptlockd.defs as d; print(cryptlockd.daemon.__file__);"
-         "print(d.INTROSPECTION_XML.is_file())"],
-        capture_output=True, text=True, timeout=60, cwd="/", check=True,
+        [
+            str(python),
+            "-I",
+            "-c",
+            "import cryptlockd.daemon, cryptlockd.defs as d; print(cryptlockd.daemon.__file__);"
+            "print(d.INTROSPECTION_XML.is_file())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=True,
     ).stdout.split()
     assert out[0].startswith(str(destdir / VENV.lstrip("/"))), out
     assert out[1] == "True"  # the XML ships inside the package
-    version = subprocess.run([str(python), "-I", "-m", "cryptlockd.daemon", "--version"],
-                             capture_output=True, text=True, timeout=60, cwd="/", check=True)
+    version = subprocess.run(
+        [str(python), "-I", "-m", "cryptlockd.daemon", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=True,
+    )
     assert version.stdout.strip()
 
 
@@ -95,10 +130,14 @@ def test_installed_venv_runs_the_installed_code(destdir: Path) -> None:
 def test_unit_file_verifies(destdir: Path, tmp_path: Path) -> None:
     unit = (destdir / PREFIX.lstrip("/") / "lib/systemd/system/cryptlockd.service").read_text()
     # verify insists that ExecStart exists on this machine: point it at the DESTDIR copy.
-    unit = unit.replace(f"ExecStart={PREFIX}/bin/cryptlockd",
-                        f"ExecStart={destdir}{PREFIX}/bin/cryptlockd")
+    unit = unit.replace(
+        f"ExecStart={PREFIX}/bin/cryptlockd", f"ExecStart={destdir}{PREFIX}/bin/cryptlockd"
+    )
     (tmp_path / "cryptlockd.service").write_text(unit)
-    proc = subprocess.run(["systemd-analyze", "verify", "--man=no",
-                           str(tmp_path / "cryptlockd.service")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / "cryptlockd.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr

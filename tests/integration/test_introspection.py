@@ -21,12 +21,16 @@ def describe(iface: Interface) -> dict[str, object]:
     """Everything a client depends on, in a comparable form."""
     return {
         "methods": sorted(
-            (m.name, tuple((a.name, a.signature, a.direction.value)
-                           for a in m.in_args + m.out_args))
-            for m in iface.methods),
+            (
+                m.name,
+                tuple((a.name, a.signature, a.direction.value) for a in m.in_args + m.out_args),
+            )
+            for m in iface.methods
+        ),
         "properties": sorted((p.name, p.signature, p.access.value) for p in iface.properties),
-        "signals": sorted((s.name, tuple((a.name, a.signature) for a in s.args))
-                          for s in iface.signals),
+        "signals": sorted(
+            (s.name, tuple((a.name, a.signature) for a in s.args)) for s in iface.signals
+        ),
     }
 
 
@@ -36,9 +40,14 @@ def shipped_interface() -> Interface:
 
 
 async def introspect(client: MessageBus, path: str = OBJECT_PATH) -> Node:
-    reply = await client.call(Message(destination=BUS_NAME, path=path,
-                                      interface="org.freedesktop.DBus.Introspectable",
-                                      member="Introspect"))
+    reply = await client.call(
+        Message(
+            destination=BUS_NAME,
+            path=path,
+            interface="org.freedesktop.DBus.Introspectable",
+            member="Introspect",
+        )
+    )
     assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
     return Node.parse(reply.body[0])
 
@@ -54,8 +63,10 @@ async def test_exported_interface_matches_xml(
     assert describe(exported[MANAGER_INTERFACE]) == describe(shipped_interface())
     # Only the standard interfaces besides ours.
     assert set(exported) - {MANAGER_INTERFACE} <= {
-        "org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.Properties",
-        "org.freedesktop.DBus.Peer"}
+        "org.freedesktop.DBus.Introspectable",
+        "org.freedesktop.DBus.Properties",
+        "org.freedesktop.DBus.Peer",
+    }
     # Parents list us, so `busctl tree` finds the object.
     assert [n.name for n in (await introspect(client, "/org")).nodes] == ["cryptlockd1"]
 
@@ -65,9 +76,16 @@ async def test_getall_has_every_property_with_its_type(
     logind: LogindMock, start_daemon: DaemonFactory, client: MessageBus
 ) -> None:
     start_daemon()
-    reply = await client.call(Message(destination=BUS_NAME, path=OBJECT_PATH,
-                                      interface="org.freedesktop.DBus.Properties",
-                                      member="GetAll", signature="s", body=[MANAGER_INTERFACE]))
+    reply = await client.call(
+        Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface="org.freedesktop.DBus.Properties",
+            member="GetAll",
+            signature="s",
+            body=[MANAGER_INTERFACE],
+        )
+    )
     assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
     values: dict[str, Variant] = reply.body[0]
     expected = {p.name: p.signature for p in shipped_interface().properties}
@@ -82,9 +100,19 @@ def test_busctl_introspect_shows_it(
 ) -> None:
     start_daemon()
     out = subprocess.run(
-        ["busctl", f"--address={system_bus.address}", "--no-pager", "introspect",
-         BUS_NAME, OBJECT_PATH, MANAGER_INTERFACE],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            "busctl",
+            f"--address={system_bus.address}",
+            "--no-pager",
+            "introspect",
+            BUS_NAME,
+            OBJECT_PATH,
+            MANAGER_INTERFACE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     print(out)
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:] if line.strip()}

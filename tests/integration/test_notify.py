@@ -47,7 +47,9 @@ def listener(tmp_path: Path) -> Iterator[NotifyListener]:
 
 
 def test_ready_status_watchdog_stopping(
-    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
+    system_bus: SystemBus,
+    logind: LogindMock,
+    start_daemon: DaemonFactory,
     listener: NotifyListener,
 ) -> None:
     d = start_daemon(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"})
@@ -66,11 +68,14 @@ def test_ready_status_watchdog_stopping(
 
 
 def test_watchdog_for_another_pid_is_ignored(
-    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
+    system_bus: SystemBus,
+    logind: LogindMock,
+    start_daemon: DaemonFactory,
     listener: NotifyListener,
 ) -> None:
-    d = start_daemon(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "100000",
-                      "WATCHDOG_PID": "1"})
+    d = start_daemon(
+        env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"}
+    )
     eventually(lambda: listener.seen("READY", "1"), message="READY=1")
     # A round trip, so the loop has run well past where the first ping would go out.
     obj = system_bus.conn.get_object("org.cryptlockd1", "/org/cryptlockd1", introspect=False)
@@ -82,25 +87,35 @@ def test_watchdog_for_another_pid_is_ignored(
 
 
 def test_watchdog_stretched_across_a_sleep(
-    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory,
-    listener: NotifyListener, luks_system: FakeSystem,
+    system_bus: SystemBus,
+    logind: LogindMock,
+    start_daemon: DaemonFactory,
+    listener: NotifyListener,
+    luks_system: FakeSystem,
 ) -> None:
     # The helper freezes us (and PID 1) until the passphrase is typed: systemd must not
     # find us overdue on thaw.
-    start_daemon(*luks_system.daemon_args(),
-                 env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "20000000"})
+    start_daemon(
+        *luks_system.daemon_args(),
+        env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "20000000"},
+    )
     eventually(lambda: listener.seen("READY", "1"), message="READY=1")
     eventually(logind.our_inhibitors, message="inhibitor taken")
     logind.prepare_for_sleep(True)
-    eventually(lambda: listener.seen("WATCHDOG_USEC", str(SLEEP_WATCHDOG_USEC)),
-               message="watchdog stretched for the sleep")
+    eventually(
+        lambda: listener.seen("WATCHDOG_USEC", str(SLEEP_WATCHDOG_USEC)),
+        message="watchdog stretched for the sleep",
+    )
     logind.prepare_for_sleep(False)
-    eventually(lambda: listener.seen("WATCHDOG_USEC", "20000000"),
-               message="watchdog restored after the sleep")
+    eventually(
+        lambda: listener.seen("WATCHDOG_USEC", "20000000"),
+        message="watchdog restored after the sleep",
+    )
 
 
-def test_notify_variables_leave_the_environment(monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Path) -> None:
+def test_notify_variables_leave_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))

@@ -15,8 +15,9 @@ from tests.integration.conftest import DaemonFactory, LogindMock, PolkitMock, Sy
 
 pytestmark = [
     pytest.mark.system_bus_policy,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as root "
-                       "and a client as another uid"),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root to run the daemon as root and a client as another uid"
+    ),
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing"),
 ]
 
@@ -46,9 +47,23 @@ except dbus.DBusException as e:
 
 def as_nobody(bus: SystemBus, op: dict[str, object]) -> dict[str, object]:
     proc = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
-         "/usr/bin/python3", "-c", CLIENT, json.dumps(op), bus.address],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            CLIENT,
+            json.dumps(op),
+            bus.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
     )
     assert proc.returncode == 0, proc.stderr
     out: dict[str, object] = json.loads(proc.stdout)
@@ -56,8 +71,13 @@ def as_nobody(bus: SystemBus, op: dict[str, object]) -> dict[str, object]:
 
 
 def method(iface: str, member: str, *args: object, variant: object = None) -> dict[str, object]:
-    return {"kind": "call", "iface": iface, "member": member, "args": list(args),
-            "variant": variant}
+    return {
+        "kind": "call",
+        "iface": iface,
+        "member": member,
+        "args": list(args),
+        "variant": variant,
+    }
 
 
 MANAGER = "org.cryptlockd1.Manager"

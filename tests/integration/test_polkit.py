@@ -34,8 +34,7 @@ async def test_suspend_allowed_but_not_protected_is_refused(
     assert "would not wipe the keys" in str(e.value.text)
     assert logind.method_calls("Suspend") == []
     # The subject is the caller's unique name from the message header.
-    [(_ts, (subject, action, _details, flags, _cancel))] = \
-        polkit.method_calls("CheckAuthorization")
+    [(_ts, (subject, action, _details, flags, _cancel))] = polkit.method_calls("CheckAuthorization")
     assert str(action) == POLKIT_ACTION_SUSPEND
     assert int(flags) == 1  # AllowUserInteraction
     assert str(subject[0]) == "system-bus-name"
@@ -70,10 +69,11 @@ async def test_set_enabled_allowed_and_denied(
 
     changed: list[dict[str, object]] = []
     manager_props = client.get_proxy_object(
-        "org.cryptlockd1", "/org/cryptlockd1",
-        await _properties_xml()).get_interface("org.freedesktop.DBus.Properties")
+        "org.cryptlockd1", "/org/cryptlockd1", await _properties_xml()
+    ).get_interface("org.freedesktop.DBus.Properties")
     manager_props.on_properties_changed(  # type: ignore[attr-defined]
-        lambda iface, props, _inv: changed.append(props))
+        lambda iface, props, _inv: changed.append(props)
+    )
 
     polkit.allow(POLKIT_ACTION_CONFIGURE)
     await manager.call_set_enabled(False)  # type: ignore[attr-defined]

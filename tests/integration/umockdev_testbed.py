@@ -27,8 +27,9 @@ def main() -> None:
         cmd = json.loads(line)
         try:
             if cmd["op"] == "add":
-                result = testbed.add_device("block", cmd["name"], cmd.get("parent"),
-                                            cmd["attrs"], cmd["props"])
+                result = testbed.add_device(
+                    "block", cmd["name"], cmd.get("parent"), cmd["attrs"], cmd["props"]
+                )
             elif cmd["op"] == "uevent":
                 testbed.uevent(cmd["path"], cmd["action"])
                 result = None

@@ -78,8 +78,14 @@ def test_inhibit_delay_is_informational() -> None:
 
 # --- issue 5: kernel / libcryptsetup risk lines and the last cycle's verification ---
 
-def _risks(release: str, lib: str | None = "2.6.1", link: bool = False,
-           keyrings: bool = True, linked: tuple[str, ...] = ()) -> dict[str, checks.CheckResult]:
+
+def _risks(
+    release: str,
+    lib: str | None = "2.6.1",
+    link: bool = False,
+    keyrings: bool = True,
+    linked: tuple[str, ...] = (),
+) -> dict[str, checks.CheckResult]:
     facts = checks.CryptoFacts(release, keyrings, lib, link, linked)
     return {r.name: r for r in checks.check_key_risks(facts)}
 
@@ -118,8 +124,7 @@ def test_risk_lines_that_are_problems() -> None:
 
 def test_crypto_facts_reads_crypttab_links(tmp_path: Path) -> None:
     tab = tmp_path / "crypttab"
-    tab.write_text("# c\nroot UUID=1 none luks\n"
-                   "data UUID=2 /k luks,link-volume-key=@u::%logon:x\n")
+    tab.write_text("# c\nroot UUID=1 none luks\ndata UUID=2 /k luks,link-volume-key=@u::%logon:x\n")
     facts = checks.crypto_facts(tab, proc_keys=tmp_path / "nokeys")
     assert facts.linked_in_crypttab == ("data",)
     assert facts.kernel_keyrings is False
@@ -128,12 +133,26 @@ def test_crypto_facts_reads_crypttab_links(tmp_path: Path) -> None:
 
 def test_last_cycle_line() -> None:
     assert checks.check_last_cycle({}) == []
-    good = checks.check_last_cycle({"verification": {
-        "root": {"dm_table_key": "zeroed", "keyring": "none", "protected": "yes"}}})
+    good = checks.check_last_cycle(
+        {
+            "verification": {
+                "root": {"dm_table_key": "zeroed", "keyring": "none", "protected": "yes"}
+            }
+        }
+    )
     assert good[0].ok and "root" in good[0].detail
-    bad = checks.check_last_cycle({"verification": {
-        "root": {"dm_table_key": "zeroed", "keyring": "none", "protected": "yes"},
-        "data": {"dm_table_key": "zeroed", "keyring": "left: 1 (EACCES)", "protected": "no"}}})
+    bad = checks.check_last_cycle(
+        {
+            "verification": {
+                "root": {"dm_table_key": "zeroed", "keyring": "none", "protected": "yes"},
+                "data": {
+                    "dm_table_key": "zeroed",
+                    "keyring": "left: 1 (EACCES)",
+                    "protected": "no",
+                },
+            }
+        }
+    )
     assert not bad[0].ok and not bad[0].blocking
     assert "NOT protect data" in bad[0].detail and "left: 1" in bad[0].detail
     legacy = checks.check_last_cycle({"verification": {"root": {"dm_table_key": "present"}}})

@@ -19,10 +19,15 @@ dash /dev/vdd - luks
 """
     assert parse_crypttab(text) == [
         CrypttabEntry("cryptroot", "UUID=1234", None, ("luks", "discard")),
-        CrypttabEntry("cryptdata", "PARTUUID=abcd", "/etc/keys/data.key",
-                      ("luks", "nofail", "keyfile-timeout=10s")),
-        CrypttabEntry("cryptswap", "/dev/disk/by-id/x", "/dev/urandom",
-                      ("swap", "cipher=aes-xts-plain64")),
+        CrypttabEntry(
+            "cryptdata",
+            "PARTUUID=abcd",
+            "/etc/keys/data.key",
+            ("luks", "nofail", "keyfile-timeout=10s"),
+        ),
+        CrypttabEntry(
+            "cryptswap", "/dev/disk/by-id/x", "/dev/urandom", ("swap", "cipher=aes-xts-plain64")
+        ),
         CrypttabEntry("minimal", "/dev/vdc", None, ()),
         CrypttabEntry("dash", "/dev/vdd", None, ("luks",)),
     ]
@@ -39,7 +44,8 @@ def test_keyfile_size_and_offset() -> None:
     [entry, plain, bad] = parse_crypttab(
         "data UUID=1 /dev/sdb none,keyfile-size=64,keyfile-offset=4096,luks\n"
         "plain UUID=2 /k luks\n"
-        "bad UUID=3 /k keyfile-size=64k,keyfile-offset=\n")
+        "bad UUID=3 /k keyfile-size=64k,keyfile-offset=\n"
+    )
     assert (entry.keyfile_size, entry.keyfile_offset) == (64, 4096)
     assert (plain.keyfile_size, plain.keyfile_offset) == (0, 0)
     # Not a number of bytes: read as the whole file (a prompt at worst), not an error.

@@ -29,26 +29,43 @@ DEVICE = ["cryptroot", "1111", "LUKS2", "/dev/vda2", True, False, "passphrase", 
 
 
 def test_plain_unwraps_variants_and_structs() -> None:
-    value = {"a": Variant("as", ["x"]), "b": Variant("a{sv}", {"c": Variant("d", 1.5)}),
-             "t": ("s", 1)}
+    value = {
+        "a": Variant("as", ["x"]),
+        "b": Variant("a{sv}", {"c": Variant("d", 1.5)}),
+        "t": ("s", 1),
+    }
     assert plain(value) == {"a": ["x"], "b": {"c": 1.5}, "t": ["s", 1]}
 
 
 def test_device_dict_follows_the_dataclass() -> None:
     assert device_dict(DEVICE) == {
-        "name": "cryptroot", "uuid": "1111", "luks_type": "LUKS2",
-        "backing_device": "/dev/vda2", "holds_root": True, "suspended": False,
-        "key_source": "passphrase", "holders": ["vg-root"],
+        "name": "cryptroot",
+        "uuid": "1111",
+        "luks_type": "LUKS2",
+        "backing_device": "/dev/vda2",
+        "holds_root": True,
+        "suspended": False,
+        "key_source": "passphrase",
+        "holders": ["vg-root"],
     }
 
 
 def test_status_text() -> None:
-    status = status_dict({
-        "Protected": False, "Problems": ["first problem", "second problem"], "State": "idle",
-        "Enabled": True, "Devices": [DEVICE], "Version": "0.1.0",
-        "LastCycle": {"result": Variant("s", "failed"), "reason": Variant("s", "no wipe"),
-                      "devices": Variant("as", ["cryptroot"])},
-    })
+    status = status_dict(
+        {
+            "Protected": False,
+            "Problems": ["first problem", "second problem"],
+            "State": "idle",
+            "Enabled": True,
+            "Devices": [DEVICE],
+            "Version": "0.1.0",
+            "LastCycle": {
+                "result": Variant("s", "failed"),
+                "reason": Variant("s", "no wipe"),
+                "devices": Variant("as", ["cryptroot"]),
+            },
+        }
+    )
     assert format_status(status) == (
         "Protected:  no\n"
         "Problems:   first problem\n"
@@ -66,8 +83,16 @@ def test_status_text() -> None:
 def test_devices_and_check_text() -> None:
     assert format_devices([]) == "No active LUKS devices."
     table = format_devices([device_dict(DEVICE)]).splitlines()
-    assert table[1].split() == ["cryptroot", "LUKS2", "/dev/vda2", "yes", "no", "passphrase",
-                                "vg-root", "1111"]
+    assert table[1].split() == [
+        "cryptroot",
+        "LUKS2",
+        "/dev/vda2",
+        "yes",
+        "no",
+        "passphrase",
+        "vg-root",
+        "1111",
+    ]
     text = format_check([("a", True, "fine"), ("bbb", False, "broken")])
     assert text.splitlines() == ["ok    a    fine", "FAIL  bbb  broken", "1 of 2 checks failed."]
 
@@ -80,10 +105,14 @@ def test_json_flag_before_and_after_the_command() -> None:
 
 
 def cycle_signal(sender: str) -> Message:
-    msg = Message(message_type=MessageType.SIGNAL, path=OBJECT_PATH,
-                  interface=MANAGER_INTERFACE, member="CycleFinished", signature="ba{sv}",
-                  body=[True, {"result": Variant("s", "success"),
-                               "devices": Variant("as", ["cryptroot"])}])
+    msg = Message(
+        message_type=MessageType.SIGNAL,
+        path=OBJECT_PATH,
+        interface=MANAGER_INTERFACE,
+        member="CycleFinished",
+        signature="ba{sv}",
+        body=[True, {"result": Variant("s", "success"), "devices": Variant("as", ["cryptroot"])}],
+    )
     msg.sender = sender
     return msg
 
@@ -99,9 +128,14 @@ def test_monitor_prints_only_the_owners_signals() -> None:
     assert event["record"] == {"result": "success", "devices": ["cryptroot"]}
 
     # The daemon restarts: the new owner's signals count, the old one's no longer.
-    gone = Message(message_type=MessageType.SIGNAL, path="/org/freedesktop/DBus",
-                   interface="org.freedesktop.DBus", member="NameOwnerChanged",
-                   signature="sss", body=[BUS_NAME, ":1.7", ":1.8"])
+    gone = Message(
+        message_type=MessageType.SIGNAL,
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member="NameOwnerChanged",
+        signature="sss",
+        body=[BUS_NAME, ":1.7", ":1.8"],
+    )
     gone.sender = "org.freedesktop.DBus"
     printer.handle(gone)
     stream.truncate(0)
@@ -116,7 +150,6 @@ def test_monitor_human_cycle_line() -> None:
     stream = io.StringIO()
     SignalPrinter(Output(False, stream), owner=":1.7").handle(cycle_signal(":1.7"))
     assert stream.getvalue().endswith(" cycle finished: success [cryptroot]\n")
-
 
 
 def test_man_page_covers_every_command_and_option() -> None:

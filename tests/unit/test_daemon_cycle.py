@@ -53,8 +53,7 @@ def make_manager(tmp_path: Path, armer: Any) -> tuple[Manager, FakeBus]:
     plain_luks2(fs)
     root = tmp_path / "root"
     (root / "etc" / "cryptlockd").mkdir(parents=True)
-    (root / "etc" / "cryptlockd" / "cryptlockd.conf").write_text(
-        "[cycle]\narm_timeout_sec = 0.3\n")
+    (root / "etc" / "cryptlockd" / "cryptlockd.conf").write_text("[cycle]\narm_timeout_sec = 0.3\n")
     bus = FakeBus()
     args = parse_args(["--root", str(root), *fs.daemon_args()])
     m = Manager(bus, args, armer, "helper", Notifier(None, None))  # type: ignore[arg-type]
@@ -102,8 +101,13 @@ async def test_cycle_record_becomes_last_cycle_and_signal(tmp_path: Path) -> Non
     m._started = True
     hold_fake_inhibitor(m)
     await m.prepare_for_sleep(True)
-    record = {"result": "success", "devices": ["cryptroot"], "steps": {"freeze": 1.5},
-              "verified": True, "started_usec": 123}
+    record = {
+        "result": "success",
+        "devices": ["cryptroot"],
+        "steps": {"freeze": 1.5},
+        "verified": True,
+        "started_usec": 123,
+    }
     m.cycle_finished(True, record)
     [sig] = bus.signals("CycleFinished")
     assert sig.signature == "ba{sv}"
@@ -129,13 +133,16 @@ async def test_failed_arm_still_releases_and_says_so(
         await asyncio.wait_for(m.prepare_for_sleep(True), 10)
     assert closed(r) and m.logind.inhibitor_fd is None
     assert m.state == State.IDLE
-    assert any(rec.levelno == logging.CRITICAL and "NOT protected" in rec.getMessage()
-               for rec in caplog.records)
+    assert any(
+        rec.levelno == logging.CRITICAL and "NOT protected" in rec.getMessage()
+        for rec in caplog.records
+    )
 
 
 @pytest.mark.asyncio
-async def test_disabled_sleeps_unprotected_at_once(tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_disabled_sleeps_unprotected_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     armer = RecordingArmer()
     m, _bus = make_manager(tmp_path, armer)
     m.enabled = False
@@ -153,7 +160,8 @@ def test_to_variant_shapes() -> None:
     assert to_variant(["a", "b"]) == Variant("as", ["a", "b"])
     assert to_variant([1, "a"]) == Variant("av", [Variant("x", 1), Variant("s", "a")])
     assert to_variant({"k": {"n": 1.0}}) == Variant(
-        "a{sv}", {"k": Variant("a{sv}", {"n": Variant("d", 1.0)})})
+        "a{sv}", {"k": Variant("a{sv}", {"n": Variant("d", 1.0)})}
+    )
 
 
 class RamfsArmer(RecordingArmer):

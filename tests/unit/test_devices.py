@@ -76,9 +76,11 @@ def test_two_disks_one_keyfile(fs: FakeSystem) -> None:
 
 def test_keyfile_size_and_offset_from_crypttab(fs: FakeSystem) -> None:
     two_disks_keyfile(fs)
-    fs.write_crypttab(f"cryptroot UUID={UUID_A} none luks\n"
-                      f"cryptdata UUID={UUID_B} /etc/keys/data.key "
-                      "luks,keyfile-size=64,keyfile-offset=512\n")
+    fs.write_crypttab(
+        f"cryptroot UUID={UUID_A} none luks\n"
+        f"cryptdata UUID={UUID_B} /etc/keys/data.key "
+        "luks,keyfile-size=64,keyfile-offset=512\n"
+    )
     devs = by_name(discover_devices(fs.paths))
     assert (devs["cryptdata"].keyfile_size, devs["cryptdata"].keyfile_offset) == (64, 512)
     assert (devs["cryptroot"].keyfile_size, devs["cryptroot"].keyfile_offset) == (0, 0)
@@ -188,7 +190,9 @@ def test_empty_sysfs(tmp_path: Path) -> None:
 def test_parse_dm_uuid() -> None:
     assert parse_dm_uuid("CRYPT-LUKS2-" + UUID_A.replace("-", "") + "-root") == ("LUKS2", UUID_A)
     assert parse_dm_uuid("CRYPT-LUKS1-" + UUID_C.replace("-", "").upper() + "-x") == (
-        "LUKS1", UUID_C)
+        "LUKS1",
+        UUID_C,
+    )
     assert parse_dm_uuid("CRYPT-PLAIN-swap") is None
     assert parse_dm_uuid("LVM-abc") is None
     assert parse_dm_uuid("CRYPT-LUKS3-" + "0" * 32 + "-x") is None

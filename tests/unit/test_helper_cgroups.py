@@ -20,16 +20,26 @@ def make_tree(root: Path, paths: list[str]) -> None:
                 (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
 
 
-TREE = ["init.scope", "system.slice/dbus.service", "system.slice/cryptlockd.service",
-        "user.slice/user-1000.slice/session-2.scope", "cryptlockd.slice/cryptlockd-helper.service",
-        "cryptlockd.slice/other.service", "machine.slice"]
+TREE = [
+    "init.scope",
+    "system.slice/dbus.service",
+    "system.slice/cryptlockd.service",
+    "user.slice/user-1000.slice/session-2.scope",
+    "cryptlockd.slice/cryptlockd-helper.service",
+    "cryptlockd.slice/other.service",
+    "machine.slice",
+]
 
 
 def test_plan_spares_init_and_own_branch(tmp_path: Path) -> None:
     make_tree(tmp_path, TREE)
     plan = cgroups.plan_freeze(str(tmp_path), "/cryptlockd.slice/cryptlockd-helper.service")
-    assert plan == ["/cryptlockd.slice/other.service", "/machine.slice", "/system.slice",
-                    "/user.slice"]
+    assert plan == [
+        "/cryptlockd.slice/other.service",
+        "/machine.slice",
+        "/system.slice",
+        "/user.slice",
+    ]
 
 
 def test_plan_when_helper_sits_in_system_slice(tmp_path: Path) -> None:

@@ -10,9 +10,15 @@ GOOD = b"right one"
 
 
 class FakeOps:
-    def __init__(self, typed: list[bytes], *, sleep_fails: bool = False,
-                 freeze_fails: bool = False, suspend_fails: str = "",
-                 keyfile_fails: bool = False) -> None:
+    def __init__(
+        self,
+        typed: list[bytes],
+        *,
+        sleep_fails: bool = False,
+        freeze_fails: bool = False,
+        suspend_fails: str = "",
+        keyfile_fails: bool = False,
+    ) -> None:
         self.calls: list[str] = []
         self.typed = list(typed)
         self.sleep_fails = sleep_fails
@@ -80,8 +86,9 @@ class FakeOps:
     def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None:
         if self.keyfile_fails:
             raise OSError("No such file")
-        self.calls.append(f"keyfile:{device}:{keyfile}"
-                          + (f":{size}@{offset}" if size or offset else ""))
+        self.calls.append(
+            f"keyfile:{device}:{keyfile}" + (f":{size}@{offset}" if size or offset else "")
+        )
 
     def backoff(self, failures: int) -> None:
         self.calls.append(f"backoff:{failures}")
@@ -91,8 +98,11 @@ class FakeOps:
 
 
 # Suspend order: the upper layer (nested) first; data takes a keyfile on root.
-DEVICES = [DevicePlan("nested", "passphrase"), DevicePlan("root", "passphrase"),
-           DevicePlan("data", "keyfile:/etc/keys/data.key")]
+DEVICES = [
+    DevicePlan("nested", "passphrase"),
+    DevicePlan("root", "passphrase"),
+    DevicePlan("data", "keyfile:/etc/keys/data.key"),
+]
 
 
 def cycle(ops: FakeOps, poweroff_after: int = 0) -> CycleRecord:
@@ -106,10 +116,21 @@ def test_full_cycle_order() -> None:
     ops = FakeOps([GOOD])
     rec = cycle(ops)
     assert ops.calls == [
-        "freeze", "sync", "sync_on_suspend=0", "suspend:nested", "suspend:root", "suspend:data",
-        "sleep", "release_reserve", "refresh:data,root,nested", "prompt:root,nested",
-        "resume:root", "resume:nested",
-        "keyfile:data:/etc/keys/data.key", "sync_on_suspend=1", "thaw:/user.slice,/system.slice",
+        "freeze",
+        "sync",
+        "sync_on_suspend=0",
+        "suspend:nested",
+        "suspend:root",
+        "suspend:data",
+        "sleep",
+        "release_reserve",
+        "refresh:data,root,nested",
+        "prompt:root,nested",
+        "resume:root",
+        "resume:nested",
+        "keyfile:data:/etc/keys/data.key",
+        "sync_on_suspend=1",
+        "thaw:/user.slice,/system.slice",
     ]
     assert rec.success and rec.slept and rec.reason == ""
     d = rec.as_dict()
@@ -127,8 +148,14 @@ def test_wrong_passphrases_keep_asking_with_backoff() -> None:
     ops = FakeOps([b"a", b"b", b"c", GOOD])
     rec = cycle(ops)
     assert [c for c in ops.calls if c.startswith(("prompt", "backoff"))] == [
-        "prompt:root,nested", "backoff:1", "prompt:root,nested", "backoff:2",
-        "prompt:root,nested", "backoff:3", "prompt:root,nested"]
+        "prompt:root,nested",
+        "backoff:1",
+        "prompt:root,nested",
+        "backoff:2",
+        "prompt:root,nested",
+        "backoff:3",
+        "prompt:root,nested",
+    ]
     assert rec.wrong_passphrases == 3 and rec.success
 
 
@@ -141,8 +168,11 @@ def test_power_off_after_n_failures() -> None:
 def test_failed_sleep_write_goes_straight_to_prompt() -> None:
     ops = FakeOps([GOOD], sleep_fails=True)
     rec = cycle(ops)
-    assert ops.calls[ops.calls.index("sleep") + 1:ops.calls.index("sleep") + 4] == [
-        "release_reserve", "refresh:data,root,nested", "prompt:root,nested"]
+    assert ops.calls[ops.calls.index("sleep") + 1 : ops.calls.index("sleep") + 4] == [
+        "release_reserve",
+        "refresh:data,root,nested",
+        "prompt:root,nested",
+    ]
     assert not rec.success and not rec.slept and "EBUSY" in rec.reason
     assert ops.calls[-1].startswith("thaw") and ops.sync_on_suspend == "1"
 
@@ -150,7 +180,8 @@ def test_failed_sleep_write_goes_straight_to_prompt() -> None:
 def test_headers_are_read_again_before_any_resume_and_a_failure_is_a_problem() -> None:
     ops = FakeOps([GOOD])
     ops.refresh_headers = lambda devices: [  # type: ignore[method-assign]
-        "re-reading the header of data: EIO"]
+        "re-reading the header of data: EIO"
+    ]
     rec = cycle(ops)
     assert rec.success  # the header loaded before the sleep still serves
     assert "re-reading the header of data: EIO" in rec.problems

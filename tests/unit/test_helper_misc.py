@@ -58,21 +58,42 @@ def test_device_plan_root_takes_passphrase() -> None:
 
 def test_device_plan_carries_keyfile_size_and_offset() -> None:
     devs = [
-        LuksDevice("root", "u1", "LUKS2", "/dev/vda", True, False, "keyfile:/r.key",
-                   keyfile_size=32, keyfile_offset=8),
-        LuksDevice("data", "u2", "LUKS2", "/dev/vdb", False, False, "keyfile:/d.key",
-                   keyfile_size=64, keyfile_offset=4096),
+        LuksDevice(
+            "root",
+            "u1",
+            "LUKS2",
+            "/dev/vda",
+            True,
+            False,
+            "keyfile:/r.key",
+            keyfile_size=32,
+            keyfile_offset=8,
+        ),
+        LuksDevice(
+            "data",
+            "u2",
+            "LUKS2",
+            "/dev/vdb",
+            False,
+            False,
+            "keyfile:/d.key",
+            keyfile_size=64,
+            keyfile_offset=4096,
+        ),
     ]
-    plan = {str(d["name"]): (d["keyfile_size"], d["keyfile_offset"])
-            for d in helper_armer.device_plan(devs)}
+    plan = {
+        str(d["name"]): (d["keyfile_size"], d["keyfile_offset"])
+        for d in helper_armer.device_plan(devs)
+    }
     # The root's keyfile is never read (it takes the passphrase), so neither are its options.
     assert plan == {"root": (0, 0), "data": (64, 4096)}
 
 
 def test_merge_record_puts_daemon_steps_first() -> None:
     rec = {"started_boottime": 100.0, "timeline_ms": {"helper_arm": 0.0, "finished": 900.0}}
-    out = helper_armer.merge_record(rec, {"arm_requested": 99.5, "armed": 100.2},
-                                    {"reserve_kib": 65536, "vt": 8})
+    out = helper_armer.merge_record(
+        rec, {"arm_requested": 99.5, "armed": 100.2}, {"reserve_kib": 65536, "vt": 8}
+    )
     assert list(out["timeline_ms"]) == ["arm_requested", "helper_arm", "armed", "finished"]
     assert out["timeline_ms"]["finished"] == 1400.0 and out["arm_seconds"] == 0.7
 
@@ -92,8 +113,9 @@ def test_repair_thaws_and_restores(tmp_path: Path) -> None:
     assert len(done) == 2
     assert (cg / "user.slice/cgroup.freeze").read_text() == "0"
     assert sync.read_text() == "1" and not (state / "frozen").exists()
-    assert helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg),
-                               str(sync)) == []
+    assert (
+        helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync)) == []
+    )
 
 
 def test_last_keyslot_is_tried_first() -> None:
@@ -102,8 +124,9 @@ def test_last_keyslot_is_tried_first() -> None:
     tried: list[int] = []
 
     class FakeLib:
-        def crypt_resume_by_passphrase(self, cd: object, name: bytes, slot: int,
-                                       addr: int, length: int) -> int:
+        def crypt_resume_by_passphrase(
+            self, cd: object, name: bytes, slot: int, addr: int, length: int
+        ) -> int:
             tried.append(slot)
             return slot if slot == 3 else -1
 

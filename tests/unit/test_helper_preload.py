@@ -25,7 +25,9 @@ def test_luks_mappings_from_sysfs(tmp_path: Path) -> None:
     (tmp_path / "vda").mkdir()
     (tmp_path / "dm-4").mkdir()  # no dm/ directory: skipped
     assert mappings.luks_mappings(str(tmp_path)) == {
-        "root": "CRYPT-LUKS2-aaaa-root", "old": "CRYPT-LUKS1-bbbb-old"}
+        "root": "CRYPT-LUKS2-aaaa-root",
+        "old": "CRYPT-LUKS1-bbbb-old",
+    }
     assert mappings.luks_mappings(str(tmp_path / "absent")) == {}
 
 
@@ -55,16 +57,30 @@ def helper(monkeypatch: pytest.MonkeyPatch) -> main.Helper:
 
 
 def test_arming_reuses_unchanged_preloaded_mappings(
-        helper: main.Helper, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mappings, "luks_mappings", lambda: {
-        "root": "CRYPT-LUKS2-aaaa-root", "data": "CRYPT-LUKS2-bbbb-data",
-        "spare": "CRYPT-LUKS2-cccc-spare"})
+    helper: main.Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        mappings,
+        "luks_mappings",
+        lambda: {
+            "root": "CRYPT-LUKS2-aaaa-root",
+            "data": "CRYPT-LUKS2-bbbb-data",
+            "spare": "CRYPT-LUKS2-cccc-spare",
+        },
+    )
     helper.preload()
     assert FakeDevice.opened == ["root", "data", "spare"]
     # data was closed and opened again on another disk; spare is not in the plan.
-    monkeypatch.setattr(mappings, "luks_mappings", lambda: {
-        "root": "CRYPT-LUKS2-aaaa-root", "data": "CRYPT-LUKS2-dddd-data",
-        "spare": "CRYPT-LUKS2-cccc-spare", "new": "CRYPT-LUKS2-eeee-new"})
+    monkeypatch.setattr(
+        mappings,
+        "luks_mappings",
+        lambda: {
+            "root": "CRYPT-LUKS2-aaaa-root",
+            "data": "CRYPT-LUKS2-dddd-data",
+            "spare": "CRYPT-LUKS2-cccc-spare",
+            "new": "CRYPT-LUKS2-eeee-new",
+        },
+    )
     taken = helper._take_devices(["root", "data", "new"])
     assert list(taken) == ["root", "data", "new"]
     assert FakeDevice.opened == ["root", "data", "spare", "data", "new"]
@@ -73,7 +89,8 @@ def test_arming_reuses_unchanged_preloaded_mappings(
 
 
 def test_a_device_that_cannot_be_opened_fails_the_arm_and_leaks_nothing(
-        helper: main.Helper, monkeypatch: pytest.MonkeyPatch) -> None:
+    helper: main.Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(mappings, "luks_mappings", lambda: {"root": "CRYPT-LUKS2-aaaa-root"})
     helper.preload()
     FakeDevice.fail = {"data"}
@@ -83,8 +100,8 @@ def test_a_device_that_cannot_be_opened_fails_the_arm_and_leaks_nothing(
 
 
 def test_a_failed_preload_is_left_for_the_arm(
-        helper: main.Helper, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    helper: main.Helper, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(mappings, "luks_mappings", lambda: {"root": "CRYPT-LUKS2-aaaa-root"})
     FakeDevice.fail = {"root"}
     helper.preload()

@@ -8,7 +8,9 @@ from cryptlockd.helper import protocol
 def test_roundtrip_and_line_framing() -> None:
     msg = protocol.arm_message(
         [{"name": "root", "uuid": "u", "key_source": "passphrase"}],
-        sleep_state="mem", mem_sleep="deep", vt=7,
+        sleep_state="mem",
+        mem_sleep="deep",
+        vt=7,
     )
     wire = protocol.encode(msg)
     assert wire.endswith(b"\n") and wire.count(b"\n") == 1

@@ -12,8 +12,7 @@ import pytest
 from cryptlockd import ramfs
 
 needs = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("chroot") is None
-    or not os.path.exists(ramfs.DEFAULT_PYTHON),
+    os.geteuid() != 0 or shutil.which("chroot") is None or not os.path.exists(ramfs.DEFAULT_PYTHON),
     reason="needs root, chroot(8) and /usr/bin/python3 to self-test a tree",
 )
 
@@ -25,7 +24,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> ramfs.Ramfs:
         fs.build()
     except ramfs.RamfsError as e:
         if "libcryptsetup" in str(e) and not Path("/usr/lib/x86_64-linux-gnu").glob(
-                "libcryptsetup.so.12*"):
+            "libcryptsetup.so.12*"
+        ):
             pytest.skip("libcryptsetup12 is not installed on this host")
         raise
     return fs
@@ -36,7 +36,8 @@ def test_build_self_test_and_size(built: ramfs.Ramfs) -> None:
     assert 0 < built.size <= ramfs.SIZE_TARGET
     root = built.path
     assert (root / "usr/lib/python3.11/cryptlockd/helper/main.py").exists() or any(
-        root.glob("usr/lib/python3*/cryptlockd/helper/main.py"))
+        root.glob("usr/lib/python3*/cryptlockd/helper/main.py")
+    )
     # The closure is small: no third-party package and no daemon module got in.
     assert not list(root.rglob("pydantic*")) and not list(root.rglob("dbus_fast*"))
     assert not list(root.rglob("cryptlockd/daemon.py"))

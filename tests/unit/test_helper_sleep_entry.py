@@ -21,10 +21,8 @@ def entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     calls: dict[str, object] = {"stock": [], "hooks": []}
     path = str(tmp_path / "helper.sock")
     monkeypatch.setattr(sleep_entry, "connect", lambda: _connect(path))
-    monkeypatch.setattr(sleep_entry, "stock_sleep",
-                        lambda why: calls["stock"].append(why) or 0)  # type: ignore[attr-defined]
-    monkeypatch.setattr(sleep_entry, "run_hooks",
-                        lambda phase: calls["hooks"].append(phase))  # type: ignore[attr-defined]
+    monkeypatch.setattr(sleep_entry, "stock_sleep", lambda why: calls["stock"].append(why) or 0)  # type: ignore[attr-defined]
+    monkeypatch.setattr(sleep_entry, "run_hooks", lambda phase: calls["hooks"].append(phase))  # type: ignore[attr-defined]
     calls["path"] = path
     yield calls
 

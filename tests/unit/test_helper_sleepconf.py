@@ -42,5 +42,8 @@ def test_config_files_order_and_masking(tmp_path: Path) -> None:
     (tmp_path / "usr/lib/systemd/sleep.conf.d/b.conf").write_text("")
     (tmp_path / "usr/lib/systemd/sleep.conf.d/a.conf").write_text("")
     files = [str(Path(f).relative_to(tmp_path)) for f in sleepconf.config_files(str(tmp_path))]
-    assert files == ["etc/systemd/sleep.conf", "usr/lib/systemd/sleep.conf.d/a.conf",
-                     "etc/systemd/sleep.conf.d/b.conf"]
+    assert files == [
+        "etc/systemd/sleep.conf",
+        "usr/lib/systemd/sleep.conf.d/a.conf",
+        "etc/systemd/sleep.conf.d/b.conf",
+    ]

@@ -28,10 +28,10 @@ class FakeSystemd:
         self.calls.append(member)
 
 
-def armer(tmp_path: Path, fake: FakeSystemd, monkeypatch: pytest.MonkeyPatch,
-          alive: bool = False) -> HelperArmer:
-    a = HelperArmer(Ramfs(str(tmp_path / "ramfs"), mount=False),
-                    socket_path=str(tmp_path / "s"))
+def armer(
+    tmp_path: Path, fake: FakeSystemd, monkeypatch: pytest.MonkeyPatch, alive: bool = False
+) -> HelperArmer:
+    a = HelperArmer(Ramfs(str(tmp_path / "ramfs"), mount=False), socket_path=str(tmp_path / "s"))
     monkeypatch.setattr(a, "_unit_state", fake.unit_state)
     monkeypatch.setattr(a, "_systemd", fake.systemd)
     monkeypatch.setattr(helper_armer, "_helper_alive", lambda path: alive)
@@ -40,7 +40,8 @@ def armer(tmp_path: Path, fake: FakeSystemd, monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.asyncio
 async def test_start_waits_until_the_exited_helper_is_reaped(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeSystemd(["active", "active", "deactivating", "inactive"])
     await armer(tmp_path, fake, monkeypatch)._start_unit(time.monotonic() + 5)
     assert fake.calls == ["active", "active", "deactivating", "inactive", "StartUnit"]
@@ -48,7 +49,8 @@ async def test_start_waits_until_the_exited_helper_is_reaped(
 
 @pytest.mark.asyncio
 async def test_a_listening_helper_is_not_started_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeSystemd(["active"])
     await armer(tmp_path, fake, monkeypatch, alive=True)._start_unit(time.monotonic() + 5)
     assert "StartUnit" not in fake.calls
@@ -56,7 +58,8 @@ async def test_a_listening_helper_is_not_started_again(
 
 @pytest.mark.asyncio
 async def test_a_unit_that_stays_active_without_a_helper_is_an_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeSystemd(["active"])
     with pytest.raises(HelperError, match="still active"):
         await armer(tmp_path, fake, monkeypatch)._start_unit(time.monotonic() + 0.2)

@@ -36,8 +36,14 @@ def test_volume_keys_match_uuid_segment_and_type() -> None:
 
 
 class FakeKeys(KeyringOps):
-    def __init__(self, keys: list[ProcKey], *, deny_unpossessed: bool = False,
-                 possession_works: bool = True, gc: bool = True) -> None:
+    def __init__(
+        self,
+        keys: list[ProcKey],
+        *,
+        deny_unpossessed: bool = False,
+        possession_works: bool = True,
+        gc: bool = True,
+    ) -> None:
         self.keys = {k.serial: k for k in keys}
         self.deny_unpossessed = deny_unpossessed
         self.possession_works = possession_works

@@ -28,22 +28,38 @@ def _format(library: lcs.Library, path: Path) -> ctypes.c_void_p:
     cd = ctypes.c_void_p()
     lib.crypt_init.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
     assert lib.crypt_init(ctypes.byref(cd), str(path).encode()) == 0
-    pbkdf = lcs._PbkdfType(type=b"argon2id", hash=b"sha256", iterations=ITERATIONS,
-                           max_memory_kb=MEMORY_KIB, parallel_threads=1,
-                           flags=1 << 1)  # CRYPT_PBKDF_NO_BENCHMARK: take the cost as given
+    pbkdf = lcs._PbkdfType(
+        type=b"argon2id",
+        hash=b"sha256",
+        iterations=ITERATIONS,
+        max_memory_kb=MEMORY_KIB,
+        parallel_threads=1,
+        flags=1 << 1,
+    )  # CRYPT_PBKDF_NO_BENCHMARK: take the cost as given
     lib.crypt_set_pbkdf_type.argtypes = [ctypes.c_void_p, ctypes.POINTER(lcs._PbkdfType)]
     assert lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)) == 0, library.messages
-    lib.crypt_format.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
-                                 ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                 ctypes.c_size_t, ctypes.c_void_p]
+    lib.crypt_format.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+    ]
     rc = lib.crypt_format(cd, b"LUKS2", b"aes", b"xts-plain64", None, None, 64, None)
     assert rc == 0, library.messages
     lib.crypt_keyslot_add_by_volume_key.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
-        ctypes.c_size_t]
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
     # A throwaway test passphrase for a file that is deleted with the test's tmp_path.
-    assert lib.crypt_keyslot_add_by_volume_key(cd, 3, None, 0, b"unit", 4) == 3, \
-        library.messages
+    assert lib.crypt_keyslot_add_by_volume_key(cd, 3, None, 0, b"unit", 4) == 3, library.messages
     return cd
 
 

@@ -23,10 +23,7 @@ def test_no_optional_fields_and_several_optional_fields() -> None:
 
 
 def test_last_root_entry_wins() -> None:
-    text = (
-        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
-        "2 1 253:0 / / rw - ext4 /dev/mapper/cryptroot rw\n"
-    )
+    text = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 253:0 / / rw - ext4 /dev/mapper/cryptroot rw\n"
     assert parse_mountinfo_root(text) == ("253:0", "/dev/mapper/cryptroot")
 
 

@@ -13,8 +13,11 @@ import pytest
 
 from cryptlockd.udev_monitor import DeviceMonitor, is_relevant
 
-LUKS = {"DM_UUID": "CRYPT-LUKS2-" + "a" * 32 + "-cryptroot", "DM_NAME": "cryptroot",
-        "DEVNAME": "/dev/dm-0"}
+LUKS = {
+    "DM_UUID": "CRYPT-LUKS2-" + "a" * 32 + "-cryptroot",
+    "DM_NAME": "cryptroot",
+    "DEVNAME": "/dev/dm-0",
+}
 
 
 def test_relevance() -> None:

@@ -12,22 +12,31 @@ def test_luks_uuid_from_dm_uuid() -> None:
     dm = "CRYPT-LUKS2-" + UUID.replace("-", "") + "-root"
     assert verify.luks_uuid_from_dm_uuid(dm) == UUID
     assert verify.luks_uuid_from_dm_uuid("CRYPT-LUKS1-" + "A" * 32 + "-x") == (
-        "aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa")
-    for bad in ("", "CRYPT-PLAIN-root", "LVM-abc", "CRYPT-LUKS2-xyz-root",
-                "CRYPT-LUKS2-" + "g" * 32 + "-root"):
+        "aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa"
+    )
+    for bad in (
+        "",
+        "CRYPT-PLAIN-root",
+        "LVM-abc",
+        "CRYPT-LUKS2-xyz-root",
+        "CRYPT-LUKS2-" + "g" * 32 + "-root",
+    ):
         assert verify.luks_uuid_from_dm_uuid(bad) is None
 
 
-@pytest.mark.parametrize(("table", "ring", "protected"), [
-    ("zeroed", "none", True),
-    ("zeroed", "invalidated: 0000002a", True),
-    ("zeroed", "none (kernel without keyrings)", True),
-    ("present", "none", False),
-    ("unknown", "none", False),
-    ("zeroed", "left: 0000002a logon cryptsetup:x-d0 (Permission denied)", False),
-    ("zeroed", "error: cannot read /proc/keys: Permission denied", False),
-    ("zeroed", "", False),
-])
+@pytest.mark.parametrize(
+    ("table", "ring", "protected"),
+    [
+        ("zeroed", "none", True),
+        ("zeroed", "invalidated: 0000002a", True),
+        ("zeroed", "none (kernel without keyrings)", True),
+        ("present", "none", False),
+        ("unknown", "none", False),
+        ("zeroed", "left: 0000002a logon cryptsetup:x-d0 (Permission denied)", False),
+        ("zeroed", "error: cannot read /proc/keys: Permission denied", False),
+        ("zeroed", "", False),
+    ],
+)
 def test_is_protected(table: str, ring: str, protected: bool) -> None:
     assert verify.is_protected({"dm_table_key": table, "keyring": ring}) is protected
 
@@ -38,8 +47,11 @@ def test_record_fails_and_names_an_unprotected_device() -> None:
     rec.resumed = ["data", "root"]
     rec.slept = True
     rec.verification["root"] = {"dm_table_key": "zeroed", "keyring": "none", "protected": "yes"}
-    rec.verification["data"] = {"dm_table_key": "zeroed", "keyring": "left: 1 (EACCES)",
-                                "protected": "no"}
+    rec.verification["data"] = {
+        "dm_table_key": "zeroed",
+        "keyring": "left: 1 (EACCES)",
+        "protected": "no",
+    }
     rec.finish()
     assert not rec.success
     assert rec.unverified() == ["data"]
@@ -50,7 +62,10 @@ def test_record_fails_and_names_an_unprotected_device() -> None:
 def test_record_succeeds_when_every_device_is_proven_wiped() -> None:
     rec = CycleRecord(["root"])
     rec.suspended, rec.resumed, rec.slept = ["root"], ["root"], True
-    rec.verification["root"] = {"dm_table_key": "zeroed", "keyring": "invalidated: 1",
-                                "protected": "yes"}
+    rec.verification["root"] = {
+        "dm_table_key": "zeroed",
+        "keyring": "invalidated: 1",
+        "protected": "yes",
+    }
     rec.finish()
     assert rec.success and rec.problems == []

@@ -66,14 +66,17 @@ def vm_image() -> image_mod.TestbedImage:
     if reason is not None:
         if os.environ.get("CRYPTLOCKD_VM_SKIP") == "1":
             pytest.skip(f"QEMU test bed skipped by CRYPTLOCKD_VM_SKIP=1: {reason}")
-        pytest.fail(f"this machine cannot run the QEMU test bed: {reason} "
-                    "(set CRYPTLOCKD_VM_SKIP=1 to skip the VM tests deliberately)")
+        pytest.fail(
+            f"this machine cannot run the QEMU test bed: {reason} "
+            "(set CRYPTLOCKD_VM_SKIP=1 to skip the VM tests deliberately)"
+        )
     start = time.monotonic()
     img = image_mod.ensure_image()
     took = time.monotonic() - start
     built = img.report.get("build_seconds")
-    TIMES.image = (f"{img.suite} image {img.directory.name}: "
-                   + (f"built in {built} s" if took > 5 and built else "cached"))
+    TIMES.image = f"{img.suite} image {img.directory.name}: " + (
+        f"built in {built} s" if took > 5 and built else "cached"
+    )
     return img
 
 
@@ -107,8 +110,14 @@ def _snapshots_enabled() -> bool:
     return os.environ.get("CRYPTLOCKD_VM_SNAPSHOT", "1") != "0"
 
 
-async def _boot_and_save(img: image_mod.TestbedImage, accel: str, backing: DiskSet,
-                         workdir: Path, name: str, ready: str | None) -> BootedState:
+async def _boot_and_save(
+    img: image_mod.TestbedImage,
+    accel: str,
+    backing: DiskSet,
+    workdir: Path,
+    name: str,
+    ready: str | None,
+) -> BootedState:
     disks = backing.overlay(workdir / "disks")
     guest = Guest(img, disks, workdir, accel, name=name)
     try:
@@ -125,37 +134,52 @@ async def _boot_and_save(img: image_mod.TestbedImage, accel: str, backing: DiskS
 
 
 @pytest.fixture(scope="session")
-def vm_base_state(vm_image: image_mod.TestbedImage, vm_accel: str,
-                  vm_session_dir: Path) -> BootedState:
+def vm_base_state(
+    vm_image: image_mod.TestbedImage, vm_accel: str, vm_session_dir: Path
+) -> BootedState:
     backing = DiskSet.of_image(vm_image)
     if not _snapshots_enabled():
         return BootedState(backing, None, None)
-    state = asyncio.run(_boot_and_save(vm_image, vm_accel, backing,
-                                       vm_session_dir / "base-state", "base", None))
+    state = asyncio.run(
+        _boot_and_save(vm_image, vm_accel, backing, vm_session_dir / "base-state", "base", None)
+    )
     TIMES.snapshots.append(f"base guest: booted once in {state.boot_seconds:.1f} s, saved")
     return state
 
 
 @pytest.fixture(scope="session")
-def vm_installed_state(vm_image: image_mod.TestbedImage, vm_accel: str,
-                       vm_installed: InstalledLayer, vm_session_dir: Path) -> BootedState:
+def vm_installed_state(
+    vm_image: image_mod.TestbedImage,
+    vm_accel: str,
+    vm_installed: InstalledLayer,
+    vm_session_dir: Path,
+) -> BootedState:
     if not vm_installed.ok:
         pytest.fail("installing the project in the guest failed:\n" + vm_installed.log[-6000:])
     if not _snapshots_enabled():
         return BootedState(vm_installed.disks, None, None)
-    state = asyncio.run(_boot_and_save(
-        vm_image, vm_accel, vm_installed.disks, vm_session_dir / "installed-state",
-        "installed", "systemctl is-active cryptlockd.service"))
+    state = asyncio.run(
+        _boot_and_save(
+            vm_image,
+            vm_accel,
+            vm_installed.disks,
+            vm_session_dir / "installed-state",
+            "installed",
+            "systemctl is-active cryptlockd.service",
+        )
+    )
     TIMES.snapshots.append(f"installed guest: booted once in {state.boot_seconds:.1f} s, saved")
     return state
 
 
 @pytest.fixture(scope="session")
-def vm_installed(vm_image: image_mod.TestbedImage, vm_accel: str,
-                 vm_session_dir: Path) -> InstalledLayer:
+def vm_installed(
+    vm_image: image_mod.TestbedImage, vm_accel: str, vm_session_dir: Path
+) -> InstalledLayer:
     layer = asyncio.run(build_installed_layer(vm_image, vm_accel, vm_session_dir / "installed"))
-    TIMES.install = (f"installed layer: {layer.seconds:.1f} s "
-                     f"({'ok' if layer.ok else 'make install FAILED'})")
+    TIMES.install = (
+        f"installed layer: {layer.seconds:.1f} s ({'ok' if layer.ok else 'make install FAILED'})"
+    )
     return layer
 
 
@@ -183,11 +207,18 @@ def _test_dir(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-async def _boot(request: pytest.FixtureRequest, booted: BootedState,
-                img: image_mod.TestbedImage, accel: str) -> AsyncIterator[Guest]:
+async def _boot(
+    request: pytest.FixtureRequest, booted: BootedState, img: image_mod.TestbedImage, accel: str
+) -> AsyncIterator[Guest]:
     workdir = _test_dir(request)
-    guest = Guest(img, booted.disks.overlay(workdir / "disks"), workdir, accel,
-                  name=request.node.name, incoming=booted.state)
+    guest = Guest(
+        img,
+        booted.disks.overlay(workdir / "disks"),
+        workdir,
+        accel,
+        name=request.node.name,
+        incoming=booted.state,
+    )
     start = time.monotonic()
     failed = True
     try:
@@ -196,8 +227,9 @@ async def _boot(request: pytest.FixtureRequest, booted: BootedState,
         rep = getattr(request.node, "rep_call", None)
         failed = rep is None or rep.failed
     finally:
-        TIMES.tests.append((request.node.nodeid, accel, time.monotonic() - start,
-                            guest.boot_seconds))
+        TIMES.tests.append(
+            (request.node.nodeid, accel, time.monotonic() - start, guest.boot_seconds)
+        )
         if failed:
             await _save_failure(guest, workdir)
         await guest.close()
@@ -221,17 +253,24 @@ async def _save_failure(guest: Guest, workdir: Path) -> None:
 
 
 @pytest_asyncio.fixture
-async def guest(request: pytest.FixtureRequest, vm_image: image_mod.TestbedImage,
-                vm_accel: str, vm_base_state: BootedState) -> AsyncIterator[Guest]:
+async def guest(
+    request: pytest.FixtureRequest,
+    vm_image: image_mod.TestbedImage,
+    vm_accel: str,
+    vm_base_state: BootedState,
+) -> AsyncIterator[Guest]:
     """A running base guest (root on LUKS, data disk on /data, no cryptlockd)."""
     async for g in _boot(request, vm_base_state, vm_image, vm_accel):
         yield g
 
 
 @pytest_asyncio.fixture
-async def installed_guest(request: pytest.FixtureRequest, vm_image: image_mod.TestbedImage,
-                          vm_accel: str, vm_installed_state: BootedState
-                          ) -> AsyncIterator[Guest]:
+async def installed_guest(
+    request: pytest.FixtureRequest,
+    vm_image: image_mod.TestbedImage,
+    vm_accel: str,
+    vm_installed_state: BootedState,
+) -> AsyncIterator[Guest]:
     """A running guest with the project installed and cryptlockd.service active."""
     async for g in _boot(request, vm_installed_state, vm_image, vm_accel):
         yield g

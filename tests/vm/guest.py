@@ -85,9 +85,21 @@ class DiskSet:
         for base, name in ((self.root, "root.qcow2"), (self.data, "data.qcow2")):
             target = directory / name
             subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", self.fmt,
-                 "-b", str(base.resolve()), str(target)],
-                check=True, capture_output=True, timeout=60,
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    self.fmt,
+                    "-b",
+                    str(base.resolve()),
+                    str(target),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
             )
             out.append(target)
         return DiskSet(out[0], out[1], "qcow2")
@@ -101,13 +113,45 @@ class Event:
 
 
 # send-key names (QEMU qcodes) for characters; shifted characters on a US layout.
-_PLAIN = {" ": "spc", "-": "minus", "=": "equal", "[": "bracket_left", "]": "bracket_right",
-          ";": "semicolon", "'": "apostrophe", "`": "grave_accent", "\\": "backslash",
-          ",": "comma", ".": "dot", "/": "slash", "\n": "ret", "\t": "tab"}
-_SHIFTED = {"!": "1", "@": "2", "#": "3", "$": "4", "%": "5", "^": "6", "&": "7", "*": "8",
-            "(": "9", ")": "0", "_": "minus", "+": "equal", "{": "bracket_left",
-            "}": "bracket_right", ":": "semicolon", '"': "apostrophe", "~": "grave_accent",
-            "|": "backslash", "<": "comma", ">": "dot", "?": "slash"}
+_PLAIN = {
+    " ": "spc",
+    "-": "minus",
+    "=": "equal",
+    "[": "bracket_left",
+    "]": "bracket_right",
+    ";": "semicolon",
+    "'": "apostrophe",
+    "`": "grave_accent",
+    "\\": "backslash",
+    ",": "comma",
+    ".": "dot",
+    "/": "slash",
+    "\n": "ret",
+    "\t": "tab",
+}
+_SHIFTED = {
+    "!": "1",
+    "@": "2",
+    "#": "3",
+    "$": "4",
+    "%": "5",
+    "^": "6",
+    "&": "7",
+    "*": "8",
+    "(": "9",
+    ")": "0",
+    "_": "minus",
+    "+": "equal",
+    "{": "bracket_left",
+    "}": "bracket_right",
+    ":": "semicolon",
+    '"': "apostrophe",
+    "~": "grave_accent",
+    "|": "backslash",
+    "<": "comma",
+    ">": "dot",
+    "?": "slash",
+}
 
 
 def keys_for(char: str) -> list[str]:
@@ -169,19 +213,34 @@ class Guest:
         return [
             *machine.base_args(self.accel),
             "-S",
-            "-name", self.name,
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", self.image.cmdline,
-            "-chardev", f"file,id=serial0,path={self.console_log}",
-            "-serial", "chardev:serial0",
-            "-chardev", f"socket,id=qmp,path={self._qmp_sock},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"socket,id=agent,path={self._agent_sock},server=on,wait=off",
-            "-device", "virtio-serial-pci",
-            "-device", f"virtserialport,chardev=agent,name={layout.AGENT_PORT}",
+            "-name",
+            self.name,
+            "-kernel",
+            str(self.image.kernel),
+            "-initrd",
+            str(self.image.initrd),
+            "-append",
+            self.image.cmdline,
+            "-chardev",
+            f"file,id=serial0,path={self.console_log}",
+            "-serial",
+            "chardev:serial0",
+            "-chardev",
+            f"socket,id=qmp,path={self._qmp_sock},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+            "-chardev",
+            f"socket,id=agent,path={self._agent_sock},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            f"virtserialport,chardev=agent,name={layout.AGENT_PORT}",
             *drives,
-            *(["-incoming", f"exec:cat {shlex.quote(str(self.incoming))}"]
-              if self.incoming else []),
+            *(
+                ["-incoming", f"exec:cat {shlex.quote(str(self.incoming))}"]
+                if self.incoming
+                else []
+            ),
         ]
 
     async def start(self, *, wait_agent: bool = True, timeout: float | None = None) -> None:
@@ -191,7 +250,10 @@ class Guest:
         (self.workdir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
         with self.qemu_log.open("wb") as qlog:
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
             )
         await self._wait_for_socket(self._qmp_sock)
         self._qmp = QMPClient(self.name)
@@ -199,7 +261,8 @@ class Guest:
         self._tasks.append(asyncio.create_task(self._record_events()))
         await self._wait_for_socket(self._agent_sock)
         self._agent_reader, self._agent_writer = await asyncio.open_unix_connection(
-            str(self._agent_sock), limit=64 * 1024 * 1024,
+            str(self._agent_sock),
+            limit=64 * 1024 * 1024,
         )
         self._tasks.append(asyncio.create_task(self._read_agent()))
         self._started = time.monotonic()
@@ -222,8 +285,10 @@ class Guest:
             await asyncio.sleep(0.2)
         migration = await self.qmp("query-migrate")
         if state != "paused" or migration.get("status") not in (None, "completed"):
-            raise GuestError(f"{self.name}: restoring {self.incoming} failed: state {state}, "
-                             f"migration {migration}\n{self._qemu_output()}")
+            raise GuestError(
+                f"{self.name}: restoring {self.incoming} failed: state {state}, "
+                f"migration {migration}\n{self._qemu_output()}"
+            )
 
     async def save_state(self, path: Path, timeout: float = 300.0) -> None:
         """Stops the guest, writes its RAM and device state to `path` and quits QEMU. Its disks
@@ -272,8 +337,9 @@ class Guest:
         """Clean shutdown through systemd; waits for QEMU to exit."""
         assert self._proc is not None
         with contextlib.suppress(GuestError, OSError):
-            await self._send({"op": "run", "argv": ["systemctl", "--no-block", "poweroff"],
-                              "timeout": 10})
+            await self._send(
+                {"op": "run", "argv": ["systemctl", "--no-block", "poweroff"], "timeout": 10}
+            )
         try:
             await asyncio.wait_for(self._proc.wait(), timeout)
         except TimeoutError as e:
@@ -307,8 +373,7 @@ class Guest:
 
     # ---- QMP ----------------------------------------------------------------------------
 
-    async def qmp(self, cmd: str, args: dict[str, Any] | None = None,
-                  timeout: float = 30.0) -> Any:
+    async def qmp(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
         self._raise_if_exited()
         assert self._qmp is not None
         try:
@@ -327,8 +392,11 @@ class Guest:
         assert self._qmp is not None
         async for message in self._qmp.events:
             data = message.get("data")
-            self.events.append(Event(str(message["event"]),
-                                     data if isinstance(data, dict) else {}, time.monotonic()))
+            self.events.append(
+                Event(
+                    str(message["event"]), data if isinstance(data, dict) else {}, time.monotonic()
+                )
+            )
             log.debug("%s: QMP event %s", self.name, message["event"])
             self._event_added.set()
 
@@ -380,8 +448,9 @@ class Guest:
         """Writes the guest's RAM (ELF core, no paging) to workdir/<name>.elf. Works while the
         guest is suspended. Delete the file when done: it is as large as the guest's RAM."""
         path = self.workdir / f"{name}.elf"
-        await self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{path}"},
-                       timeout=timeout)
+        await self.qmp(
+            "dump-guest-memory", {"paging": False, "protocol": f"file:{path}"}, timeout=timeout
+        )
         return path
 
     # ---- agent --------------------------------------------------------------------------
@@ -411,8 +480,7 @@ class Guest:
         await self._agent_writer.drain()
         return fut
 
-    async def _request(self, request: dict[str, Any], timeout: float, what: str
-                       ) -> dict[str, Any]:
+    async def _request(self, request: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
         fut = await self._send(request)
         try:
             reply = await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -444,9 +512,15 @@ class Guest:
                 await asyncio.wait_for(asyncio.shield(fut), min(2.0, remaining))
                 return
 
-    async def run(self, command: str | Sequence[str], *, timeout: float = 60.0,
-                  check: bool = True, input: bytes | None = None,
-                  env: dict[str, str] | None = None) -> CommandResult:
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        timeout: float = 60.0,
+        check: bool = True,
+        input: bytes | None = None,
+        env: dict[str, str] | None = None,
+    ) -> CommandResult:
         """Runs a command in the guest (a string goes through `sh -c`). The guest kills it
         after `timeout`; the host gives up 10 s later and reports the guest as hung."""
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
@@ -459,8 +533,11 @@ class Guest:
         start = time.monotonic()
         reply = await self._request(request, timeout + 10, repr(text))
         result = CommandResult(
-            text, int(reply["rc"]), base64.b64decode(reply["stdout"]),
-            base64.b64decode(reply["stderr"]), time.monotonic() - start,
+            text,
+            int(reply["rc"]),
+            base64.b64decode(reply["stdout"]),
+            base64.b64decode(reply["stderr"]),
+            time.monotonic() - start,
         )
         if check and result.rc != 0:
             raise CommandFailed(
@@ -470,8 +547,9 @@ class Guest:
             )
         return result
 
-    async def wait_for_command(self, command: str, timeout: float, what: str = "",
-                               interval: float = 0.25) -> CommandResult:
+    async def wait_for_command(
+        self, command: str, timeout: float, what: str = "", interval: float = 0.25
+    ) -> CommandResult:
         """Polls `command` until it exits 0 (the deadline, not a sleep, is the contract)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -497,8 +575,9 @@ class Guest:
         return int(result.stdout.strip())
 
     async def journal(self, timeout: float = 20.0) -> str:
-        result = await self.run("journalctl -b --no-pager -o short-monotonic", timeout=timeout,
-                                check=False)
+        result = await self.run(
+            "journalctl -b --no-pager -o short-monotonic", timeout=timeout, check=False
+        )
         return result.stdout
 
     # ---- console ------------------------------------------------------------------------

@@ -36,8 +36,13 @@ GUEST_SRC = "/root/cryptlockd-src"
 # on PyPI it is an sdist only and would need a compiler and libsystemd-dev in the guest.
 FROM_DEBIAN = {"systemd-python"}
 BUILD_REQUIREMENTS = ["setuptools>=66", "wheel"]
-PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
-             "manylinux_2_34_x86_64", "linux_x86_64"]
+PLATFORMS = [
+    "manylinux2014_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_34_x86_64",
+    "linux_x86_64",
+]
 INSTALL_TIMEOUT = 900.0
 
 
@@ -51,8 +56,11 @@ class InstalledLayer:
 
 def guest_requirements() -> list[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    deps = [d for d in project.get("dependencies", [])
-            if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() not in FROM_DEBIAN]
+    deps = [
+        d
+        for d in project.get("dependencies", [])
+        if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() not in FROM_DEBIAN
+    ]
     return deps + BUILD_REQUIREMENTS
 
 
@@ -70,10 +78,21 @@ def wheelhouse(python_version: str) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         start = time.monotonic()
         argv = [
-            "/usr/bin/python3", "-m", "pip", "download", "-q", "--disable-pip-version-check",
-            "--only-binary=:all:", "--implementation", "cp",
-            "--python-version", python_version, *(f"--platform={p}" for p in PLATFORMS),
-            "--dest", str(work), *reqs,
+            "/usr/bin/python3",
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            python_version,
+            *(f"--platform={p}" for p in PLATFORMS),
+            "--dest",
+            str(work),
+            *reqs,
         ]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
@@ -88,15 +107,38 @@ def source_files() -> list[str]:
     """The checkout's files as git sees them (tracked plus untracked-not-ignored)."""
     try:
         proc = subprocess.run(
-            ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-             "--exclude-standard"], capture_output=True, check=True, timeout=60,
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+            timeout=60,
         )
         names = [n for n in proc.stdout.decode().split("\0") if n]
     except (OSError, subprocess.CalledProcessError):
-        skip = {".git", ".venv", "artifacts", "__pycache__", ".mypy_cache", ".ruff_cache",
-                ".pytest_cache", "build", "dist"}
-        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
-                 if p.is_file() and not skip.intersection(p.relative_to(REPO).parts)]
+        skip = {
+            ".git",
+            ".venv",
+            "artifacts",
+            "__pycache__",
+            ".mypy_cache",
+            ".ruff_cache",
+            ".pytest_cache",
+            "build",
+            "dist",
+        }
+        names = [
+            str(p.relative_to(REPO))
+            for p in REPO.rglob("*")
+            if p.is_file() and not skip.intersection(p.relative_to(REPO).parts)
+        ]
     return sorted(n for n in names if (REPO / n).is_file() or (REPO / n).is_symlink())
 
 
@@ -132,13 +174,14 @@ async def build_installed_layer(image: TestbedImage, accel: str, workdir: Path) 
     workdir.mkdir(parents=True, exist_ok=True)
     payload = make_payload(image.python_version, workdir / "payload.tar")
     disks = DiskSet.of_image(image).overlay(workdir / "disks")
-    guest = Guest(image, disks, workdir / "boot", accel, extra_drives=[payload],
-                  name="install")
+    guest = Guest(image, disks, workdir / "boot", accel, extra_drives=[payload], name="install")
     try:
         await guest.start()
         result = await guest.run(INSTALL_SCRIPT, timeout=INSTALL_TIMEOUT, check=False)
-        text = f"$ make install (exit {result.rc}, {result.seconds:.1f} s)\n" \
-               f"{result.stdout}\n{result.stderr}"
+        text = (
+            f"$ make install (exit {result.rc}, {result.seconds:.1f} s)\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
         if result.rc != 0:
             text += "\n--- journal ---\n" + await guest.journal()
         # A clean power-off, so the layer's file systems are consistent for every copy.

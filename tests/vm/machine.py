@@ -35,16 +35,23 @@ def base_args(accel: str) -> list[str]:
         accel_args = ["-accel", "tcg,tb-size=256,thread=single", "-cpu", "max"]
     return [
         QEMU,
-        "-machine", "pc",
-        "-global", "PIIX4_PM.disable_s3=0",
+        "-machine",
+        "pc",
+        "-global",
+        "PIIX4_PM.disable_s3=0",
         *accel_args,
-        "-m", str(layout.GUEST_MEMORY_MIB),
-        "-smp", str(layout.GUEST_CPUS),
-        "-vga", "std",
-        "-display", "none",
+        "-m",
+        str(layout.GUEST_MEMORY_MIB),
+        "-smp",
+        str(layout.GUEST_CPUS),
+        "-vga",
+        "std",
+        "-display",
+        "none",
         "-nodefaults",
         "-no-user-config",
-        "-nic", "none",
+        "-nic",
+        "none",
     ]
 
 
@@ -54,9 +61,14 @@ def kvm_works(kernel: Path) -> bool:
     with tempfile.TemporaryDirectory(prefix="cryptlockd-kvm-probe-") as tmp:
         console = Path(tmp) / "console.log"
         argv = [
-            *base_args("kvm"), "-no-reboot",
-            "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1",
-            "-serial", f"file:{console}",
+            *base_args("kvm"),
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-append",
+            "console=ttyS0 panic=-1",
+            "-serial",
+            f"file:{console}",
         ]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + KVM_PROBE_DEADLINE
@@ -101,7 +113,8 @@ def choose_accel(kernel: Path, cache_dir: Path) -> str:
     start = time.monotonic()
     accel = "kvm" if kvm_works(kernel) else "tcg"
     log.info(
-        "accelerator %s (KVM probe: %s in %.1f s)", accel,
+        "accelerator %s (KVM probe: %s in %.1f s)",
+        accel,
         "kernel booted" if accel == "kvm" else "no kernel progress, falling back to TCG",
         time.monotonic() - start,
     )

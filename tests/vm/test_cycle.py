@@ -28,10 +28,20 @@ MANAGER = "org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager"
 
 async def armed_ready(guest: Guest) -> None:
     """The daemon runs and its helper's RAM filesystem is built (it is built at start)."""
-    await poll(guest, f"busctl get-property {MANAGER} Protected", lambda o: "true" in o, 180,
-               "cryptlockd reports Protected")
-    await poll(guest, "cat /run/cryptlockd/ramfs/manifest.json >/dev/null && echo ok",
-               lambda o: "ok" in o, 180, "the helper's RAM filesystem")
+    await poll(
+        guest,
+        f"busctl get-property {MANAGER} Protected",
+        lambda o: "true" in o,
+        180,
+        "cryptlockd reports Protected",
+    )
+    await poll(
+        guest,
+        "cat /run/cryptlockd/ramfs/manifest.json >/dev/null && echo ok",
+        lambda o: "ok" in o,
+        180,
+        "the helper's RAM filesystem",
+    )
 
 
 def png_has_content(path: Path) -> bool:
@@ -39,13 +49,13 @@ def png_has_content(path: Path) -> bool:
     data = path.read_bytes()
     pos, idat = 8, b""
     while pos < len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
         if kind == b"IDAT":
-            idat += data[pos + 8:pos + 8 + length]
+            idat += data[pos + 8 : pos + 8 + length]
         pos += 12 + length
     raw = zlib.decompress(idat)
-    return len(set(raw[1:4096 * 16])) > 2
+    return len(set(raw[1 : 4096 * 16])) > 2
 
 
 async def last_cycle(guest: Guest) -> dict[str, Any]:
@@ -54,14 +64,14 @@ async def last_cycle(guest: Guest) -> dict[str, Any]:
     return {k: unwrap(v) for k, v in value.items()}
 
 
-
-
 async def run_cycle(guest: Guest, passphrases: list[str], trigger: str) -> float:
     """Triggers a suspend, waits for SUSPEND, wakes the guest, types each passphrase at the
     prompt. Returns seconds from trigger to the SUSPEND event."""
-    await guest.run("rm -f /root/cycle-signal.log; setsid busctl monitor --json=short "
-                    "--match type=signal,interface=org.cryptlockd1.Manager,"
-                    "member=CycleFinished > /root/cycle-signal.log 2>&1 < /dev/null &")
+    await guest.run(
+        "rm -f /root/cycle-signal.log; setsid busctl monitor --json=short "
+        "--match type=signal,interface=org.cryptlockd1.Manager,"
+        "member=CycleFinished > /root/cycle-signal.log 2>&1 < /dev/null &"
+    )
     mark = guest.event_mark()
     console_mark = guest.console_text().count(PROMPT_NOTICE)
     t0 = time.monotonic()
@@ -74,7 +84,8 @@ async def run_cycle(guest: Guest, passphrases: list[str], trigger: str) -> float
         deadline = time.monotonic() + 180
         while guest.console_text().count(PROMPT_NOTICE) < console_mark + i + 1:
             assert time.monotonic() < deadline, (
-                f"prompt {i + 1} not announced on the console\n{guest.console_tail()}")
+                f"prompt {i + 1} not announced on the console\n{guest.console_tail()}"
+            )
             await asyncio.sleep(0.3)
         if i == 0:
             shot = await guest.screendump("prompt")
@@ -85,8 +96,9 @@ async def run_cycle(guest: Guest, passphrases: list[str], trigger: str) -> float
 
 
 async def assert_restored(guest: Guest, sync_on_suspend: str, vt: str) -> None:
-    frozen = await guest.run("grep -l '^1' $(find /sys/fs/cgroup -name cgroup.freeze) "
-                             "2>/dev/null || true")
+    frozen = await guest.run(
+        "grep -l '^1' $(find /sys/fs/cgroup -name cgroup.freeze) 2>/dev/null || true"
+    )
     assert frozen.stdout.strip() == "", f"cgroups left frozen: {frozen.stdout}"
     assert (await guest.run("cat /sys/power/sync_on_suspend")).stdout.strip() == sync_on_suspend
     assert (await guest.run("cat /sys/class/tty/tty0/active")).stdout.strip() == vt
@@ -107,12 +119,28 @@ def assert_complete(rec: dict[str, Any]) -> dict[str, float]:
         assert rec["verification"][dm]["dm_table_key"] == "zeroed", rec["verification"]
         assert rec["verification"][dm]["dm_suspended"] == "yes"
     timeline: dict[str, float] = rec["timeline_ms"]
-    order = ["arm_requested", "armed", "begin", "vt_switched", "freeze_start", "frozen",
-             "synced", "sync_on_suspend_off", f"suspended:{layout.DATA_DM_NAME}",
-             "verified", "sleep_write", "woke", "headers_reloaded", "prompt",
-             "passphrase_entered",
-             f"resumed:{layout.ROOT_DM_NAME}", f"resumed:{layout.DATA_DM_NAME}", "thawed",
-             "vt_switched_back", "finished"]
+    order = [
+        "arm_requested",
+        "armed",
+        "begin",
+        "vt_switched",
+        "freeze_start",
+        "frozen",
+        "synced",
+        "sync_on_suspend_off",
+        f"suspended:{layout.DATA_DM_NAME}",
+        "verified",
+        "sleep_write",
+        "woke",
+        "headers_reloaded",
+        "prompt",
+        "passphrase_entered",
+        f"resumed:{layout.ROOT_DM_NAME}",
+        f"resumed:{layout.DATA_DM_NAME}",
+        "thawed",
+        "vt_switched_back",
+        "finished",
+    ]
     missing = [s for s in order if s not in timeline]
     assert not missing, f"timeline lacks {missing}: {timeline}"
     times = [timeline[s] for s in order]
@@ -121,21 +149,24 @@ def assert_complete(rec: dict[str, Any]) -> dict[str, float]:
 
 
 async def data_before(g: Guest) -> None:
-    await g.run("dd if=/dev/urandom of=/data/before bs=64k count=32 status=none && "
-                "dd if=/dev/urandom of=/root/before bs=64k count=32 status=none && sync && "
-                "sha256sum /data/before /root/before > /run/sums")
+    await g.run(
+        "dd if=/dev/urandom of=/data/before bs=64k count=32 status=none && "
+        "dd if=/dev/urandom of=/root/before bs=64k count=32 status=none && sync && "
+        "sha256sum /data/before /root/before > /run/sums"
+    )
 
 
 async def usable_after(g: Guest) -> None:
     await g.run("sha256sum -c /run/sums")
     # Page cache would answer reads even from a suspended disk: prove it with direct I/O.
     for path in ("/data/after", "/root/after"):
-        await g.run(f"dd if=/dev/urandom of={path} bs=4k count=64 oflag=direct status=none && "
-                    f"dd if={path} of=/dev/null bs=4k iflag=direct status=none")
+        await g.run(
+            f"dd if=/dev/urandom of={path} bs=4k count=64 oflag=direct status=none && "
+            f"dd if={path} of=/dev/null bs=4k iflag=direct status=none"
+        )
 
 
-async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(
-        installed_guest: Guest) -> None:
+async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_guest: Guest) -> None:
     g = installed_guest
     await armed_ready(g)
     await data_before(g)
@@ -154,37 +185,46 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(
     assert int(helper["VmLck"].split()[0]) > 0, helper
     # The Argon2 memory that resume needs was reserved: the passphrase keyslot's cost.
     assert rec["kdf_reserve_kib"] == layout.ARGON2_MEMORY_KIB, rec["kdf_reserve_kib"]
-    signal = await poll(g, "cat /root/cycle-signal.log", lambda o: "CycleFinished" in o, 60,
-                        "CycleFinished signal")
+    signal = await poll(
+        g, "cat /root/cycle-signal.log", lambda o: "CycleFinished" in o, 60, "CycleFinished signal"
+    )
     assert '"data":[true' in signal.replace(" ", ""), signal[-2000:]
     unit = await g.run("systemctl show -p LimitCORE -p OOMScoreAdjust cryptlockd-helper.service")
     assert "LimitCORE=0" in unit.stdout and "OOMScoreAdjust=-1000" in unit.stdout
     # Arming must not queue behind busy writers: both processes run at nice -10.
     # (The helper is started again, idle, after each cycle: wait for it.)
-    nice = await poll(g, "ps -o ni= -p $(systemctl show -p MainPID --value cryptlockd.service) "
-                      "-p $(systemctl show -p MainPID --value cryptlockd-helper.service)",
-                      lambda o: len(o.split()) == 2, 60, "daemon and idle helper running")
+    nice = await poll(
+        g,
+        "ps -o ni= -p $(systemctl show -p MainPID --value cryptlockd.service) "
+        "-p $(systemctl show -p MainPID --value cryptlockd-helper.service)",
+        lambda o: len(o.split()) == 2,
+        60,
+        "daemon and idle helper running",
+    )
     assert nice.split() == ["-10", "-10"], nice
-    print(f"\ncycle 1 (systemctl suspend): trigger->SUSPEND {to_suspend:.2f} s, "
-          f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}")
+    print(
+        f"\ncycle 1 (systemctl suspend): trigger->SUSPEND {to_suspend:.2f} s, "
+        f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}"
+    )
 
     # 2. busctl Suspend, three wrong passphrases first: the devices stay suspended.
     # (Suspend refuses unless Protected, which the daemon says again once it holds its
     # new delay lock.)
     await armed_ready(g)
     wrong = ["wrong-one", "Wrong-Two", "nope3"]
-    to_suspend = await run_cycle(
-        g, [*wrong, layout.PASSPHRASE],
-        f"busctl call {MANAGER} Suspend")
+    to_suspend = await run_cycle(g, [*wrong, layout.PASSPHRASE], f"busctl call {MANAGER} Suspend")
     await usable_after(g)
     await assert_restored(g, sync_before, vt_before)
     rec = await last_cycle(g)
     timeline = assert_complete(rec)
     assert rec["wrong_passphrases"] == 3
-    assert all(timeline[f"prompt#{n}"] < timeline[f"resumed:{layout.ROOT_DM_NAME}"]
-               for n in (2, 3, 4))
-    print(f"cycle 2 (busctl Suspend, 3 wrong): trigger->SUSPEND {to_suspend:.2f} s, "
-          f"timeline_ms {json.dumps(timeline)}")
+    assert all(
+        timeline[f"prompt#{n}"] < timeline[f"resumed:{layout.ROOT_DM_NAME}"] for n in (2, 3, 4)
+    )
+    print(
+        f"cycle 2 (busctl Suspend, 3 wrong): trigger->SUSPEND {to_suspend:.2f} s, "
+        f"timeline_ms {json.dumps(timeline)}"
+    )
 
 
 async def test_failed_sleep_write_then_unprotected_stock_sleep(installed_guest: Guest) -> None:
@@ -200,16 +240,20 @@ async def test_failed_sleep_write_then_unprotected_stock_sleep(installed_guest: 
     await g.spawn("systemctl suspend", "/root/trigger.log")
     deadline = time.monotonic() + 120
     while g.console_text().count(PROMPT_NOTICE) <= notices:
-        assert time.monotonic() < deadline, f"no prompt after the failed write\n" \
-            f"{g.console_tail()}"
+        assert time.monotonic() < deadline, f"no prompt after the failed write\n{g.console_tail()}"
         await asyncio.sleep(0.3)
     await g.type_text(layout.PASSPHRASE)
     await g.wait_agent(240, "agent after the failed sleep")
     assert "SUSPEND" not in [e.name for e in g.events[mark:]]
     await g.run("rm /run/cryptlockd/debug-sleep-state")
     await assert_restored(g, sync_before, vt_before)
-    rec = await poll(g, f"busctl --json=short get-property {MANAGER} LastCycle",
-                     lambda o: "sleep_failed" in o, 60, "LastCycle of the failed sleep")
+    rec = await poll(
+        g,
+        f"busctl --json=short get-property {MANAGER} LastCycle",
+        lambda o: "sleep_failed" in o,
+        60,
+        "LastCycle of the failed sleep",
+    )
     last = {k: unwrap(v) for k, v in json.loads(rec)["data"].items()}
     assert last["success"] is False and "/sys/power/state" in last["reason"], last
     assert set(last["resumed"]) == {layout.ROOT_DM_NAME, layout.DATA_DM_NAME}
@@ -237,8 +281,10 @@ async def test_failed_sleep_write_then_unprotected_stock_sleep(installed_guest: 
     await assert_restored(g, sync_before, vt_before)
     rec = await last_cycle(g)
     assert_complete(rec)
-    print(f"protected sleep, same guest: trigger->SUSPEND {to_suspend:.2f} s, "
-          f"arm {rec['arm_seconds']} s")
+    print(
+        f"protected sleep, same guest: trigger->SUSPEND {to_suspend:.2f} s, "
+        f"arm {rec['arm_seconds']} s"
+    )
 
 
 WRITER = """
@@ -301,18 +347,26 @@ async def test_lid_close_with_busy_fsync_writer(installed_guest: Guest) -> None:
     await armed_ready(g)
     # logind ignores the lid for 30 s after boot by default, and counts the VM's virtual
     # display as an external one (docked): shorten the one, override the other.
-    await g.run("modprobe uinput && mkdir -p /run/systemd/logind.conf.d && printf '[Login]\\n"
-                "HoldoffTimeoutSec=0\\nHandleLidSwitch=suspend\\n"
-                "HandleLidSwitchExternalPower=suspend\\nHandleLidSwitchDocked=suspend\\n' "
-                "> /run/systemd/logind.conf.d/test.conf && systemctl kill -s HUP systemd-logind")
+    await g.run(
+        "modprobe uinput && mkdir -p /run/systemd/logind.conf.d && printf '[Login]\\n"
+        "HoldoffTimeoutSec=0\\nHandleLidSwitch=suspend\\n"
+        "HandleLidSwitchExternalPower=suspend\\nHandleLidSwitchDocked=suspend\\n' "
+        "> /run/systemd/logind.conf.d/test.conf && systemctl kill -s HUP systemd-logind"
+    )
     await g.write_file("/root/writer.py", WRITER.encode())
     await g.write_file("/root/lid.py", LID.encode())
     await g.spawn("python3 /root/writer.py", "/root/writer.out")
-    await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60,
-               "the writer is writing")
+    await poll(
+        g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60, "the writer is writing"
+    )
     await g.spawn("python3 /root/lid.py", "/root/lid.out")
-    await poll(g, "journalctl -b -u systemd-logind --no-pager",
-               lambda o: "cryptlockd test lid" in o, 60, "logind watches the lid switch")
+    await poll(
+        g,
+        "journalctl -b -u systemd-logind --no-pager",
+        lambda o: "cryptlockd test lid" in o,
+        60,
+        "logind watches the lid switch",
+    )
     await data_before(g)
     sync_before = (await g.run("cat /sys/power/sync_on_suspend")).stdout.strip()
     vt_before = (await g.run("cat /sys/class/tty/tty0/active")).stdout.strip()
@@ -329,23 +383,36 @@ async def test_lid_close_with_busy_fsync_writer(installed_guest: Guest) -> None:
     assert "Freezing of tasks failed" not in kernel.stdout
     assert "refusing to freeze" not in kernel.stdout
     assert after > before
-    await poll(g, "wc -l < /root/busy.log", lambda o: int(o.strip()) > after + 20, 60,
-               "the writer goes on after resume")
+    await poll(
+        g,
+        "wc -l < /root/busy.log",
+        lambda o: int(o.strip()) > after + 20,
+        60,
+        "the writer goes on after resume",
+    )
     assert await count_writer(g) > after
-    print(f"\ncycle (lid, busy writer): trigger->SUSPEND {to_suspend:.2f} s, "
-          f"{after - before} fsynced records around the cycle, timeline_ms {json.dumps(timeline)}")
+    print(
+        f"\ncycle (lid, busy writer): trigger->SUSPEND {to_suspend:.2f} s, "
+        f"{after - before} fsynced records around the cycle, timeline_ms {json.dumps(timeline)}"
+    )
 
 
 async def test_shared_passphrase_one_prompt(installed_guest: Guest) -> None:
     """Both disks on the passphrase (crypttab says none for data): one prompt opens both."""
     g = installed_guest
     await armed_ready(g)
-    await g.run("sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab && "
-                "grep '^data' /etc/crypttab && "
-                f"busctl call {MANAGER} Reload")
-    await poll(g, "cryptlockctl devices --json",
-               lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get("data")
-               == "passphrase", 60, "data takes the passphrase now")
+    await g.run(
+        "sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab && "
+        "grep '^data' /etc/crypttab && "
+        f"busctl call {MANAGER} Reload"
+    )
+    await poll(
+        g,
+        "cryptlockctl devices --json",
+        lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get("data") == "passphrase",
+        60,
+        "data takes the passphrase now",
+    )
     notices = g.console_text().count(PROMPT_NOTICE)
     await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
     rec = await last_cycle(g)
@@ -367,19 +434,33 @@ async def test_keyfile_offset_and_size_from_crypttab(installed_guest: Guest) -> 
         f"head -c 1000 /dev/urandom >> {key} && chmod 0400 {key} && "
         f"cryptsetup luksAddKey --batch-mode --key-file {layout.DATA_KEYFILE} "
         "--pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
-        f"--new-keyfile-offset 4096 --new-keyfile-size 64 {disk} {key}", timeout=120)
+        f"--new-keyfile-offset 4096 --new-keyfile-size 64 {disk} {key}",
+        timeout=120,
+    )
     # Control: the key is the 64 bytes at 4096, and the whole file opens nothing.
-    await g.run(f"cryptsetup open --test-passphrase --key-file {key} --keyfile-offset 4096 "
-                f"--keyfile-size 64 {disk}", timeout=120)
-    whole = await g.run(f"cryptsetup open --test-passphrase --key-file {key} {disk}",
-                        check=False, timeout=120)
+    await g.run(
+        f"cryptsetup open --test-passphrase --key-file {key} --keyfile-offset 4096 "
+        f"--keyfile-size 64 {disk}",
+        timeout=120,
+    )
+    whole = await g.run(
+        f"cryptsetup open --test-passphrase --key-file {key} {disk}", check=False, timeout=120
+    )
     assert whole.rc != 0, "the whole keyfile opened the disk: the test proves nothing"
-    await g.run(f"sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s.*|data \\1 {key} "
-                "luks,keyfile-offset=4096,keyfile-size=64|' /etc/crypttab && "
-                f"grep '^data.*keyfile-offset=4096' /etc/crypttab && busctl call {MANAGER} Reload")
-    await poll(g, "cryptlockctl devices --json",
-               lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get("data")
-               == f"keyfile:{key}", 60, "data takes the embedded keyfile now")
+    await g.run(
+        f"sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s.*|data \\1 {key} "
+        "luks,keyfile-offset=4096,keyfile-size=64|' /etc/crypttab && "
+        f"grep '^data.*keyfile-offset=4096' /etc/crypttab && busctl call {MANAGER} Reload"
+    )
+    await poll(
+        g,
+        "cryptlockctl devices --json",
+        lambda o: (
+            {d["name"]: d["key_source"] for d in json.loads(o)}.get("data") == f"keyfile:{key}"
+        ),
+        60,
+        "data takes the embedded keyfile now",
+    )
     await data_before(g)
     notices = g.console_text().count(PROMPT_NOTICE)
     await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")

@@ -14,8 +14,10 @@ from tests.vm.guest import Guest
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(1500)]
 
-LIST_INHIBITORS = ("busctl --json=short call org.freedesktop.login1 /org/freedesktop/login1 "
-                   "org.freedesktop.login1.Manager ListInhibitors")
+LIST_INHIBITORS = (
+    "busctl --json=short call org.freedesktop.login1 /org/freedesktop/login1 "
+    "org.freedesktop.login1.Manager ListInhibitors"
+)
 
 
 async def devices(guest: Guest) -> list[dict[str, Any]]:
@@ -24,8 +26,9 @@ async def devices(guest: Guest) -> list[dict[str, Any]]:
     return parsed
 
 
-async def wait_devices(guest: Guest, predicate: Any, what: str,
-                       timeout: float = 30.0) -> list[dict[str, Any]]:
+async def wait_devices(
+    guest: Guest, predicate: Any, what: str, timeout: float = 30.0
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         current = await devices(guest)
@@ -75,11 +78,13 @@ async def test_hotplugged_luks_device_appears_and_goes(installed_guest: Guest) -
         "cryptsetup open --key-file /run/extra.key /var/tmp/extra.img extra",
         timeout=120,
     )
-    found = await wait_devices(g, lambda d: "extra" in {x["name"] for x in d},
-                               "the hot-plugged device 'extra'")
+    found = await wait_devices(
+        g, lambda d: "extra" in {x["name"] for x in d}, "the hot-plugged device 'extra'"
+    )
     extra = next(d for d in found if d["name"] == "extra")
     assert extra["backing_device"].startswith("/dev/loop"), extra
     assert extra["holds_root"] is False
     await g.run("cryptsetup close extra")
-    await wait_devices(g, lambda d: "extra" not in {x["name"] for x in d},
-                       "'extra' gone after close")
+    await wait_devices(
+        g, lambda d: "extra" not in {x["name"] for x in d}, "'extra' gone after close"
+    )

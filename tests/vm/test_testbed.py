@@ -39,11 +39,16 @@ async def assert_usable(guest: Guest) -> None:
 async def test_guest_boots_with_root_on_luks(guest: Guest) -> None:
     root_source = (await guest.run("findmnt -n -o SOURCE /")).stdout.strip()
     assert root_source == f"/dev/mapper/{layout.ROOT_DM_NAME}"
-    tree = (await guest.run(f"lsblk -J -o NAME,TYPE,FSTYPE,MOUNTPOINT {layout.ROOT_DISK} "
-                            f"{layout.DATA_DISK}")).json()
+    tree = (
+        await guest.run(
+            f"lsblk -J -o NAME,TYPE,FSTYPE,MOUNTPOINT {layout.ROOT_DISK} {layout.DATA_DISK}"
+        )
+    ).json()
     by_disk = {d["name"]: d for d in tree["blockdevices"]}
-    for disk, dm, mount in (("vda", layout.ROOT_DM_NAME, "/"),
-                            ("vdb", layout.DATA_DM_NAME, layout.DATA_MOUNT)):
+    for disk, dm, mount in (
+        ("vda", layout.ROOT_DM_NAME, "/"),
+        ("vdb", layout.DATA_DM_NAME, layout.DATA_MOUNT),
+    ):
         assert by_disk[disk]["fstype"] == "crypto_LUKS", by_disk[disk]
         child = by_disk[disk]["children"][0]
         assert (child["name"], child["type"], child["mountpoint"]) == (dm, "crypt", mount)
@@ -76,8 +81,10 @@ async def test_baseline_suspend_wake(guest: Guest) -> None:
     await assert_usable(guest)
     journal = (await guest.run("journalctl -b --no-pager -o cat -k")).stdout
     assert "PM: suspend exit" in journal
-    print(f"baseline: systemctl suspend -> QMP SUSPEND {to_suspend:.2f} s; "
-          f"system_wakeup -> agent answers {to_agent:.2f} s ({guest.accel})")
+    print(
+        f"baseline: systemctl suspend -> QMP SUSPEND {to_suspend:.2f} s; "
+        f"system_wakeup -> agent answers {to_agent:.2f} s ({guest.accel})"
+    )
 
 
 async def _writer_stack(guest: Guest, pid: int) -> str:
@@ -113,13 +120,15 @@ async def test_original_race_sync_hangs_on_luks_suspended_device(guest: Guest) -
     assert SYNC_FRAME in stack, f"writer left the sync without the key:\n{stack}"
     state = (await guest.run(f"grep ^State: /proc/{writer}/status")).stdout
     assert "D (disk sleep)" in state, state
-    print(f"writer {writer} still in the kernel's sync after {RACE_HOLD:.0f} s, no SUSPEND:\n"
-          f"{stack}")
+    print(
+        f"writer {writer} still in the kernel's sync after {RACE_HOLD:.0f} s, no SUSPEND:\n{stack}"
+    )
 
     # Unblock: the key comes back, the sync completes, and the pending suspend happens now.
     # Started in the background: the agent is frozen before it could answer.
-    await guest.spawn(f"cryptsetup luksResume --key-file {layout.DATA_KEYFILE} {data}",
-                      "/run/resume.log")
+    await guest.spawn(
+        f"cryptsetup luksResume --key-file {layout.DATA_KEYFILE} {data}", "/run/resume.log"
+    )
     await guest.wait_event("SUSPEND", SUSPEND_DEADLINE, since=mark)
     mark = guest.event_mark()
     await guest.wakeup()

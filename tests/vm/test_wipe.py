@@ -36,11 +36,14 @@ def vm(fn: Any) -> Any:
 
 MANAGER = "org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager"
 PROMPT_NOTICE = "cryptlockd: disks locked; passphrase prompt on VT"
-DEVICES = {layout.ROOT_DM_NAME: (layout.ROOT_DISK, layout.ROOT_KEYFILE),
-           layout.DATA_DM_NAME: (layout.DATA_DISK, layout.DATA_KEYFILE)}
+DEVICES = {
+    layout.ROOT_DM_NAME: (layout.ROOT_DISK, layout.ROOT_KEYFILE),
+    layout.DATA_DM_NAME: (layout.DATA_DISK, layout.DATA_KEYFILE),
+}
 
 
 # ---- AES-256 key expansion (FIPS-197 section 5.2), pure Python, for the scanner ----------
+
 
 def _sbox() -> list[int]:
     box = [0] * 256
@@ -54,8 +57,13 @@ def _sbox() -> list[int]:
         q &= 0xFF
         if q & 0x80:
             q ^= 0x09
-        rot = q ^ ((q << 1 | q >> 7) & 0xFF) ^ ((q << 2 | q >> 6) & 0xFF) \
-            ^ ((q << 3 | q >> 5) & 0xFF) ^ ((q << 4 | q >> 4) & 0xFF)
+        rot = (
+            q
+            ^ ((q << 1 | q >> 7) & 0xFF)
+            ^ ((q << 2 | q >> 6) & 0xFF)
+            ^ ((q << 3 | q >> 5) & 0xFF)
+            ^ ((q << 4 | q >> 4) & 0xFF)
+        )
         box[p] = rot ^ 0x63
         if p == 1:
             break
@@ -69,7 +77,7 @@ SBOX = _sbox()
 def aes256_schedule(key: bytes) -> bytes:
     """The 240-byte expanded encryption key, in the byte order the kernel stores it."""
     assert len(key) == 32
-    words = [list(key[i:i + 4]) for i in range(0, 32, 4)]
+    words = [list(key[i : i + 4]) for i in range(0, 32, 4)]
     rcon = 1
     for i in range(8, 60):
         t = list(words[i - 1])
@@ -108,7 +116,7 @@ def parse_volume_key(dump: str) -> bytes:
     start = next(i for i, ln in enumerate(lines) if re.search(r"dump:", ln, re.I))
     hexes: list[str] = []
     first = lines[start].split(":", 1)[1]
-    for ln in [first, *lines[start + 1:]]:
+    for ln in [first, *lines[start + 1 :]]:
         tokens = ln.split()
         if not tokens or not all(re.fullmatch(r"[0-9a-fA-F]{2}", t) for t in tokens):
             if hexes:
@@ -121,17 +129,21 @@ def parse_volume_key(dump: str) -> bytes:
 async def volume_keys(g: Guest) -> dict[str, bytes]:
     keys = {}
     for dm, (disk, keyfile) in DEVICES.items():
-        out = await g.run(f"cryptsetup luksDump --dump-volume-key --batch-mode "
-                          f"--key-file {keyfile} {disk}", timeout=120)
+        out = await g.run(
+            f"cryptsetup luksDump --dump-volume-key --batch-mode --key-file {keyfile} {disk}",
+            timeout=120,
+        )
         keys[dm] = parse_volume_key(out.stdout)
         assert len(keys[dm]) == 64, out.stdout
     return keys
 
 
-def scan(dump: Path, keys: dict[str, bytes], extra: dict[str, bytes] | None = None
-         ) -> dict[str, int]:
-    labelled = {f"{dm} {label}": n for dm, vk in keys.items()
-                for label, n in key_needles(vk).items()}
+def scan(
+    dump: Path, keys: dict[str, bytes], extra: dict[str, bytes] | None = None
+) -> dict[str, int]:
+    labelled = {
+        f"{dm} {label}": n for dm, vk in keys.items() for label, n in key_needles(vk).items()
+    }
     labelled.update(extra or {})
     counts = count_occurrences(dump, labelled.values())
     return {label: counts[n] for label, n in labelled.items()}
@@ -139,19 +151,26 @@ def scan(dump: Path, keys: dict[str, bytes], extra: dict[str, bytes] | None = No
 
 # ---- driving the guest ------------------------------------------------------------------
 
+
 async def armed_ready(g: Guest) -> None:
-    await poll(g, f"busctl get-property {MANAGER} Protected", lambda o: "true" in o, 240,
-               "cryptlockd reports Protected")
-
-
+    await poll(
+        g,
+        f"busctl get-property {MANAGER} Protected",
+        lambda o: "true" in o,
+        240,
+        "cryptlockd reports Protected",
+    )
 
 
 async def last_cycle(g: Guest, since: float) -> dict[str, Any]:
     """LastCycle, once it is the record of a cycle that started after `since` (boottime)."""
     out = await poll(
-        g, f"busctl --json=short get-property {MANAGER} LastCycle",
+        g,
+        f"busctl --json=short get-property {MANAGER} LastCycle",
         lambda o: unwrap(json.loads(o)["data"]).get("started_boottime", 0) > since,
-        120, "LastCycle of this cycle")
+        120,
+        "LastCycle of this cycle",
+    )
     rec: dict[str, Any] = unwrap(json.loads(out)["data"])
     return rec
 
@@ -168,8 +187,7 @@ async def sleep_and_dump(g: Guest, trigger: str, name: str) -> Path:
     assert await g.status() == "suspended"
     t0 = time.monotonic()
     dump = await g.dump_memory(name)
-    print(f"\n{name}: RAM dump of {dump.stat().st_size >> 20} MiB in "
-          f"{time.monotonic() - t0:.1f} s")
+    print(f"\n{name}: RAM dump of {dump.stat().st_size >> 20} MiB in {time.monotonic() - t0:.1f} s")
     assert await g.status() == "suspended", "the dump woke the guest"
     return dump
 
@@ -188,15 +206,18 @@ async def wake_and_unlock(g: Guest, notices_before: int) -> None:
 
 def passphrase_needles() -> dict[str, bytes]:
     p = layout.PASSPHRASE
-    return {"passphrase ascii": p.encode(), "passphrase utf-16le": p.encode("utf-16-le"),
-            "passphrase utf-32le": p.encode("utf-32-le")}
+    return {
+        "passphrase ascii": p.encode(),
+        "passphrase utf-16le": p.encode("utf-16-le"),
+        "passphrase utf-32le": p.encode("utf-32-le"),
+    }
 
 
 # ---- the tests ----------------------------------------------------------------------------
 
+
 @vm
-async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(
-        installed_guest: Guest) -> None:
+async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(installed_guest: Guest) -> None:
     g = installed_guest
     await armed_ready(g)
     keys = await volume_keys(g)
@@ -205,13 +226,19 @@ async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(
     kernel = (await g.run("uname -r")).stdout.strip()
     assert kernel in risks["risk-kernel-keyring"]["detail"], risks
     # The guest's own libcryptsetup decides the line: 2.7 (trixie) can link keys anywhere.
-    has_link = (await g.run("grep -c crypt_set_keyring_to_link "
-                            "$(readlink -f /lib/x86_64-linux-gnu/libcryptsetup.so.12)",
-                            check=False)).stdout.strip() not in ("", "0")
+    has_link = (
+        await g.run(
+            "grep -c crypt_set_keyring_to_link "
+            "$(readlink -f /lib/x86_64-linux-gnu/libcryptsetup.so.12)",
+            check=False,
+        )
+    ).stdout.strip() not in ("", "0")
     lcs = risks["risk-libcryptsetup"]["detail"]
     assert ("2.7 or later" in lcs and "can link" in lcs) == has_link, lcs
-    print("\nCheck() risk lines in the guest:\n" + "\n".join(
-        f"  {n}: {r['detail']}" for n, r in risks.items()))
+    print(
+        "\nCheck() risk lines in the guest:\n"
+        + "\n".join(f"  {n}: {r['detail']}" for n, r in risks.items())
+    )
 
     # 1. A cryptlockd cycle: while asleep, no key, no half, no schedule.
     since = await boottime(g)
@@ -313,13 +340,26 @@ async def test_planted_keyring_copy_is_invalidated_or_reported(installed_guest: 
     root_desc = f"cryptsetup:{await luks_uuid(g, layout.ROOT_DISK)}-d0"
     await g.write_file("/run/plant.py", PLANT.encode(), 0o755)  # nobody runs it too
     # 1. data's real volume key, in root's user keyring: the helper can take it out.
-    data_serial = (await g.run(["python3", "/run/plant.py", data_desc,
-                                keys[layout.DATA_DM_NAME].hex(), PERM_ROOT_KEY])).stdout.strip()
+    data_serial = (
+        await g.run(
+            ["python3", "/run/plant.py", data_desc, keys[layout.DATA_DM_NAME].hex(), PERM_ROOT_KEY]
+        )
+    ).stdout.strip()
     # 2. A marker under root's name, owned by nobody: root sees it but may not remove it.
     marker = hashlib.sha512(b"cryptlockd: planted, cannot be removed").digest()
-    nobody = await g.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                          "python3", "/run/plant.py", root_desc, marker.hex(),
-                          PERM_NOBODY_KEY])
+    nobody = await g.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "/run/plant.py",
+            root_desc,
+            marker.hex(),
+            PERM_NOBODY_KEY,
+        ]
+    )
     root_serial = nobody.stdout.strip()
     assert [ln for ln in await proc_keys(g, data_desc) if ln.startswith(data_serial)]
     assert [ln for ln in await proc_keys(g, root_desc) if ln.startswith(root_serial)]
@@ -340,8 +380,10 @@ async def test_planted_keyring_copy_is_invalidated_or_reported(installed_guest: 
     assert data["keyring"] == f"invalidated: {data_serial}", data
     assert data["protected"] == "yes"
     assert await proc_keys(g, data_desc) == []
-    assert all(asleep[f"{layout.DATA_DM_NAME} {label}"] == 0
-               for label in key_needles(keys[layout.DATA_DM_NAME])), asleep
+    assert all(
+        asleep[f"{layout.DATA_DM_NAME} {label}"] == 0
+        for label in key_needles(keys[layout.DATA_DM_NAME])
+    ), asleep
 
     root = rec["verification"][layout.ROOT_DM_NAME]
     assert root["dm_table_key"] == "zeroed"
@@ -351,8 +393,13 @@ async def test_planted_keyring_copy_is_invalidated_or_reported(installed_guest: 
     assert any(p.startswith(f"{layout.ROOT_DM_NAME} was NOT protected") for p in rec["problems"])
     # The scanner sees a keyring payload that stayed: the dump is a fair witness.
     assert asleep["nobody's marker"] >= 1, asleep
-    problems = await poll(g, f"busctl --json=short get-property {MANAGER} Problems",
-                          lambda o: "last-cycle" in o, 60, "Problems names the last cycle")
+    problems = await poll(
+        g,
+        f"busctl --json=short get-property {MANAGER} Problems",
+        lambda o: "last-cycle" in o,
+        60,
+        "Problems names the last cycle",
+    )
     assert f"NOT protect {layout.ROOT_DM_NAME}" in problems
     journal = await g.run("journalctl -b -p warning --no-pager -o cat")
     assert f"{layout.ROOT_DM_NAME} was NOT protected" in journal.stdout
