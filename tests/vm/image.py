@@ -34,10 +34,29 @@ DEFAULT_SUITE = "bookworm"
 # The Python each suite ships; wheels for the guest are collected for it.
 SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 PACKAGES = [
-    "systemd", "systemd-sysv", "dbus", "libpam-systemd", "udev", "kmod",
-    "cryptsetup", "cryptsetup-bin", "cryptsetup-initramfs", "initramfs-tools", "zstd",
-    "linux-image-amd64", "python3", "python3-venv", "python3-systemd", "make", "kbd",
-    "polkitd", "e2fsprogs", "procps", "keyutils", "util-linux", "mawk",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "libpam-systemd",
+    "udev",
+    "kmod",
+    "cryptsetup",
+    "cryptsetup-bin",
+    "cryptsetup-initramfs",
+    "initramfs-tools",
+    "zstd",
+    "linux-image-amd64",
+    "python3",
+    "python3-venv",
+    "python3-systemd",
+    "make",
+    "kbd",
+    "polkitd",
+    "e2fsprogs",
+    "procps",
+    "keyutils",
+    "util-linux",
+    "mawk",
 ]
 # trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd.
 SUITE_PACKAGES = {"bookworm": [], "trixie": ["systemd-cryptsetup"]}
@@ -130,15 +149,22 @@ def _packages(suite: str) -> list[str]:
 def _bootstrap(suite: str, rootfs: Path) -> None:
     if os.geteuid() != 0:
         raise ImageBuildError("building the test bed image needs root (mmdebstrap, mkfs -d)")
-    _run([
-        "mmdebstrap", "--variant=minbase", "--mode=root",
-        f"--include={','.join(_packages(suite))}",
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/locale/*",
-        f"--customize-hook=sh {GUEST_FILES / 'customize'} \"$1\" {GUEST_FILES}",
-        suite, str(rootfs),
-    ], MMDEBSTRAP_TIMEOUT, f"mmdebstrap {suite}")
+    _run(
+        [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--mode=root",
+            f"--include={','.join(_packages(suite))}",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            f'--customize-hook=sh {GUEST_FILES / "customize"} "$1" {GUEST_FILES}',
+            suite,
+            str(rootfs),
+        ],
+        MMDEBSTRAP_TIMEOUT,
+        f"mmdebstrap {suite}",
+    )
 
 
 def _sparse(path: Path, size: int) -> None:
@@ -154,8 +180,23 @@ def _tree_size(path: Path) -> int:
 def _provision(work: Path, rootfs: Path, accel: str) -> dict[str, object]:
     staging = work / "staging.img"
     size = int(_tree_size(rootfs) * 1.3) + 256 * 1024**2
-    _run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", "staging", "-d", str(rootfs),
-          str(staging), str(size // 1024) + "k"], 600, "mkfs.ext4 -d (staging disk)")
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard",
+            "-L",
+            "staging",
+            "-d",
+            str(rootfs),
+            str(staging),
+            str(size // 1024) + "k",
+        ],
+        600,
+        "mkfs.ext4 -d (staging disk)",
+    )
     boot = rootfs / "boot"
     kernels = sorted(boot.glob("vmlinuz-*"))
     if not kernels:
@@ -165,21 +206,35 @@ def _provision(work: Path, rootfs: Path, accel: str) -> dict[str, object]:
     _sparse(work / "data.img", DATA_DISK_SIZE)
     _sparse(work / "out.img", OUTPUT_DISK_SIZE)
     console = work / "provision-console.log"
-    append = " ".join([
-        "root=/dev/vda", "rw", "console=ttyS0", "panic=-1", "loglevel=4",
-        "init=/usr/local/sbin/cryptlockd-testbed-provision",
-        f"testbed.passphrase_hex={layout.PASSPHRASE.encode().hex()}",
-        f"testbed.argon_memory_kib={layout.ARGON2_MEMORY_KIB}",
-        f"testbed.argon_iterations={layout.ARGON2_ITERATIONS}",
-        f"testbed.argon_parallel={layout.ARGON2_PARALLEL}",
-    ])
+    append = " ".join(
+        [
+            "root=/dev/vda",
+            "rw",
+            "console=ttyS0",
+            "panic=-1",
+            "loglevel=4",
+            "init=/usr/local/sbin/cryptlockd-testbed-provision",
+            f"testbed.passphrase_hex={layout.PASSPHRASE.encode().hex()}",
+            f"testbed.argon_memory_kib={layout.ARGON2_MEMORY_KIB}",
+            f"testbed.argon_iterations={layout.ARGON2_ITERATIONS}",
+            f"testbed.argon_parallel={layout.ARGON2_PARALLEL}",
+        ]
+    )
     drives = []
     for name in ("staging.img", "root.img", "data.img", "out.img"):
         drives += ["-drive", f"file={work / name},format=raw,if=virtio,cache=unsafe"]
     argv = [
-        *machine.base_args(accel), "-no-reboot",
-        "-kernel", str(boot / f"vmlinuz-{kver}"), "-initrd", str(boot / f"initrd.img-{kver}"),
-        "-append", append, "-serial", f"file:{console}", *drives,
+        *machine.base_args(accel),
+        "-no-reboot",
+        "-kernel",
+        str(boot / f"vmlinuz-{kver}"),
+        "-initrd",
+        str(boot / f"initrd.img-{kver}"),
+        "-append",
+        append,
+        "-serial",
+        f"file:{console}",
+        *drives,
     ]
     start = time.monotonic()
     try:
@@ -203,8 +258,10 @@ def _provision(work: Path, rootfs: Path, accel: str) -> dict[str, object]:
     report: dict[str, object] = json.loads(out["report.json"])
     report["kernel"] = kver
     shutil.copyfile(boot / f"vmlinuz-{kver}", work / "vmlinuz")
-    crypttab = (f"{layout.ROOT_DM_NAME} UUID={report['root_uuid']} "
-                f"/cryptroot/keyfiles/{layout.ROOT_DM_NAME}.key luks,key-slot=0\n")
+    crypttab = (
+        f"{layout.ROOT_DM_NAME} UUID={report['root_uuid']} "
+        f"/cryptroot/keyfiles/{layout.ROOT_DM_NAME}.key luks,key-slot=0\n"
+    )
     with (work / "initrd.img").open("wb") as initrd:
         main = (boot / f"initrd.img-{kver}").read_bytes()
         # The kernel unpacks concatenated archives in order; this one adds what
@@ -212,12 +269,16 @@ def _provision(work: Path, rootfs: Path, accel: str) -> dict[str, object]:
         # It must start 4-aligned, else the kernel takes it for a compressed archive with a
         # bad magic; zero padding between archives is skipped.
         initrd.write(main + b"\0" * (-len(main) % 512))
-        initrd.write(newc_archive([
-            ("cryptroot", 0o040700, b""),
-            ("cryptroot/crypttab", 0o100600, crypttab.encode()),
-            ("cryptroot/keyfiles", 0o040700, b""),
-            (f"cryptroot/keyfiles/{layout.ROOT_DM_NAME}.key", 0o100400, out["root.key"]),
-        ]))
+        initrd.write(
+            newc_archive(
+                [
+                    ("cryptroot", 0o040700, b""),
+                    ("cryptroot/crypttab", 0o100600, crypttab.encode()),
+                    ("cryptroot/keyfiles", 0o040700, b""),
+                    (f"cryptroot/keyfiles/{layout.ROOT_DM_NAME}.key", 0o100400, out["root.key"]),
+                ]
+            )
+        )
     report["provision_seconds"] = round(time.monotonic() - start, 1)
     for name in ("staging.img", "out.img"):
         (work / name).unlink()
@@ -232,8 +293,21 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
         out.extend(b"\0" * (-len(out) % 4))
 
     for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
-        fields = [ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, 0, 0,
-                  len(name) + 1, 0]
+        fields = [
+            ino,
+            mode,
+            0,
+            0,
+            2 if mode & 0o040000 else 1,
+            0,
+            len(data),
+            0,
+            0,
+            0,
+            0,
+            len(name) + 1,
+            0,
+        ]
         out.extend(b"070701" + "".join(f"{f:08X}" for f in fields).encode())
         out.extend(name.encode() + b"\0")
         pad4()
@@ -252,10 +326,45 @@ def _tail(path: Path, lines: int = 40) -> str:
 def _load(directory: Path) -> TestbedImage:
     manifest = json.loads((directory / "manifest.json").read_text())
     return TestbedImage(
-        suite=manifest["suite"], directory=directory,
-        python_version=manifest["python_version"], kernel_version=manifest["kernel"],
+        suite=manifest["suite"],
+        directory=directory,
+        python_version=manifest["python_version"],
+        kernel_version=manifest["kernel"],
         report=manifest,
     )
+
+
+def prune(root: Path, suite: str, keep: str) -> list[str]:
+    """Removes what older inputs or dead builders left in the cache for `suite`: entries of
+    another hash, their lock files, `.build-*` of builders that no longer run and
+    `.failed-*`. An entry whose lock someone holds (a run of an older checkout) stays."""
+    removed = []
+    for path in sorted(root.glob(f"{suite}-*")) + sorted(root.glob(f".*-{suite}-*")):
+        name = path.name
+        if name in (keep, f"{keep}.lock"):
+            continue
+        if name.startswith(".build-"):
+            pid = name.rsplit("-", 1)[-1]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                continue
+        elif not name.startswith(".failed-"):
+            entry = name.removesuffix(".lock")
+            lock_path = root / f"{entry}.lock"
+            with lock_path.open("a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+            removed.append(name)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    if removed:
+        log.info("pruned from the image cache: %s", ", ".join(removed))
+    return removed
 
 
 def ensure_image(suite: str | None = None) -> TestbedImage:
@@ -267,6 +376,7 @@ def ensure_image(suite: str | None = None) -> TestbedImage:
     final = root / name
     with (root / f"{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        prune(root, suite, name)
         if (final / "manifest.json").exists():
             log.info("test bed image %s (cached)", final)
             return _load(final)
@@ -281,18 +391,29 @@ def ensure_image(suite: str | None = None) -> TestbedImage:
             _bootstrap(suite, rootfs)
             bootstrap_seconds = time.monotonic() - t
             python_version = _run(
-                ["chroot", str(rootfs), "python3", "-c",
-                 "import sys; print('%d.%d' % sys.version_info[:2])"], 60, "guest python version",
+                [
+                    "chroot",
+                    str(rootfs),
+                    "python3",
+                    "-c",
+                    "import sys; print('%d.%d' % sys.version_info[:2])",
+                ],
+                60,
+                "guest python version",
             ).stdout.strip()
             kernel = sorted((rootfs / "boot").glob("vmlinuz-*"))[-1]
             accel = machine.choose_accel(kernel, root)
             report = _provision(work, rootfs, accel)
             shutil.rmtree(rootfs)
-            report.update({
-                "suite": suite, "python_version": python_version, "accel": accel,
-                "bootstrap_seconds": round(bootstrap_seconds, 1),
-                "build_seconds": round(time.monotonic() - start, 1),
-            })
+            report.update(
+                {
+                    "suite": suite,
+                    "python_version": python_version,
+                    "accel": accel,
+                    "bootstrap_seconds": round(bootstrap_seconds, 1),
+                    "build_seconds": round(time.monotonic() - start, 1),
+                }
+            )
             (work / "manifest.json").write_text(json.dumps(report, indent=2) + "\n")
             os.replace(work, final)
         except BaseException:
