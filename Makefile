@@ -95,7 +95,7 @@ install:
 	install -d $(DESTDIR)$(BINDIR)
 	for prog in cryptlockd cryptlockctl; do \
 		printf '#!/bin/sh\nexec %s/bin/python -m cryptlockd.%s "$$@"\n' '$(VENVDIR)' \
-			"$$( [ $$prog = cryptlockd ] && echo daemon || echo ctl )" > $(DESTDIR)$(BINDIR)/$$prog; \
+			"$$( [ $$prog = cryptlockd ] && echo daemon || echo cli )" > $(DESTDIR)$(BINDIR)/$$prog; \
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$prog; \
 	done
 	install -d $(DESTDIR)$(UNITDIR)

@@ -2,6 +2,6 @@
 
 import sys
 
-from cryptlockd.daemon import main
+from cryptlockd.daemon.main import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Fake sysfs / mountinfo / crypttab / dev trees in a temp dir, shaped like the real ones.
 
-Used by the unit tests of cryptlockd.devices and by the daemon integration tests
+Used by the unit tests of cryptlockd.daemon.devices and by the daemon integration tests
 (`--sysfs`, `--mountinfo`, `--crypttab`). Layout, as on a real kernel:
 
   sys/class/block/<kname>/dev                  "major:minor"
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptlockd.devices import SystemPaths
+from cryptlockd.daemon.devices import SystemPaths
 
 # Mountinfo entries that are on every system and must not confuse root detection.
 _BASE_MOUNTS = [

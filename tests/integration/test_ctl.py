@@ -47,7 +47,7 @@ SUBCOMMANDS = ["status", "devices", "check", "suspend", "enable", "disable", "re
 
 def ctl(bus: SystemBus, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", *args],
+        [str(VENV_PYTHON), "-m", "cryptlockd.cli", *args],
         env=bus.env(),
         cwd=REPO,
         capture_output=True,
@@ -102,7 +102,7 @@ def test_not_running_every_subcommand(system_bus: SystemBus) -> None:
 def test_no_system_bus_at_all(system_bus: SystemBus, tmp_path: Path) -> None:
     env = system_bus.env({"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/nothing"})
     proc = subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", "status"],
+        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "status"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -365,7 +365,7 @@ class LineReader:
 
 def start_monitor(bus: SystemBus, *args: str) -> tuple[subprocess.Popen[str], LineReader]:
     proc = subprocess.Popen(
-        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", "monitor", *args],
+        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "monitor", *args],
         env=bus.env(),
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -87,7 +87,7 @@ def test_files_in_place(destdir: Path) -> None:
 
 
 def test_wrappers_point_into_the_installed_venv(destdir: Path) -> None:
-    for prog, module in (("cryptlockd", "cryptlockd.daemon"), ("cryptlockctl", "cryptlockd.ctl")):
+    for prog, module in (("cryptlockd", "cryptlockd.daemon"), ("cryptlockctl", "cryptlockd.cli")):
         wrapper = destdir / PREFIX.lstrip("/") / "bin" / prog
         assert os.access(wrapper, os.X_OK)
         assert f'exec {VENV}/bin/python -m {module} "$@"' in wrapper.read_text()

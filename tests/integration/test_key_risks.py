@@ -8,7 +8,7 @@ import os
 import subprocess
 from typing import Any
 
-from cryptlockd import checks
+from cryptlockd.daemon import checks
 from tests.fakesys import UUID_A, FakeSystem
 from tests.integration.conftest import (
     REPO,
@@ -23,7 +23,7 @@ from tests.integration.support import eventually
 
 def ctl_check(bus: SystemBus) -> tuple[int, list[dict[str, Any]], str]:
     js = subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", "check", "--json"],
+        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "check", "--json"],
         env=bus.env(),
         cwd=REPO,
         capture_output=True,
@@ -32,7 +32,7 @@ def ctl_check(bus: SystemBus) -> tuple[int, list[dict[str, Any]], str]:
         check=False,
     )
     text = subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.ctl", "check"],
+        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "check"],
         env=bus.env(),
         cwd=REPO,
         capture_output=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd.notify import SLEEP_WATCHDOG_USEC, Notifier
+from cryptlockd.daemon.notify import SLEEP_WATCHDOG_USEC, Notifier
 from cryptlockd.run import child_env
 from tests.fakesys import FakeSystem
 from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryptlockd import checks
-from cryptlockd.devices import LuksDevice
+from cryptlockd.daemon import checks
+from cryptlockd.daemon.devices import LuksDevice
 
 DEV = LuksDevice("cryptroot", "u", "LUKS2", "/dev/vda2", True, False, "passphrase")
 

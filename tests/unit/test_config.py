@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd.config import (
+from cryptlockd.daemon.config import (
     Config,
     config_files,
     load_config,
@@ -201,7 +201,7 @@ def test_shipped_default_file_is_generated_from_the_table() -> None:
     shipped = (REPO / "packaging" / "cryptlockd.conf").read_text()
     assert shipped == render_default_config(), (
         "packaging/cryptlockd.conf is stale: regenerate it with "
-        "`python -m cryptlockd.config > packaging/cryptlockd.conf`"
+        "`python -m cryptlockd.daemon.config > packaging/cryptlockd.conf`"
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dbus_fast import Message, MessageType, Variant
 
-from cryptlockd.ctl import (
+from cryptlockd.cli.main import (
     COMMANDS,
     Output,
     SignalPrinter,

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from dbus_fast import Message, Variant
 
-from cryptlockd.arm import CycleCallback, RecordingArmer
 from cryptlockd.bus import to_variant
-from cryptlockd.daemon import Manager, parse_args
+from cryptlockd.daemon.main import Manager, parse_args
+from cryptlockd.daemon.armer import CycleCallback, RecordingArmer
+from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.daemon.notify import Notifier
 from cryptlockd.defs import State
-from cryptlockd.devices import LuksDevice
 from cryptlockd.errors import CryptlockdError
-from cryptlockd.notify import Notifier
 from tests.fakesys import FakeSystem, plain_luks2
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd.devices import (
+from cryptlockd.daemon.devices import (
     LuksDevice,
     apply_exclude,
     discover_devices,

@@ -4,8 +4,8 @@ import os
 import struct
 from pathlib import Path
 
-from cryptlockd import helper_armer
-from cryptlockd.devices import LuksDevice
+from cryptlockd.daemon import helper_armer
+from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.helper import power, verify
 from cryptlockd.sleep_entry import hook_programs
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd import ramfs
+from cryptlockd.daemon import ramfs
 
 needs = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("chroot") is None or not os.path.exists(ramfs.DEFAULT_PYTHON),
@@ -40,7 +40,7 @@ def test_build_self_test_and_size(built: ramfs.Ramfs) -> None:
     )
     # The closure is small: no third-party package and no daemon module got in.
     assert not list(root.rglob("pydantic*")) and not list(root.rglob("dbus_fast*"))
-    assert not list(root.rglob("cryptlockd/daemon.py"))
+    assert not list(root.rglob("cryptlockd/daemon"))
     assert list(root.rglob("libcryptsetup.so.12"))
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd.helper import sleepconf
+from cryptlockd.daemon import sleepconf
 
 KERNEL = "freeze mem disk\n"
 MEM = "s2idle [deep]\n"

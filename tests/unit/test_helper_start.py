@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd import helper_armer
-from cryptlockd.helper_armer import HelperArmer, HelperError
-from cryptlockd.ramfs import Ramfs
+from cryptlockd.daemon import helper_armer
+from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
+from cryptlockd.daemon.ramfs import Ramfs
 
 
 class FakeSystemd:

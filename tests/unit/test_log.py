@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd import log as cl_log
-from cryptlockd.log import MessageId, event, setup_logging
+from cryptlockd.daemon import log as cl_log
+from cryptlockd.daemon.log import MessageId, event, setup_logging
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """The timeouts that callers and the daemon use must nest, or the caller sees a bare
 timeout instead of the daemon's answer."""
 
-from cryptlockd import ctl, polkit
+from cryptlockd.cli import main as ctl
+from cryptlockd.daemon import polkit
 
 # sd-bus and busctl give up on a method call after 25 s unless told otherwise.
 SD_BUS_DEFAULT_CALL_TIMEOUT = 25.0

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cryptlockd.udev_monitor import DeviceMonitor, is_relevant
+from cryptlockd.daemon.udev_monitor import DeviceMonitor, is_relevant
 
 LUKS = {
     "DM_UUID": "CRYPT-LUKS2-" + "a" * 32 + "-cryptroot",

@@ -11,9 +11,9 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.bus import DBUS_NAME, DBUS_PATH, call
+from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.defs import POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
 from cryptlockd.errors import NotAuthorized, RemoteError
-from cryptlockd.log import MessageId, event
 
 log = logging.getLogger(__name__)
 

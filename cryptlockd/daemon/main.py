@@ -22,10 +22,21 @@ from dbus_fast import DBusError, Message, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
-from cryptlockd import __version__, checks, polkit
-from cryptlockd.arm import Armer, CycleRecord, RecordingArmer
+from cryptlockd import __version__
 from cryptlockd.bus import ExportedObject, to_vardict
-from cryptlockd.config import Config, load_config
+from cryptlockd.daemon import checks, polkit
+from cryptlockd.daemon.armer import Armer, CycleRecord, RecordingArmer
+from cryptlockd.daemon.config import Config, load_config
+from cryptlockd.daemon.devices import (
+    BUS_FIELDS,
+    LuksDevice,
+    SystemPaths,
+    apply_exclude,
+    discover_devices,
+)
+from cryptlockd.daemon.log import MessageId, event, setup_logging
+from cryptlockd.daemon.logind import Logind
+from cryptlockd.daemon.notify import Notifier
 from cryptlockd.defs import (
     BUS_NAME,
     DBUS_CALL_TIMEOUT,
@@ -35,17 +46,7 @@ from cryptlockd.defs import (
     POLKIT_ACTION_SUSPEND,
     State,
 )
-from cryptlockd.devices import (
-    BUS_FIELDS,
-    LuksDevice,
-    SystemPaths,
-    apply_exclude,
-    discover_devices,
-)
 from cryptlockd.errors import Busy, ConfigError, CryptlockdError, NoSuchDevice, NotProtected
-from cryptlockd.log import MessageId, event, setup_logging
-from cryptlockd.logind import Logind
-from cryptlockd.notify import Notifier
 
 log = logging.getLogger("cryptlockd")
 
@@ -423,7 +424,7 @@ def choose_armer(kind: str | None) -> tuple[Armer, str]:
     if kind in (None, "helper"):
         try:
             # Imported by name: the helper comes from a separate part of the project.
-            helper_armer = importlib.import_module("cryptlockd.helper_armer")
+            helper_armer = importlib.import_module("cryptlockd.daemon.helper_armer")
         except ImportError as e:
             if kind == "helper":
                 raise SystemExit(f"cryptlockd: --armer helper: {e}") from e
@@ -461,7 +462,7 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     monitor = None
     if not args.no_udev:
         try:
-            from cryptlockd.udev_monitor import DeviceMonitor
+            from cryptlockd.daemon.udev_monitor import DeviceMonitor
 
             monitor = DeviceMonitor(manager.load_devices)
             monitor.start(asyncio.get_running_loop())

@@ -16,9 +16,9 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.bus import DBUS_NAME, DBUS_PATH, PROPERTIES_INTERFACE, add_match, call
+from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.defs import LOGIND_BUS_NAME, LOGIND_MANAGER_INTERFACE, LOGIND_PATH
 from cryptlockd.errors import LogindError, RemoteError
-from cryptlockd.log import MessageId, event
 
 log = logging.getLogger(__name__)
 

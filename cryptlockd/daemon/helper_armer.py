@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.arm import CycleCallback
-from cryptlockd.config import Config
+from cryptlockd.daemon import sleepconf
+from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.config import Config
+from cryptlockd.daemon.devices import LuksDevice, suspend_order
+from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, RUNTIME_DIR
-from cryptlockd.devices import LuksDevice, suspend_order
 from cryptlockd.errors import CryptlockdError
-from cryptlockd.helper import cgroups, protocol, sleepconf
+from cryptlockd.helper import cgroups, protocol
 from cryptlockd.helper.cgroups import CGROUP_ROOT
 from cryptlockd.helper.power import SYNC_ON_SUSPEND
-from cryptlockd.ramfs import Ramfs
 
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import Message as HelperMessage

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptlockd.devices import LuksDevice
+from cryptlockd.daemon.devices import LuksDevice
 
 # systemd's system unit search path, most specific first (systemd.unit(5)).
 UNIT_SEARCH_PATH = (

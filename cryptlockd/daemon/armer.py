@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from cryptlockd.devices import LuksDevice
+from cryptlockd.daemon.devices import LuksDevice
 
 # A cycle record: plain Python values (str, int, float, bool, lists and dicts of them).
 # The D-Bus layer turns it into a{sv}.

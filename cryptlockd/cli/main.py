@@ -20,8 +20,8 @@ from dbus_fast.aio import MessageBus, ProxyInterface
 from dbus_fast.introspection import Node
 
 from cryptlockd import __version__
+from cryptlockd.daemon.devices import BUS_FIELDS
 from cryptlockd.defs import BUS_NAME, INTROSPECTION_XML, MANAGER_INTERFACE, OBJECT_PATH
-from cryptlockd.devices import BUS_FIELDS
 
 __all__ = ["main"]
 

@@ -1,0 +1,1 @@
+"""The command-line client, cryptlockctl: talks to the daemon over D-Bus only."""

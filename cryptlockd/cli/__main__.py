@@ -1,0 +1,5 @@
+import sys
+
+from cryptlockd.cli.main import main
+
+sys.exit(main())

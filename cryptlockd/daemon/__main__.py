@@ -1,0 +1,5 @@
+import sys
+
+from cryptlockd.daemon.main import main
+
+sys.exit(main())
