@@ -20,24 +20,28 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Method, Node
 
+from cryptlockd.defs import (
+    DBUS_NAME,
+    DBUS_PATH,
+    ERR_DISCONNECTED,
+    ERR_INVALID_ARGS,
+    ERR_LIMITS_EXCEEDED,
+    ERR_NO_REPLY,
+    ERR_PROPERTY_READ_ONLY,
+    ERR_TIMEOUT,
+    ERR_UNKNOWN_INTERFACE,
+    ERR_UNKNOWN_METHOD,
+    ERR_UNKNOWN_PROPERTY,
+    INTROSPECTABLE_INTERFACE,
+    PEER_INTERFACE,
+    PROPERTIES_INTERFACE,
+)
 from cryptlockd.errors import CryptlockdError, RemoteError
 
 __all__ = ["ExportedObject", "RemoteError", "add_match", "call", "to_vardict", "to_variant"]
 
 log = logging.getLogger(__name__)
 
-PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
-INTROSPECTABLE_INTERFACE = "org.freedesktop.DBus.Introspectable"
-PEER_INTERFACE = "org.freedesktop.DBus.Peer"
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-
-ERR_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
-ERR_UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
-ERR_UNKNOWN_PROPERTY = "org.freedesktop.DBus.Error.UnknownProperty"
-ERR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
-ERR_PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"
-ERR_LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 
 # A method implementation gets the call (for its sender) and its arguments and returns
 # the out arguments. It raises CryptlockdError for anything the caller should see.
@@ -70,13 +74,11 @@ async def call(
     try:
         reply = await asyncio.wait_for(bus.call(msg), timeout)
     except TimeoutError:
-        raise RemoteError(
-            what, "org.freedesktop.DBus.Error.Timeout", f"no reply within {timeout} s"
-        ) from None
+        raise RemoteError(what, ERR_TIMEOUT, f"no reply within {timeout} s") from None
     except (OSError, EOFError, ConnectionError) as e:
-        raise RemoteError(what, "org.freedesktop.DBus.Error.Disconnected", str(e)) from e
+        raise RemoteError(what, ERR_DISCONNECTED, str(e)) from e
     if reply is None:
-        raise RemoteError(what, "org.freedesktop.DBus.Error.NoReply", "no reply")
+        raise RemoteError(what, ERR_NO_REPLY, "no reply")
     if reply.message_type == MessageType.ERROR:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         raise RemoteError(what, reply.error_name or "unknown", text)

@@ -17,9 +17,47 @@ LOGIND_BUS_NAME = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"
 LOGIND_MANAGER_INTERFACE = "org.freedesktop.login1.Manager"
 
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
+SYSTEMD_UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
+SYSTEMD_ERROR_NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+
 POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
+
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE_INTERFACE = "org.freedesktop.DBus.Introspectable"
+PEER_INTERFACE = "org.freedesktop.DBus.Peer"
+
+# The bus's own error names that we produce or act on.
+ERR_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+ERR_UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
+ERR_UNKNOWN_PROPERTY = "org.freedesktop.DBus.Error.UnknownProperty"
+ERR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+ERR_PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"
+ERR_LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+ERR_TIMEOUT = "org.freedesktop.DBus.Error.Timeout"
+ERR_DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
+ERR_NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+ERR_SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+ERR_NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
+ERR_SPAWN_PREFIX = "org.freedesktop.DBus.Error.Spawn."
+
+# What the Devices property carries of a device, in the XML's struct order (ssssbbsas).
+DEVICE_FIELDS = (
+    "name",
+    "uuid",
+    "luks_type",
+    "backing_device",
+    "holds_root",
+    "suspended",
+    "key_source",
+    "holders",
+)
 
 # The introspection XML ships in dbus/ and is installed next to the package.
 INTROSPECTION_XML = Path(__file__).with_name("org.cryptlockd1.Manager.xml")

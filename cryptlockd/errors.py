@@ -52,5 +52,7 @@ class RemoteError(CryptlockdError):
     """A D-Bus call we made failed: an error reply, a timeout, or a lost connection."""
 
     def __init__(self, what: str, error_name: str, text: str) -> None:
+        self.what = what
         self.error_name = error_name
+        self.text = text
         super().__init__(f"{what}: {error_name}: {text}")

@@ -20,8 +20,13 @@ from dbus_fast.aio import MessageBus, ProxyInterface
 from dbus_fast.introspection import Node
 
 from cryptlockd import __version__
-from cryptlockd.daemon.devices import BUS_FIELDS
-from cryptlockd.defs import BUS_NAME, INTROSPECTION_XML, MANAGER_INTERFACE, OBJECT_PATH
+from cryptlockd.defs import (
+    BUS_NAME,
+    DEVICE_FIELDS,
+    INTROSPECTION_XML,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+)
 
 __all__ = ["main"]
 
@@ -40,8 +45,6 @@ NOT_RUNNING_ERRORS = (
     "org.freedesktop.DBus.Error.NameHasNoOwner",
 )
 NOT_RUNNING = f"cryptlockd is not running ({BUS_NAME} has no owner on the system bus)"
-
-DEVICE_FIELDS = BUS_FIELDS
 
 
 class CtlError(Exception):

@@ -47,19 +47,6 @@ class LuksDevice:
     keyfile_offset: int = 0
 
 
-# What the D-Bus Devices property carries of a LuksDevice, in the XML's order (ssssbbsas).
-BUS_FIELDS = (
-    "name",
-    "uuid",
-    "luks_type",
-    "backing_device",
-    "holds_root",
-    "suspended",
-    "key_source",
-    "holders",
-)
-
-
 @dataclass(frozen=True)
 class SystemPaths:
     sysfs: Path = Path("/sys")

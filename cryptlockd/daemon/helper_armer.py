@@ -26,7 +26,16 @@ from cryptlockd.daemon.armer import CycleCallback
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice, suspend_order
 from cryptlockd.daemon.ramfs import Ramfs
-from cryptlockd.defs import DBUS_CALL_TIMEOUT, RUNTIME_DIR
+from cryptlockd.defs import (
+    DBUS_CALL_TIMEOUT,
+    PROPERTIES_INTERFACE,
+    RUNTIME_DIR,
+    SYSTEMD_BUS_NAME,
+    SYSTEMD_ERROR_NO_SUCH_UNIT,
+    SYSTEMD_MANAGER_INTERFACE,
+    SYSTEMD_PATH,
+    SYSTEMD_UNIT_INTERFACE,
+)
 from cryptlockd.errors import CryptlockdError
 from cryptlockd.helper import cgroups, protocol
 from cryptlockd.helper.cgroups import CGROUP_ROOT
@@ -37,12 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
-SYSTEMD_PATH = "/org/freedesktop/systemd1"
-SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
-SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
-PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
-NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 # Test hook, root-only: a sleep state to write instead of sleep.conf's (to make the write
 # fail on purpose).
 SLEEP_STATE_OVERRIDE = Path(RUNTIME_DIR) / "debug-sleep-state"
@@ -207,20 +210,26 @@ class HelperArmer:
         return reply
 
     async def _systemd(self, member: str, mode: str = "replace") -> None:
-        await self._systemd_call(SYSTEMD_PATH, SYSTEMD_MANAGER, member, "ss", [self.unit, mode])
+        await self._systemd_call(
+            SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE, member, "ss", [self.unit, mode]
+        )
 
     async def _unit_state(self) -> str:
         """The helper unit's ActiveState; "inactive" when systemd has not loaded it."""
         try:
             reply = await self._systemd_call(
-                SYSTEMD_PATH, SYSTEMD_MANAGER, "GetUnit", "s", [self.unit]
+                SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE, "GetUnit", "s", [self.unit]
             )
         except HelperError as e:
-            if e.dbus_error == NO_SUCH_UNIT:
+            if e.dbus_error == SYSTEMD_ERROR_NO_SUCH_UNIT:
                 return "inactive"
             raise
         prop = await self._systemd_call(
-            str(reply.body[0]), PROPERTIES_INTERFACE, "Get", "ss", [SYSTEMD_UNIT, "ActiveState"]
+            str(reply.body[0]),
+            PROPERTIES_INTERFACE,
+            "Get",
+            "ss",
+            [SYSTEMD_UNIT_INTERFACE, "ActiveState"],
         )
         return str(prop.body[0].value)
 

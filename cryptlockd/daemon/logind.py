@@ -15,9 +15,16 @@ from collections.abc import Awaitable, Callable
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.bus import DBUS_NAME, DBUS_PATH, PROPERTIES_INTERFACE, add_match, call
+from cryptlockd.bus import add_match, call
 from cryptlockd.daemon.log import MessageId, event
-from cryptlockd.defs import LOGIND_BUS_NAME, LOGIND_MANAGER_INTERFACE, LOGIND_PATH
+from cryptlockd.defs import (
+    DBUS_NAME,
+    DBUS_PATH,
+    LOGIND_BUS_NAME,
+    LOGIND_MANAGER_INTERFACE,
+    LOGIND_PATH,
+    PROPERTIES_INTERFACE,
+)
 from cryptlockd.errors import LogindError, RemoteError
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ from cryptlockd.daemon import checks, polkit
 from cryptlockd.daemon.armer import Armer, CycleRecord, RecordingArmer
 from cryptlockd.daemon.config import Config, load_config
 from cryptlockd.daemon.devices import (
-    BUS_FIELDS,
     LuksDevice,
     SystemPaths,
     apply_exclude,
@@ -40,6 +39,7 @@ from cryptlockd.daemon.notify import Notifier
 from cryptlockd.defs import (
     BUS_NAME,
     DBUS_CALL_TIMEOUT,
+    DEVICE_FIELDS,
     INTROSPECTION_XML,
     OBJECT_PATH,
     POLKIT_ACTION_CONFIGURE,
@@ -55,7 +55,7 @@ DEFAULT_ARM_TIMEOUT = 3.0
 
 def device_struct(d: LuksDevice) -> list[Any]:
     """(ssssbbsas), in the order the XML documents."""
-    return [list(v) if isinstance(v, tuple) else v for v in (getattr(d, f) for f in BUS_FIELDS)]
+    return [list(v) if isinstance(v, tuple) else v for v in (getattr(d, f) for f in DEVICE_FIELDS)]
 
 
 class Manager:

@@ -10,9 +10,9 @@ import logging
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.bus import DBUS_NAME, DBUS_PATH, call
+from cryptlockd.bus import call
 from cryptlockd.daemon.log import MessageId, event
-from cryptlockd.defs import POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
+from cryptlockd.defs import DBUS_NAME, DBUS_PATH, POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
 from cryptlockd.errors import NotAuthorized, RemoteError
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import pytest
 from dbus_fast import Message, Variant
 
 from cryptlockd.bus import to_variant
-from cryptlockd.daemon.main import Manager, parse_args
 from cryptlockd.daemon.armer import CycleCallback, RecordingArmer
 from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.daemon.main import Manager, parse_args
 from cryptlockd.daemon.notify import Notifier
 from cryptlockd.defs import State
 from cryptlockd.errors import CryptlockdError
