@@ -63,10 +63,11 @@ DEVICE_FIELDS = (
 INTROSPECTION_XML = Path(__file__).with_name("org.cryptlockd1.Manager.xml")
 
 CONFIG_FILE = "/etc/cryptlockd/cryptlockd.conf"
+# Highest precedence first (searchpath.py).
 CONFIG_DROPIN_DIRS = (
-    "/usr/lib/cryptlockd/cryptlockd.conf.d",
-    "/run/cryptlockd/cryptlockd.conf.d",
     "/etc/cryptlockd/cryptlockd.conf.d",
+    "/run/cryptlockd/cryptlockd.conf.d",
+    "/usr/lib/cryptlockd/cryptlockd.conf.d",
 )
 RUNTIME_DIR = "/run/cryptlockd"
 

@@ -17,15 +17,17 @@ from collections.abc import Sequence
 
 from cryptlockd.helper import protocol
 from cryptlockd.run import run
+from cryptlockd.searchpath import merged_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import Message
 
+# Highest precedence first (searchpath.py).
 HOOK_DIRS = (
-    "/usr/lib/systemd/system-sleep",
-    "/usr/local/lib/systemd/system-sleep",
     "/etc/systemd/system-sleep",
+    "/usr/local/lib/systemd/system-sleep",
+    "/usr/lib/systemd/system-sleep",
 )
 STOCK_SLEEP = ("/usr/lib/systemd/systemd-sleep", "/lib/systemd/systemd-sleep")
 HOOK_TIMEOUT = 90.0
@@ -43,24 +45,13 @@ def boottime() -> float:
 
 
 def hook_programs(dirs: Sequence[str] = HOOK_DIRS) -> list[str]:
-    """Executables by file name; a later directory's file masks an earlier one's of the
-    same name (/etc wins), and a link to /dev/null masks it for good."""
-    chosen: dict[str, str] = {}
-    for d in dirs:
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        for name in names:
-            chosen[name] = os.path.join(d, name)
-    out = []
-    for name in sorted(chosen):
-        path = chosen[name]
-        if os.path.realpath(path) == "/dev/null":
-            continue
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            out.append(path)
-    return out
+    """The executables of the hook directories, masked by name as systemd does."""
+    try:
+        found = merged_dir(dirs)
+    except OSError as e:
+        log(4, f"cannot read the sleep hooks: {e}")
+        return []
+    return [path for path in found if os.path.isfile(path) and os.access(path, os.X_OK)]
 
 
 def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:

@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.searchpath import UNIT_PATH, first_file
 
 # systemd's system unit search path, most specific first (systemd.unit(5)).
-UNIT_SEARCH_PATH = (
-    "etc/systemd/system",
-    "run/systemd/system",
-    "usr/local/lib/systemd/system",
-    "usr/lib/systemd/system",
-    "lib/systemd/system",
-)
 SLEEP_DROPIN = "systemd-suspend.service.d/cryptlockd.conf"
 
 
@@ -133,11 +127,8 @@ def check_devices(devices: Sequence[LuksDevice], excluded: Sequence[str] = ()) -
 
 
 def find_sleep_dropin(root: Path) -> Path | None:
-    for d in UNIT_SEARCH_PATH:
-        candidate = root / d / SLEEP_DROPIN
-        if _exists(candidate, regular_file=True):
-            return candidate
-    return None
+    found = first_file([f"{d}/{SLEEP_DROPIN}" for d in UNIT_PATH], str(root))
+    return Path(found) if found else None
 
 
 def check_sleep_dropin(root: Path) -> CheckResult:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cryptlockd.defs import CONFIG_DROPIN_DIRS, CONFIG_FILE
 from cryptlockd.errors import ConfigError
+from cryptlockd.searchpath import merged_dir
 
 __all__ = [
     "Config",
@@ -202,22 +203,11 @@ def render_default_config() -> str:
 
 def config_files(root: Path = Path("/")) -> list[Path]:
     """The files to read, in the order they apply."""
-    files = [root / CONFIG_FILE.lstrip("/")]
-    by_name: dict[str, Path] = {}
-    # Later directories in CONFIG_DROPIN_DIRS (/usr/lib, /run, /etc) mask earlier ones.
-    for d in CONFIG_DROPIN_DIRS:
-        directory = root / d.lstrip("/")
-        try:
-            entries = list(directory.iterdir())
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise ConfigError(f"{directory}: cannot read directory: {e.strerror}") from e
-        for p in entries:
-            if p.name.endswith(".conf") and not p.name.startswith("."):
-                by_name[p.name] = p
-    files.extend(by_name[name] for name in sorted(by_name))
-    return files
+    try:
+        dropins = merged_dir(CONFIG_DROPIN_DIRS, ".conf", str(root))
+    except OSError as e:
+        raise ConfigError(f"{e.filename}: cannot read directory: {e.strerror}") from e
+    return [root / CONFIG_FILE.lstrip("/"), *map(Path, dropins)]
 
 
 def _read_toml(path: Path, *, optional: bool) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ lists: each assignment appends, an empty one resets. The first state the kernel 
 
 from __future__ import annotations
 
-import os
+from cryptlockd.searchpath import first_file, merged_dir
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
@@ -16,16 +16,16 @@ if TYPE_CHECKING:
 
 DEFAULT_SUSPEND_STATES = ("mem", "standby", "freeze")
 MAIN_FILES = (
-    "etc/systemd/sleep.conf",
-    "run/systemd/sleep.conf",
-    "usr/local/lib/systemd/sleep.conf",
-    "usr/lib/systemd/sleep.conf",
+    "/etc/systemd/sleep.conf",
+    "/run/systemd/sleep.conf",
+    "/usr/local/lib/systemd/sleep.conf",
+    "/usr/lib/systemd/sleep.conf",
 )
 DROPIN_DIRS = (
-    "etc/systemd/sleep.conf.d",
-    "run/systemd/sleep.conf.d",
-    "usr/local/lib/systemd/sleep.conf.d",
-    "usr/lib/systemd/sleep.conf.d",
+    "/etc/systemd/sleep.conf.d",
+    "/run/systemd/sleep.conf.d",
+    "/usr/local/lib/systemd/sleep.conf.d",
+    "/usr/lib/systemd/sleep.conf.d",
 )
 
 
@@ -34,26 +34,13 @@ class NoSleepState(Exception):
 
 
 def config_files(root: str = "/") -> list[str]:
-    """The files systemd reads, in order: the first main file found, then the drop-ins by
-    name (a name in an earlier directory masks the same name in a later one)."""
-    out: list[str] = []
-    for rel in MAIN_FILES:
-        path = os.path.join(root, rel)
-        if os.path.isfile(path):
-            out.append(path)
-            break
-    chosen: dict[str, str] = {}
-    for rel in DROPIN_DIRS:
-        d = os.path.join(root, rel)
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        for name in names:
-            if name.endswith(".conf") and name not in chosen:
-                chosen[name] = os.path.join(d, name)
-    out.extend(chosen[n] for n in sorted(chosen))
-    return out
+    """The files systemd reads, in order: the first main file found, then the drop-ins."""
+    main = first_file(MAIN_FILES, root)
+    try:
+        dropins = merged_dir(DROPIN_DIRS, ".conf", root)
+    except OSError:
+        dropins = []  # systemd-sleep would not read them either
+    return ([main] if main else []) + dropins
 
 
 def parse(texts: Iterable[str]) -> tuple[list[str] | None, list[str] | None]:

@@ -44,7 +44,7 @@ def test_hook_programs_mask_and_order(tmp_path: Path) -> None:
         if name != "noexec":
             p.chmod(0o755)
     os.symlink("/dev/null", etc / "a")
-    assert hook_programs([str(lib), str(etc)]) == [str(etc / "b")]
+    assert hook_programs([str(etc), str(lib)]) == [str(etc / "b")]
 
 
 def test_device_plan_root_takes_passphrase() -> None:
