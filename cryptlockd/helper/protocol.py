@@ -1,42 +1,188 @@
-"""Messages between the daemon, the sleep entry and the helper: JSON objects, one a line.
+"""The one contract between the daemon, the sleep entry and the helper.
 
-Pure encoding and decoding; the sockets live in main.py (helper side), helper_armer.py and
-sleep_entry.py. No message ever carries a passphrase.
+Messages are JSON objects, one a line, over the unix socket the helper listens on in its
+RAM filesystem. This module holds everything the three processes must agree on: the
+messages (a TypedDict each), the defaults of the cycle's settings, the paths in the RAM
+filesystem, the blocking channel the helper and the sleep entry talk through, and the clock
+the cycle record uses. No message ever carries a passphrase.
+
+It is imported by the helper in isolated mode from the RAM filesystem, so it uses the stdlib
+only, and its types exist for the type checker alone.
+
+Conversations:
+- daemon -> helper: `arm` -> `armed` (or `error`); later the helper sends `record` on that
+  connection. `disarm` stands an armed or idle helper down.
+- sleep entry -> helper: `begin` -> `ready` (VT switched; run the pre hooks now), `sleep`
+  -> `resumed` (the cycle ran, devices are back, cgroups thawed), `finish` -> `done` (post
+  hooks ran, VT switched back, record sent).
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
+import time
 
-TYPE_CHECKING = False  # see cycle.py
+TYPE_CHECKING = False  # typing stays out of the helper's closure; see cycle.py
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Final, Literal, TypedDict
 
-    Message = dict[str, Any]
+    class DevicePlanEntry(TypedDict):
+        name: str
+        uuid: str
+        # "passphrase", or "keyfile:<path on the real root>"
+        key_source: str
+        keyfile_size: int
+        keyfile_offset: int
 
-# Inside the helper's root (the ramfs) and as seen from the real root.
-RAMFS_DIR = "/run/cryptlockd/ramfs"
-SOCKET_IN_RAMFS = "/sock/helper.sock"
-SOCKET_PATH = RAMFS_DIR + SOCKET_IN_RAMFS
+    class ArmMessage(TypedDict):
+        op: Literal["arm"]
+        devices: list[DevicePlanEntry]  # in suspend order, upper layers first
+        sleep_state: str
+        mem_sleep: str | None
+        vt: int
+        freeze_timeout: float
+        backoff_initial: float
+        backoff_max: float
+        poweroff_after: int
+        # dm name -> the keyslot that took the passphrase last time: tried first.
+        keyslots: dict[str, int]
+
+    class ArmedMessage(TypedDict):
+        op: Literal["armed"]
+        vt: int
+        reserve_kib: int
+        pid: int
+
+    class RecordMessage(TypedDict):
+        op: Literal["record"]
+        success: bool
+        record: dict[str, Any]
+
+    class DisarmMessage(TypedDict):
+        op: Literal["disarm"]
+
+    class BeginMessage(TypedDict):
+        op: Literal["begin"]
+
+    class ReadyMessage(TypedDict):
+        op: Literal["ready"]
+
+    class SleepMessage(TypedDict):
+        op: Literal["sleep"]
+        times: dict[str, float]  # the sleep entry's steps, CLOCK_BOOTTIME seconds
+
+    class ResumedMessage(TypedDict):
+        op: Literal["resumed"]
+        slept: bool
+        reason: str
+
+    class FinishMessage(TypedDict):
+        op: Literal["finish"]
+        times: dict[str, float]
+
+    class DoneMessage(TypedDict):
+        op: Literal["done"]
+        success: bool
+
+    class ErrorMessage(TypedDict):
+        op: Literal["error"]
+        reason: str
+
+    Message = (
+        ArmMessage
+        | ArmedMessage
+        | RecordMessage
+        | DisarmMessage
+        | BeginMessage
+        | ReadyMessage
+        | SleepMessage
+        | ResumedMessage
+        | FinishMessage
+        | DoneMessage
+        | ErrorMessage
+    )
+
+# -- operations -------------------------------------------------------------------------
+
+OP_ARM: Final = "arm"
+OP_ARMED: Final = "armed"
+OP_RECORD: Final = "record"
+OP_DISARM: Final = "disarm"
+OP_BEGIN: Final = "begin"
+OP_READY: Final = "ready"
+OP_SLEEP: Final = "sleep"
+OP_RESUMED: Final = "resumed"
+OP_FINISH: Final = "finish"
+OP_DONE: Final = "done"
+OP_ERROR: Final = "error"
+
+# The keys each message must carry besides "op": checked on decode, so a peer of another
+# version fails with a clear error instead of a KeyError half-way through a cycle.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    OP_ARM: (
+        "devices",
+        "sleep_state",
+        "mem_sleep",
+        "vt",
+        "freeze_timeout",
+        "backoff_initial",
+        "backoff_max",
+        "poweroff_after",
+        "keyslots",
+    ),
+    OP_ARMED: ("vt", "reserve_kib", "pid"),
+    OP_RECORD: ("success", "record"),
+    OP_DISARM: (),
+    OP_BEGIN: (),
+    OP_READY: (),
+    OP_SLEEP: ("times",),
+    OP_RESUMED: ("slept", "reason"),
+    OP_FINISH: ("times",),
+    OP_DONE: ("success",),
+    OP_ERROR: ("reason",),
+}
+
+# -- the cycle's settings: defaults shared by the config, the daemon and the helper -------
+
+DEFAULT_VT = 0  # 0: the first free VT
+DEFAULT_FREEZE_TIMEOUT = 10.0
+DEFAULT_BACKOFF_INITIAL = 1.0
+DEFAULT_BACKOFF_MAX = 30.0
+DEFAULT_POWEROFF_AFTER = 0  # 0: never
+
+# -- the RAM filesystem -----------------------------------------------------------------
+
 HELPER_UNIT = "cryptlockd-helper.service"
+# Where the daemon mounts it; the helper unit's RootDirectory=.
+RAMFS_DIR = "/run/cryptlockd/ramfs"
+# Mount points and directories the tree needs, relative to its root.
+RAMFS_DIRS = ("proc", "sys", "dev", "run", "run/cryptsetup", "tmp", "sock", "state")
+# Paths as the helper sees them (inside its root). on_host() gives the daemon's view.
+SOCKET_IN_RAMFS = "/sock/helper.sock"
+# What a cycle changed and must be undone should the helper die: the cgroups it froze
+# (written before freezing) and the sync_on_suspend value it replaced.
+FROZEN_STATE_IN_RAMFS = "/state/frozen"
+SYNC_STATE_IN_RAMFS = "/state/sync_on_suspend"
+
+
+def on_host(path_in_ramfs: str, ramfs: str = RAMFS_DIR) -> str:
+    return ramfs + path_in_ramfs
+
+
+SOCKET_PATH = on_host(SOCKET_IN_RAMFS)
 
 MAX_LINE = 1 << 20
 
-# daemon -> helper
-OP_ARM = "arm"
-OP_DISARM = "disarm"
-# helper -> daemon
-OP_ARMED = "armed"
-OP_RECORD = "record"
-# sleep entry -> helper, each answered once
-OP_BEGIN = "begin"  # -> OP_READY: VT switched, run the pre hooks now
-OP_SLEEP = "sleep"  # -> OP_RESUMED: the cycle ran, devices are back, cgroups thawed
-OP_FINISH = "finish"  # -> OP_DONE: post hooks ran, VT switched back, record sent
-OP_READY = "ready"
-OP_RESUMED = "resumed"
-OP_DONE = "done"
-# either way
-OP_ERROR = "error"
+
+def boottime() -> float:
+    """The cycle record's clock. Unlike CLOCK_MONOTONIC it counts while the machine sleeps,
+    and all three processes read the same one, so their steps merge into one timeline."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+# -- encoding ---------------------------------------------------------------------------
 
 
 class ProtocolError(Exception):
@@ -56,7 +202,13 @@ def decode(line: bytes) -> Message:
         raise ProtocolError(f"not a JSON line: {e}") from e
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("a message must be an object with a string 'op'")
-    return msg
+    required = REQUIRED_KEYS.get(msg["op"])
+    if required is None:
+        raise ProtocolError(f"unknown message {msg['op'][:40]!r}")
+    missing = [k for k in required if k not in msg]
+    if missing:
+        raise ProtocolError(f"{msg['op']!r} message without {', '.join(missing)}")
+    return msg  # type: ignore[return-value]  # checked above, as far as a peer can be
 
 
 class LineBuffer:
@@ -82,19 +234,17 @@ class LineBuffer:
 
 
 def arm_message(
-    devices: list[dict[str, str | int]],
+    devices: list[DevicePlanEntry],
     *,
     sleep_state: str,
     mem_sleep: str | None,
-    vt: int = 0,
-    freeze_timeout: float = 10.0,
-    backoff_initial: float = 1.0,
-    backoff_max: float = 30.0,
-    poweroff_after: int = 0,
-    keyslots: dict[str, int] | None = None,
-) -> Message:
-    """devices: in suspend order (upper layers first), each {name, uuid, key_source,
-    keyfile_size, keyfile_offset}."""
+    vt: int,
+    freeze_timeout: float,
+    backoff_initial: float,
+    backoff_max: float,
+    poweroff_after: int,
+    keyslots: dict[str, int],
+) -> ArmMessage:
     return {
         "op": OP_ARM,
         "devices": devices,
@@ -105,6 +255,54 @@ def arm_message(
         "backoff_initial": backoff_initial,
         "backoff_max": backoff_max,
         "poweroff_after": poweroff_after,
-        # dm name -> the keyslot that took the passphrase last time: tried first.
-        "keyslots": dict(keyslots or {}),
+        "keyslots": dict(keyslots),
     }
+
+
+# -- the blocking channel (the helper's and the sleep entry's side) ---------------------
+
+
+class Channel:
+    """One connection, message by message. The daemon's side is asyncio (LineBuffer)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = LineBuffer()
+        self._pending: list[Message] = []
+
+    def send(self, msg: Message) -> None:
+        self.sock.sendall(encode(msg))
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """The next message; None at end of stream, on a socket error, or when `timeout`
+        seconds pass first (None: wait as long as it takes). A malformed line raises
+        ProtocolError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                return None
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return None
+            if not data:
+                return None
+            self._pending.extend(self._buffer.feed(data))
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(path: str = SOCKET_PATH, timeout: float = 2.0) -> Channel | None:
+    """A channel to the helper's socket; None when nothing listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return Channel(sock)
