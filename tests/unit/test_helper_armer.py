@@ -1,4 +1,6 @@
-"""Starting the idle helper: StartUnit must wait until systemd has seen the last helper go.
+"""The daemon's helper armer (cryptlockd/daemon/helper_armer.py).
+
+Starting the idle helper: StartUnit must wait until systemd has seen the last helper go.
 Until systemd reaps an exited helper its unit is still active, and StartUnit on an active
 unit does nothing (the guest showed a sleep right after a cycle going unprotected)."""
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cryptlockd.daemon import helper_armer
+from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
 
@@ -64,3 +67,74 @@ async def test_a_unit_that_stays_active_without_a_helper_is_an_error(
     with pytest.raises(HelperError, match="still active"):
         await armer(tmp_path, fake, monkeypatch)._start_unit(time.monotonic() + 0.2)
     assert "StartUnit" not in fake.calls
+
+
+def test_device_plan_root_takes_passphrase() -> None:
+    devs = [
+        LuksDevice("root", "u1", "LUKS2", "/dev/vda", True, False, "keyfile:/etc/keys/root.key"),
+        LuksDevice("data", "u2", "LUKS2", "/dev/vdb", False, False, "keyfile:/etc/keys/d.key"),
+    ]
+    plan = {d["name"]: d["key_source"] for d in helper_armer.device_plan(devs)}
+    assert plan == {"root": "passphrase", "data": "keyfile:/etc/keys/d.key"}
+
+
+def test_device_plan_carries_keyfile_size_and_offset() -> None:
+    devs = [
+        LuksDevice(
+            "root",
+            "u1",
+            "LUKS2",
+            "/dev/vda",
+            True,
+            False,
+            "keyfile:/r.key",
+            keyfile_size=32,
+            keyfile_offset=8,
+        ),
+        LuksDevice(
+            "data",
+            "u2",
+            "LUKS2",
+            "/dev/vdb",
+            False,
+            False,
+            "keyfile:/d.key",
+            keyfile_size=64,
+            keyfile_offset=4096,
+        ),
+    ]
+    plan = {
+        str(d["name"]): (d["keyfile_size"], d["keyfile_offset"])
+        for d in helper_armer.device_plan(devs)
+    }
+    # The root's keyfile is never read (it takes the passphrase), so neither are its options.
+    assert plan == {"root": (0, 0), "data": (64, 4096)}
+
+
+def test_merge_record_puts_daemon_steps_first() -> None:
+    rec = {"started_boottime": 100.0, "timeline_ms": {"helper_arm": 0.0, "finished": 900.0}}
+    out = helper_armer.merge_record(
+        rec, {"arm_requested": 99.5, "armed": 100.2}, {"reserve_kib": 65536, "vt": 8}
+    )
+    assert list(out["timeline_ms"]) == ["arm_requested", "helper_arm", "armed", "finished"]
+    assert out["timeline_ms"]["finished"] == 1400.0 and out["arm_seconds"] == 0.7
+
+
+def test_repair_thaws_and_restores(tmp_path: Path) -> None:
+    cg = tmp_path / "cg"
+    for name in ("system.slice", "user.slice"):
+        (cg / name).mkdir(parents=True)
+        (cg / name / "cgroup.freeze").write_text("1")
+    state = tmp_path / "ramfs" / "state"
+    state.mkdir(parents=True)
+    (state / "frozen").write_text("/system.slice\n/user.slice\n")
+    (state / "sync_on_suspend").write_text("1\n")
+    sync = tmp_path / "sync_on_suspend"
+    sync.write_text("0")
+    done = helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync))
+    assert len(done) == 2
+    assert (cg / "user.slice/cgroup.freeze").read_text() == "0"
+    assert sync.read_text() == "1" and not (state / "frozen").exists()
+    assert (
+        helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync)) == []
+    )

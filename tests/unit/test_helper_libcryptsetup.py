@@ -1,6 +1,9 @@
-"""The helper's ctypes mirror of struct crypt_pbkdf_type, against the real libcryptsetup:
-a LUKS2 header is formatted into a plain file (no device-mapper needed), with an Argon2id
-keyslot of known cost, and read back through Device.pbkdf_memory_kib()."""
+"""The helper's libcryptsetup binding.
+
+Its ctypes mirror of struct crypt_pbkdf_type, against the real libcryptsetup: a LUKS2
+header is formatted into a plain file (no device-mapper needed), with an Argon2id keyslot
+of known cost, and read back through Device.pbkdf_memory_kib(). And the keyslot that took
+the passphrase last time is tried first."""
 
 from __future__ import annotations
 
@@ -81,3 +84,31 @@ def test_keyslot_argon2_memory_is_read_at_the_right_offset(tmp_path: Path) -> No
         assert device.pbkdf_memory_kib() == MEMORY_KIB
     finally:
         library.lib.crypt_free(cd)
+
+
+def test_last_keyslot_is_tried_first() -> None:
+    from cryptlockd.helper import libcryptsetup
+
+    tried: list[int] = []
+
+    class FakeLib:
+        def crypt_resume_by_passphrase(
+            self, cd: object, name: bytes, slot: int, addr: int, length: int
+        ) -> int:
+            tried.append(slot)
+            return slot if slot == 3 else -1
+
+    class FakeLibrary:
+        lib = FakeLib()
+        messages: tuple[str, ...] = ()
+
+    dev = libcryptsetup.Device.__new__(libcryptsetup.Device)
+    dev.library = FakeLibrary()  # type: ignore[assignment]
+    dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, [0, 1, 3]  # type: ignore[assignment]
+    dev.last_keyslot = -1
+    assert dev.resume_by_passphrase(0, 4) and tried == [0, 1, 3]
+    tried.clear()
+    assert dev.resume_by_passphrase(0, 4) and tried == [3]
+    dev.last_keyslot = 1
+    tried.clear()
+    assert dev.resume_by_passphrase(0, 4) and tried == [1, 0, 3]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from cryptlockd.helper import verify
@@ -69,3 +71,17 @@ def test_record_succeeds_when_every_device_is_proven_wiped() -> None:
     }
     rec.finish()
     assert rec.success and rec.problems == []
+
+
+def test_key_field_state() -> None:
+    assert verify.key_field_state("aes-xts-plain64 " + "0" * 128 + " 0 252:0 32768") == "zeroed"
+    assert verify.key_field_state("aes-xts-plain64 " + "ab" * 64 + " 0 252:0 32768") == "present"
+    assert verify.key_field_state("aes-xts-plain64 :64:logon:cryptsetup:u-d0 0 8:1 0") == "present"
+    assert verify.key_field_state("x") == "unknown"
+
+
+def test_parse_table() -> None:
+    params = b"aes-xts-plain64 0000 0 252:0 32768\0"
+    spec = struct.pack("=QQiI16s", 0, 2048, 0, 0, b"crypt")
+    buf = bytearray(8) + spec + params
+    assert verify.parse_table(buf, 8, 1) == [("crypt", params[:-1].decode())]

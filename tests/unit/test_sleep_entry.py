@@ -3,6 +3,7 @@ fall back to the stock sleep only before the helper was told to sleep, never aft
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -99,3 +100,16 @@ def test_helper_lost_after_sleep_never_sleeps_again(entry: dict[str, object]) ->
     assert sleep_entry.main() == 1
     t.join(5)
     assert entry["stock"] == [] and entry["hooks"] == ["pre", "post"]
+
+
+def test_hook_programs_mask_and_order(tmp_path: Path) -> None:
+    lib, etc = tmp_path / "lib", tmp_path / "etc"
+    lib.mkdir()
+    etc.mkdir()
+    for d, name in ((lib, "b"), (lib, "a"), (etc, "b"), (lib, "noexec")):
+        p = d / name
+        p.write_text("#!/bin/sh\n")
+        if name != "noexec":
+            p.chmod(0o755)
+    os.symlink("/dev/null", etc / "a")
+    assert sleep_entry.hook_programs([str(etc), str(lib)]) == [str(etc / "b")]
