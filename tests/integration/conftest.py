@@ -474,8 +474,8 @@ def luks_system(tmp_path: Path, daemon_root: Path) -> FakeSystem:
 def start_daemon(
     system_bus: SystemBus, _reporter: _Reporter, daemon_root: Path, tmp_path: Path
 ) -> Iterator[DaemonFactory]:
-    """start_daemon(*args, env=None, wait=True, udev=False) runs `python -m cryptlockd.daemon`
-    on the private bus. Defaults: --root <tmp> --no-udev --armer recording --log-target stderr,
+    """start_daemon(*args, env=None, wait=True, udev=False) runs the daemon (recording_daemon.py)
+    on the private bus. Defaults: --root <tmp> --no-udev --log-target stderr,
     unless the caller passes those options itself. With wait=True it returns once the
     daemon owns org.cryptlockd1."""
     daemons: list[Daemon] = []
@@ -487,8 +487,8 @@ def start_daemon(
         udev: bool = False,
         **popen: Any,
     ) -> Daemon:
-        argv = [str(VENV_PYTHON), "-m", "cryptlockd.daemon", *args]
-        defaults = {"--root": str(daemon_root), "--armer": "recording", "--log-target": "stderr"}
+        argv = [str(VENV_PYTHON), "-m", "tests.integration.recording_daemon", *args]
+        defaults = {"--root": str(daemon_root), "--log-target": "stderr"}
         for opt, value in defaults.items():
             if opt not in args:
                 argv += [opt, value]
