@@ -16,7 +16,6 @@ CRYPTLOCKD_VM_SUITE=bookworm|trixie picks the guest release).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import platform
@@ -30,9 +29,18 @@ from typing import Any
 
 from tests.vm import image as image_mod
 from tests.vm import layout, machine
-from tests.vm.guest import Guest, artifacts_dir, poll
+from tests.vm.guest import Guest, artifacts_dir
 from tests.vm.install import build_installed_layer
-from tests.vm.test_cycle import WRITER, armed_ready, assert_complete, last_cycle, run_cycle
+from tests.vm.sleepcycle import (
+    WRITER_PATTERN,
+    armed_ready,
+    assert_complete,
+    last_cycle,
+    run_cycle,
+    start_writer,
+    suspend,
+    wake,
+)
 
 # Intervals of the timeline worth a row: (label, from step, to step).
 INTERVALS = [
@@ -67,21 +75,12 @@ def stats(values: Sequence[float]) -> str:
 
 async def protected_cycles(g: Guest, n: int) -> list[tuple[float, dict[str, Any]]]:
     out = []
-    previous = json.dumps(await last_cycle(g), sort_keys=True, default=str)
     for _ in range(n):
         await armed_ready(g)
-        to_suspend = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
-        deadline = time.monotonic() + 60
-        while True:
-            rec = await last_cycle(g)
-            now = json.dumps(rec, sort_keys=True, default=str)
-            if now != previous:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("LastCycle did not change after a cycle")
-            await asyncio.sleep(0.5)
-        previous = now
+        cycle = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
+        rec = await last_cycle(g, cycle.since)
         assert_complete(rec)
+        to_suspend = cycle.to_suspend
         out.append((to_suspend, rec))
         t = rec["timeline_ms"]
         arming = ", ".join(
@@ -101,13 +100,8 @@ async def stock_cycles(g: Guest, n: int) -> list[float]:
     await g.run("systemctl stop cryptlockd.service")
     out = []
     for _ in range(n):
-        mark = g.event_mark()
-        t0 = time.monotonic()
-        await g.spawn("systemctl suspend", "/root/trigger.log")
-        suspend = await g.wait_event("SUSPEND", 90, since=mark)
-        out.append(suspend.monotonic - t0)
-        await g.wakeup()
-        await g.wait_agent(240, "agent after the stock sleep")
+        out.append(await suspend(g, "systemctl suspend"))
+        await wake(g, what="the stock sleep")
         print(f"  stock: trigger->SUSPEND {out[-1]:.2f} s", flush=True)
     await g.run("systemctl start cryptlockd.service")
     return out
@@ -133,7 +127,7 @@ def report(scenario: str, cycles: list[tuple[float, dict[str, Any]]]) -> None:
 async def bench(n: int) -> int:
     img = image_mod.ensure_image()
     accel = machine.choose_accel(img.kernel, image_mod.cache_root())
-    workdir = artifacts_dir() / "bench"
+    workdir = artifacts_dir(img.suite) / "bench"
     shutil.rmtree(workdir, ignore_errors=True)
     layer = await build_installed_layer(img, accel, workdir / "installed")
     if not layer.ok:
@@ -167,14 +161,9 @@ async def bench(n: int) -> int:
 async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> int:
     await armed_ready(g)
     quiet = await protected_cycles(g, n)
-    await g.write_file("/root/writer.py", WRITER.encode())
-    await g.spawn("python3 /root/writer.py", "/root/writer.out")
-    await poll(
-        g, "wc -l < /root/busy.log", lambda o: int(o.strip() or 0) > 20, 60, "the writer is writing"
-    )
+    await start_writer(g)
     busy = await protected_cycles(g, n)
-    # The pattern must not match the shell that runs pkill itself.
-    await g.run("pkill -f 'python3 /root/[w]riter.py'")
+    await g.run(f"pkill -f '{WRITER_PATTERN}'")
     stock = await stock_cycles(g, n)
     ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
     check = (await g.run("cryptlockctl check || true")).stdout

@@ -4,8 +4,9 @@
 - vm_accel (session): "kvm" or "tcg" (probed once; CRYPTLOCKD_VM_ACCEL overrides).
 - vm_installed (session): the image with the project installed by `make install`.
 - guest / installed_guest (function): a booted copy-on-write guest of either, agent ready.
-On failure, the console log and the guest journal are saved under tests/vm/artifacts/<test>/
-and their tails printed. The summary at the end gives the VM suite's times.
+On failure, the console log and the guest journal are saved under
+tests/vm/artifacts/<suite>/<test>/ and their tails printed. The summary at the end gives the
+VM suite's times.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def vm_accel(vm_image: image_mod.TestbedImage) -> str:
 
 
 @pytest.fixture(scope="session")
-def vm_session_dir() -> Iterator[Path]:
-    path = artifacts_dir() / f"session-{os.getpid()}"
+def vm_session_dir(vm_image: image_mod.TestbedImage) -> Iterator[Path]:
+    path = artifacts_dir(vm_image.suite) / f"session-{os.getpid()}"
     path.mkdir(parents=True, exist_ok=True)
     yield path
     if os.environ.get("CRYPTLOCKD_VM_KEEP") != "1":
@@ -101,6 +102,8 @@ class BootedState:
     """A guest booted once and saved (RAM + devices) on `disks`, which stay untouched: each
     test resumes it on its own copy-on-write overlays instead of booting."""
 
+    image: image_mod.TestbedImage
+    accel: str
     disks: DiskSet
     state: Path | None  # None: snapshots disabled, every test boots
     boot_seconds: float | None
@@ -130,7 +133,7 @@ async def _boot_and_save(
     finally:
         await guest.close()
     log.info("%s: booted in %.1f s and saved", name, guest.boot_seconds or -1)
-    return BootedState(disks, workdir / "state", guest.boot_seconds)
+    return BootedState(img, accel, disks, workdir / "state", guest.boot_seconds)
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +142,7 @@ def vm_base_state(
 ) -> BootedState:
     backing = DiskSet.of_image(vm_image)
     if not _snapshots_enabled():
-        return BootedState(backing, None, None)
+        return BootedState(vm_image, vm_accel, backing, None, None)
     state = asyncio.run(
         _boot_and_save(vm_image, vm_accel, backing, vm_session_dir / "base-state", "base", None)
     )
@@ -157,7 +160,7 @@ def vm_installed_state(
     if not vm_installed.ok:
         pytest.fail("installing the project in the guest failed:\n" + vm_installed.log[-6000:])
     if not _snapshots_enabled():
-        return BootedState(vm_installed.disks, None, None)
+        return BootedState(vm_image, vm_accel, vm_installed.disks, None, None)
     state = asyncio.run(
         _boot_and_save(
             vm_image,
@@ -200,19 +203,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     setattr(item, f"rep_{report.when}", report)
 
 
-def _test_dir(request: pytest.FixtureRequest) -> Path:
+def _test_dir(request: pytest.FixtureRequest, suite: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
-    path = artifacts_dir() / name
+    path = artifacts_dir(suite) / name
     shutil.rmtree(path, ignore_errors=True)
     return path
 
 
-async def _boot(
-    request: pytest.FixtureRequest, booted: BootedState, img: image_mod.TestbedImage, accel: str
-) -> AsyncIterator[Guest]:
-    workdir = _test_dir(request)
+async def _boot(request: pytest.FixtureRequest, booted: BootedState) -> AsyncIterator[Guest]:
+    workdir = _test_dir(request, booted.image.suite)
+    accel = booted.accel
     guest = Guest(
-        img,
+        booted.image,
         booted.disks.overlay(workdir / "disks"),
         workdir,
         accel,
@@ -253,26 +255,18 @@ async def _save_failure(guest: Guest, workdir: Path) -> None:
 
 
 @pytest_asyncio.fixture
-async def guest(
-    request: pytest.FixtureRequest,
-    vm_image: image_mod.TestbedImage,
-    vm_accel: str,
-    vm_base_state: BootedState,
-) -> AsyncIterator[Guest]:
+async def guest(request: pytest.FixtureRequest, vm_base_state: BootedState) -> AsyncIterator[Guest]:
     """A running base guest (root on LUKS, data disk on /data, no cryptlockd)."""
-    async for g in _boot(request, vm_base_state, vm_image, vm_accel):
+    async for g in _boot(request, vm_base_state):
         yield g
 
 
 @pytest_asyncio.fixture
 async def installed_guest(
-    request: pytest.FixtureRequest,
-    vm_image: image_mod.TestbedImage,
-    vm_accel: str,
-    vm_installed_state: BootedState,
+    request: pytest.FixtureRequest, vm_installed_state: BootedState
 ) -> AsyncIterator[Guest]:
     """A running guest with the project installed and cryptlockd.service active."""
-    async for g in _boot(request, vm_installed_state, vm_image, vm_accel):
+    async for g in _boot(request, vm_installed_state):
         yield g
 
 

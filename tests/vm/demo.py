@@ -134,7 +134,7 @@ async def main() -> int:
         + (" (software emulation: slower, but needs no KVM)" if accel == "tcg" else "")
         + "."
     )
-    workdir = artifacts_dir() / "demo"
+    workdir = artifacts_dir(img.suite) / "demo"
     shutil.rmtree(workdir, ignore_errors=True)
     say("Booting the guest and installing cryptlockd in it with `make install` ...")
     layer = await build_installed_layer(img, accel, workdir / "installed")

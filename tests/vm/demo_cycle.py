@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.vm import layout
-from tests.vm.guest import Guest, poll
-from tests.vm.test_cycle import LID, armed_ready, last_cycle, run_cycle
+from tests.vm.guest import Guest
+from tests.vm.sleepcycle import LID_TRIGGER, armed_ready, last_cycle, run_cycle, start_lid
 
 
 def _print(text: str) -> None:
@@ -22,21 +22,7 @@ async def show(guest: Guest, say: Callable[[str], None]) -> None:
     )
     await armed_ready(g)
     say("Preparing a lid switch: a uinput device in the guest that logind watches.")
-    await g.run(
-        "modprobe uinput && mkdir -p /run/systemd/logind.conf.d && printf '[Login]\\n"
-        "HoldoffTimeoutSec=0\\nHandleLidSwitch=suspend\\n"
-        "HandleLidSwitchExternalPower=suspend\\nHandleLidSwitchDocked=suspend\\n' "
-        "> /run/systemd/logind.conf.d/demo.conf && systemctl kill -s HUP systemd-logind"
-    )
-    await g.write_file("/root/lid.py", LID.encode())
-    await g.spawn("python3 /root/lid.py", "/root/lid.out")
-    await poll(
-        g,
-        "journalctl -b -u systemd-logind --no-pager",
-        lambda o: "cryptlockd test lid" in o,
-        60,
-        "logind watches the lid switch",
-    )
+    await start_lid(g)
     say(
         "Closing the lid. cryptlockd arms its helper; the helper switches to its own VT, "
         "freezes every other cgroup, syncs, suspends both LUKS devices (the kernel wipes "
@@ -44,12 +30,12 @@ async def show(guest: Guest, say: Callable[[str], None]) -> None:
         "QEMU's SUSPEND event; then it wakes the guest, waits for the prompt and types the "
         "passphrase with send-key."
     )
-    to_suspend = await run_cycle(g, [layout.PASSPHRASE], "touch /run/lid-go")
+    cycle = await run_cycle(g, [layout.PASSPHRASE], LID_TRIGGER)
     say(
-        f"Lid closed -> guest asleep in {to_suspend:.1f} s. Woken, passphrase typed, disks back. "
-        f"The VT at the prompt was saved as {g.workdir / 'prompt.png'}."
+        f"Lid closed -> guest asleep in {cycle.to_suspend:.1f} s. Woken, passphrase typed, "
+        f"disks back. The VT at the prompt was saved as {g.workdir / 'prompt.png'}."
     )
-    rec = await last_cycle(g)
+    rec = await last_cycle(g, cycle.since)
     say(
         f"The cycle record (LastCycle): result {rec['result']}"
         + (f", reason: {rec['reason']}" if rec.get("reason") else "")

@@ -14,17 +14,20 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
 
 from tests.vm import layout, machine
 from tests.vm.image import TestbedImage
+from tests.wait import GiveUp, wait_until_async
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,21 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = {"kvm": 90.0, "tcg": 420.0}
 
 
+T = TypeVar("T")
+
+
 class GuestError(AssertionError):
     """Something in the guest did not happen as required (an AssertionError, so pytest shows
     the message as the failure)."""
 
 
-class GuestHung(GuestError):
-    pass
+class GuestLost(GuestError, GiveUp):
+    """Waiting longer cannot help: QEMU exited, or a migration failed. A GiveUp, so a
+    `wait_until_async` that meets it fails at once instead of trying until its deadline."""
+
+
+class GuestHung(GuestLost):
+    """The guest (or QEMU) gave no answer within a deadline."""
 
 
 class CommandFailed(GuestError):
@@ -190,8 +201,11 @@ class Guest:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log = self.workdir / "console.log"
         self.qemu_log = self.workdir / "qemu.log"
-        self._qmp_sock = self.workdir / "qmp.sock"
-        self._agent_sock = self.workdir / "agent.sock"
+        # The sockets live in a short private directory, not in workdir: a Unix socket path
+        # has 107 bytes at most, and workdir is <checkout>/tests/vm/artifacts/<suite>/<test>.
+        self._sockets = Path(tempfile.mkdtemp(prefix="cryptlockd-vm-"))
+        self._qmp_sock = self._sockets / "qmp.sock"
+        self._agent_sock = self._sockets / "agent.sock"
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QMPClient | None = None
         self._agent_reader: asyncio.StreamReader | None = None
@@ -275,19 +289,18 @@ class Guest:
             log.info("%s booted in %.1f s (%s)", self.name, self.boot_seconds, self.accel)
 
     async def _wait_incoming(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = (await self.qmp("query-status"))["status"]
-            if state != "inmigrate":
-                break
-            if time.monotonic() > deadline:
-                raise GuestHung(f"{self.name}: loading {self.incoming} took over {timeout:.0f} s")
-            await asyncio.sleep(0.2)
+        async def loaded() -> str | None:
+            state = str((await self.qmp("query-status"))["status"])
+            return None if state == "inmigrate" else state
+
+        state = await self.until(
+            loaded, timeout, f"loading {self.incoming}", interval=0.2, hung=True
+        )
         migration = await self.qmp("query-migrate")
         if state != "paused" or migration.get("status") not in (None, "completed"):
             raise GuestError(
                 f"{self.name}: restoring {self.incoming} failed: state {state}, "
-                f"migration {migration}\n{self._qemu_output()}"
+                f"migration {migration}{self._qemu_output()}"
             )
 
     async def save_state(self, path: Path, timeout: float = 300.0) -> None:
@@ -296,14 +309,14 @@ class Guest:
         await self.qmp("stop")
         tmp = path.with_name(path.name + ".tmp")
         await self.qmp("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def saved() -> bool:
             info = await self.qmp("query-migrate")
-            if info.get("status") == "completed":
-                break
-            if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
-                raise GuestError(f"{self.name}: saving the state failed: {info}")
-            await asyncio.sleep(0.2)
+            if info.get("status") in ("failed", "cancelled"):
+                raise GuestLost(f"{self.name}: saving the state failed: {info}")
+            return bool(info.get("status") == "completed")
+
+        await self.until(saved, timeout, f"saving the state to {path}", interval=0.2)
         tmp.replace(path)
         with contextlib.suppress(Exception):  # QEMU may drop the connection before replying
             await self.qmp("quit", timeout=10)
@@ -312,12 +325,10 @@ class Guest:
         await self.close()
 
     async def _wait_for_socket(self, path: Path) -> None:
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            self._raise_if_exited()
-            if time.monotonic() > deadline:
-                raise GuestError(f"QEMU did not create {path} within 10 s\n{self._qemu_output()}")
-            await asyncio.sleep(0.05)
+        async def created() -> bool:
+            return path.exists()
+
+        await self.until(created, 10, f"QEMU creates {path.name}", interval=0.05)
 
     @property
     def running(self) -> bool:
@@ -325,13 +336,15 @@ class Guest:
 
     def _raise_if_exited(self) -> None:
         if self._proc is not None and self._proc.returncode is not None:
-            raise GuestError(
-                f"QEMU exited with status {self._proc.returncode}\n{self._qemu_output()}\n"
+            raise GuestLost(
+                f"QEMU exited with status {self._proc.returncode}{self._qemu_output()}\n"
                 f"console tail:\n{self.console_tail()}"
             )
 
     def _qemu_output(self) -> str:
-        return self.qemu_log.read_text(errors="replace")[-2000:] if self.qemu_log.exists() else ""
+        """QEMU's own output (usually empty), as a block to append to a report."""
+        text = self.qemu_log.read_text(errors="replace")[-2000:] if self.qemu_log.exists() else ""
+        return f"\nqemu.log:\n{text}" if text.strip() else ""
 
     async def poweroff(self, timeout: float = 120.0) -> None:
         """Clean shutdown through systemd; waits for QEMU to exit."""
@@ -370,6 +383,48 @@ class Guest:
         for fut in self._pending.values():
             fut.cancel()  # nobody waits for them any more (abandoned pings, a dead guest)
         self._pending.clear()
+        shutil.rmtree(self._sockets, ignore_errors=True)
+
+    # ---- waiting ------------------------------------------------------------------------
+
+    async def until(
+        self,
+        predicate: Callable[[], Awaitable[T]],
+        timeout: float,
+        what: str,
+        *,
+        interval: float = 0.5,
+        hung: bool = False,
+    ) -> T:
+        """`wait_until_async` for this guest: polls the coroutine `predicate` until it
+        returns something truthy, and returns that. Gives up at once when QEMU exits or the
+        guest stops answering (GuestLost, GuestHung). At the deadline it raises GuestError, or
+        GuestHung when `hung` says that the guest not answering is what timed out, with the
+        last "not yet" reason, QEMU's run state and the console's tail."""
+        last: list[Exception] = []
+
+        async def attempt() -> T:
+            self._raise_if_exited()
+            try:
+                return await predicate()
+            except GiveUp:
+                raise
+            except Exception as e:
+                last[:] = [e]
+                raise
+
+        try:
+            return await wait_until_async(attempt, timeout, interval, f"{self.name}: {what}")
+        except GiveUp:
+            raise
+        except AssertionError:
+            reason = f"; last: {last[0]}" if last else ""
+            error = GuestHung if hung else GuestError
+            raise error(
+                f"{self.name}: {what}: not true within {timeout:.0f} s{reason}\n"
+                f"(QEMU state: {await self.status()}){self._qemu_output()}\n"
+                f"console tail:\n{self.console_tail()}"
+            ) from None
 
     # ---- QMP ----------------------------------------------------------------------------
 
@@ -405,6 +460,8 @@ class Guest:
         return len(self.events)
 
     async def wait_event(self, name: str, timeout: float, since: int = 0) -> Event:
+        """Waits for QMP event `name` recorded after `since` (event_mark()). Not a poll: it
+        sleeps until the event reader adds an event, with the deadline as the limit."""
         deadline = time.monotonic() + timeout
         while True:
             for event in self.events[since:]:
@@ -497,20 +554,16 @@ class Guest:
     async def wait_agent(self, timeout: float, what: str = "agent") -> None:
         """Pings until the agent answers. The agent's port may not be open yet when a ping is
         sent (the host side drops it), so ping repeatedly within the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._raise_if_exited()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestHung(
-                    f"{self.name}: {what}: the guest agent did not answer within "
-                    f"{timeout:.0f} s (QEMU state: {await self.status()}).\n"
-                    f"console tail:\n{self.console_tail()}"
-                )
+
+        async def pong() -> bool:
             fut = await self._send({"op": "ping"})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), min(2.0, remaining))
-                return
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), 2.0)
+            except TimeoutError:
+                return False
+            return True
+
+        await self.until(pong, timeout, f"{what}: the guest agent answers", interval=0.1, hung=True)
 
     async def run(
         self,
@@ -548,20 +601,25 @@ class Guest:
         return result
 
     async def wait_for_command(
-        self, command: str, timeout: float, what: str = "", interval: float = 0.25
+        self,
+        command: str,
+        timeout: float,
+        what: str = "",
+        *,
+        ok: Callable[[str], object] | None = None,
+        interval: float = 0.5,
     ) -> CommandResult:
-        """Polls `command` until it exits 0 (the deadline, not a sleep, is the contract)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Runs `command` until it exits 0 and `ok(stdout)` (if given) holds; returns that
+        run. An exception from `ok` counts as "not yet"."""
+
+        async def done() -> CommandResult:
             result = await self.run(command, check=False, timeout=min(timeout, 30.0))
-            if result.rc == 0:
-                return result
-            if time.monotonic() > deadline:
-                raise GuestError(
-                    f"{self.name}: {what or repr(command)} not true within {timeout:.0f} s; "
-                    f"last exit {result.rc}: {result.stdout[-500:]} {result.stderr[-500:]}"
-                )
-            await asyncio.sleep(interval)
+            if result.rc != 0 or (ok is not None and not ok(result.stdout)):
+                output = (result.stdout + result.stderr)[-1000:]
+                raise GuestError(f"exit {result.rc}, output: {output}")
+            return result
+
+        return await self.until(done, timeout, what or repr(command), interval=interval)
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         await self.run(["sh", "-c", f'cat > "$0" && chmod {mode:o} "$0"', path], input=data)
@@ -588,35 +646,28 @@ class Guest:
     def console_tail(self, lines: int = 25) -> str:
         return "\n".join(self.console_text().splitlines()[-lines:]) or "(empty)"
 
-    async def wait_console(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.console_text():
-            self._raise_if_exited()
-            if time.monotonic() > deadline:
-                raise GuestError(
-                    f"{self.name}: {text!r} did not appear on the console within "
-                    f"{timeout:.0f} s\nconsole tail:\n{self.console_tail()}"
-                )
-            await asyncio.sleep(0.2)
+    def console_count(self, text: str) -> int:
+        """How often `text` is on the console so far: pass it to wait_console(after=)."""
+        return self.console_text().count(text)
+
+    async def wait_console(self, text: str, timeout: float, *, after: int = 0) -> None:
+        """Waits until `text` has appeared on the console more than `after` times."""
+
+        async def shown() -> bool:
+            return self.console_count(text) > after
+
+        await self.until(
+            shown, timeout, f"{text!r} on the console (seen {after} times before)", interval=0.2
+        )
 
 
-def artifacts_dir() -> Path:
-    """Where test guests keep their files: CRYPTLOCKD_VM_ARTIFACTS or tests/vm/artifacts."""
+def artifacts_dir(suite: str) -> Path:
+    """Where the guests of one release keep their files: <base>/<suite>, base being
+    CRYPTLOCKD_VM_ARTIFACTS or tests/vm/artifacts. Per suite, so that the bookworm and the
+    trixie suite can run at the same time in one checkout."""
     env = os.environ.get("CRYPTLOCKD_VM_ARTIFACTS")
-    return Path(env) if env else Path(__file__).resolve().parent / "artifacts"
-
-
-async def poll(guest: Guest, command: str, ok: Any, timeout: float, what: str) -> str:
-    """Polls `command` until it exits 0 and `ok(stdout)` holds; returns that stdout."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        res = await guest.run(command, check=False, timeout=30)
-        last = res.stdout + res.stderr
-        if res.rc == 0 and ok(res.stdout):
-            return res.stdout
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s; last output: {last[-2000:]}")
+    base = Path(env) if env else Path(__file__).resolve().parent / "artifacts"
+    return base / suite
 
 
 def unwrap(v: Any) -> Any:

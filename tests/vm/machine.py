@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tests.vm import layout
+from tests.wait import GiveUp, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,18 @@ def kvm_works(kernel: Path) -> bool:
             f"file:{console}",
         ]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + KVM_PROBE_DEADLINE
+
+        def panicked() -> bool:
+            exited = proc.poll() is not None  # read before the console: no mark lost
+            if console.exists() and KVM_PROBE_MARK in console.read_bytes():
+                return True
+            if exited:
+                raise GiveUp("QEMU exited before the kernel got that far")
+            return False
+
         try:
-            while time.monotonic() < deadline:
-                if console.exists() and KVM_PROBE_MARK in console.read_bytes():
-                    return True
-                if proc.poll() is not None:
-                    return KVM_PROBE_MARK in console.read_bytes() if console.exists() else False
-                time.sleep(0.2)
+            return wait_until(panicked, KVM_PROBE_DEADLINE, 0.2, "the probe kernel runs")
+        except (GiveUp, AssertionError):
             return False
         finally:
             proc.kill()

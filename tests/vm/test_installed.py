@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,22 +19,15 @@ LIST_INHIBITORS = (
 )
 
 
-async def devices(guest: Guest) -> list[dict[str, Any]]:
-    result = await guest.run("cryptlockctl devices --json", timeout=30)
-    parsed: list[dict[str, Any]] = result.json()
-    return parsed
-
-
 async def wait_devices(
-    guest: Guest, predicate: Any, what: str, timeout: float = 30.0
+    guest: Guest, predicate: Callable[[list[dict[str, Any]]], bool], what: str
 ) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = await devices(guest)
-        if predicate(current):
-            return current
-        assert time.monotonic() < deadline, f"{what} not seen within {timeout:.0f} s: {current}"
-        await asyncio.sleep(0.5)
+    """Waits until `cryptlockctl devices --json` satisfies `predicate`; returns the list."""
+    result = await guest.wait_for_command(
+        "cryptlockctl devices --json", 30, what, ok=lambda o: predicate(json.loads(o))
+    )
+    found: list[dict[str, Any]] = result.json()
+    return found
 
 
 async def test_daemon_runs_with_delay_lock_and_lists_devices(installed_guest: Guest) -> None:
@@ -45,14 +37,14 @@ async def test_daemon_runs_with_delay_lock_and_lists_devices(installed_guest: Gu
     main_pid = int((await g.run("systemctl show -P MainPID cryptlockd.service")).stdout)
     assert main_pid > 0
 
-    deadline = time.monotonic() + 30
-    ours: list[list[Any]] = []
-    while not ours:
-        reply = json.loads((await g.run(LIST_INHIBITORS)).stdout)
+    def inhibitors_of_daemon(out: str) -> list[list[Any]]:
         # a(ssssuu): what, who, why, mode, uid, pid
-        ours = [i for i in reply["data"][0] if i[5] == main_pid]
-        assert time.monotonic() < deadline, f"no inhibitor of pid {main_pid}: {reply}"
-        await asyncio.sleep(0.5)
+        return [i for i in json.loads(out)["data"][0] if i[5] == main_pid]
+
+    reply = await g.wait_for_command(
+        LIST_INHIBITORS, 30, f"an inhibitor of pid {main_pid}", ok=inhibitors_of_daemon
+    )
+    ours = inhibitors_of_daemon(reply.stdout)
     assert any("sleep" in i[0].split(":") and i[3] == "delay" for i in ours), ours
 
     found = await wait_devices(g, lambda d: len(d) >= 2, "both LUKS devices")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 
@@ -106,12 +105,12 @@ async def test_original_race_sync_hangs_on_luks_suspended_device(guest: Guest) -
     writer = await guest.spawn("echo mem > /sys/power/state", "/run/race.log")
 
     # First the writer flushes its dirty pages; then it reaches the device flush and stays.
-    deadline = time.monotonic() + 30
-    stack = ""
-    while SYNC_FRAME not in stack:
-        assert time.monotonic() < deadline, f"writer {writer} never blocked in sync:\n{stack}"
-        await asyncio.sleep(0.5)
-        stack = await _writer_stack(guest, writer)
+    await guest.wait_for_command(
+        f"cat /proc/{writer}/stack",
+        30,
+        f"writer {writer} blocks in the kernel's sync",
+        ok=lambda stack: SYNC_FRAME in stack,
+    )
 
     with pytest.raises(AssertionError, match="no QMP SUSPEND event"):
         await guest.wait_event("SUSPEND", RACE_HOLD, since=mark)

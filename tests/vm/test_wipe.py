@@ -13,7 +13,6 @@ The control is the same scan of a stock sleep (daemon stopped): the scanner find
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -24,8 +23,17 @@ from typing import Any
 import pytest
 
 from tests.vm import layout
-from tests.vm.guest import Guest, poll, unwrap
+from tests.vm.guest import Guest
 from tests.vm.memscan import count_occurrences
+from tests.vm.sleepcycle import (
+    MANAGER,
+    PROMPT_NOTICE,
+    armed_ready,
+    boottime,
+    last_cycle,
+    suspend,
+    wake,
+)
 
 pytestmark = [pytest.mark.timeout(900)]
 
@@ -34,8 +42,6 @@ def vm(fn: Any) -> Any:
     return pytest.mark.vm(pytest.mark.asyncio(fn))
 
 
-MANAGER = "org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager"
-PROMPT_NOTICE = "cryptlockd: disks locked; passphrase prompt on VT"
 DEVICES = {
     layout.ROOT_DM_NAME: (layout.ROOT_DISK, layout.ROOT_KEYFILE),
     layout.DATA_DM_NAME: (layout.DATA_DISK, layout.DATA_KEYFILE),
@@ -141,67 +147,31 @@ async def volume_keys(g: Guest) -> dict[str, bytes]:
 def scan(
     dump: Path, keys: dict[str, bytes], extra: dict[str, bytes] | None = None
 ) -> dict[str, int]:
+    """Counts each key's needles (and `extra`) in a RAM dump, then deletes the dump: it is
+    as large as the guest's RAM and holds its secrets."""
     labelled = {
         f"{dm} {label}": n for dm, vk in keys.items() for label, n in key_needles(vk).items()
     }
     labelled.update(extra or {})
-    counts = count_occurrences(dump, labelled.values())
+    try:
+        counts = count_occurrences(dump, labelled.values())
+    finally:
+        dump.unlink()
     return {label: counts[n] for label, n in labelled.items()}
 
 
 # ---- driving the guest ------------------------------------------------------------------
 
 
-async def armed_ready(g: Guest) -> None:
-    await poll(
-        g,
-        f"busctl get-property {MANAGER} Protected",
-        lambda o: "true" in o,
-        240,
-        "cryptlockd reports Protected",
-    )
-
-
-async def last_cycle(g: Guest, since: float) -> dict[str, Any]:
-    """LastCycle, once it is the record of a cycle that started after `since` (boottime)."""
-    out = await poll(
-        g,
-        f"busctl --json=short get-property {MANAGER} LastCycle",
-        lambda o: unwrap(json.loads(o)["data"]).get("started_boottime", 0) > since,
-        120,
-        "LastCycle of this cycle",
-    )
-    rec: dict[str, Any] = unwrap(json.loads(out)["data"])
-    return rec
-
-
-async def boottime(g: Guest) -> float:
-    return float((await g.run("cut -d' ' -f1 /proc/uptime")).stdout) - 1.0
-
-
 async def sleep_and_dump(g: Guest, trigger: str, name: str) -> Path:
     """Triggers a suspend and dumps the RAM while the guest is in S3."""
-    mark = g.event_mark()
-    await g.spawn(trigger, "/root/trigger.log")
-    await g.wait_event("SUSPEND", 120, since=mark)
+    await suspend(g, trigger, 120)
     assert await g.status() == "suspended"
     t0 = time.monotonic()
     dump = await g.dump_memory(name)
     print(f"\n{name}: RAM dump of {dump.stat().st_size >> 20} MiB in {time.monotonic() - t0:.1f} s")
     assert await g.status() == "suspended", "the dump woke the guest"
     return dump
-
-
-async def wake_and_unlock(g: Guest, notices_before: int) -> None:
-    mark = g.event_mark()
-    await g.wakeup()
-    await g.wait_event("WAKEUP", 60, since=mark)
-    deadline = time.monotonic() + 180
-    while g.console_text().count(PROMPT_NOTICE) <= notices_before:
-        assert time.monotonic() < deadline, f"no prompt after wake-up\n{g.console_tail()}"
-        await asyncio.sleep(0.3)
-    await g.type_text(layout.PASSPHRASE)
-    await g.wait_agent(240, "agent after resume")
 
 
 def passphrase_needles() -> dict[str, bytes]:
@@ -242,14 +212,10 @@ async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(installed_gues
 
     # 1. A cryptlockd cycle: while asleep, no key, no half, no schedule.
     since = await boottime(g)
-    notices = g.console_text().count(PROMPT_NOTICE)
-    dump = await sleep_and_dump(g, "systemctl suspend", "asleep-cryptlockd")
-    try:
-        asleep = scan(dump, keys)
-    finally:
-        dump.unlink()
+    notices = g.console_count(PROMPT_NOTICE)
+    asleep = scan(await sleep_and_dump(g, "systemctl suspend", "asleep-cryptlockd"), keys)
     print(f"asleep with cryptlockd: {json.dumps(asleep)}")
-    await wake_and_unlock(g, notices)
+    await wake(g, [layout.PASSPHRASE], notices=notices)
     rec = await last_cycle(g, since)
     assert rec["success"] is True, rec
     for dm in DEVICES:
@@ -260,26 +226,15 @@ async def test_no_key_in_ram_while_asleep_and_no_passphrase_after(installed_gues
     assert all(n == 0 for n in asleep.values()), asleep
 
     # 2. After resume: the passphrase is nowhere in RAM.
-    dump = await g.dump_memory("after-resume")
-    try:
-        after = scan(dump, {}, passphrase_needles())
-    finally:
-        dump.unlink()
+    after = scan(await g.dump_memory("after-resume"), {}, passphrase_needles())
     print(f"after resume: {json.dumps(after)}")
     assert all(n == 0 for n in after.values()), after
 
     # 3. Control: the daemon stopped, a stock sleep: the same scan finds the keys.
     await g.run("systemctl stop cryptlockd.service")
-    dump = await sleep_and_dump(g, "systemctl suspend", "asleep-stock")
-    try:
-        stock = scan(dump, keys)
-    finally:
-        dump.unlink()
+    stock = scan(await sleep_and_dump(g, "systemctl suspend", "asleep-stock"), keys)
     print(f"asleep without cryptlockd (control): {json.dumps(stock)}")
-    mark = g.event_mark()
-    await g.wakeup()
-    await g.wait_event("WAKEUP", 60, since=mark)
-    await g.wait_agent(240, "agent after the stock sleep")
+    await wake(g, what="the stock sleep")
     for dm in DEVICES:
         assert stock[f"{dm} schedule 1"] > 0 and stock[f"{dm} schedule 2"] > 0, stock
         assert stock[f"{dm} half 1"] > 0 and stock[f"{dm} half 2"] > 0, stock
@@ -365,14 +320,11 @@ async def test_planted_keyring_copy_is_invalidated_or_reported(installed_guest: 
     assert [ln for ln in await proc_keys(g, root_desc) if ln.startswith(root_serial)]
 
     since = await boottime(g)
-    notices = g.console_text().count(PROMPT_NOTICE)
+    notices = g.console_count(PROMPT_NOTICE)
     dump = await sleep_and_dump(g, "systemctl suspend", "asleep-planted")
-    try:
-        asleep = scan(dump, keys, {"nobody's marker": marker})
-    finally:
-        dump.unlink()
+    asleep = scan(dump, keys, {"nobody's marker": marker})
     print(f"asleep with planted keyring copies: {json.dumps(asleep)}")
-    await wake_and_unlock(g, notices)
+    await wake(g, [layout.PASSPHRASE], notices=notices)
     rec = await last_cycle(g, since)
     print(f"verification: {json.dumps(rec['verification'])}")
 
@@ -393,13 +345,12 @@ async def test_planted_keyring_copy_is_invalidated_or_reported(installed_guest: 
     assert any(p.startswith(f"{layout.ROOT_DM_NAME} was NOT protected") for p in rec["problems"])
     # The scanner sees a keyring payload that stayed: the dump is a fair witness.
     assert asleep["nobody's marker"] >= 1, asleep
-    problems = await poll(
-        g,
+    problems = await g.wait_for_command(
         f"busctl --json=short get-property {MANAGER} Problems",
-        lambda o: "last-cycle" in o,
         60,
         "Problems names the last cycle",
+        ok=lambda o: "last-cycle" in o,
     )
-    assert f"NOT protect {layout.ROOT_DM_NAME}" in problems
+    assert f"NOT protect {layout.ROOT_DM_NAME}" in problems.stdout
     journal = await g.run("journalctl -b -p warning --no-pager -o cat")
     assert f"{layout.ROOT_DM_NAME} was NOT protected" in journal.stdout
