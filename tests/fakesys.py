@@ -13,6 +13,7 @@ Used by the unit tests of cryptlockd.daemon.devices and by the daemon integratio
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptlockd.daemon.devices import SystemPaths
@@ -189,3 +190,39 @@ def two_disks_keyfile(fs: FakeSystem) -> None:
         f"cryptroot  UUID={UUID_A}  none  luks\n"
         f"cryptdata  UUID={UUID_B}  /etc/keys/data.key  luks,nofail\n"
     )
+
+
+# What the daemon reports of the devices these layouts build: Devices property structs,
+# fields in the order of cryptlockd.defs.DEVICE_FIELDS.
+CRYPTROOT_ON_VDA2 = ["cryptroot", UUID_A, "LUKS2", "/dev/vda2", True, False, "passphrase", []]
+CRYPTDATA_ON_VDB = [
+    "cryptdata",
+    UUID_B,
+    "LUKS2",
+    "/dev/vdb",
+    False,
+    False,
+    "keyfile:/etc/keys/data.key",
+    [],
+]
+
+# Each layout, and its Devices property (sorted by dm name).
+LAYOUTS: dict[str, tuple[Callable[[FakeSystem], None], list[list[object]]]] = {
+    "plain_luks2": (plain_luks2, [CRYPTROOT_ON_VDA2]),
+    "lvm_on_luks": (
+        lvm_on_luks,
+        [
+            [
+                "nvme0n1p3_crypt",
+                UUID_A,
+                "LUKS2",
+                "/dev/nvme0n1p3",
+                True,
+                False,
+                "passphrase",
+                ["vg0-root", "vg0-swap", "vg0-home"],
+            ]
+        ],
+    ),
+    "two_disks_keyfile": (two_disks_keyfile, [CRYPTDATA_ON_VDB, CRYPTROOT_ON_VDA2]),
+}

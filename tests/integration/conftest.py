@@ -27,9 +27,11 @@ from cryptlockd.defs import (
     LOGIND_MANAGER_INTERFACE,
     LOGIND_PATH,
     POLKIT_BUS_NAME,
+    POLKIT_INTERFACE,
+    POLKIT_PATH,
 )
 from tests.fakesys import FakeSystem, plain_luks2
-from tests.integration.support import GiveUp, eventually
+from tests.wait import GiveUp, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -41,35 +43,33 @@ START_TIMEOUT = 20.0
 
 # A bus on which everybody may do everything: the daemon's behaviour, not the policy, is
 # under test. The limits are raised because the defaults would refuse 200 pending calls.
-PERMISSIVE_POLICY = """
-  <policy context="default">
+# Both policies let everybody connect and receive; they differ in who may own and send.
+_EVERYONE_RECEIVES = """
     <allow user="*"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>"""
+
+PERMISSIVE_POLICY = f"""
+  <policy context="default">{_EVERYONE_RECEIVES}
     <allow own="*"/>
     <allow send_type="method_call"/>
     <allow send_type="signal"/>
     <allow send_type="method_return"/>
     <allow send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
   </policy>
 """
 
 # What Debian's /usr/share/dbus-1/system.conf says, so that our policy file is tested
 # against the same defaults it meets on a real machine. Root owns the mocks' names.
-SYSTEM_LIKE_POLICY = """
-  <policy context="default">
-    <allow user="*"/>
+SYSTEM_LIKE_POLICY = f"""
+  <policy context="default">{_EVERYONE_RECEIVES}
     <deny own="*"/>
     <deny send_type="method_call"/>
     <allow send_type="signal"/>
     <allow send_requested_reply="true" send_type="method_return"/>
     <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
     <allow send_destination="org.freedesktop.DBus"
            send_interface="org.freedesktop.DBus.Introspectable"/>
@@ -155,7 +155,7 @@ class LoggedProcess:
         return self.returncode
 
 
-class _Reporter:
+class Reporter:
     """Collects the processes of one test so a failed test's report can show their logs."""
 
     def __init__(self) -> None:
@@ -166,15 +166,15 @@ class _Reporter:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
-    reporter: _Reporter | None = getattr(item, "_cryptlockd_reporter", None)
+    reporter: Reporter | None = getattr(item, "_cryptlockd_reporter", None)
     if reporter is not None and rep.failed:
         for p in reporter.processes:
             rep.sections.append((f"log of {p.name} (pid {p.pid})", p.log() or "(empty)"))
 
 
 @pytest.fixture
-def _reporter(request: pytest.FixtureRequest) -> _Reporter:
-    reporter = _Reporter()
+def _reporter(request: pytest.FixtureRequest) -> Reporter:
+    reporter = Reporter()
     request.node._cryptlockd_reporter = reporter
     return reporter
 
@@ -232,7 +232,7 @@ class SystemBus:
 
 def start_bus(
     directory: Path,
-    reporter: _Reporter,
+    reporter: Reporter,
     *,
     policy: str = PERMISSIVE_POLICY,
     include: Path | None = None,
@@ -256,7 +256,7 @@ def start_bus(
         return socket.exists() and bus.conn is not None
 
     try:
-        eventually(up, START_TIMEOUT, message="private dbus-daemon listening")
+        wait_until(up, START_TIMEOUT, message="private dbus-daemon listening")
     except BaseException:
         bus.close()
         raise
@@ -276,7 +276,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def system_bus(
-    runtime_dir: Path, _reporter: _Reporter, request: pytest.FixtureRequest
+    runtime_dir: Path, _reporter: Reporter, request: pytest.FixtureRequest
 ) -> Iterator[SystemBus]:
     if request.node.get_closest_marker("system_bus_policy"):
         bus = start_bus(runtime_dir, _reporter, policy=SYSTEM_LIKE_POLICY, include=POLICY_FILE)
@@ -287,23 +287,17 @@ def system_bus(
 
 
 class DBusMock:
-    """A python-dbusmock template in its own process on the private bus."""
+    """A python-dbusmock template in its own process on the private bus. A subclass names
+    the template and the object it serves."""
 
-    def __init__(
-        self,
-        bus: SystemBus,
-        reporter: _Reporter,
-        template: str,
-        bus_name: str,
-        path: str,
-        interface: str,
-    ) -> None:
+    template: str
+    bus_name: str
+    path: str
+    interface: str
+
+    def __init__(self, bus: SystemBus, reporter: Reporter) -> None:
         self.bus = bus
         self.reporter = reporter
-        self.template = template
-        self.bus_name = bus_name
-        self.path = path
-        self.interface = interface
         self.proc: LoggedProcess | None = None
         self.start()
 
@@ -322,7 +316,7 @@ class DBusMock:
                 raise GiveUp(f"{self.template} mock exited: {proc.log()}")
             return self.bus.name_has_owner(self.bus_name)
 
-        eventually(up, START_TIMEOUT, message=f"{self.bus_name} on the bus")
+        wait_until(up, START_TIMEOUT, message=f"{self.bus_name} on the bus")
         self.after_start()
 
     def after_start(self) -> None:
@@ -337,7 +331,7 @@ class DBusMock:
         """A crash and restart: the bus name gets a new unique owner."""
         old = self.bus.get_name_owner(self.bus_name)
         self.stop()
-        eventually(
+        wait_until(
             lambda: not self.bus.name_has_owner(self.bus_name),
             START_TIMEOUT,
             message=f"{self.bus_name} released",
@@ -363,10 +357,10 @@ class DBusMock:
 
 
 class LogindMock(DBusMock):
-    def __init__(self, bus: SystemBus, reporter: _Reporter) -> None:
-        super().__init__(
-            bus, reporter, "logind", LOGIND_BUS_NAME, LOGIND_PATH, LOGIND_MANAGER_INTERFACE
-        )
+    template = "logind"
+    bus_name = LOGIND_BUS_NAME
+    path = LOGIND_PATH
+    interface = LOGIND_MANAGER_INTERFACE
 
     def after_start(self) -> None:
         import dbus
@@ -394,15 +388,10 @@ class LogindMock(DBusMock):
 class PolkitMock(DBusMock):
     """polkitd: denies everything until told otherwise."""
 
-    def __init__(self, bus: SystemBus, reporter: _Reporter) -> None:
-        super().__init__(
-            bus,
-            reporter,
-            "polkitd",
-            POLKIT_BUS_NAME,
-            "/org/freedesktop/PolicyKit1/Authority",
-            "org.freedesktop.PolicyKit1.Authority",
-        )
+    template = "polkitd"
+    bus_name = POLKIT_BUS_NAME
+    path = POLKIT_PATH
+    interface = POLKIT_INTERFACE
 
     def allow(self, *actions: str) -> None:
         self.mock("SetAllowed", list(actions))
@@ -421,14 +410,14 @@ class PolkitMock(DBusMock):
 
 
 @pytest.fixture
-def logind(system_bus: SystemBus, _reporter: _Reporter) -> Iterator[LogindMock]:
+def logind(system_bus: SystemBus, _reporter: Reporter) -> Iterator[LogindMock]:
     mock = LogindMock(system_bus, _reporter)
     yield mock
     mock.stop()
 
 
 @pytest.fixture
-def polkit(system_bus: SystemBus, _reporter: _Reporter) -> Iterator[PolkitMock]:
+def polkit(system_bus: SystemBus, _reporter: Reporter) -> Iterator[PolkitMock]:
     mock = PolkitMock(system_bus, _reporter)
     yield mock
     mock.stop()
@@ -442,20 +431,18 @@ class Daemon(LoggedProcess):
 DaemonFactory = Callable[..., Daemon]
 
 
-@pytest.fixture
-def daemon_root(tmp_path: Path) -> Path:
+def make_daemon_root(directory: Path) -> Path:
     """An empty --root (no config file: defaults apply)."""
-    root = tmp_path / "root"
+    root = directory / "root"
     (root / "etc" / "cryptlockd").mkdir(parents=True)
     return root
 
 
-@pytest.fixture
-def luks_system(tmp_path: Path, daemon_root: Path) -> FakeSystem:
+def make_luks_system(directory: Path, daemon_root: Path) -> FakeSystem:
     """A fake machine on which every check but the real helper passes: one LUKS2 root
     device, cgroup v2, sync_on_suspend, suspend-to-RAM, and our sleep drop-in under
-    --root. Pass `*luks_system.daemon_args()` to start_daemon."""
-    fs = FakeSystem(tmp_path / "fake")
+    --root. Pass `*fs.daemon_args()` to the daemon."""
+    fs = FakeSystem(directory / "fake")
     plain_luks2(fs)
     power = fs.sysfs / "power"
     power.mkdir(parents=True)
@@ -470,48 +457,66 @@ def luks_system(tmp_path: Path, daemon_root: Path) -> FakeSystem:
     return fs
 
 
+def launch_daemon(
+    bus: SystemBus,
+    reporter: Reporter,
+    root: Path,
+    logfile: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    udev: bool = False,
+    **popen: Any,
+) -> Daemon:
+    """The daemon (recording_daemon.py) on the private bus. Defaults: --root <root> --no-udev
+    --log-target stderr, unless `args` pass those options. With
+    wait=True it returns once the daemon owns org.cryptlockd1."""
+    argv = [str(VENV_PYTHON), "-m", "tests.integration.recording_daemon", *args]
+    defaults = {"--root": str(root), "--log-target": "stderr"}
+    for opt, value in defaults.items():
+        if opt not in args:
+            argv += [opt, value]
+    if not udev and "--no-udev" not in args:
+        argv.append("--no-udev")
+    d = Daemon(logfile.stem, argv, bus.env(env), logfile, cwd=str(REPO), **popen)
+    reporter.processes.append(d)
+    if wait:
+
+        def up() -> bool:
+            if not d.alive():
+                raise GiveUp(f"daemon exited with {d.exit_status()}:\n{d.log()}")
+            return bus.name_has_owner(BUS_NAME)
+
+        try:
+            wait_until(up, START_TIMEOUT, message="daemon owns org.cryptlockd1")
+        except BaseException:
+            d.stop()
+            raise
+    return d
+
+
+@pytest.fixture
+def daemon_root(tmp_path: Path) -> Path:
+    return make_daemon_root(tmp_path)
+
+
+@pytest.fixture
+def luks_system(tmp_path: Path, daemon_root: Path) -> FakeSystem:
+    return make_luks_system(tmp_path, daemon_root)
+
+
 @pytest.fixture
 def start_daemon(
-    system_bus: SystemBus, _reporter: _Reporter, daemon_root: Path, tmp_path: Path
+    system_bus: SystemBus, _reporter: Reporter, daemon_root: Path, tmp_path: Path
 ) -> Iterator[DaemonFactory]:
-    """start_daemon(*args, env=None, wait=True, udev=False) runs the daemon (recording_daemon.py)
-    on the private bus. Defaults: --root <tmp> --no-udev --log-target stderr,
-    unless the caller passes those options itself. With wait=True it returns once the
-    daemon owns org.cryptlockd1."""
+    """start_daemon(*args, env=None, wait=True, udev=False): launch_daemon() on this test's
+    bus and --root; every daemon it started is stopped at the end."""
     daemons: list[Daemon] = []
 
-    def factory(
-        *args: str,
-        env: dict[str, str] | None = None,
-        wait: bool = True,
-        udev: bool = False,
-        **popen: Any,
-    ) -> Daemon:
-        argv = [str(VENV_PYTHON), "-m", "tests.integration.recording_daemon", *args]
-        defaults = {"--root": str(daemon_root), "--log-target": "stderr"}
-        for opt, value in defaults.items():
-            if opt not in args:
-                argv += [opt, value]
-        if not udev and "--no-udev" not in args:
-            argv.append("--no-udev")
-        d = Daemon(
-            f"cryptlockd #{len(daemons) + 1}",
-            argv,
-            system_bus.env(env),
-            tmp_path / f"cryptlockd-{len(daemons) + 1}.log",
-            cwd=str(REPO),
-            **popen,
-        )
+    def factory(*args: str, **options: Any) -> Daemon:
+        logfile = tmp_path / f"cryptlockd-{len(daemons) + 1}.log"
+        d = launch_daemon(system_bus, _reporter, daemon_root, logfile, *args, **options)
         daemons.append(d)
-        _reporter.processes.append(d)
-        if wait:
-
-            def up() -> bool:
-                if not d.alive():
-                    raise GiveUp(f"daemon exited with {d.exit_status()}:\n{d.log()}")
-                return system_bus.name_has_owner(BUS_NAME)
-
-            eventually(up, START_TIMEOUT, message="daemon owns org.cryptlockd1")
         return d
 
     yield factory

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
 
 from cryptlockd import __version__
+from cryptlockd.cli.output import format_devices
 from cryptlockd.defs import (
     BUS_NAME,
     INTROSPECTION_XML,
@@ -26,35 +23,24 @@ from cryptlockd.defs import (
     OBJECT_PATH,
     POLKIT_ACTION_CONFIGURE,
     POLKIT_ACTION_SUSPEND,
+    PROPERTIES_INTERFACE,
 )
 from tests.fakesys import UUID_A, UUID_B, FakeSystem, two_disks_keyfile
 from tests.integration.conftest import (
     REPO,
-    VENV_PYTHON,
     Daemon,
     DaemonFactory,
     LogindMock,
     PolkitMock,
     SystemBus,
 )
-from tests.integration.support import eventually
+from tests.integration.support import CTL, ctl, start_settled, unique_name_of
+from tests.wait import GiveUp, wait_until
 
 NOT_RUNNING = (
     "cryptlockctl: cryptlockd is not running (org.cryptlockd1 has no owner on the system bus)\n"
 )
 SUBCOMMANDS = ["status", "devices", "check", "suspend", "enable", "disable", "reload", "monitor"]
-
-
-def ctl(bus: SystemBus, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.cli", *args],
-        env=bus.env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def ctl_json(bus: SystemBus, *args: str) -> Any:
@@ -79,17 +65,12 @@ def daemon(
     start_daemon: DaemonFactory,
     fake: FakeSystem,
 ) -> Daemon:
-    d = start_daemon(*fake.daemon_args())
-    # Started means on the bus; wait until it holds its inhibitor, so its state is settled.
-    eventually(lambda: logind.our_inhibitors(), message="daemon took its inhibitor")
-    return d
+    return start_settled(start_daemon, logind, *fake.daemon_args())
 
 
 def bus_property(bus: SystemBus, name: str) -> Any:
     obj = bus.conn.get_object(BUS_NAME, OBJECT_PATH)
-    return obj.Get(
-        MANAGER_INTERFACE, name, dbus_interface="org.freedesktop.DBus.Properties", timeout=10
-    )
+    return obj.Get(MANAGER_INTERFACE, name, dbus_interface=PROPERTIES_INTERFACE, timeout=10)
 
 
 def test_not_running_every_subcommand(system_bus: SystemBus) -> None:
@@ -100,15 +81,8 @@ def test_not_running_every_subcommand(system_bus: SystemBus) -> None:
 
 
 def test_no_system_bus_at_all(system_bus: SystemBus, tmp_path: Path) -> None:
-    env = system_bus.env({"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/nothing"})
-    proc = subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "status"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = ctl(
+        system_bus, "status", env={"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/nothing"}
     )
     assert proc.returncode == 1
     assert proc.stderr.startswith("cryptlockctl: cannot connect to the system bus: ")
@@ -199,29 +173,10 @@ def test_devices(system_bus: SystemBus, daemon: Daemon) -> None:
     # Named devices go through GetDevice.
     assert ctl_json(system_bus, "devices", "cryptdata") == [by["cryptdata"]]
 
+    # The text is the table of what the daemon sent (its columns: tests/unit/test_cli_output).
     proc = ctl(system_bus, "devices")
-    assert proc.returncode == 0
-    header, *rows = proc.stdout.splitlines()
-    assert header.split() == [
-        "NAME",
-        "TYPE",
-        "BACKING",
-        "ROOT",
-        "SUSPENDED",
-        "KEY",
-        "HOLDERS",
-        "UUID",
-    ]
-    assert rows[1].split() == [
-        "cryptroot",
-        "LUKS2",
-        "/dev/vda2",
-        "yes",
-        "no",
-        "passphrase",
-        "-",
-        UUID_A,
-    ]
+    assert (proc.returncode, proc.stdout) == (0, format_devices(devices) + "\n")
+    assert [ln.split()[0] for ln in proc.stdout.splitlines()] == ["NAME", "cryptdata", "cryptroot"]
 
 
 def test_devices_unknown_name(system_bus: SystemBus, daemon: Daemon) -> None:
@@ -330,42 +285,51 @@ def test_suspend(
 
 
 class LineReader:
-    """Lines from a child's stdout, with a deadline per line."""
+    """Lines from a child's stdout, collected by a thread; waits go through tests/wait."""
+
+    TIMEOUT = 15.0
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.lines: list[str] = []
+        self.ended = False
+        self.taken = 0
         assert proc.stdout is not None
         stream = proc.stdout
 
         def pump() -> None:
             for line in stream:
-                self.lines.put(line)
-            self.lines.put(None)
+                self.lines.append(line)
+            self.ended = True
 
         threading.Thread(target=pump, daemon=True).start()
 
-    def next(self, timeout: float = 15.0) -> str | None:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no output within {timeout} s") from None
-
-    def until(self, predicate: Callable[[str], bool], timeout: float = 15.0) -> list[str]:
-        """Lines up to and including the first that satisfies `predicate`."""
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        while True:
-            line = self.next(max(0.0, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"output ended; seen: {seen}")
-            seen.append(line)
-            if predicate(line):
+    def _take(self, predicate: Callable[[str], bool]) -> list[str] | None:
+        """The lines up to and including the first that satisfies `predicate`, if any."""
+        for i in range(self.taken, len(self.lines)):
+            if predicate(self.lines[i]):
+                seen, self.taken = self.lines[self.taken : i + 1], i + 1
                 return seen
+        if self.ended:
+            raise GiveUp(f"output ended; seen: {self.lines[self.taken :]}")
+        return None
+
+    def until(self, predicate: Callable[[str], bool]) -> list[str]:
+        return wait_until(lambda: self._take(predicate), self.TIMEOUT, message="monitor output")
+
+    def next(self) -> str:
+        [line] = self.until(lambda _line: True)
+        return line
+
+    def rest(self) -> list[str]:
+        """What is left once the output has ended."""
+        wait_until(lambda: self.ended, self.TIMEOUT, message="monitor output ended")
+        seen, self.taken = self.lines[self.taken :], len(self.lines)
+        return seen
 
 
 def start_monitor(bus: SystemBus, *args: str) -> tuple[subprocess.Popen[str], LineReader]:
     proc = subprocess.Popen(
-        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "monitor", *args],
+        [*CTL, "monitor", *args],
         env=bus.env(),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -387,62 +351,32 @@ def stop_monitor(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tupl
     return proc.returncode, proc.stderr.read()
 
 
-async def unique_name_of(client: MessageBus, pid: int) -> str:
-    """The unique bus name of the connection opened by process `pid`."""
+def forge_cycle_finished(bus: SystemBus, destination: str | None) -> None:
+    """A CycleFinished from a connection that is not the daemon's."""
+    import dbus.lowlevel
 
-    async def call(member: str, sig: str, body: list[Any]) -> Any:
-        reply = await client.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member=member,
-                signature=sig,
-                body=body,
-            )
-        )
-        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
-        return reply.body[0]
-
-    for name in await call("ListNames", "", []):
-        if name.startswith(":"):
-            try:
-                if await call("GetConnectionUnixProcessID", "s", [name]) == pid:
-                    return str(name)
-            except AssertionError:
-                continue  # that connection went away meanwhile
-    raise AssertionError(f"no connection from pid {pid}")
+    msg = dbus.lowlevel.SignalMessage(OBJECT_PATH, MANAGER_INTERFACE, "CycleFinished")
+    msg.append(True, dbus.Dictionary({}, signature="sv"), signature="ba{sv}")
+    if destination is not None:
+        msg.set_destination(destination)
+    bus.conn.send_message(msg)
 
 
-@pytest.mark.asyncio
-async def test_monitor_json(
-    system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock, client: MessageBus
-) -> None:
+def test_monitor_json(system_bus: SystemBus, daemon: Daemon, polkit: PolkitMock) -> None:
     proc, reader = start_monitor(system_bus, "--json")
     try:
-        first = json.loads(reader.next() or "null")
+        first = json.loads(reader.next())
         assert first["event"] == "status"
         assert first["properties"]["Enabled"] is True
         assert [d["name"] for d in first["properties"]["Devices"]] == ["cryptdata", "cryptroot"]
 
         # Forged signals, broadcast and sent straight to the monitor, must not be printed.
-        me = await unique_name_of(client, proc.pid)
+        me = unique_name_of(system_bus, proc.pid)
         for dest in (None, me):
-            await client.send(
-                Message.new_signal(
-                    OBJECT_PATH, MANAGER_INTERFACE, "CycleFinished", "ba{sv}", [True, {}]
-                )
-            )
-            forged = Message(
-                message_type=MessageType.SIGNAL,
-                path=OBJECT_PATH,
-                interface=MANAGER_INTERFACE,
-                member="CycleFinished",
-                destination=dest,
-                signature="ba{sv}",
-                body=[True, {}],
-            )
-            await client.send(forged)
+            forge_cycle_finished(system_bus, None)
+            forge_cycle_finished(system_bus, dest)
+        # A round trip on the same connection: the bus has passed the forgeries on.
+        assert system_bus.name_has_owner(BUS_NAME)
 
         def enabled_is(value: bool) -> Callable[[str], bool]:
             return lambda line: json.loads(line).get("changed", {}).get("Enabled") is value
@@ -455,8 +389,7 @@ async def test_monitor_json(
     finally:
         rc, err = stop_monitor(proc)
     assert (rc, err) == (0, "")
-    while (line := reader.next()) is not None:
-        seen.append(line)
+    seen += reader.rest()
     events = [json.loads(line) for line in seen]
     assert {e["event"] for e in events} == {"PropertiesChanged"}, events
     assert all(e["changed"] and isinstance(e["invalidated"], list) for e in events)
@@ -467,7 +400,7 @@ def test_monitor_human_and_daemon_leaving(
 ) -> None:
     proc, reader = start_monitor(system_bus)
     try:
-        first = reader.next() or ""
+        first = reader.next()
         assert " status: " in first and "Enabled=yes" in first and "State=idle" in first
         polkit.allow(POLKIT_ACTION_CONFIGURE)
         assert ctl(system_bus, "disable").returncode == 0
@@ -481,7 +414,7 @@ def test_monitor_human_and_daemon_leaving(
 
 def test_monitor_without_daemon(system_bus: SystemBus) -> None:
     proc, reader = start_monitor(system_bus, "--json")
-    assert reader.next() is None
+    assert reader.rest() == []
     proc.wait(15)
     assert proc.stderr is not None
     assert (proc.returncode, proc.stderr.read()) == (1, NOT_RUNNING)

@@ -14,9 +14,9 @@ from dbus_fast.aio import MessageBus, ProxyInterface
 from cryptlockd.defs import POLKIT_ACTION_CONFIGURE
 from tests.fakesys import UUID_B, FakeSystem, two_disks_keyfile
 from tests.integration.conftest import DaemonFactory, LogindMock, PolkitMock, SystemBus
-from tests.integration.support import get_property, manager_proxy
+from tests.integration.support import dbus_error, get_property, manager_proxy
+from tests.wait import DEFAULT_TIMEOUT
 
-TIMEOUT = 10.0
 CONFIG_INVALID = "org.cryptlockd1.Error.ConfigInvalid"
 
 
@@ -45,19 +45,17 @@ async def manager(
     fake = FakeSystem(tmp_path / "fake")
     two_disks_keyfile(fake)
     (etc / "cryptlockd.conf").write_text("enabled = false\n")
-    start_daemon(*fake.daemon_args())
+    await asyncio.to_thread(start_daemon, *fake.daemon_args())
     polkit.allow(POLKIT_ACTION_CONFIGURE)
     return await manager_proxy(client)
 
 
 async def reload(manager: ProxyInterface) -> None:
-    await asyncio.wait_for(manager.call_reload(), TIMEOUT)  # type: ignore[attr-defined]
+    await asyncio.wait_for(manager.call_reload(), DEFAULT_TIMEOUT)  # type: ignore[attr-defined]
 
 
 async def reload_error(manager: ProxyInterface) -> DBusError:
-    with pytest.raises(DBusError) as exc:
-        await reload(manager)
-    return exc.value
+    return await dbus_error(reload(manager))
 
 
 async def device_names(client: MessageBus) -> list[str]:
@@ -134,9 +132,7 @@ async def test_denied_reload_reads_nothing(
 ) -> None:
     polkit.allow()  # nothing allowed any more
     (etc / "cryptlockd.conf").write_text("enabled = true\n")
-    with pytest.raises(DBusError) as exc:
-        await reload(manager)
-    assert exc.value.type == "org.cryptlockd1.Error.NotAuthorized"
+    assert (await reload_error(manager)).type == "org.cryptlockd1.Error.NotAuthorized"
     assert await get_property(client, "Enabled") is False
 
 
@@ -150,7 +146,7 @@ async def test_bad_config_at_start_is_reported(
     client: MessageBus,
 ) -> None:
     (etc / "cryptlockd.conf").write_text("[prompt]\nvt = -1\n")
-    start_daemon()
+    await asyncio.to_thread(start_daemon)
     problems = await get_property(client, "Problems")
     assert any(f"{etc / 'cryptlockd.conf'}: prompt.vt: " in p for p in problems), problems
     assert await get_property(client, "Protected") is False

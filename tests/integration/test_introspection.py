@@ -7,12 +7,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
 
-from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH
-from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus
+from cryptlockd.defs import (
+    BUS_NAME,
+    INTROSPECTABLE_INTERFACE,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+    PEER_INTERFACE,
+    PROPERTIES_INTERFACE,
+)
+from tests.integration.conftest import Daemon, DaemonFactory, LogindMock, SystemBus
+from tests.integration.support import call_ok, get_all, message
 
 XML = Path(__file__).resolve().parents[2] / "dbus" / "org.cryptlockd1.Manager.xml"
 
@@ -40,54 +47,36 @@ def shipped_interface() -> Interface:
 
 
 async def introspect(client: MessageBus, path: str = OBJECT_PATH) -> Node:
-    reply = await client.call(
-        Message(
-            destination=BUS_NAME,
-            path=path,
-            interface="org.freedesktop.DBus.Introspectable",
-            member="Introspect",
-        )
+    [xml] = await call_ok(
+        client, message("Introspect", interface=INTROSPECTABLE_INTERFACE, path=path)
     )
-    assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
-    return Node.parse(reply.body[0])
+    return Node.parse(xml)
+
+
+@pytest.fixture
+def daemon(logind: LogindMock, start_daemon: DaemonFactory) -> Daemon:
+    return start_daemon()
 
 
 @pytest.mark.asyncio
-async def test_exported_interface_matches_xml(
-    logind: LogindMock, start_daemon: DaemonFactory, client: MessageBus
-) -> None:
-    start_daemon()
+async def test_exported_interface_matches_xml(daemon: Daemon, client: MessageBus) -> None:
     node = await introspect(client)
     exported = {i.name: i for i in node.interfaces}
     assert MANAGER_INTERFACE in exported
     assert describe(exported[MANAGER_INTERFACE]) == describe(shipped_interface())
     # Only the standard interfaces besides ours.
     assert set(exported) - {MANAGER_INTERFACE} <= {
-        "org.freedesktop.DBus.Introspectable",
-        "org.freedesktop.DBus.Properties",
-        "org.freedesktop.DBus.Peer",
+        INTROSPECTABLE_INTERFACE,
+        PROPERTIES_INTERFACE,
+        PEER_INTERFACE,
     }
     # Parents list us, so `busctl tree` finds the object.
     assert [n.name for n in (await introspect(client, "/org")).nodes] == ["cryptlockd1"]
 
 
 @pytest.mark.asyncio
-async def test_getall_has_every_property_with_its_type(
-    logind: LogindMock, start_daemon: DaemonFactory, client: MessageBus
-) -> None:
-    start_daemon()
-    reply = await client.call(
-        Message(
-            destination=BUS_NAME,
-            path=OBJECT_PATH,
-            interface="org.freedesktop.DBus.Properties",
-            member="GetAll",
-            signature="s",
-            body=[MANAGER_INTERFACE],
-        )
-    )
-    assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
-    values: dict[str, Variant] = reply.body[0]
+async def test_getall_has_every_property_with_its_type(daemon: Daemon, client: MessageBus) -> None:
+    values = await get_all(client)
     expected = {p.name: p.signature for p in shipped_interface().properties}
     assert {k: v.signature for k, v in values.items()} == expected
     assert values["State"].value == "idle"
@@ -95,10 +84,7 @@ async def test_getall_has_every_property_with_its_type(
 
 
 @pytest.mark.skipif(shutil.which("busctl") is None, reason="busctl (systemd) not installed")
-def test_busctl_introspect_shows_it(
-    system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory
-) -> None:
-    start_daemon()
+def test_busctl_introspect_shows_it(system_bus: SystemBus, daemon: Daemon) -> None:
     out = subprocess.run(
         [
             "busctl",

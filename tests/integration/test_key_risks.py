@@ -5,54 +5,40 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from cryptlockd.daemon import checks
 from tests.fakesys import UUID_A, FakeSystem
-from tests.integration.conftest import (
-    REPO,
-    VENV_PYTHON,
-    DaemonFactory,
-    LogindMock,
-    PolkitMock,
-    SystemBus,
-)
-from tests.integration.support import eventually
+from tests.integration.conftest import DaemonFactory, LogindMock, PolkitMock, SystemBus
+from tests.integration.support import ctl, start_settled
+
+RunCheck = Callable[[], tuple[int, list[dict[str, Any]], str]]
 
 
-def ctl_check(bus: SystemBus) -> tuple[int, list[dict[str, Any]], str]:
-    js = subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "check", "--json"],
-        env=bus.env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    text = subprocess.run(
-        [str(VENV_PYTHON), "-m", "cryptlockd.cli", "check"],
-        env=bus.env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return js.returncode, json.loads(js.stdout), text.stdout
-
-
-def test_risk_lines_in_check(
+@pytest.fixture
+def run_check(
     system_bus: SystemBus,
     logind: LogindMock,
     polkit: PolkitMock,
     start_daemon: DaemonFactory,
     luks_system: FakeSystem,
-) -> None:
-    start_daemon(*luks_system.daemon_args())
-    eventually(lambda: logind.our_inhibitors(), message="daemon took its inhibitor")
-    rc, results, text = ctl_check(system_bus)
+) -> RunCheck:
+    """Starts the daemon on luks_system as the test has left it, then runs
+    `cryptlockctl check`: its exit status, its --json results, and its text."""
+
+    def run() -> tuple[int, list[dict[str, Any]], str]:
+        start_settled(start_daemon, logind, *luks_system.daemon_args())
+        js = ctl(system_bus, "check", "--json")
+        return js.returncode, json.loads(js.stdout), ctl(system_bus, "check").stdout
+
+    return run
+
+
+def test_risk_lines_in_check(run_check: RunCheck, luks_system: FakeSystem) -> None:
+    rc, results, text = run_check()
     by_name = {r["name"]: r for r in results}
     expected = {
         r.name: r for r in checks.check_key_risks(checks.crypto_facts(luks_system.crypttab))
@@ -70,19 +56,11 @@ def test_risk_lines_in_check(
     assert any(ln.startswith("ok") and "risk-kernel-keyring" in ln for ln in text.splitlines())
 
 
-def test_linked_volume_key_is_a_problem(
-    system_bus: SystemBus,
-    logind: LogindMock,
-    polkit: PolkitMock,
-    start_daemon: DaemonFactory,
-    luks_system: FakeSystem,
-) -> None:
+def test_linked_volume_key_is_a_problem(run_check: RunCheck, luks_system: FakeSystem) -> None:
     luks_system.write_crypttab(
         f"cryptroot UUID={UUID_A} none luks,discard,link-volume-key=@u::%logon:kdump\n"
     )
-    start_daemon(*luks_system.daemon_args())
-    eventually(lambda: logind.our_inhibitors(), message="daemon took its inhibitor")
-    _, results, text = ctl_check(system_bus)
+    _, results, text = run_check()
     linked = {r["name"]: r for r in results}["risk-linked-volume-key"]
     assert not linked["ok"] and "cryptroot" in linked["detail"]
     assert any(ln.startswith("FAIL") and "risk-linked-volume-key" in ln for ln in text.splitlines())

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from cryptlockd.daemon.notify import SLEEP_WATCHDOG_USEC, Notifier
+from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH
 from cryptlockd.run import child_env
 from tests.fakesys import FakeSystem
 from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus
-from tests.integration.support import eventually
+from tests.wait import wait_until
 
 
 class NotifyListener:
@@ -53,17 +54,17 @@ def test_ready_status_watchdog_stopping(
     listener: NotifyListener,
 ) -> None:
     d = start_daemon(env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000"})
-    [ready] = eventually(lambda: listener.seen("READY", "1"), message="READY=1")
+    [ready] = wait_until(lambda: listener.seen("READY", "1"), message="READY=1")
     assert ready.get("STATUS"), ready
     # Pings at half of WATCHDOG_USEC: several within a second.
-    eventually(lambda: len(listener.seen("WATCHDOG", "1")) >= 3, message="WATCHDOG=1 pings")
+    wait_until(lambda: len(listener.seen("WATCHDOG", "1")) >= 3, message="WATCHDOG=1 pings")
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(20)
     assert d.proc.returncode == 0, d.log()
     assert listener.seen("STOPPING", "1"), listener.messages
     # A clean shutdown gives the name back and drops the lock.
-    assert not system_bus.name_has_owner("org.cryptlockd1")
-    eventually(lambda: not logind.our_inhibitors(), message="inhibitor released on exit")
+    assert not system_bus.name_has_owner(BUS_NAME)
+    wait_until(lambda: not logind.our_inhibitors(), message="inhibitor released on exit")
     assert "STOPPING" in d.log()
 
 
@@ -76,10 +77,10 @@ def test_watchdog_for_another_pid_is_ignored(
     d = start_daemon(
         env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"}
     )
-    eventually(lambda: listener.seen("READY", "1"), message="READY=1")
+    wait_until(lambda: listener.seen("READY", "1"), message="READY=1")
     # A round trip, so the loop has run well past where the first ping would go out.
-    obj = system_bus.conn.get_object("org.cryptlockd1", "/org/cryptlockd1", introspect=False)
-    obj.Check(dbus_interface="org.cryptlockd1.Manager", timeout=20)
+    obj = system_bus.conn.get_object(BUS_NAME, OBJECT_PATH, introspect=False)
+    obj.Check(dbus_interface=MANAGER_INTERFACE, timeout=20)
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(20)
     assert listener.seen("STOPPING", "1")
@@ -99,15 +100,15 @@ def test_watchdog_stretched_across_a_sleep(
         *luks_system.daemon_args(),
         env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "20000000"},
     )
-    eventually(lambda: listener.seen("READY", "1"), message="READY=1")
-    eventually(logind.our_inhibitors, message="inhibitor taken")
+    wait_until(lambda: listener.seen("READY", "1"), message="READY=1")
+    wait_until(logind.our_inhibitors, message="inhibitor taken")
     logind.prepare_for_sleep(True)
-    eventually(
+    wait_until(
         lambda: listener.seen("WATCHDOG_USEC", str(SLEEP_WATCHDOG_USEC)),
         message="watchdog stretched for the sleep",
     )
     logind.prepare_for_sleep(False)
-    eventually(
+    wait_until(
         lambda: listener.seen("WATCHDOG_USEC", "20000000"),
         message="watchdog restored after the sleep",
     )

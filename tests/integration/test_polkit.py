@@ -3,35 +3,54 @@ and timed-out checks change nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import pytest
-from dbus_fast import DBusError
-from dbus_fast.aio import MessageBus
+import pytest_asyncio
+from dbus_fast.aio import MessageBus, ProxyInterface
 
 from cryptlockd.defs import POLKIT_ACTION_CONFIGURE, POLKIT_ACTION_SUSPEND
 from tests.integration.conftest import DaemonFactory, LogindMock, PolkitMock
-from tests.integration.support import eventually, get_property, manager_proxy
+from tests.integration.support import dbus_error, get_property, manager_proxy, watch_properties
+from tests.wait import wait_until_async
 
 NOT_AUTHORIZED = "org.cryptlockd1.Error.NotAuthorized"
 POLKIT_TIMEOUT = 2.0
 
 
+@pytest.fixture
+def daemon(logind: LogindMock, start_daemon: DaemonFactory) -> None:
+    start_daemon()
+
+
+@pytest_asyncio.fixture
+async def manager(client: MessageBus) -> ProxyInterface:
+    return await manager_proxy(client)
+
+
+async def assert_not_authorized(call: Awaitable[Any]) -> None:
+    assert (await dbus_error(call)).type == NOT_AUTHORIZED
+
+
 @pytest.mark.asyncio
 async def test_suspend_allowed_but_not_protected_is_refused(
-    logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, client: MessageBus
+    logind: LogindMock,
+    polkit: PolkitMock,
+    daemon: None,
+    manager: ProxyInterface,
+    client: MessageBus,
 ) -> None:
     # The host has no dm-crypt, so the daemon here is never Protected: polkit lets the
     # call through, and the protection check refuses it without asking logind. (The
     # protected path, Suspend -> logind -> a full cycle, runs in the guest: test_cycle.)
-    start_daemon()
     polkit.allow(POLKIT_ACTION_SUSPEND)
-    manager = await manager_proxy(client)
     assert await get_property(client, "Protected") is False
-    with pytest.raises(DBusError) as e:
-        await manager.call_suspend()  # type: ignore[attr-defined]
-    assert e.value.type == "org.cryptlockd1.Error.NotProtected"
-    assert "would not wipe the keys" in str(e.value.text)
+    e = await dbus_error(manager.call_suspend())  # type: ignore[attr-defined]
+    assert e.type == "org.cryptlockd1.Error.NotProtected"
+    assert "would not wipe the keys" in str(e.text)
     assert logind.method_calls("Suspend") == []
     # The subject is the caller's unique name from the message header.
     [(_ts, (subject, action, _details, flags, _cancel))] = polkit.method_calls("CheckAuthorization")
@@ -43,38 +62,23 @@ async def test_suspend_allowed_but_not_protected_is_refused(
 
 @pytest.mark.asyncio
 async def test_suspend_denied_does_not_suspend(
-    logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, client: MessageBus
+    logind: LogindMock, polkit: PolkitMock, daemon: None, manager: ProxyInterface
 ) -> None:
-    start_daemon()
     polkit.allow(POLKIT_ACTION_CONFIGURE)  # the wrong action
-    manager = await manager_proxy(client)
-    with pytest.raises(DBusError) as e:
-        await manager.call_suspend()  # type: ignore[attr-defined]
-    assert e.value.type == NOT_AUTHORIZED
+    await assert_not_authorized(manager.call_suspend())  # type: ignore[attr-defined]
     assert logind.method_calls("Suspend") == []
 
 
 @pytest.mark.asyncio
 async def test_set_enabled_allowed_and_denied(
-    logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, client: MessageBus
+    polkit: PolkitMock, daemon: None, manager: ProxyInterface, client: MessageBus
 ) -> None:
-    start_daemon()
-    manager = await manager_proxy(client)
     assert await get_property(client, "Enabled") is True
 
-    with pytest.raises(DBusError) as e:
-        await manager.call_set_enabled(False)  # type: ignore[attr-defined]
-    assert e.value.type == NOT_AUTHORIZED
+    await assert_not_authorized(manager.call_set_enabled(False))  # type: ignore[attr-defined]
     assert await get_property(client, "Enabled") is True
 
-    changed: list[dict[str, object]] = []
-    manager_props = client.get_proxy_object(
-        "org.cryptlockd1", "/org/cryptlockd1", await _properties_xml()
-    ).get_interface("org.freedesktop.DBus.Properties")
-    manager_props.on_properties_changed(  # type: ignore[attr-defined]
-        lambda iface, props, _inv: changed.append(props)
-    )
-
+    changed = await watch_properties(client)
     polkit.allow(POLKIT_ACTION_CONFIGURE)
     await manager.call_set_enabled(False)  # type: ignore[attr-defined]
     assert await get_property(client, "Enabled") is False
@@ -82,41 +86,38 @@ async def test_set_enabled_allowed_and_denied(
     assert actions == {POLKIT_ACTION_CONFIGURE}
     problems = await get_property(client, "Problems")
     assert any(p.startswith("enabled:") for p in problems)
-    eventually(lambda: any("Enabled" in c for c in changed), message="PropertiesChanged")
+    await wait_until_async(
+        lambda: any("Enabled" in c for c in changed), message="PropertiesChanged"
+    )
     await manager.call_set_enabled(True)  # type: ignore[attr-defined]
     assert await get_property(client, "Enabled") is True
 
 
 @pytest.mark.asyncio
 async def test_reload_needs_configure(
-    logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, client: MessageBus
+    polkit: PolkitMock, daemon: None, manager: ProxyInterface
 ) -> None:
-    start_daemon()
-    manager = await manager_proxy(client)
-    with pytest.raises(DBusError) as e:
-        await manager.call_reload()  # type: ignore[attr-defined]
-    assert e.value.type == NOT_AUTHORIZED
+    await assert_not_authorized(manager.call_reload())  # type: ignore[attr-defined]
     polkit.allow(POLKIT_ACTION_CONFIGURE)
     await manager.call_reload()  # type: ignore[attr-defined]
 
 
 @pytest.mark.asyncio
 async def test_hanging_polkit_means_denied(
-    logind: LogindMock, polkit: PolkitMock, start_daemon: DaemonFactory, client: MessageBus
+    logind: LogindMock,
+    polkit: PolkitMock,
+    start_daemon: DaemonFactory,
+    manager: ProxyInterface,
+    client: MessageBus,
 ) -> None:
-    d = start_daemon("--polkit-timeout", str(POLKIT_TIMEOUT))
+    d = await asyncio.to_thread(start_daemon, "--polkit-timeout", str(POLKIT_TIMEOUT))
     polkit.allow(POLKIT_ACTION_SUSPEND, POLKIT_ACTION_CONFIGURE)
     polkit.hang(True)
-    manager = await manager_proxy(client)
     for call in (manager.call_suspend, manager.call_reload):  # type: ignore[attr-defined]
         t0 = time.monotonic()
-        with pytest.raises(DBusError) as e:
-            await call()
-        assert e.value.type == NOT_AUTHORIZED
+        await assert_not_authorized(call())
         assert time.monotonic() - t0 < POLKIT_TIMEOUT + 8  # generous: shared CPUs
-    with pytest.raises(DBusError) as e:
-        await manager.call_set_enabled(False)  # type: ignore[attr-defined]
-    assert e.value.type == NOT_AUTHORIZED
+    await assert_not_authorized(manager.call_set_enabled(False))  # type: ignore[attr-defined]
     assert polkit.have_hanging_calls()
     # Answers arriving after the deadline change nothing either.
     polkit.release_hanging_calls()
@@ -127,17 +128,7 @@ async def test_hanging_polkit_means_denied(
 
 @pytest.mark.asyncio
 async def test_no_polkit_on_the_bus_means_denied(
-    logind: LogindMock, start_daemon: DaemonFactory, client: MessageBus
+    daemon: None, manager: ProxyInterface, client: MessageBus
 ) -> None:
-    start_daemon()
-    manager = await manager_proxy(client)
-    with pytest.raises(DBusError) as e:
-        await manager.call_set_enabled(False)  # type: ignore[attr-defined]
-    assert e.value.type == NOT_AUTHORIZED
+    await assert_not_authorized(manager.call_set_enabled(False))  # type: ignore[attr-defined]
     assert await get_property(client, "Enabled") is True
-
-
-async def _properties_xml() -> str:
-    return """<node><interface name="org.freedesktop.DBus.Properties">
-      <signal name="PropertiesChanged"><arg type="s"/><arg type="a{sv}"/><arg type="as"/>
-      </signal></interface></node>"""

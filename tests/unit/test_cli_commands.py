@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 
@@ -13,17 +14,22 @@ from cryptlockd.cli.output import Output
 from cryptlockd.defs import BUS_NAME, DBUS_NAME, DBUS_PATH, MANAGER_INTERFACE, OBJECT_PATH
 
 
-def cycle_signal(sender: str) -> Message:
+def signal(sender: str, path: str, interface: str, member: str, sig: str, *body: Any) -> Message:
     msg = Message(
         message_type=MessageType.SIGNAL,
-        path=OBJECT_PATH,
-        interface=MANAGER_INTERFACE,
-        member="CycleFinished",
-        signature="ba{sv}",
-        body=[True, {"result": Variant("s", "success"), "devices": Variant("as", ["cryptroot"])}],
+        path=path,
+        interface=interface,
+        member=member,
+        signature=sig,
+        body=list(body),
     )
     msg.sender = sender
     return msg
+
+
+def cycle_signal(sender: str) -> Message:
+    record = {"result": Variant("s", "success"), "devices": Variant("as", ["cryptroot"])}
+    return signal(sender, OBJECT_PATH, MANAGER_INTERFACE, "CycleFinished", "ba{sv}", True, record)
 
 
 def test_monitor_prints_only_the_owners_signals() -> None:
@@ -37,15 +43,9 @@ def test_monitor_prints_only_the_owners_signals() -> None:
     assert event["record"] == {"result": "success", "devices": ["cryptroot"]}
 
     # The daemon restarts: the new owner's signals count, the old one's no longer.
-    gone = Message(
-        message_type=MessageType.SIGNAL,
-        path=DBUS_PATH,
-        interface=DBUS_NAME,
-        member="NameOwnerChanged",
-        signature="sss",
-        body=[BUS_NAME, ":1.7", ":1.8"],
+    gone = signal(
+        DBUS_NAME, DBUS_PATH, DBUS_NAME, "NameOwnerChanged", "sss", BUS_NAME, ":1.7", ":1.8"
     )
-    gone.sender = DBUS_NAME
     printer.handle(gone)
     stream.truncate(0)
     stream.seek(0)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cryptlockd.daemon.udev_monitor import DeviceMonitor, is_relevant
+from tests.wait import wait_until_async
 
 LUKS = {
     "DM_UUID": "CRYPT-LUKS2-" + "a" * 32 + "-cryptroot",
@@ -73,15 +74,6 @@ class FakeMonitor:
         os.close(self.w)
 
 
-async def wait_until(cond: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.asyncio
 async def test_burst_gives_one_change_and_irrelevant_events_none() -> None:
     fake = FakeMonitor()
@@ -91,11 +83,11 @@ async def test_burst_gives_one_change_and_irrelevant_events_none() -> None:
     try:
         assert fake.started and mon.running
         fake.emit(FakeDevice("change", {"DEVNAME": "/dev/sda"}))
-        await wait_until(lambda: mon.events_seen == 1)
+        await wait_until_async(lambda: mon.events_seen == 1)
         assert calls == []
         lv = {"DM_NAME": "vg-x", "DEVNAME": "/dev/dm-2"}
         fake.emit(FakeDevice("add", LUKS), FakeDevice("add", lv), FakeDevice("add", lv))
-        await wait_until(lambda: mon.events_seen == 4)
+        await wait_until_async(lambda: mon.events_seen == 4)
         assert calls == [1]
     finally:
         mon.stop()
@@ -116,9 +108,9 @@ async def test_handler_errors_do_not_stop_the_monitor() -> None:
     mon.start(asyncio.get_running_loop())
     try:
         fake.emit(FakeDevice("add", LUKS))
-        await wait_until(lambda: len(calls) == 1)
+        await wait_until_async(lambda: len(calls) == 1)
         fake.emit(FakeDevice("remove", LUKS))
-        await wait_until(lambda: len(calls) == 2)
+        await wait_until_async(lambda: len(calls) == 2)
     finally:
         mon.stop()
         fake.close()
@@ -164,6 +156,6 @@ async def test_real_kernel_uevent_reaches_on_change() -> None:
     try:
         with open(UEVENT, "w") as f:
             f.write("change")
-        await wait_until(lambda: calls != [])
+        await wait_until_async(lambda: calls != [])
     finally:
         mon.stop()
