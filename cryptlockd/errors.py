@@ -1,6 +1,9 @@
-"""The error hierarchy. Each error that can reach a D-Bus caller carries its name."""
+"""The error hierarchy. Each error that can reach a D-Bus caller carries its name: a subclass
+says `error="Name"` and replies as org.cryptlockd1.Error.Name; without it, as its parent."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from cryptlockd.defs import ERROR_PREFIX
 
@@ -10,31 +13,34 @@ class CryptlockdError(Exception):
 
     dbus_name = f"{ERROR_PREFIX}.Failed"
 
+    def __init_subclass__(cls, error: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if error is not None:
+            cls.dbus_name = f"{ERROR_PREFIX}.{error}"
 
-class NotAuthorized(CryptlockdError):
-    dbus_name = f"{ERROR_PREFIX}.NotAuthorized"
+
+class NotAuthorized(CryptlockdError, error="NotAuthorized"):
+    """polkit said no, failed, timed out, or the caller left while it was asked."""
 
 
-class ConfigError(CryptlockdError):
+class ConfigError(CryptlockdError, error="ConfigInvalid"):
     """A config file is unreadable or invalid. The message names the file and the key."""
 
-    dbus_name = f"{ERROR_PREFIX}.ConfigInvalid"
+
+class NoSuchDevice(CryptlockdError, error="NoSuchDevice"):
+    """GetDevice() of a name that is not an active LUKS device."""
 
 
-class NoSuchDevice(CryptlockdError):
-    dbus_name = f"{ERROR_PREFIX}.NoSuchDevice"
+class Busy(CryptlockdError, error="Busy"):
+    """Suspend() while a sleep is already in progress."""
 
 
-class Busy(CryptlockdError):
-    dbus_name = f"{ERROR_PREFIX}.Busy"
+class NotProtected(CryptlockdError, error="NotProtected"):
+    """Suspend() when the next sleep would not wipe the keys."""
 
 
-class NotProtected(CryptlockdError):
-    dbus_name = f"{ERROR_PREFIX}.NotProtected"
-
-
-class LogindError(CryptlockdError):
-    dbus_name = f"{ERROR_PREFIX}.LogindUnavailable"
+class LogindError(CryptlockdError, error="LogindUnavailable"):
+    """logind refused or could not be asked (Suspend, the inhibitor)."""
 
 
 class CommandError(CryptlockdError):
