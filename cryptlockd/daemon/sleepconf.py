@@ -80,24 +80,20 @@ def kernel_default(mem_sleep_text: str) -> str | None:
     return None
 
 
+def _first_offered(wanted: list[str], sysfs_text: str, what: str) -> str:
+    available = offered(sysfs_text)
+    found = next((w for w in wanted if w in available), None)
+    if found is None:
+        raise NoSleepState(
+            f"none of the {what} {' '.join(wanted)} is offered by the kernel ({sysfs_text.strip()})"
+        )
+    return found
+
+
 def choose(texts: Iterable[str], power_state: str, mem_sleep: str) -> tuple[str, str | None]:
     """(state for /sys/power/state, mode for /sys/power/mem_sleep or None to keep it)."""
     states, modes = parse(texts)
-    wanted = states if states else list(DEFAULT_SUSPEND_STATES)
-    available = offered(power_state)
-    state = next((s for s in wanted if s in available), None)
-    if state is None:
-        raise NoSleepState(
-            f"none of the suspend states {' '.join(wanted)} is offered by the kernel "
-            f"({power_state.strip()})"
-        )
-    mode = None
+    state = _first_offered(states or list(DEFAULT_SUSPEND_STATES), power_state, "suspend states")
     if state == "mem" and modes:
-        avail_modes = offered(mem_sleep)
-        mode = next((m for m in modes if m in avail_modes), None)
-        if mode is None:
-            raise NoSleepState(
-                f"none of the memory sleep modes {' '.join(modes)} is offered by the kernel "
-                f"({mem_sleep.strip()})"
-            )
-    return state, mode
+        return state, _first_offered(modes, mem_sleep, "memory sleep modes")
+    return state, None
