@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cryptlockd.defs import CONFIG_DROPIN_DIRS, CONFIG_FILE
 from cryptlockd.errors import ConfigError
+from cryptlockd.helper import protocol
 from cryptlockd.searchpath import merged_dir
 
 __all__ = [
@@ -45,25 +46,25 @@ class PromptSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
     max_failures_before_poweroff: int = Field(
-        default=0,
+        default=protocol.DEFAULT_POWEROFF_AFTER,
         ge=0,
         description="Power the machine off after this many wrong passphrases in a row at "
         "the resume prompt; 0 never powers off.",
     )
     backoff_initial_sec: float = Field(
-        default=1.0,
+        default=protocol.DEFAULT_BACKOFF_INITIAL,
         ge=0,
         le=3600,
         description="Wait this long after the first wrong passphrase before asking again.",
     )
     backoff_max_sec: float = Field(
-        default=30.0,
+        default=protocol.DEFAULT_BACKOFF_MAX,
         ge=0,
         le=3600,
         description="The wait doubles after each further wrong passphrase, up to this.",
     )
     vt: int = Field(
-        default=0,
+        default=protocol.DEFAULT_VT,
         ge=0,
         le=63,
         description="Virtual terminal for the prompt; 0 picks a free one.",
@@ -93,7 +94,7 @@ class CycleSettings(BaseModel):
         "PrepareForSleep; keep it below logind's InhibitDelayMaxSec (5 s by default).",
     )
     freeze_timeout_sec: float = Field(
-        default=10.0,
+        default=protocol.DEFAULT_FREEZE_TIMEOUT,
         gt=0,
         le=300,
         description="How long the helper waits for every cgroup to report frozen; past "
