@@ -25,7 +25,6 @@ __all__ = [
     "parse_mountinfo_root",
     "read_block_nodes",
     "read_crypttab",
-    "resume_order",
     "suspend_order",
 ]
 
@@ -322,6 +321,7 @@ def apply_exclude(devices: Iterable[LuksDevice], exclude: Iterable[str]) -> list
 
 
 # ---- order ---------------------------------------------------------------------------
+# The daemon only needs the suspend order (the helper resumes in its own order, bottom up).
 
 
 def _ordered(
@@ -352,13 +352,3 @@ def _is_above(upper: LuksDevice, lower: LuksDevice) -> bool:
 def suspend_order(devices: Sequence[LuksDevice]) -> list[LuksDevice]:
     """Upper layers first: a LUKS device stacked on another is suspended before it."""
     return _ordered(devices, lambda d, o: _is_above(o, d), lambda d: (d.name,))
-
-
-def resume_order(devices: Sequence[LuksDevice]) -> list[LuksDevice]:
-    """Bottom up; among devices free to go, passphrase ones before keyfile ones, since a
-    keyfile may live on a filesystem that only comes back with a passphrase device."""
-    return _ordered(
-        devices,
-        lambda d, o: _is_above(d, o),
-        lambda d: (d.key_source != "passphrase", d.name),
-    )

@@ -13,7 +13,6 @@ from cryptlockd.daemon.devices import (
     discover_devices,
     parse_dm_uuid,
     read_block_nodes,
-    resume_order,
     suspend_order,
 )
 from tests.fakesys import (
@@ -221,8 +220,6 @@ def names(devices: list[LuksDevice]) -> list[str]:
 def test_order_of_independent_devices() -> None:
     devs = [dev("b"), dev("a"), dev("c", key="keyfile:/k")]
     assert names(suspend_order(devs)) == ["a", "b", "c"]
-    # Keyfile devices come back last: their key may sit on a passphrase device's fs.
-    assert names(resume_order([dev("a", key="keyfile:/k"), dev("b")])) == ["b", "a"]
 
 
 def test_order_of_stacked_luks() -> None:
@@ -231,15 +228,6 @@ def test_order_of_stacked_luks() -> None:
     outer = dev("outer")
     other = dev("aaa")
     assert names(suspend_order([inner, other, outer])) == ["aaa", "outer", "inner"]
-    assert names(resume_order([outer, inner, other])) == ["aaa", "inner", "outer"]
-
-
-def test_stacking_beats_keyfile_preference() -> None:
-    # A keyfile device under a passphrase device must still come back first.
-    lower = dev("lower", holders=("upper",), key="keyfile:/k")
-    upper = dev("upper")
-    assert names(resume_order([upper, lower])) == ["lower", "upper"]
-    assert names(suspend_order([lower, upper])) == ["upper", "lower"]
 
 
 def test_discovered_stack_order(fs: FakeSystem) -> None:
@@ -254,7 +242,6 @@ def test_discovered_stack_order(fs: FakeSystem) -> None:
     assert d["inner"].holds_root is True and d["outer"].holds_root is True
     assert d["inner"].backing_device == "/dev/vda2"
     assert names(suspend_order(devs)) == ["outer", "inner"]
-    assert names(resume_order(devs)) == ["inner", "outer"]
 
 
 def test_order_survives_a_cycle() -> None:
