@@ -42,6 +42,13 @@ __all__ = [
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _seconds(default: float, description: str, *, at_most: float, zero: bool = True) -> Any:
+    """A duration setting, in seconds: up to `at_most`, from 0 when `zero`, else above it."""
+    if zero:
+        return Field(default=default, ge=0, le=at_most, description=description)
+    return Field(default=default, gt=0, le=at_most, description=description)
+
+
 class PromptSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
@@ -51,17 +58,15 @@ class PromptSettings(BaseModel):
         description="Power the machine off after this many wrong passphrases in a row at "
         "the resume prompt; 0 never powers off.",
     )
-    backoff_initial_sec: float = Field(
-        default=protocol.DEFAULT_BACKOFF_INITIAL,
-        ge=0,
-        le=3600,
-        description="Wait this long after the first wrong passphrase before asking again.",
+    backoff_initial_sec: float = _seconds(
+        protocol.DEFAULT_BACKOFF_INITIAL,
+        "Wait this long after the first wrong passphrase before asking again.",
+        at_most=3600,
     )
-    backoff_max_sec: float = Field(
-        default=protocol.DEFAULT_BACKOFF_MAX,
-        ge=0,
-        le=3600,
-        description="The wait doubles after each further wrong passphrase, up to this.",
+    backoff_max_sec: float = _seconds(
+        protocol.DEFAULT_BACKOFF_MAX,
+        "The wait doubles after each further wrong passphrase, up to this.",
+        at_most=3600,
     )
     vt: int = Field(
         default=protocol.DEFAULT_VT,
@@ -86,19 +91,19 @@ class DevicesSettings(BaseModel):
 class CycleSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
-    arm_timeout_sec: float = Field(
-        default=3.0,
-        gt=0,
-        le=60,
-        description="How long the daemon waits for the helper to report armed after "
+    arm_timeout_sec: float = _seconds(
+        3.0,
+        "How long the daemon waits for the helper to report armed after "
         "PrepareForSleep; keep it below logind's InhibitDelayMaxSec (5 s by default).",
+        at_most=60,
+        zero=False,
     )
-    freeze_timeout_sec: float = Field(
-        default=protocol.DEFAULT_FREEZE_TIMEOUT,
-        gt=0,
-        le=300,
-        description="How long the helper waits for every cgroup to report frozen; past "
+    freeze_timeout_sec: float = _seconds(
+        protocol.DEFAULT_FREEZE_TIMEOUT,
+        "How long the helper waits for every cgroup to report frozen; past "
         "it, the protected cycle is abandoned and the failure reported.",
+        at_most=300,
+        zero=False,
     )
 
 

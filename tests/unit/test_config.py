@@ -104,6 +104,12 @@ def error_of(root: Path) -> str:
     return str(exc.value)
 
 
+def assert_error(root: Path, start: str, inside: str) -> None:
+    """The config error starts with `start` (the file and the key) and says `inside`."""
+    msg = error_of(root)
+    assert msg.startswith(start) and inside in msg, msg
+
+
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     path = write(tmp_path, f"{ETC_D}/10-x.conf", "[prompt]\nretries = 3\n")
     assert error_of(tmp_path) == f"{path}: prompt.retries: unknown setting"
@@ -128,9 +134,9 @@ def test_strings_are_not_coerced_to_bool(tmp_path: Path) -> None:
 
 def test_out_of_range_names_file_and_key(tmp_path: Path) -> None:
     path = write(tmp_path, f"{RUN_D}/10.conf", "[prompt]\nmax_failures_before_poweroff = -1\n")
-    msg = error_of(tmp_path)
-    assert msg.startswith(f"{path}: prompt.max_failures_before_poweroff: ")
-    assert "greater than or equal to 0" in msg
+    assert_error(
+        tmp_path, f"{path}: prompt.max_failures_before_poweroff: ", "greater than or equal to 0"
+    )
 
 
 def test_array_element_of_wrong_type(tmp_path: Path) -> None:
@@ -146,16 +152,12 @@ def test_scalar_where_table_expected(tmp_path: Path) -> None:
 def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
     write(tmp_path, MAIN, "enabled = true\n")
     path = write(tmp_path, f"{LIB_D}/10-x.conf", "[prompt]\nvt = 1\nvt = = 2\n")
-    msg = error_of(tmp_path)
-    assert msg.startswith(f"{path}: invalid TOML: ")
-    assert "line 3" in msg
+    assert_error(tmp_path, f"{path}: invalid TOML: ", "line 3")
 
 
 def test_duplicate_key_is_bad_toml(tmp_path: Path) -> None:
     path = write(tmp_path, MAIN, "enabled = true\nenabled = false\n")
-    msg = error_of(tmp_path)
-    assert msg.startswith(f"{path}: invalid TOML: ")
-    assert "line 2" in msg
+    assert_error(tmp_path, f"{path}: invalid TOML: ", "line 2")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
