@@ -1,12 +1,16 @@
 """The D-Bus edge: outgoing calls with timeouts, and the exported Manager object.
 
+Every call the project makes goes through `call()` (or a `RemoteInterface`, which wraps it
+for one interface of one remote object), on the connection its process owns. An error reply,
+a timeout or a lost connection becomes RemoteError there, and only there.
+
 The Manager object is driven by the introspection XML (the single source of truth): the
 methods, their signatures and the properties come from it, so what we export cannot drift
 from what we document. It is served through a low-level message handler rather than a
 dbus-fast ServiceInterface, because privileged methods need the caller's unique name from
 the message header (polkit's subject), which ServiceInterface methods never see.
 
-Errors are mapped to D-Bus errors here, and only here.
+Our own errors are mapped to D-Bus error replies here, and only here.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
@@ -38,7 +43,16 @@ from cryptlockd.defs import (
 )
 from cryptlockd.errors import CryptlockdError, RemoteError
 
-__all__ = ["ExportedObject", "RemoteError", "add_match", "call", "to_vardict", "to_variant"]
+__all__ = [
+    "ExportedObject",
+    "RemoteError",
+    "RemoteInterface",
+    "add_match",
+    "bus_daemon",
+    "call",
+    "to_vardict",
+    "to_variant",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,41 +75,60 @@ async def call(
     flags: MessageFlag = MessageFlag.NONE,
 ) -> Message:
     """One method call with a deadline; an error reply becomes RemoteError."""
-    what = f"{destination} {interface}.{member}"
-    msg = Message(
-        destination=destination,
-        path=path,
-        interface=interface,
-        member=member,
-        signature=signature,
-        body=list(body),
-        flags=flags,
-    )
-    try:
-        reply = await asyncio.wait_for(bus.call(msg), timeout)
-    except TimeoutError:
-        raise RemoteError(what, ERR_TIMEOUT, f"no reply within {timeout} s") from None
-    except (OSError, EOFError, ConnectionError) as e:
-        raise RemoteError(what, ERR_DISCONNECTED, str(e)) from e
-    if reply is None:
-        raise RemoteError(what, ERR_NO_REPLY, "no reply")
-    if reply.message_type == MessageType.ERROR:
-        text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-        raise RemoteError(what, reply.error_name or "unknown", text)
-    return reply
+    remote = RemoteInterface(bus, destination, path, interface, timeout)
+    return await remote.call(member, signature, body, flags)
+
+
+@dataclass(frozen=True)
+class RemoteInterface:
+    """One interface of one remote object, on our connection, with a timeout for each call:
+    `await login1.call("Suspend", "b", [False])`, `await login1.get("InhibitDelayMaxUSec")`."""
+
+    bus: MessageBus
+    destination: str
+    path: str
+    interface: str
+    timeout: float
+
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        flags: MessageFlag = MessageFlag.NONE,
+    ) -> Message:
+        """The reply; an error reply, a timeout or a lost connection raises RemoteError."""
+        what = f"{self.destination} {self.interface}.{member}"
+        to = (self.destination, self.path, self.interface, member)
+        msg = Message(*to, flags=flags, signature=signature, body=list(body))
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), self.timeout)
+        except TimeoutError:
+            raise RemoteError(what, ERR_TIMEOUT, f"no reply within {self.timeout} s") from None
+        except (OSError, EOFError, ConnectionError) as e:
+            raise RemoteError(what, ERR_DISCONNECTED, str(e)) from e
+        if reply is None:
+            raise RemoteError(what, ERR_NO_REPLY, "no reply")
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise RemoteError(what, reply.error_name or "unknown", text)
+        return reply
+
+    async def get(self, name: str) -> Any:
+        """A property's value (org.freedesktop.DBus.Properties.Get, the variant unwrapped)."""
+        properties = replace(self, interface=PROPERTIES_INTERFACE)
+        reply = await properties.call("Get", "ss", [self.interface, name])
+        value = reply.body[0]
+        return value.value if isinstance(value, Variant) else value
+
+
+def bus_daemon(bus: MessageBus, timeout: float) -> RemoteInterface:
+    """The message bus itself (org.freedesktop.DBus): AddMatch, GetNameOwner, NameHasOwner."""
+    return RemoteInterface(bus, DBUS_NAME, DBUS_PATH, DBUS_NAME, timeout)
 
 
 async def add_match(bus: MessageBus, rule: str, timeout: float) -> None:
-    await call(
-        bus,
-        destination=DBUS_NAME,
-        path=DBUS_PATH,
-        interface=DBUS_NAME,
-        member="AddMatch",
-        signature="s",
-        body=[rule],
-        timeout=timeout,
-    )
+    await bus_daemon(bus, timeout).call("AddMatch", "s", [rule])
 
 
 def to_variant(value: Any) -> Variant:

@@ -12,18 +12,16 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.bus import add_match, call
+from cryptlockd.bus import RemoteInterface, bus_daemon
 from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.defs import (
     DBUS_NAME,
-    DBUS_PATH,
     LOGIND_BUS_NAME,
     LOGIND_MANAGER_INTERFACE,
     LOGIND_PATH,
-    PROPERTIES_INTERFACE,
 )
 from cryptlockd.errors import LogindError, RemoteError
 
@@ -42,9 +40,11 @@ class Logind:
         timeout: float,
     ) -> None:
         self._bus = bus
-        self._on_prepare_for_sleep = on_prepare_for_sleep
-        self._on_change = on_change
-        self._timeout = timeout
+        self._dbus = bus_daemon(bus, timeout)
+        self._login1 = RemoteInterface(
+            bus, LOGIND_BUS_NAME, LOGIND_PATH, LOGIND_MANAGER_INTERFACE, timeout
+        )
+        self._on_prepare_for_sleep, self._on_change = on_prepare_for_sleep, on_change
         self.owner: str | None = None
         self.inhibitor_fd: int | None = None
         self.delay_max_usec: int | None = None
@@ -60,31 +60,17 @@ class Logind:
     async def start(self) -> None:
         # Subscribe before asking for the owner, so no owner change falls in between.
         self._bus.add_message_handler(self._handle)
-        await add_match(
-            self._bus,
+        for rule in (
             f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_NAME}',"
             f"member='NameOwnerChanged',arg0='{LOGIND_BUS_NAME}'",
-            self._timeout,
-        )
-        # Deliberately no sender= here: forged signals reach us and are refused (and
-        # logged) by the explicit check in _handle.
-        await add_match(
-            self._bus,
+            # Deliberately no sender= here: forged signals reach us and are refused (and
+            # logged) by the explicit check in _handle.
             f"type='signal',interface='{LOGIND_MANAGER_INTERFACE}',"
             f"member='PrepareForSleep',path='{LOGIND_PATH}'",
-            self._timeout,
-        )
+        ):
+            await self._dbus.call("AddMatch", "s", [rule])
         try:
-            reply = await call(
-                self._bus,
-                destination=DBUS_NAME,
-                path=DBUS_PATH,
-                interface=DBUS_NAME,
-                member="GetNameOwner",
-                signature="s",
-                body=[LOGIND_BUS_NAME],
-                timeout=self._timeout,
-            )
+            reply = await self._dbus.call("GetNameOwner", "s", [LOGIND_BUS_NAME])
             owner = str(reply.body[0])
         except RemoteError as e:
             log.warning("logind is not on the bus: %s", e)
@@ -104,15 +90,8 @@ class Logind:
         if self.owner is None:
             return
         try:
-            reply = await call(
-                self._bus,
-                destination=LOGIND_BUS_NAME,
-                path=LOGIND_PATH,
-                interface=LOGIND_MANAGER_INTERFACE,
-                member="Inhibit",
-                signature="ssss",
-                body=["sleep", "cryptlockd", INHIBIT_WHY, "delay"],
-                timeout=self._timeout,
+            reply = await self._login1.call(
+                "Inhibit", "ssss", ["sleep", "cryptlockd", INHIBIT_WHY, "delay"]
             )
             fd = self._fd_from(reply)
         except (RemoteError, LogindError) as e:
@@ -165,18 +144,7 @@ class Logind:
 
     async def _read_delay_max(self) -> None:
         try:
-            reply = await call(
-                self._bus,
-                destination=LOGIND_BUS_NAME,
-                path=LOGIND_PATH,
-                interface=PROPERTIES_INTERFACE,
-                member="Get",
-                signature="ss",
-                body=[LOGIND_MANAGER_INTERFACE, "InhibitDelayMaxUSec"],
-                timeout=self._timeout,
-            )
-            value = reply.body[0]
-            self.delay_max_usec = int(value.value if isinstance(value, Variant) else value)
+            self.delay_max_usec = int(await self._login1.get("InhibitDelayMaxUSec"))
             log.info("logind allows delay inhibitors %.1f s", self.delay_max_usec / 1e6)
         except (RemoteError, TypeError, ValueError) as e:
             self.delay_max_usec = None
@@ -247,15 +215,6 @@ class Logind:
 
     async def suspend(self) -> None:
         try:
-            await call(
-                self._bus,
-                destination=LOGIND_BUS_NAME,
-                path=LOGIND_PATH,
-                interface=LOGIND_MANAGER_INTERFACE,
-                member="Suspend",
-                signature="b",
-                body=[False],
-                timeout=self._timeout,
-            )
+            await self._login1.call("Suspend", "b", [False])
         except RemoteError as e:
             raise LogindError(f"logind refused to suspend: {e}") from e

@@ -10,9 +10,9 @@ import logging
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.bus import call
+from cryptlockd.bus import RemoteInterface, bus_daemon
 from cryptlockd.daemon.log import MessageId, event
-from cryptlockd.defs import DBUS_NAME, DBUS_PATH, POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
+from cryptlockd.defs import POLKIT_BUS_NAME, POLKIT_INTERFACE, POLKIT_PATH
 from cryptlockd.errors import NotAuthorized, RemoteError
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,11 @@ async def is_authorized(
     process and session itself, so nothing the caller says about itself is trusted."""
     subject = ["system-bus-name", {"name": Variant("s", sender)}]
     try:
-        reply = await call(
-            bus,
-            destination=POLKIT_BUS_NAME,
-            path=POLKIT_PATH,
-            interface=POLKIT_INTERFACE,
-            member="CheckAuthorization",
-            signature="(sa{sv})sa{ss}us",
-            body=[subject, action, {}, ALLOW_USER_INTERACTION, ""],
-            timeout=timeout,
+        authority = RemoteInterface(bus, POLKIT_BUS_NAME, POLKIT_PATH, POLKIT_INTERFACE, timeout)
+        reply = await authority.call(
+            "CheckAuthorization",
+            "(sa{sv})sa{ss}us",
+            [subject, action, {}, ALLOW_USER_INTERACTION, ""],
         )
         is_auth, is_challenge, _details = reply.body[0]
         allowed = bool(is_auth) and reply.signature == "(bba{ss})"
@@ -81,16 +77,7 @@ async def require(
     if not sender or not await is_authorized(bus, sender, action, timeout):
         raise NotAuthorized(f"not authorized for {action}")
     try:
-        reply = await call(
-            bus,
-            destination=DBUS_NAME,
-            path=DBUS_PATH,
-            interface=DBUS_NAME,
-            member="NameHasOwner",
-            signature="s",
-            body=[sender],
-            timeout=timeout,
-        )
+        reply = await bus_daemon(bus, timeout).call("NameHasOwner", "s", [sender])
         present = bool(reply.body[0])
     except RemoteError as e:
         log.warning("cannot tell whether %s is still connected: %s", sender, e)
