@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import pytest_asyncio
 
 from tests.vm import image as image_mod
 from tests.vm import machine
-from tests.vm.guest import DiskSet, Guest, artifacts_dir
+from tests.vm.guest import SOCKETS_PREFIX, DiskSet, Guest, artifacts_dir
 from tests.vm.install import InstalledLayer, build_installed_layer
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,22 @@ def vm_accel(vm_image: image_mod.TestbedImage) -> str:
     return accel
 
 
+def _remove_what_dead_runs_left(suite_dir: Path) -> None:
+    """A run that was killed (Ctrl-C, a cancelled CI job) cannot clean up: its session
+    directory (saved guest RAM, hundreds of MiB) and its guests' socket directories stay."""
+    leftovers = [
+        *suite_dir.glob("session-*"),
+        *Path(tempfile.gettempdir()).glob(f"{SOCKETS_PREFIX}*"),
+    ]
+    for path in leftovers:
+        pid = path.name.removeprefix("session-").removeprefix(SOCKETS_PREFIX).split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def vm_session_dir(vm_image: image_mod.TestbedImage) -> Iterator[Path]:
+    _remove_what_dead_runs_left(artifacts_dir(vm_image.suite))
     path = artifacts_dir(vm_image.suite) / f"session-{os.getpid()}"
     path.mkdir(parents=True, exist_ok=True)
     yield path

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # A quiet 2-core host boots the guest under TCG in about 50 s; with other TCG guests and
 # builds on the same cores it has taken 160 s, hence the margin.
 BOOT_TIMEOUT = {"kvm": 90.0, "tcg": 420.0}
+SOCKETS_PREFIX = "cryptlockd-vm-"  # + the test run's pid: <tmp>/cryptlockd-vm-<pid>-*/
 
 
 T = TypeVar("T")
@@ -203,7 +204,7 @@ class Guest:
         self.qemu_log = self.workdir / "qemu.log"
         # The sockets live in a short private directory, not in workdir: a Unix socket path
         # has 107 bytes at most, and workdir is <checkout>/tests/vm/artifacts/<suite>/<test>.
-        self._sockets = Path(tempfile.mkdtemp(prefix="cryptlockd-vm-"))
+        self._sockets = Path(tempfile.mkdtemp(prefix=f"{SOCKETS_PREFIX}{os.getpid()}-"))
         self._qmp_sock = self._sockets / "qmp.sock"
         self._agent_sock = self._sockets / "agent.sock"
         self._proc: asyncio.subprocess.Process | None = None

@@ -35,6 +35,11 @@ def base_args(accel: str) -> list[str]:
         # with max, max,pku=off or max,la57=off. Round-robin TCG woke 6 of 6 (so did -smp 1).
         accel_args = ["-accel", "tcg,tb-size=256,thread=single", "-cpu", "max"]
     return [
+        # QEMU dies with the test run that started it, however that run ends (killed by
+        # a CI cancel, or by `make` on Ctrl-C): no orphaned guest keeps a core busy.
+        "setpriv",
+        "--pdeathsig",
+        "KILL",
         QEMU,
         "-machine",
         "pc",
