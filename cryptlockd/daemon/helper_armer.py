@@ -11,25 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.daemon import sleepconf
+from cryptlockd.daemon import helper_socket
 from cryptlockd.daemon.armer import CycleCallback
 from cryptlockd.daemon.config import Config
-from cryptlockd.daemon.devices import LuksDevice, suspend_order
-from cryptlockd.daemon.ramfs import Ramfs
+from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
+from cryptlockd.daemon.ramfs import SIZE_TARGET, Ramfs
+from cryptlockd.daemon.repair import repair
 from cryptlockd.defs import (
     DBUS_CALL_TIMEOUT,
     PROPERTIES_INTERFACE,
-    RUNTIME_DIR,
     SYSTEMD_BUS_NAME,
     SYSTEMD_ERROR_NO_SUCH_UNIT,
     SYSTEMD_MANAGER_INTERFACE,
@@ -37,62 +36,18 @@ from cryptlockd.defs import (
     SYSTEMD_UNIT_INTERFACE,
 )
 from cryptlockd.errors import CryptlockdError
-from cryptlockd.helper import cgroups, protocol
-from cryptlockd.helper.cgroups import CGROUP_ROOT
-from cryptlockd.helper.power import SYNC_ON_SUSPEND
+from cryptlockd.helper import protocol
 
 if TYPE_CHECKING:
-    from cryptlockd.helper.protocol import Message as HelperMessage
+    from cryptlockd.helper.protocol import ArmedMessage
 
 log = logging.getLogger(__name__)
-
-# Test hook, root-only: a sleep state to write instead of sleep.conf's (to make the write
-# fail on purpose).
-SLEEP_STATE_OVERRIDE = Path(RUNTIME_DIR) / "debug-sleep-state"
 
 
 class HelperError(CryptlockdError):
     def __init__(self, message: str, dbus_error: str | None = None) -> None:
         super().__init__(message)
         self.dbus_error = dbus_error
-
-
-def boottime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def choose_sleep_state(root: str = "/") -> tuple[str, str | None]:
-    if SLEEP_STATE_OVERRIDE.exists():
-        return SLEEP_STATE_OVERRIDE.read_text().strip(), None
-    texts = []
-    for path in sleepconf.config_files(root):
-        with contextlib.suppress(OSError):
-            texts.append(Path(path).read_text())
-    state = Path(root, "sys/power/state").read_text()
-    try:
-        mem = Path(root, "sys/power/mem_sleep").read_text()
-    except OSError:
-        mem = ""
-    return sleepconf.choose(texts, state, mem)
-
-
-def device_plan(devices: Sequence[LuksDevice]) -> list[dict[str, str | int]]:
-    """In suspend order. The root device always takes the passphrase: its keyfile, if
-    crypttab names one, lives on the root itself or in the initramfs, neither of which
-    the helper may read while root is suspended."""
-    plan: list[dict[str, str | int]] = []
-    for d in suspend_order(devices):
-        keyfile = not d.holds_root and d.key_source != "passphrase"
-        plan.append(
-            {
-                "name": d.name,
-                "uuid": d.uuid,
-                "key_source": d.key_source if keyfile else "passphrase",
-                "keyfile_size": d.keyfile_size if keyfile else 0,
-                "keyfile_offset": d.keyfile_offset if keyfile else 0,
-            }
-        )
-    return plan
 
 
 class HelperArmer:
@@ -113,7 +68,6 @@ class HelperArmer:
         self._build_error: str | None = None
         self._builder: threading.Thread | None = None
         self._prestart_task: asyncio.Task[None] | None = None
-        self.last_arm_seconds = 0.0
         self.keyslots: dict[str, int] = {}
 
     # -- the RAM filesystem -------------------------------------------------------------
@@ -138,8 +92,8 @@ class HelperArmer:
                 # answer, and its tree must stay.
                 if (
                     not self.ramfs.current()
-                    and _helper_alive(self.socket_path)
-                    and not _stop_idle_helper(self.socket_path)
+                    and helper_socket.alive(self.socket_path)
+                    and not helper_socket.stop_idle(self.socket_path)
                 ):
                     raise HelperError(
                         "the RAM filesystem is stale, but the helper running from it is busy"
@@ -174,7 +128,8 @@ class HelperArmer:
         if not self.ramfs.size:
             return False, "not built yet"
         return True, (
-            f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB (target {48} MiB or less)"
+            f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB "
+            f"(target {SIZE_TARGET // 2**20} MiB or less)"
         )
 
     # -- systemd --------------------------------------------------------------------------
@@ -239,7 +194,7 @@ class HelperArmer:
         still active, and StartUnit on an active unit does nothing: the next sleep would
         find no helper and go unprotected. (Seen in the guest: a cycle right after one.)"""
         while (state := await self._unit_state()) in ("active", "deactivating", "reloading"):
-            if _helper_alive(self.socket_path):
+            if helper_socket.alive(self.socket_path):
                 return  # a helper runs and listens: nothing to start
             if time.monotonic() >= deadline:
                 raise HelperError(f"{self.unit} is still {state} although its helper has exited")
@@ -260,7 +215,7 @@ class HelperArmer:
         raise HelperError(f"the helper did not open {self.socket_path}: {last}")
 
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
-        t0, b0 = time.monotonic(), boottime()
+        t0, b0 = time.monotonic(), protocol.boottime()
         deadline = t0 + self.config.cycle.arm_timeout_sec
         if not self.ramfs.current():
             await asyncio.to_thread(self._ensure_ramfs)
@@ -268,7 +223,7 @@ class HelperArmer:
                 raise HelperError(f"no RAM filesystem for the helper: {self._build_error}")
         await self._close()
         state, mem_sleep = await asyncio.to_thread(choose_sleep_state)
-        if not _helper_alive(self.socket_path):
+        if not helper_socket.alive(self.socket_path):
             await self._start_unit(deadline)
         reader, writer = await self._connect(deadline)
         prompt = self.config.prompt
@@ -292,17 +247,16 @@ class HelperArmer:
         reply = protocol.decode(line)
         if reply["op"] != protocol.OP_ARMED:
             writer.close()
-            raise HelperError(str(reply.get("reason", reply)))
-        self.last_arm_seconds = time.monotonic() - t0
+            raise HelperError(reply["reason"] if reply["op"] == protocol.OP_ERROR else str(reply))
         log.info(
             "helper armed in %.3f s (VT %s, KDF reserve %s KiB, pid %s)",
-            self.last_arm_seconds,
-            reply.get("vt"),
-            reply.get("reserve_kib"),
-            reply.get("pid"),
+            time.monotonic() - t0,
+            reply["vt"],
+            reply["reserve_kib"],
+            reply["pid"],
         )
         self._conn = (reader, writer)
-        daemon_steps = {"arm_requested": b0, "armed": boottime()}
+        daemon_steps = {"arm_requested": b0, "armed": protocol.boottime()}
         self._reader_task = asyncio.get_running_loop().create_task(
             self._await_record(reader, on_finished, daemon_steps, reply)
         )
@@ -312,7 +266,7 @@ class HelperArmer:
         reader: asyncio.StreamReader,
         on_finished: CycleCallback,
         daemon_steps: dict[str, float],
-        armed: HelperMessage,
+        armed: ArmedMessage,
     ) -> None:
         buf = protocol.LineBuffer()
         while True:
@@ -350,7 +304,7 @@ class HelperArmer:
     async def _restart_idle(self) -> None:
         # The helper exits after a cycle or a disarm; a fresh one waits for the next sleep.
         deadline = time.monotonic() + 10.0
-        while _helper_alive(self.socket_path) and time.monotonic() < deadline:
+        while helper_socket.alive(self.socket_path) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self._prestart()
 
@@ -364,86 +318,3 @@ class HelperArmer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-
-
-def _helper_alive(socket_path: str) -> bool:
-    # A live helper accepts connections even mid-cycle (the listen backlog), a dead one's
-    # socket refuses.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(socket_path)
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
-def _stop_idle_helper(socket_path: str, timeout: float = 5.0) -> bool:
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(1.0)
-        sock.connect(socket_path)
-        sock.sendall(protocol.encode({"op": protocol.OP_DISARM}))
-        sock.close()
-    except OSError:
-        return not _helper_alive(socket_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _helper_alive(socket_path):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def repair(
-    ramfs_path: Path,
-    socket_path: str,
-    cgroup_root: str = CGROUP_ROOT,
-    sync_file: str = SYNC_ON_SUSPEND,
-) -> list[str]:
-    """What a helper that died mid-cycle left behind (it notes both before touching them):
-    thaw the cgroups it froze and restore sync_on_suspend. Returns what was repaired."""
-    if _helper_alive(socket_path):
-        return []
-    done: list[str] = []
-    frozen_list = ramfs_path / "state" / "frozen"
-    with contextlib.suppress(FileNotFoundError):
-        frozen = [c for c in frozen_list.read_text().splitlines() if c]
-        errors = cgroups.thaw(cgroup_root, frozen)
-        for e in errors:
-            log.error("repair: cannot thaw %s", e)
-        log.warning("repair: thawed %d cgroups a crashed cycle left frozen", len(frozen))
-        done.append("thawed " + " ".join(frozen))
-        frozen_list.unlink()
-    saved = ramfs_path / "state" / "sync_on_suspend"
-    with contextlib.suppress(FileNotFoundError):
-        value = saved.read_text().strip()
-        if value and value != "0":
-            Path(sync_file).write_text(value)
-            log.warning("repair: restored sync_on_suspend=%s left at 0 by a crashed cycle", value)
-            done.append(f"sync_on_suspend={value}")
-        saved.unlink()
-    return done
-
-
-def merge_record(
-    record: dict[str, Any], daemon_steps: dict[str, float], armed: HelperMessage
-) -> dict[str, Any]:
-    """Put the daemon's steps (PrepareForSleep, armed) on the helper's timeline."""
-    out = dict(record)
-    helper_start = float(record.get("started_boottime", 0.0))
-    start = min(helper_start, *daemon_steps.values())
-    timeline = {
-        k: round(v + (helper_start - start) * 1000.0, 1)
-        for k, v in dict(record.get("timeline_ms", {})).items()
-    }
-    out["started_boottime"] = start
-    for name, t in daemon_steps.items():
-        timeline[name] = round((t - start) * 1000.0, 1)
-    out["timeline_ms"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))
-    out["arm_seconds"] = round(daemon_steps["armed"] - daemon_steps["arm_requested"], 3)
-    out["kdf_reserve_kib"] = armed.get("reserve_kib", 0)
-    out["vt"] = armed.get("vt", 0)
-    return out

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PYTHON = "/usr/bin/python3"
 MANIFEST = "manifest.json"
 SIZE_TARGET = 48 * 1024 * 1024
-# Mount points for the helper unit's API file systems and its own state.
-_DIRS = ("proc", "sys", "dev", "run", "run/cryptsetup", "tmp", "sock", "state")
 # Loaded on demand by glibc (thread unwinding) rather than at start: add if present.
 _ON_DEMAND_LIBS = ("/lib/x86_64-linux-gnu/libgcc_s.so.1", "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1")
 
@@ -192,7 +190,7 @@ def inputs_unchanged(manifest: dict[str, object]) -> bool:
 
 
 def populate(root: Path, closure: Closure) -> None:
-    for d in _DIRS:
+    for d in protocol.RAMFS_DIRS:
         (root / d).mkdir(parents=True, exist_ok=True)
     _mirror(root, closure.executable)
     for f in closure.python_files:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cryptlockd.daemon import helper_armer
+from cryptlockd.daemon import helper_socket
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
+from cryptlockd.daemon.helper_messages import device_plan, merge_record
 from cryptlockd.daemon.ramfs import Ramfs
+from cryptlockd.daemon.repair import repair
 
 
 class FakeSystemd:
@@ -37,7 +39,7 @@ def armer(
     a = HelperArmer(Ramfs(str(tmp_path / "ramfs"), mount=False), socket_path=str(tmp_path / "s"))
     monkeypatch.setattr(a, "_unit_state", fake.unit_state)
     monkeypatch.setattr(a, "_systemd", fake.systemd)
-    monkeypatch.setattr(helper_armer, "_helper_alive", lambda path: alive)
+    monkeypatch.setattr(helper_socket, "alive", lambda path: alive)
     return a
 
 
@@ -74,7 +76,7 @@ def test_device_plan_root_takes_passphrase() -> None:
         LuksDevice("root", "u1", "LUKS2", "/dev/vda", True, False, "keyfile:/etc/keys/root.key"),
         LuksDevice("data", "u2", "LUKS2", "/dev/vdb", False, False, "keyfile:/etc/keys/d.key"),
     ]
-    plan = {d["name"]: d["key_source"] for d in helper_armer.device_plan(devs)}
+    plan = {d["name"]: d["key_source"] for d in device_plan(devs)}
     assert plan == {"root": "passphrase", "data": "keyfile:/etc/keys/d.key"}
 
 
@@ -103,17 +105,14 @@ def test_device_plan_carries_keyfile_size_and_offset() -> None:
             keyfile_offset=4096,
         ),
     ]
-    plan = {
-        str(d["name"]): (d["keyfile_size"], d["keyfile_offset"])
-        for d in helper_armer.device_plan(devs)
-    }
+    plan = {str(d["name"]): (d["keyfile_size"], d["keyfile_offset"]) for d in device_plan(devs)}
     # The root's keyfile is never read (it takes the passphrase), so neither are its options.
     assert plan == {"root": (0, 0), "data": (64, 4096)}
 
 
 def test_merge_record_puts_daemon_steps_first() -> None:
     rec = {"started_boottime": 100.0, "timeline_ms": {"helper_arm": 0.0, "finished": 900.0}}
-    out = helper_armer.merge_record(
+    out = merge_record(
         rec, {"arm_requested": 99.5, "armed": 100.2}, {"reserve_kib": 65536, "vt": 8}
     )
     assert list(out["timeline_ms"]) == ["arm_requested", "helper_arm", "armed", "finished"]
@@ -131,10 +130,8 @@ def test_repair_thaws_and_restores(tmp_path: Path) -> None:
     (state / "sync_on_suspend").write_text("1\n")
     sync = tmp_path / "sync_on_suspend"
     sync.write_text("0")
-    done = helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync))
+    done = repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync))
     assert len(done) == 2
     assert (cg / "user.slice/cgroup.freeze").read_text() == "0"
     assert sync.read_text() == "1" and not (state / "frozen").exists()
-    assert (
-        helper_armer.repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync)) == []
-    )
+    assert repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync)) == []
