@@ -4,10 +4,13 @@ no root, no QEMU, no image."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
-from tests.vm.image import prune
+import pytest
+
+from tests.vm.image import ensure_image, inputs_hash, prune
 
 CURRENT = "bookworm-1111111111111111"
 OLDER = "bookworm-2222222222222222"
@@ -92,3 +95,19 @@ def test_prune_keeps_an_entry_while_its_lock_is_held_and_removes_it_after(tmp_pa
         assert (tmp_path / OLDER / "manifest.json").exists()
     assert OLDER in prune(tmp_path, "bookworm", CURRENT)
     assert not (tmp_path / OLDER).exists() and not (tmp_path / f"{OLDER}.lock").exists()
+
+
+def test_a_run_holds_its_entry_so_an_older_checkouts_prune_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRYPTLOCKD_VM_CACHE", str(tmp_path))
+    ours = f"bookworm-{inputs_hash('bookworm')}"
+    make_entry(tmp_path, ours)
+    manifest = {"suite": "bookworm", "python_version": "3.11", "kernel": "6.1.0-test"}
+    (tmp_path / ours / "manifest.json").write_text(json.dumps(manifest))
+
+    image = ensure_image("bookworm")  # cached: no build, no root needed
+    assert image.directory == tmp_path / ours and image.kernel == tmp_path / ours / "vmlinuz"
+    # A run of another checkout (another hash) prunes: our entry is in use, it stays.
+    assert prune(tmp_path, "bookworm", CURRENT) == []
+    assert (tmp_path / ours / "root.img").exists()

@@ -8,6 +8,11 @@ Steps (see tests/vm/README.md):
    with cryptsetup-initramfs and writes kernel + initrd + report as a tar to an output disk.
 The result lives in <cache>/<suite>-<hash>/, where the hash covers every input; it is built in
 a temporary folder and renamed into place, so a crash never leaves a half-built entry.
+
+Locks: <entry>.lock is held (exclusive) while a process checks or builds the entry; the entry
+directory itself is held (shared) by every process that runs guests on it, until it exits.
+prune() removes an entry only when it can take both, so a run of an older checkout keeps the
+entry it runs on.
 """
 
 from __future__ import annotations
@@ -78,22 +83,11 @@ class TestbedImage:
     python_version: str
     kernel_version: str
     report: dict[str, object]
-
-    @property
-    def root_disk(self) -> Path:
-        return self.directory / "root.img"
-
-    @property
-    def data_disk(self) -> Path:
-        return self.directory / "data.img"
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / "initrd.img"
+    # The entry's files (see _load).
+    root_disk: Path
+    data_disk: Path
+    kernel: Path
+    initrd: Path
 
     @property
     def cmdline(self) -> str:
@@ -331,37 +325,64 @@ def _load(directory: Path) -> TestbedImage:
         python_version=manifest["python_version"],
         kernel_version=manifest["kernel"],
         report=manifest,
+        root_disk=directory / "root.img",
+        data_disk=directory / "data.img",
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd.img",
     )
 
 
+# The entries this process runs guests on: their directories, flocked shared until it exits.
+_IN_USE: list[int] = []
+
+
+def _use(entry: Path) -> None:
+    fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _IN_USE.append(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _remove_entry(root: Path, entry: str) -> bool:
+    """Removes an entry and its lock file, unless a builder holds the lock file or a run
+    holds the entry."""
+    lock_path = root / f"{entry}.lock"
+    with lock_path.open("a") as lock:
+        if not _try_lock(lock.fileno()):
+            return False
+        path = root / entry
+        if path.is_dir():
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if not _try_lock(fd):
+                    return False
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
+        lock_path.unlink(missing_ok=True)
+    return True
+
+
 def prune(root: Path, suite: str, keep: str) -> list[str]:
-    """Removes what older inputs or dead builders left in the cache for `suite`: entries of
-    another hash, their lock files, `.build-*` of builders that no longer run and
-    `.failed-*`. An entry whose lock someone holds (a run of an older checkout) stays."""
+    """Removes what older inputs or dead builders left in the cache for `suite`: `.build-*`
+    of builders that no longer run, `.failed-*`, and entries of another hash with their lock
+    files, unless a builder or a run (of an older checkout) holds them. Returns the names."""
     removed = []
-    for path in sorted(root.glob(f"{suite}-*")) + sorted(root.glob(f".*-{suite}-*")):
-        name = path.name
-        if name in (keep, f"{keep}.lock"):
-            continue
-        if name.startswith(".build-"):
-            pid = name.rsplit("-", 1)[-1]
-            if pid.isdigit() and Path(f"/proc/{pid}").exists():
-                continue
-        elif not name.startswith(".failed-"):
-            entry = name.removesuffix(".lock")
-            lock_path = root / f"{entry}.lock"
-            with lock_path.open("a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                lock_path.unlink(missing_ok=True)
-            removed.append(name)
+    for path in sorted(root.glob(f".*-{suite}-*")):
+        pid = path.name.rsplit("-", 1)[-1]
+        if path.name.startswith(".build-") and Path(f"/proc/{pid}").exists():
             continue
         shutil.rmtree(path, ignore_errors=True)
-        removed.append(name)
+        removed.append(path.name)
+    entries = {path.name.removesuffix(".lock") for path in root.glob(f"{suite}-*")}
+    removed += [e for e in sorted(entries - {keep}) if _remove_entry(root, e)]
     if removed:
         log.info("pruned from the image cache: %s", ", ".join(removed))
     return removed
@@ -369,7 +390,8 @@ def prune(root: Path, suite: str, keep: str) -> list[str]:
 
 def ensure_image(suite: str | None = None) -> TestbedImage:
     """The cached image for `suite` (default: CRYPTLOCKD_VM_SUITE or bookworm), built if
-    missing. Concurrent callers wait for one builder (a lock file per entry)."""
+    missing. Concurrent callers wait for one builder (a lock file per entry). The entry stays
+    held (shared) until this process exits, so prune() in another checkout's run keeps it."""
     suite = suite or selected_suite()
     root = cache_root()
     name = f"{suite}-{inputs_hash(suite)}"
@@ -379,53 +401,60 @@ def ensure_image(suite: str | None = None) -> TestbedImage:
         prune(root, suite, name)
         if (final / "manifest.json").exists():
             log.info("test bed image %s (cached)", final)
-            return _load(final)
-        log.info("building the test bed image %s (takes a few minutes once)", final)
-        start = time.monotonic()
-        work = root / f".build-{name}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            rootfs = work / "rootfs"
-            t = time.monotonic()
-            _bootstrap(suite, rootfs)
-            bootstrap_seconds = time.monotonic() - t
-            python_version = _run(
-                [
-                    "chroot",
-                    str(rootfs),
-                    "python3",
-                    "-c",
-                    "import sys; print('%d.%d' % sys.version_info[:2])",
-                ],
-                60,
-                "guest python version",
-            ).stdout.strip()
-            kernel = sorted((rootfs / "boot").glob("vmlinuz-*"))[-1]
-            accel = machine.choose_accel(kernel, root)
-            report = _provision(work, rootfs, accel)
-            shutil.rmtree(rootfs)
-            report.update(
-                {
-                    "suite": suite,
-                    "python_version": python_version,
-                    "accel": accel,
-                    "bootstrap_seconds": round(bootstrap_seconds, 1),
-                    "build_seconds": round(time.monotonic() - start, 1),
-                }
-            )
-            (work / "manifest.json").write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(work, final)
-        except BaseException:
-            shutil.rmtree(work / "rootfs", ignore_errors=True)
-            failed = root / f".failed-{name}"
-            shutil.rmtree(failed, ignore_errors=True)
-            if work.exists():
-                work.rename(failed)
-                log.error("kept the failed build's files in %s", failed)
-            raise
-        log.info("test bed image built in %.1f s", time.monotonic() - start)
+        else:
+            _build(root, suite, name)
+        _use(final)
         return _load(final)
+
+
+def _build(root: Path, suite: str, name: str) -> None:
+    """Builds entry `name` (the caller holds its lock)."""
+    final = root / name
+    log.info("building the test bed image %s (takes a few minutes once)", final)
+    start = time.monotonic()
+    work = root / f".build-{name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        rootfs = work / "rootfs"
+        t = time.monotonic()
+        _bootstrap(suite, rootfs)
+        bootstrap_seconds = time.monotonic() - t
+        python_version = _run(
+            [
+                "chroot",
+                str(rootfs),
+                "python3",
+                "-c",
+                "import sys; print('%d.%d' % sys.version_info[:2])",
+            ],
+            60,
+            "guest python version",
+        ).stdout.strip()
+        kernel = sorted((rootfs / "boot").glob("vmlinuz-*"))[-1]
+        accel = machine.choose_accel(kernel, root)
+        report = _provision(work, rootfs, accel)
+        shutil.rmtree(rootfs)
+        report.update(
+            {
+                "suite": suite,
+                "python_version": python_version,
+                "accel": accel,
+                "bootstrap_seconds": round(bootstrap_seconds, 1),
+                "build_seconds": round(time.monotonic() - start, 1),
+            }
+        )
+        (work / "manifest.json").write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(work, final)
+    except BaseException:
+        shutil.rmtree(work / "rootfs", ignore_errors=True)
+        failed = root / f".failed-{name}"
+        shutil.rmtree(failed, ignore_errors=True)
+        if work.exists():
+            work.rename(failed)
+            log.error("kept the failed build's files in %s", failed)
+        raise
+    log.info("test bed image built in %.1f s", time.monotonic() - start)
 
 
 if __name__ == "__main__":

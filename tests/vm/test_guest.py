@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 @pytest_asyncio.fixture
 async def guest(tmp_path: Path) -> AsyncIterator[Guest]:
-    image = image_mod.TestbedImage("bookworm", tmp_path / "image", "3.11", "6.1.0", {})
+    files = {f: tmp_path / f for f in ("root_disk", "data_disk", "kernel", "initrd")}
+    image = image_mod.TestbedImage("bookworm", tmp_path, "3.11", "6.1.0", {}, **files)
     g = Guest(image, DiskSet(tmp_path / "root", tmp_path / "data"), tmp_path / "work", "tcg")
     g.console_log.write_text("boot\ncryptlockd: prompt\nmore\ncryptlockd: prompt\n")
     yield g
