@@ -22,6 +22,9 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 SYSTEMD_UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
 SYSTEMD_ERROR_NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+SYSTEMD_ERROR_ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
+# sd_booted(): systemd is PID 1 (and can run the helper's unit) when this directory exists.
+SYSTEMD_BOOTED_DIR = "/run/systemd/system"
 
 POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
@@ -79,4 +82,3 @@ class State(StrEnum):
     IDLE = "idle"
     ARMING = "arming"
     ARMED = "armed"
-    RESUMING = "resuming"

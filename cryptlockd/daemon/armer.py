@@ -1,9 +1,10 @@
-"""The seam between the daemon and the sleep-cycle helper.
+"""The seam between the daemon and whatever runs the sleep cycle for it.
 
-On a genuine PrepareForSleep(true) the daemon calls `Armer.arm()` and closes its logind
-delay lock only after it returns (or raises). When the helper finishes a cycle it calls
-the `on_finished` callback with the cycle record, which becomes `LastCycle` and the
-`CycleFinished` signal.
+On a genuine PrepareForSleep(true) the manager calls `Armer.arm()` and closes its logind
+delay lock only after it returns (or raises). When the helper finishes a cycle, the armer
+calls the `on_finished` callback with the cycle record, which becomes `LastCycle` and the
+`CycleFinished` signal. The daemon's armer is helper_armer.HelperArmer; the tests bring
+their own (tests/integration/recording_daemon.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from cryptlockd.daemon.checks import CheckResult
+from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
+
+__all__ = ["Armer", "CycleCallback", "CycleRecord"]
 
 # A cycle record: plain Python values (str, int, float, bool, lists and dicts of them).
 # The D-Bus layer turns it into a{sv}.
@@ -20,6 +25,18 @@ CycleCallback = Callable[[bool, CycleRecord], None]
 
 
 class Armer(Protocol):
+    def configure(self, config: Config) -> None:
+        """A (re)loaded configuration. The first call may start preparing for the first
+        sleep (the helper's RAM filesystem), in the background."""
+
+    def watch(self, on_status_change: Callable[[], None]) -> None:
+        """Call `on_status_change` in the event loop whenever what status() says may have
+        changed on its own (a background build finishing)."""
+
+    def status(self) -> list[CheckResult]:
+        """Whether the armer could protect the next sleep, as self-check lines for Check()
+        and Problems (the "helper" line, and whatever else it depends on)."""
+
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         """Return once the helper reports armed. Raise CryptlockdError when it cannot arm;
         the sleep then goes ahead unprotected, and says so."""
@@ -27,17 +44,3 @@ class Armer(Protocol):
     async def disarm(self) -> None:
         """PrepareForSleep(false) came without a cycle (hibernate and friends, or an
         aborted sleep): stand the helper down."""
-
-
-class RecordingArmer:
-    """Used until a real helper is available: arms nothing, remembers the calls."""
-
-    def __init__(self) -> None:
-        self.armed_with: list[tuple[str, ...]] = []
-        self.disarmed = 0
-
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
-        self.armed_with.append(tuple(d.name for d in devices))
-
-    async def disarm(self) -> None:
-        self.disarmed += 1

@@ -158,12 +158,11 @@ def check_enabled(enabled: bool) -> CheckResult:
     return CheckResult("enabled", False, "protection disabled (config or SetEnabled)")
 
 
-def check_armer(kind: str) -> CheckResult:
-    if kind == "helper":
+def check_helper(unavailable: str | None) -> CheckResult:
+    """`unavailable`: why the armer cannot run the sleep-cycle helper, or None when it can."""
+    if unavailable is None:
         return CheckResult("helper", True, "the sleep-cycle helper is available")
-    return CheckResult(
-        "helper", False, f"armer '{kind}' only records the cycle: nothing would be wiped"
-    )
+    return CheckResult("helper", False, f"{unavailable}: nothing would be wiped")
 
 
 def check_helper_ramfs(ok: bool, detail: str) -> CheckResult:

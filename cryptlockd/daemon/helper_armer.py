@@ -1,9 +1,10 @@
-"""The daemon's side of the helper: keep the RAM filesystem current, start the helper unit
-through systemd, arm it, and hand its cycle record to the daemon.
+"""The daemon's armer: keep the helper's RAM filesystem current, start the helper unit
+through systemd, arm it, and hand its cycle record to the manager.
 
 The helper runs in a unit of its own (cryptlockd-helper.service, in cryptlockd.slice), so
 a restart of the daemon cannot kill it mid-cycle; the daemon talks to it over the unix
-socket in the ramfs (protocol.py).
+socket in the RAM filesystem (helper/protocol.py). An idle helper is started ahead of each
+sleep, so arming only has to talk to it.
 """
 
 from __future__ import annotations
@@ -13,76 +14,126 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.daemon import helper_socket
+from cryptlockd.daemon import checks, helper_socket
 from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
 from cryptlockd.daemon.ramfs import SIZE_TARGET, Ramfs
 from cryptlockd.daemon.repair import repair
-from cryptlockd.defs import (
-    DBUS_CALL_TIMEOUT,
-    PROPERTIES_INTERFACE,
-    SYSTEMD_BUS_NAME,
-    SYSTEMD_ERROR_NO_SUCH_UNIT,
-    SYSTEMD_MANAGER_INTERFACE,
-    SYSTEMD_PATH,
-    SYSTEMD_UNIT_INTERFACE,
-)
-from cryptlockd.errors import CryptlockdError
+from cryptlockd.daemon.systemd_unit import SystemdUnit
+from cryptlockd.defs import SYSTEMD_BOOTED_DIR
+from cryptlockd.errors import CryptlockdError, RemoteError
 from cryptlockd.helper import protocol
 
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import ArmedMessage
 
+__all__ = ["HelperArmer", "HelperError", "poll_until"]
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The unit still runs a helper, or has not yet noticed that it exited.
+BUSY_STATES = ("active", "deactivating", "reloading")
+# How long a helper may take to go, and an idle one to come up, outside the arm window.
+IDLE_RESTART_TIMEOUT = 10.0
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class HelperError(CryptlockdError):
-    def __init__(self, message: str, dbus_error: str | None = None) -> None:
-        super().__init__(message)
-        self.dbus_error = dbus_error
+    pass
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[T | None]],
+    deadline: float,
+    *,
+    every: float,
+    unless: asyncio.Event | None = None,
+) -> T | None:
+    """For what nothing announces (a unix socket starting to accept): check() every `every`
+    seconds until it returns something, which is returned. None once `deadline`
+    (time.monotonic()) has passed, or as soon as `unless` is set."""
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0 or (unless is not None and unless.is_set()):
+            return None
+        if unless is None:
+            await asyncio.sleep(min(every, left))
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(unless.wait(), min(every, left))
 
 
 class HelperArmer:
     def __init__(
         self,
+        bus: MessageBus,
+        *,
         ramfs: Ramfs | None = None,
-        unit: str = protocol.HELPER_UNIT,
         socket_path: str = protocol.SOCKET_PATH,
+        under_systemd: bool | None = None,
     ) -> None:
+        self.unit = SystemdUnit(bus, protocol.HELPER_UNIT)
         self.ramfs = ramfs or Ramfs()
-        self.unit = unit
         self.socket_path = socket_path
+        if under_systemd is None:
+            under_systemd = Path(SYSTEMD_BOOTED_DIR).is_dir()
+        # Why this armer can never arm here; None when it can.
+        self.unavailable = (
+            None if under_systemd else f"not running under systemd (no {SYSTEMD_BOOTED_DIR})"
+        )
         self.config = Config()
-        self._bus: MessageBus | None = None
-        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.keyslots: dict[str, int] = {}
+        self._conn: Connection | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._build_lock = threading.Lock()
         self._build_error: str | None = None
         self._builder: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_status_change: Callable[[], None] | None = None
         self._prestart_task: asyncio.Task[None] | None = None
-        self.keyslots: dict[str, int] = {}
 
     # -- the RAM filesystem -------------------------------------------------------------
 
     def configure(self, config: Config) -> None:
         self.config = config
-        if self._builder is None:
+        if self._builder is None and self.unavailable is None:
             # Built at start, in the background: a build takes seconds, arming must not.
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
             self._builder = threading.Thread(
-                target=self._ensure_ramfs, daemon=True, name="ramfs-build"
+                target=self._build_at_start, daemon=True, name="ramfs-build"
             )
             self._builder.start()
-            with contextlib.suppress(RuntimeError):
-                loop = asyncio.get_running_loop()
-                self._prestart_task = loop.create_task(self._prestart_after_build())
+
+    def watch(self, on_status_change: Callable[[], None]) -> None:
+        self._on_status_change = on_status_change
+
+    def _build_at_start(self) -> None:
+        self._ensure_ramfs()
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
+                self._loop.call_soon_threadsafe(self._built)
+
+    def _built(self) -> None:
+        """In the event loop, once the first build is done (or has failed)."""
+        if self._on_status_change is not None:
+            self._on_status_change()
+        self._prestart_task = asyncio.get_running_loop().create_task(self._prestart())
 
     def _ensure_ramfs(self) -> None:
         with self._build_lock:
@@ -105,116 +156,82 @@ class HelperArmer:
                 self._build_error = str(e)
                 log.error("cannot build the helper's RAM filesystem: %s", e)
 
-    async def _prestart_after_build(self) -> None:
-        if self._builder is not None:
-            await asyncio.to_thread(self._builder.join)
-        await self._prestart()
+    def status(self) -> list[CheckResult]:
+        if self.unavailable is not None:
+            return [checks.check_helper(self.unavailable)]
+        if self._build_error:
+            ramfs = checks.check_helper_ramfs(False, self._build_error)
+        elif not self.ramfs.size:
+            ramfs = checks.check_helper_ramfs(False, "not built yet")
+        else:
+            ramfs = checks.check_helper_ramfs(
+                True,
+                f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB "
+                f"(target {SIZE_TARGET // 2**20} MiB or less)",
+            )
+        return [checks.check_helper(None), ramfs]
 
-    async def _prestart(self) -> None:
+    # -- the helper unit ----------------------------------------------------------------
+
+    async def _prestart(self, after_exit: bool = False) -> None:
         """Start the helper ahead of the next sleep, so arming only has to talk to it: a
         cold start (systemd, the interpreter, libcryptsetup) costs most of the 1 s budget
-        on a slow machine. The idle helper is not locked in memory and holds no VT."""
-        if self._build_error:
-            return
+        on a slow machine. The idle helper is not locked in memory and holds no VT.
+        `after_exit`: the last helper is on its way out (after a cycle or a disarm); let
+        systemd see it go first."""
         try:
-            await self._start_unit(time.monotonic() + 10.0)
+            if after_exit:
+                await self.unit.wait_while(BUSY_STATES, time.monotonic() + IDLE_RESTART_TIMEOUT)
+            if not self._build_error:
+                await self._start_unit(time.monotonic() + IDLE_RESTART_TIMEOUT)
         except Exception as e:
             log.warning("could not start the helper ahead of time: %s", e)
 
-    def ramfs_status(self) -> tuple[bool, str]:
-        """For Check(): (ok, detail with the size)."""
-        if self._build_error:
-            return False, self._build_error
-        if not self.ramfs.size:
-            return False, "not built yet"
-        return True, (
-            f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB "
-            f"(target {SIZE_TARGET // 2**20} MiB or less)"
-        )
-
-    # -- systemd --------------------------------------------------------------------------
-
-    async def _systemd_call(
-        self, path: str, interface: str, member: str, signature: str, body: list[Any]
-    ) -> Message:
-        if self._bus is None or not self._bus.connected:
-            self._bus = await asyncio.wait_for(
-                MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect(),
-                DBUS_CALL_TIMEOUT,
-            )
-        reply = await asyncio.wait_for(
-            self._bus.call(
-                Message(
-                    destination=SYSTEMD_BUS_NAME,
-                    path=path,
-                    interface=interface,
-                    member=member,
-                    signature=signature,
-                    body=body,
-                )
-            ),
-            DBUS_CALL_TIMEOUT,
-        )
-        if reply is None or reply.message_type == MessageType.ERROR:
-            detail = reply.body[0] if reply is not None and reply.body else ""
-            raise HelperError(
-                f"systemd {member} {self.unit}: "
-                f"{reply.error_name if reply else 'no reply'} {detail}",
-                reply.error_name if reply else None,
-            )
-        return reply
-
-    async def _systemd(self, member: str, mode: str = "replace") -> None:
-        await self._systemd_call(
-            SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE, member, "ss", [self.unit, mode]
-        )
-
-    async def _unit_state(self) -> str:
-        """The helper unit's ActiveState; "inactive" when systemd has not loaded it."""
-        try:
-            reply = await self._systemd_call(
-                SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE, "GetUnit", "s", [self.unit]
-            )
-        except HelperError as e:
-            if e.dbus_error == SYSTEMD_ERROR_NO_SUCH_UNIT:
-                return "inactive"
-            raise
-        prop = await self._systemd_call(
-            str(reply.body[0]),
-            PROPERTIES_INTERFACE,
-            "Get",
-            "ss",
-            [SYSTEMD_UNIT_INTERFACE, "ActiveState"],
-        )
-        return str(prop.body[0].value)
+    async def _listening(self) -> bool | None:
+        return helper_socket.alive(self.socket_path) or None
 
     async def _start_unit(self, deadline: float) -> None:
         """StartUnit, once systemd has seen the last helper go. A helper that has just
         exited no longer accepts connections, but until systemd reaps it the unit is
         still active, and StartUnit on an active unit does nothing: the next sleep would
         find no helper and go unprotected. (Seen in the guest: a cycle right after one.)"""
-        while (state := await self._unit_state()) in ("active", "deactivating", "reloading"):
-            if helper_socket.alive(self.socket_path):
+        while True:
+            changed = self.unit.next_change()
+            state = await self.unit.active_state()
+            if state not in BUSY_STATES:
+                await self.unit.start()
+                return
+            # Active, and nothing listens: a helper still starting up (it will listen), or
+            # one that has exited and that systemd has not reaped yet (the state changes).
+            if await poll_until(self._listening, deadline, every=0.05, unless=changed):
                 return  # a helper runs and listens: nothing to start
             if time.monotonic() >= deadline:
-                raise HelperError(f"{self.unit} is still {state} although its helper has exited")
-            await asyncio.sleep(0.05)
-        await self._systemd("StartUnit")
+                raise HelperError(
+                    f"{self.unit.name} is still {state} although its helper has exited"
+                )
 
-    # -- arming ---------------------------------------------------------------------------
-
-    async def _connect(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, deadline: float) -> Connection:
         # The helper creates its socket once it runs; a stale socket file refuses.
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+        errors: list[OSError] = []
+
+        async def attempt() -> Connection | None:
             try:
                 return await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
             except OSError as e:
-                last = e
-                await asyncio.sleep(0.01)
-        raise HelperError(f"the helper did not open {self.socket_path}: {last}")
+                errors.append(e)
+                return None
+
+        conn = await poll_until(attempt, deadline, every=0.01)
+        if conn is None:
+            last = errors[-1] if errors else None
+            raise HelperError(f"the helper did not open {self.socket_path}: {last}")
+        return conn
+
+    # -- arming ---------------------------------------------------------------------------
 
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+        if self.unavailable is not None:
+            raise HelperError(self.unavailable)
         t0, b0 = time.monotonic(), protocol.boottime()
         deadline = t0 + self.config.cycle.arm_timeout_sec
         if not self.ramfs.current():
@@ -226,13 +243,13 @@ class HelperArmer:
         if not helper_socket.alive(self.socket_path):
             await self._start_unit(deadline)
         reader, writer = await self._connect(deadline)
-        prompt = self.config.prompt
+        prompt, cycle = self.config.prompt, self.config.cycle
         msg = protocol.arm_message(
             device_plan(devices),
             sleep_state=state,
             mem_sleep=mem_sleep,
             vt=prompt.vt,
-            freeze_timeout=self.config.cycle.freeze_timeout_sec,
+            freeze_timeout=cycle.freeze_timeout_sec,
             backoff_initial=prompt.backoff_initial_sec,
             backoff_max=prompt.backoff_max_sec,
             poweroff_after=prompt.max_failures_before_poweroff,
@@ -269,10 +286,7 @@ class HelperArmer:
         armed: ArmedMessage,
     ) -> None:
         buf = protocol.LineBuffer()
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                return
+        while data := await reader.read(65536):
             for msg in buf.feed(data):
                 if msg["op"] == protocol.OP_RECORD:
                     record = merge_record(msg["record"], daemon_steps, armed)
@@ -283,10 +297,12 @@ class HelperArmer:
                         )
                     on_finished(bool(msg["success"]), record)
                     await self._close()
-                    await self._restart_idle()
+                    await self._prestart(after_exit=True)
                     return
 
     async def disarm(self) -> None:
+        if self.unavailable is not None:
+            return
         # PrepareForSleep(false) can be read before the record the helper sent just
         # earlier on our socket: let the reader take it first.
         task = self._reader_task
@@ -297,16 +313,9 @@ class HelperArmer:
                 self._conn[1].write(protocol.encode({"op": protocol.OP_DISARM}))
                 await self._conn[1].drain()
         await self._close()
-        with contextlib.suppress(HelperError, TimeoutError):
-            await self._systemd("StopUnit")
-        await self._restart_idle()
-
-    async def _restart_idle(self) -> None:
-        # The helper exits after a cycle or a disarm; a fresh one waits for the next sleep.
-        deadline = time.monotonic() + 10.0
-        while helper_socket.alive(self.socket_path) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await self._prestart()
+        with contextlib.suppress(RemoteError):
+            await self.unit.stop()
+        await self._prestart(after_exit=True)
 
     async def _close(self) -> None:
         task, self._reader_task = self._reader_task, None

@@ -28,17 +28,20 @@ def alive(socket_path: str) -> bool:
 def stop_idle(socket_path: str, timeout: float = 5.0) -> bool:
     """Tell an idle helper to stand down; True once none runs. A busy one (mid-cycle) never
     reads the message, and False comes after `timeout` seconds."""
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(1.0)
-        sock.connect(socket_path)
-        sock.sendall(protocol.encode({"op": protocol.OP_DISARM}))
-        sock.close()
-    except OSError:
-        return not alive(socket_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(socket_path):
-            return True
-        time.sleep(0.05)
-    return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(1.0)
+            sock.connect(socket_path)
+            sock.sendall(protocol.encode({"op": protocol.OP_DISARM}))
+        except OSError:
+            return not alive(socket_path)
+        # It exits when told, and its end of this connection closes with it.
+        deadline = time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(4096):
+                    break
+        except OSError:  # timed out, or reset
+            pass
+    return not alive(socket_path)

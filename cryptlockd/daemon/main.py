@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import signal
 import sys
@@ -18,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import DBusError, Message, RequestNameReply
+from dbus_fast import BusType, DBusError, Message, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from cryptlockd import __version__
 from cryptlockd.bus import ExportedObject, to_vardict
 from cryptlockd.daemon import checks, polkit
-from cryptlockd.daemon.armer import Armer, CycleRecord, RecordingArmer
+from cryptlockd.daemon.armer import Armer, CycleRecord
 from cryptlockd.daemon.config import Config, load_config
 from cryptlockd.daemon.devices import (
     LuksDevice,
@@ -33,6 +32,7 @@ from cryptlockd.daemon.devices import (
     apply_exclude,
     discover_devices,
 )
+from cryptlockd.daemon.helper_armer import HelperArmer
 from cryptlockd.daemon.log import MessageId, event, setup_logging
 from cryptlockd.daemon.logind import Logind
 from cryptlockd.daemon.notify import Notifier
@@ -50,8 +50,6 @@ from cryptlockd.errors import Busy, ConfigError, CryptlockdError, NoSuchDevice, 
 
 log = logging.getLogger("cryptlockd")
 
-DEFAULT_ARM_TIMEOUT = 3.0
-
 
 def device_struct(d: LuksDevice) -> list[Any]:
     """(ssssbbsas), in the order the XML documents."""
@@ -66,7 +64,6 @@ class Manager:
         bus: MessageBus,
         args: argparse.Namespace,
         armer: Armer,
-        armer_kind: str,
         notifier: Notifier,
     ) -> None:
         self.bus = bus
@@ -82,7 +79,6 @@ class Manager:
         )
         self.polkit_timeout: float = args.polkit_timeout
         self.armer = armer
-        self.armer_kind = armer_kind
         self.notifier = notifier
 
         self.config = Config()
@@ -116,6 +112,7 @@ class Manager:
                 "GetDevice": self.m_get_device,
             },
         )
+        armer.watch(self.refresh)
         self._started = False
         self._status_sent = ""
 
@@ -160,7 +157,7 @@ class Manager:
     # --- evaluation ----------------------------------------------------------------
 
     def run_checks(self) -> list[checks.CheckResult]:
-        sleeping = self.state in (State.ARMING, State.ARMED, State.RESUMING)
+        sleeping = self.state in (State.ARMING, State.ARMED)
         return [
             checks.check_enabled(self.enabled),
             checks.check_cgroup2(self.cgroup_root),
@@ -170,8 +167,7 @@ class Manager:
             checks.check_inhibit_delay(self.logind.delay_max_usec, self.arm_timeout),
             checks.check_devices(self.devices, self.excluded),
             checks.check_sleep_dropin(self.root),
-            checks.check_armer(self.armer_kind),
-            *self._ramfs_check(),
+            *self.armer.status(),
             checks.check_config(self.config_error),
             # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
             # the last sleep's wipe was proven.
@@ -181,23 +177,7 @@ class Manager:
 
     @property
     def arm_timeout(self) -> float:
-        return float(getattr(self.config.cycle, "arm_timeout_sec", DEFAULT_ARM_TIMEOUT))
-
-    def _ramfs_check(self) -> list[checks.CheckResult]:
-        status = getattr(self.armer, "ramfs_status", None)
-        if not callable(status):
-            return []
-        ok, detail = status()
-        return [checks.check_helper_ramfs(bool(ok), str(detail))]
-
-    async def watch_ramfs(self, interval: float = 2.0) -> None:
-        """The armer builds its RAM filesystem in the background, and nothing tells us when
-        it is done: look now and then, and re-evaluate when its status changes."""
-        while True:
-            await asyncio.sleep(interval)
-            now = self._ramfs_check()
-            if now and now[0] not in self.check_results:
-                self.refresh()
+        return self.config.cycle.arm_timeout_sec
 
     def _evaluate(self) -> None:
         try:
@@ -261,9 +241,7 @@ class Manager:
             raise
         self.config, self.config_error = config, None
         self.enabled = config.enabled
-        configure = getattr(self.armer, "configure", None)
-        if callable(configure):
-            configure(config)
+        self.armer.configure(config)
         log.info(
             "configuration loaded (enabled=%s)",
             config.enabled,
@@ -420,20 +398,6 @@ class Manager:
         self.refresh()
 
 
-def choose_armer(kind: str | None) -> tuple[Armer, str]:
-    if kind in (None, "helper"):
-        try:
-            # Imported by name: the helper comes from a separate part of the project.
-            helper_armer = importlib.import_module("cryptlockd.daemon.helper_armer")
-        except ImportError as e:
-            if kind == "helper":
-                raise SystemExit(f"cryptlockd: --armer helper: {e}") from e
-        else:
-            if kind == "helper" or Path("/run/systemd/system").exists():
-                return helper_armer.HelperArmer(), "helper"
-    return RecordingArmer(), "recording"
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cryptlockd", description=__doc__)
     p.add_argument("--root", default="/", help="prefix for the config and unit paths")
@@ -443,7 +407,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dev", default="/dev")
     p.add_argument("--cgroup-root", default=None, help="default: <sysfs>/fs/cgroup")
     p.add_argument("--no-udev", action="store_true", help="no hotplug monitor")
-    p.add_argument("--armer", choices=("helper", "recording"), default=None)
     p.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto")
     p.add_argument("--polkit-timeout", type=float, default=polkit.DEFAULT_TIMEOUT)
     p.add_argument("--debug", action="store_true")
@@ -451,12 +414,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
-    armer, kind = choose_armer(args.armer)
+async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | None = None) -> int:
+    # dbus-fast honours DBUS_SYSTEM_BUS_ADDRESS for the system bus.
     bus = await asyncio.wait_for(
-        MessageBus(bus_type=_system_bus_type(), negotiate_unix_fd=True).connect(), DBUS_CALL_TIMEOUT
+        MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect(), DBUS_CALL_TIMEOUT
     )
-    manager = Manager(bus, args, armer, kind, notifier)
+    manager = Manager(bus, args, armer or HelperArmer(bus), notifier)
     await manager.start()
 
     monitor = None
@@ -489,12 +452,12 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     disconnected = loop.create_task(_wait_for_disconnect(bus))
     disconnected.add_done_callback(lambda _t: stop.set())
 
-    ramfs_watch = loop.create_task(manager.watch_ramfs())
+    armer_name = type(manager.armer).__name__
     log.info(
         "cryptlockd %s running (armer: %s)",
         __version__,
-        kind,
-        extra=event(MessageId.STARTED, ARMER=kind),
+        armer_name,
+        extra=event(MessageId.STARTED, ARMER=armer_name),
     )
     manager._status_sent = manager.status_line()
     notifier.ready(manager._status_sent)
@@ -504,7 +467,6 @@ async def serve(args: argparse.Namespace, notifier: Notifier) -> int:
     log.info("stopping", extra=event(MessageId.STOPPING))
     notifier.stopping()
     notifier.stop_watchdog()
-    ramfs_watch.cancel()
     if monitor is not None:
         monitor.stop()
     manager.obj.stop()
@@ -524,20 +486,15 @@ async def _wait_for_disconnect(bus: MessageBus) -> None:
     await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
 
 
-def _system_bus_type() -> Any:
-    # dbus-fast honours DBUS_SYSTEM_BUS_ADDRESS for the system bus.
-    from dbus_fast import BusType
-
-    return BusType.SYSTEM
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, armer: Armer | None = None) -> int:
+    """The daemon. `armer`: what runs the sleep cycle (default: the helper, through
+    systemd); the integration tests pass one that only records."""
     args = parse_args(argv)
     # Before anything else: no child may inherit NOTIFY_SOCKET.
     notifier = Notifier.from_environment()
     setup_logging(args.log_target, args.debug)
     try:
-        return asyncio.run(serve(args, notifier))
+        return asyncio.run(serve(args, notifier, armer))
     except CryptlockdError as e:
         log.error("%s", e)
         return 1

@@ -1,12 +1,46 @@
 """The real daemon with an armer that only records: `python -m tests.integration.recording_daemon
 <daemon arguments>`. The host has no device-mapper and no systemd to run the helper under, so
-the integration tests start the daemon this way and check what it does around the helper."""
+the integration tests start the daemon this way and check what it does around the helper.
+The unit tests use RecordingArmer too."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 
+from cryptlockd.daemon import checks
+from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.checks import CheckResult
+from cryptlockd.daemon.config import Config
+from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.main import main
 
+
+class RecordingArmer:
+    """Arms nothing and remembers the calls; its "helper" check fails, so the daemon is
+    never Protected with it."""
+
+    def __init__(self) -> None:
+        self.armed_with: list[tuple[str, ...]] = []
+        self.disarmed = 0
+        self.configured: list[Config] = []
+        self.on_status_change: Callable[[], None] | None = None
+
+    def configure(self, config: Config) -> None:
+        self.configured.append(config)
+
+    def watch(self, on_status_change: Callable[[], None]) -> None:
+        self.on_status_change = on_status_change
+
+    def status(self) -> list[CheckResult]:
+        return [checks.check_helper("armer 'recording' only records the cycle")]
+
+    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+        self.armed_with.append(tuple(d.name for d in devices))
+
+    async def disarm(self) -> None:
+        self.disarmed += 1
+
+
 if __name__ == "__main__":
-    sys.exit(main([*sys.argv[1:], "--armer", "recording"]))
+    sys.exit(main(sys.argv[1:], armer=RecordingArmer()))

@@ -48,13 +48,14 @@ def test_logind() -> None:
     assert checks.check_logind(":1.2", False, True).ok
 
 
-def test_devices_enabled_armer() -> None:
+def test_devices_enabled_helper() -> None:
     assert checks.check_devices([DEV]).ok
     r = checks.check_devices([], ["cryptdata"])
     assert not r.ok and "1 excluded" in r.detail
     assert not checks.check_enabled(False).ok
-    assert not checks.check_armer("recording").ok
-    assert checks.check_armer("helper").ok
+    r = checks.check_helper("not running under systemd")
+    assert not r.ok and r.detail == "not running under systemd: nothing would be wiped"
+    assert checks.check_helper(None).ok
 
 
 def test_evaluate_blocking_and_informational() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,17 @@ import pytest
 from dbus_fast import Message, Variant
 
 from cryptlockd.bus import to_variant
-from cryptlockd.daemon.armer import CycleCallback, RecordingArmer
+from cryptlockd.daemon.armer import CycleCallback
 from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.daemon.helper_armer import HelperArmer
 from cryptlockd.daemon.main import Manager, parse_args
 from cryptlockd.daemon.notify import Notifier
+from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.defs import State
 from cryptlockd.errors import CryptlockdError
 from tests.fakesys import FakeSystem, plain_luks2
+from tests.integration.recording_daemon import RecordingArmer
+from tests.unit.test_helper_armer import FakeUnit
 
 
 class FakeBus:
@@ -35,15 +40,12 @@ class FakeBus:
         return [m for m in self.sent if m.member == member]
 
 
-class FailingArmer:
+class FailingArmer(RecordingArmer):
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         raise CryptlockdError("helper did not start")
 
-    async def disarm(self) -> None:
-        pass
 
-
-class HangingArmer(FailingArmer):
+class HangingArmer(RecordingArmer):
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         await asyncio.sleep(3600)
 
@@ -56,7 +58,7 @@ def make_manager(tmp_path: Path, armer: Any) -> tuple[Manager, FakeBus]:
     (root / "etc" / "cryptlockd" / "cryptlockd.conf").write_text("[cycle]\narm_timeout_sec = 0.3\n")
     bus = FakeBus()
     args = parse_args(["--root", str(root), *fs.daemon_args()])
-    m = Manager(bus, args, armer, "helper", Notifier(None, None))  # type: ignore[arg-type]
+    m = Manager(bus, args, armer, Notifier(None, None))  # type: ignore[arg-type]
     m.load_config()
     m.load_devices()
     assert [d.name for d in m.devices] == ["cryptroot"]
@@ -125,7 +127,7 @@ async def test_cycle_record_becomes_last_cycle_and_signal(tmp_path: Path) -> Non
 @pytest.mark.asyncio
 @pytest.mark.parametrize("armer_cls", [FailingArmer, HangingArmer])
 async def test_failed_arm_still_releases_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, armer_cls: type[FailingArmer]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, armer_cls: type[RecordingArmer]
 ) -> None:
     m, _bus = make_manager(tmp_path, armer_cls())
     r = hold_fake_inhibitor(m)
@@ -164,27 +166,72 @@ def test_to_variant_shapes() -> None:
     )
 
 
-class RamfsArmer(RecordingArmer):
-    def __init__(self) -> None:
-        super().__init__()
-        self.status = (False, "not built yet")
+def test_the_armer_status_is_the_helper_line(tmp_path: Path) -> None:
+    m, _bus = make_manager(tmp_path, RecordingArmer())
+    m.refresh()
+    assert not m.protected
+    assert "helper: armer 'recording' only records the cycle: nothing would be wiped" in m.problems
 
-    def ramfs_status(self) -> tuple[bool, str]:
-        return self.status
+
+def test_without_systemd_the_helper_armer_says_why(tmp_path: Path) -> None:
+    ramfs = Ramfs(str(tmp_path / "ramfs"), mount=False)
+    armer = HelperArmer(FakeBus(), ramfs=ramfs, under_systemd=False)  # type: ignore[arg-type]
+    m, _bus = make_manager(tmp_path, armer)
+    m.refresh()
+    assert not m.protected
+    assert (
+        "helper: not running under systemd (no /run/systemd/system): nothing would be wiped"
+        in m.problems
+    )
+    assert not any(p.startswith("helper-ramfs") for p in m.problems)
+    assert not (tmp_path / "ramfs").exists()  # nothing was built
+
+
+class SlowRamfs(Ramfs):
+    """Builds when told to, in the builder thread."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), mount=False)
+        self.go = threading.Event()
+
+    def current(self) -> bool:
+        return self.size > 0
+
+    def ensure(self) -> bool:
+        assert self.go.wait(10)
+        self.size = 30 * 2**20
+        return True
 
 
 @pytest.mark.asyncio
-async def test_ramfs_status_reaches_problems_when_it_changes(tmp_path: Path) -> None:
-    armer = RamfsArmer()
-    m, _bus = make_manager(tmp_path, armer)
-    m.refresh()
+async def test_the_finished_build_refreshes_protected_without_a_poll(tmp_path: Path) -> None:
+    ramfs = SlowRamfs(tmp_path / "ramfs")
+    armer = HelperArmer(
+        FakeBus(),  # type: ignore[arg-type]
+        ramfs=ramfs,
+        socket_path=str(tmp_path / "s"),
+        under_systemd=True,
+    )
+    unit = FakeUnit(["inactive"])
+    armer.unit = unit  # type: ignore[assignment]
+    refreshed = asyncio.Event()
+    m, bus = make_manager(tmp_path, armer)  # configure() starts the build
+    m._started = True
     assert "helper-ramfs: the helper's RAM filesystem: not built yet" in m.problems
-    watch = asyncio.get_running_loop().create_task(m.watch_ramfs(interval=0.01))
-    try:
-        armer.status = (True, "/run/cryptlockd/ramfs: 30.0 MiB")
-        deadline = asyncio.get_running_loop().time() + 10
-        while any(p.startswith("helper-ramfs") for p in m.problems):
-            assert asyncio.get_running_loop().time() < deadline, m.problems
-            await asyncio.sleep(0.01)
-    finally:
-        watch.cancel()
+    real_refresh = m.refresh
+
+    def refresh() -> None:
+        real_refresh()
+        refreshed.set()
+
+    armer.watch(refresh)
+    ramfs.go.set()
+    await asyncio.wait_for(refreshed.wait(), 10)
+    assert not any(p.startswith("helper-ramfs") for p in m.problems), m.problems
+    [ok] = [r for r in m.check_results if r.name == "helper-ramfs"]
+    assert ok.ok and "30.0 MiB" in ok.detail
+    assert any("Problems" in sig.body[1] for sig in bus.signals("PropertiesChanged"))
+    # And then the idle helper is started ahead of the next sleep.
+    assert armer._prestart_task is not None
+    await asyncio.wait_for(armer._prestart_task, 10)
+    assert unit.calls[-1] == "StartUnit"
