@@ -6,6 +6,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,30 @@ def test_a_run_holds_its_entry_so_an_older_checkouts_prune_keeps_it(
     # A run of another checkout (another hash) prunes: our entry is in use, it stays.
     assert prune(tmp_path, "bookworm", CURRENT) == []
     assert (tmp_path / ours / "root.img").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_prune_unmounts_what_a_killed_mmdebstrap_left_before_removing(tmp_path: Path) -> None:
+    """A builder killed inside mmdebstrap leaves its chroot's mounts: rmtree alone would
+    descend into them. Run in a private mount namespace, so nothing reaches the host."""
+    build = tmp_path / f".build-{OLDER}-{dead_pid()}"
+    script = f"""
+import subprocess
+from pathlib import Path
+from tests.vm.image import prune
+shm = Path({str(build)!r}) / "rootfs/dev/shm"
+shm.mkdir(parents=True)
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shm)], check=True)
+(shm / "file").write_text("in the chroot's tmpfs")
+print(prune(Path({str(tmp_path)!r}), "bookworm", {CURRENT!r}))
+print(any(str(shm) in line for line in open("/proc/self/mountinfo")))
+"""
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split("\n")
+    assert out[:2] == [f"['{build.name}']", "False"], out
+    assert not build.exists()

@@ -17,6 +17,7 @@ entry it runs on.
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import hashlib
 import json
@@ -350,6 +351,27 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def _mount_points() -> list[Path]:
+    # /proc/self/mountinfo's 5th field, with octal escapes (\040 for a space).
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [Path(codecs.decode(line.split()[4], "unicode_escape")) for line in lines]
+
+
+def _remove_tree(path: Path) -> bool:
+    """rmtree that never descends into a mounted file system. A builder killed inside
+    mmdebstrap leaves its chroot's proc, sys, dev/pts and dev/shm mounted: those are unmounted
+    first (lazily: a dead builder's chroot has no users). False if that did not work."""
+    path = path.resolve()
+    inside = sorted((m for m in _mount_points() if m.is_relative_to(path)), reverse=True)
+    if inside:
+        subprocess.run(["umount", "--lazy", *map(str, inside)], capture_output=True, timeout=60)
+        if any(m.is_relative_to(path) for m in _mount_points()):
+            log.warning("not removing %s: file systems stay mounted below it", path)
+            return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
 def _remove_entry(root: Path, entry: str) -> bool:
     """Removes an entry and its lock file, unless a builder holds the lock file or a run
     holds the entry."""
@@ -361,9 +383,8 @@ def _remove_entry(root: Path, entry: str) -> bool:
         if path.is_dir():
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                if not _try_lock(fd):
+                if not _try_lock(fd) or not _remove_tree(path):
                     return False
-                shutil.rmtree(path, ignore_errors=True)
             finally:
                 os.close(fd)
         lock_path.unlink(missing_ok=True)
@@ -379,8 +400,8 @@ def prune(root: Path, suite: str, keep: str) -> list[str]:
         pid = path.name.rsplit("-", 1)[-1]
         if path.name.startswith(".build-") and Path(f"/proc/{pid}").exists():
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path.name)
+        if _remove_tree(path):
+            removed.append(path.name)
     entries = {path.name.removesuffix(".lock") for path in root.glob(f"{suite}-*")}
     removed += [e for e in sorted(entries - {keep}) if _remove_entry(root, e)]
     if removed:
@@ -413,7 +434,7 @@ def _build(root: Path, suite: str, name: str) -> None:
     log.info("building the test bed image %s (takes a few minutes once)", final)
     start = time.monotonic()
     work = root / f".build-{name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_tree(work)
     work.mkdir()
     try:
         rootfs = work / "rootfs"
@@ -447,9 +468,9 @@ def _build(root: Path, suite: str, name: str) -> None:
         (work / "manifest.json").write_text(json.dumps(report, indent=2) + "\n")
         os.replace(work, final)
     except BaseException:
-        shutil.rmtree(work / "rootfs", ignore_errors=True)
+        _remove_tree(work / "rootfs")
         failed = root / f".failed-{name}"
-        shutil.rmtree(failed, ignore_errors=True)
+        _remove_tree(failed)
         if work.exists():
             work.rename(failed)
             log.error("kept the failed build's files in %s", failed)
