@@ -201,14 +201,28 @@ def vm_installed(
     return layer
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "vm_suites(*suites): a guest test that runs on these Debian releases only "
+        "(see 'Where a new guest test goes' in tests/vm/README.md)",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test's timeout covers its body only: the session fixtures (image build, installed
-    layer) run in the setup of whichever test comes first and have their own deadlines."""
+    layer) run in the setup of whichever test comes first and have their own deadlines.
+    A test marked vm_suites(...) is skipped, with the reason, in the other releases' runs."""
+    suite = image_mod.selected_suite()
     for item in items:
         marker = item.get_closest_marker("timeout")
         if marker is not None and "tests/vm/" in item.nodeid.replace("\\", "/"):
             seconds = marker.args[0] if marker.args else marker.kwargs.get("timeout", 900)
             item.add_marker(pytest.mark.timeout(seconds, func_only=True), append=False)
+        only = item.get_closest_marker("vm_suites")
+        if only is not None and suite not in only.args:
+            reason = f"runs on {' and '.join(only.args)} only; this run is {suite}"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.hookimpl(hookwrapper=True)
