@@ -65,7 +65,9 @@ def guest_requirements() -> list[str]:
 
 
 def wheelhouse(python_version: str) -> Path:
-    """Wheels for the guest, cached per Python version and requirement list."""
+    """Wheels for the guest, cached per Python version and requirement list. The suites
+    have different Pythons, so they never share one; runs that need the same one wait for
+    its lock, and the wheels are downloaded into a private directory renamed into place."""
     reqs = guest_requirements()
     key = hashlib.sha256(json.dumps([python_version, reqs, PLATFORMS]).encode()).hexdigest()[:12]
     root = cache_root()
@@ -74,8 +76,9 @@ def wheelhouse(python_version: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir():
             return final
+        for stale in root.glob(f".wheels-{key}-*"):  # what killed downloads left
+            shutil.rmtree(stale, ignore_errors=True)
         work = root / f".wheels-{key}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
         start = time.monotonic()
         argv = [
             "/usr/bin/python3",
