@@ -1,6 +1,7 @@
-"""The daemon's sleep-cycle logic with the bus replaced by a recorder: arming closes the
-inhibitor fd, a failing or slow armer still lets the sleep go ahead (fd closed, logged),
-the cycle record becomes LastCycle and CycleFinished, and a sleep without a cycle disarms."""
+"""The daemon's state and sleep-cycle logic (cryptlockd/daemon/manager.py), with the bus
+replaced by a recorder: arming closes the inhibitor fd, a failing or slow armer still lets
+the sleep go ahead (fd closed, logged), the cycle record becomes LastCycle and
+CycleFinished, a sleep without a cycle disarms, and every change is announced once."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from typing import Any
 import pytest
 from dbus_fast import Message, Variant
 
-from cryptlockd.bus import to_variant
-from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.armer import Armer, CycleCallback
+from cryptlockd.daemon.checks import CheckResult
+from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_armer import HelperArmer
-from cryptlockd.daemon.main import Manager, parse_args
+from cryptlockd.daemon.main import manager_for, parse_args
+from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.notify import Notifier
 from cryptlockd.daemon.ramfs import Ramfs
+from cryptlockd.daemon.service import Service
 from cryptlockd.defs import State
 from cryptlockd.errors import CryptlockdError
 from tests.fakesys import FakeSystem, plain_luks2
@@ -50,15 +54,18 @@ class HangingArmer(RecordingArmer):
         await asyncio.sleep(3600)
 
 
-def make_manager(tmp_path: Path, armer: Any) -> tuple[Manager, FakeBus]:
+def make_manager(tmp_path: Path, armer: Armer) -> tuple[Manager, FakeBus]:
+    """A manager on a fake machine with one LUKS2 root, shown by a Service on a FakeBus."""
     fs = FakeSystem(tmp_path / "fake")
     plain_luks2(fs)
     root = tmp_path / "root"
     (root / "etc" / "cryptlockd").mkdir(parents=True)
     (root / "etc" / "cryptlockd" / "cryptlockd.conf").write_text("[cycle]\narm_timeout_sec = 0.3\n")
-    bus = FakeBus()
-    args = parse_args(["--root", str(root), *fs.daemon_args()])
-    m = Manager(bus, args, armer, Notifier(None, None))  # type: ignore[arg-type]
+    bus: Any = FakeBus()
+    m = manager_for(
+        parse_args(["--root", str(root), *fs.daemon_args()]), bus, armer, Notifier(None, None)
+    )
+    Service(bus, m, polkit_timeout=1.0)
     m.load_config()
     m.load_devices()
     assert [d.name for d in m.devices] == ["cryptroot"]
@@ -79,6 +86,10 @@ def closed(read_end: int) -> bool:
         return os.read(read_end, 1) == b""
     except BlockingIOError:  # the write end is still open somewhere
         return False
+
+
+def changed_names(bus: FakeBus) -> list[list[str]]:
+    return [sorted(sig.body[1]) for sig in bus.signals("PropertiesChanged")]
 
 
 @pytest.mark.asyncio
@@ -115,9 +126,8 @@ async def test_cycle_record_becomes_last_cycle_and_signal(tmp_path: Path) -> Non
     assert sig.signature == "ba{sv}"
     assert sig.body[0] is True
     assert sig.body[1]["steps"] == Variant("a{sv}", {"freeze": Variant("d", 1.5)})
-    changed = [m_.body[1] for m_ in bus.signals("PropertiesChanged")]
-    assert any("LastCycle" in c for c in changed)
-    assert m.get_property("LastCycle")["result"] == Variant("s", "success")
+    assert any("LastCycle" in c for c in changed_names(bus))
+    assert m.listener.snapshot()["LastCycle"]["result"] == Variant("s", "success")
     m.logind.owner = None
     await m.prepare_for_sleep(False)
     assert armer.disarmed == 0  # a cycle came: nothing to stand down
@@ -156,14 +166,34 @@ async def test_disabled_sleeps_unprotected_at_once(
     assert "NOT protected" in caplog.text
 
 
-def test_to_variant_shapes() -> None:
-    assert to_variant(True) == Variant("b", True)
-    assert to_variant(3) == Variant("x", 3)
-    assert to_variant(["a", "b"]) == Variant("as", ["a", "b"])
-    assert to_variant([1, "a"]) == Variant("av", [Variant("x", 1), Variant("s", "a")])
-    assert to_variant({"k": {"n": 1.0}}) == Variant(
-        "a{sv}", {"k": Variant("a{sv}", {"n": Variant("d", 1.0)})}
-    )
+def test_changing_announces_once_with_the_changed_names(tmp_path: Path) -> None:
+    m, bus = make_manager(tmp_path, RecordingArmer())
+    m._started = True
+    with m.changing():
+        m.enabled = False  # Enabled, and through the checks Problems
+        with m.changing():  # nested: announced with the outer one
+            m.state = State.ARMING
+        assert bus.signals("PropertiesChanged") == []
+    assert changed_names(bus) == [["Enabled", "Problems", "State"]]
+    [sig] = bus.signals("PropertiesChanged")
+    assert sig.body[1]["State"] == Variant("s", "arming")
+    m.refresh()  # nothing changed: nothing announced
+    assert len(bus.signals("PropertiesChanged")) == 1
+
+
+def test_changing_announces_even_when_the_change_raises(tmp_path: Path) -> None:
+    m, bus = make_manager(tmp_path, RecordingArmer())
+    m._started = True
+    with pytest.raises(RuntimeError), m.changing():
+        m.enabled = False
+        raise RuntimeError("half-way")
+    assert changed_names(bus) == [["Enabled", "Problems"]]
+
+
+def test_nothing_is_announced_before_start(tmp_path: Path) -> None:
+    m, bus = make_manager(tmp_path, RecordingArmer())
+    m.set_state(State.ARMING)
+    assert bus.sent == []
 
 
 def test_the_armer_status_is_the_helper_line(tmp_path: Path) -> None:
@@ -230,8 +260,15 @@ async def test_the_finished_build_refreshes_protected_without_a_poll(tmp_path: P
     assert not any(p.startswith("helper-ramfs") for p in m.problems), m.problems
     [ok] = [r for r in m.check_results if r.name == "helper-ramfs"]
     assert ok.ok and "30.0 MiB" in ok.detail
-    assert any("Problems" in sig.body[1] for sig in bus.signals("PropertiesChanged"))
+    assert any("Problems" in c for c in changed_names(bus))
     # And then the idle helper is started ahead of the next sleep.
     assert armer._prestart_task is not None
     await asyncio.wait_for(armer._prestart_task, 10)
     assert unit.calls[-1] == "StartUnit"
+
+
+def test_recording_armer_is_an_armer() -> None:
+    armer: Armer = RecordingArmer()
+    armer.configure(Config())
+    assert [r.name for r in armer.status()] == ["helper"]
+    assert isinstance(armer.status()[0], CheckResult)
