@@ -195,99 +195,66 @@ def kernel_version(release: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+def _informational(name: str, ok: bool, detail: str) -> CheckResult:
+    return CheckResult(name, ok, detail, blocking=False)
+
+
 def check_key_risks(facts: CryptoFacts) -> list[CheckResult]:
     """The risks of this kernel and libcryptsetup for the volume keys, and what cryptlockd
     does about each. Informational (never blocking): the helper verifies every cycle and a
     failed verification is reported on its own. Pure."""
     kv = kernel_version(facts.kernel_release)
     kname = f"kernel {facts.kernel_release}"
-    out: list[CheckResult] = []
     if not facts.kernel_keyrings:
-        out.append(
-            CheckResult(
-                "risk-kernel-keyring",
-                True,
-                f"{kname} has no key retention service (/proc/keys): the volume "
-                "key lives only in the dm table, which luksSuspend wipes and "
-                "cryptlockd checks",
-                blocking=False,
-            )
+        kernel = (
+            f"{kname} has no key retention service (/proc/keys): the volume "
+            "key lives only in the dm table, which luksSuspend wipes and "
+            "cryptlockd checks"
         )
     elif kv >= KEYRING_RISK_KERNEL:
-        out.append(
-            CheckResult(
-                "risk-kernel-keyring",
-                True,
-                f"{kname} (6.9 or later) with LUKS2 in keyring mode: a volume key "
-                "may stay in a kernel keyring after luksSuspend. cryptlockd "
-                "looks for cryptsetup:<uuid>-d<N> keys after every suspend, "
-                "invalidates them, checks again, and fails the cycle if one "
-                "stays",
-                blocking=False,
-            )
+        kernel = (
+            f"{kname} (6.9 or later) with LUKS2 in keyring mode: a volume key "
+            "may stay in a kernel keyring after luksSuspend. cryptlockd "
+            "looks for cryptsetup:<uuid>-d<N> keys after every suspend, "
+            "invalidates them, checks again, and fails the cycle if one "
+            "stays"
         )
     elif kv >= DM_CRYPT_KEYRING_KERNEL:
-        out.append(
-            CheckResult(
-                "risk-kernel-keyring",
-                True,
-                f"{kname}: LUKS2 keys go through a kernel keyring on activation; "
-                "cryptsetup drops its copy, and cryptlockd checks after every "
-                "suspend that no copy was left (and invalidates leftovers)",
-                blocking=False,
-            )
+        kernel = (
+            f"{kname}: LUKS2 keys go through a kernel keyring on activation; "
+            "cryptsetup drops its copy, and cryptlockd checks after every "
+            "suspend that no copy was left (and invalidates leftovers)"
         )
     else:
-        out.append(
-            CheckResult(
-                "risk-kernel-keyring",
-                True,
-                f"{kname} predates dm-crypt keyring support: the key lives only "
-                "in the dm table, which luksSuspend wipes and cryptlockd checks",
-                blocking=False,
-            )
+        kernel = (
+            f"{kname} predates dm-crypt keyring support: the key lives only "
+            "in the dm table, which luksSuspend wipes and cryptlockd checks"
         )
+    out = [_informational("risk-kernel-keyring", True, kernel)]
     if facts.libcryptsetup is None:
-        out.append(
-            CheckResult(
-                "risk-libcryptsetup",
-                False,
-                "libcryptsetup cannot be loaded: the helper cannot suspend the devices",
-                blocking=False,
-            )
-        )
+        lib = "libcryptsetup cannot be loaded: the helper cannot suspend the devices"
     elif facts.keyring_to_link:
-        out.append(
-            CheckResult(
-                "risk-libcryptsetup",
-                True,
-                f"libcryptsetup {facts.libcryptsetup} can link a volume key "
-                "into any keyring under any name (--link-vk-to-keyring, "
-                "crypttab link-volume-key=); cryptlockd only recognises "
-                "cryptsetup:<uuid>-d<N>, so do not use that option",
-                blocking=False,
-            )
+        lib = (
+            f"libcryptsetup {facts.libcryptsetup} can link a volume key "
+            "into any keyring under any name (--link-vk-to-keyring, "
+            "crypttab link-volume-key=); cryptlockd only recognises "
+            "cryptsetup:<uuid>-d<N>, so do not use that option"
         )
     else:
-        out.append(
-            CheckResult(
-                "risk-libcryptsetup",
-                True,
-                f"libcryptsetup {facts.libcryptsetup}: volume keys only under "
-                "cryptsetup:<uuid>-d<N>, which cryptlockd checks",
-                blocking=False,
-            )
+        lib = (
+            f"libcryptsetup {facts.libcryptsetup}: volume keys only under "
+            "cryptsetup:<uuid>-d<N>, which cryptlockd checks"
         )
+    out.append(_informational("risk-libcryptsetup", facts.libcryptsetup is not None, lib))
     if facts.linked_in_crypttab:
         out.append(
-            CheckResult(
+            _informational(
                 "risk-linked-volume-key",
                 False,
                 "crypttab links the volume key of "
                 f"{', '.join(facts.linked_in_crypttab)} into a keyring "
                 "(link-volume-key=): that copy survives luksSuspend under a "
                 "name cryptlockd cannot check",
-                blocking=False,
             )
         )
     return out

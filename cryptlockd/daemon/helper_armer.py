@@ -14,9 +14,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from dbus_fast.aio import MessageBus
 
@@ -36,11 +36,9 @@ from cryptlockd.helper import protocol
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import ArmedMessage
 
-__all__ = ["HelperArmer", "HelperError", "poll_until"]
+__all__ = ["HelperArmer", "HelperError"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # The unit still runs a helper, or has not yet noticed that it exited.
 BUSY_STATES = ("active", "deactivating", "reloading")
@@ -52,30 +50,6 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class HelperError(CryptlockdError):
     pass
-
-
-async def poll_until(
-    check: Callable[[], Awaitable[T | None]],
-    deadline: float,
-    *,
-    every: float,
-    unless: asyncio.Event | None = None,
-) -> T | None:
-    """For what nothing announces (a unix socket starting to accept): check() every `every`
-    seconds until it returns something, which is returned. None once `deadline`
-    (time.monotonic()) has passed, or as soon as `unless` is set."""
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        left = deadline - time.monotonic()
-        if left <= 0 or (unless is not None and unless.is_set()):
-            return None
-        if unless is None:
-            await asyncio.sleep(min(every, left))
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(unless.wait(), min(every, left))
 
 
 class HelperArmer:
@@ -203,7 +177,9 @@ class HelperArmer:
                 return
             # Active, and nothing listens: a helper still starting up (it will listen), or
             # one that has exited and that systemd has not reaped yet (the state changes).
-            if await poll_until(self._listening, deadline, every=0.05, unless=changed):
+            if await helper_socket.poll_until(
+                self._listening, deadline, every=0.05, unless=changed
+            ):
                 return  # a helper runs and listens: nothing to start
             if time.monotonic() >= deadline:
                 raise HelperError(
@@ -221,7 +197,7 @@ class HelperArmer:
                 errors.append(e)
                 return None
 
-        conn = await poll_until(attempt, deadline, every=0.01)
+        conn = await helper_socket.poll_until(attempt, deadline, every=0.01)
         if conn is None:
             last = errors[-1] if errors else None
             raise HelperError(f"the helper did not open {self.socket_path}: {last}")

@@ -1,14 +1,21 @@
-"""The helper process as its socket in the RAM filesystem shows it: whether one runs, and
-telling an idle one to stand down. Blocking calls, each with a timeout."""
+"""The helper process as its socket in the RAM filesystem shows it: whether one runs,
+telling an idle one to stand down (blocking calls, each with a timeout), and waiting for one
+to listen, which nothing announces (poll_until)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from cryptlockd.helper import protocol
 
-__all__ = ["alive", "stop_idle"]
+__all__ = ["alive", "poll_until", "stop_idle"]
+
+T = TypeVar("T")
 
 
 def alive(socket_path: str) -> bool:
@@ -45,3 +52,27 @@ def stop_idle(socket_path: str, timeout: float = 5.0) -> bool:
         except OSError:  # timed out, or reset
             pass
     return not alive(socket_path)
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[T | None]],
+    deadline: float,
+    *,
+    every: float,
+    unless: asyncio.Event | None = None,
+) -> T | None:
+    """For what nothing announces (a unix socket starting to accept): check() every `every`
+    seconds until it returns something, which is returned. None once `deadline`
+    (time.monotonic()) has passed, or as soon as `unless` is set."""
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0 or (unless is not None and unless.is_set()):
+            return None
+        if unless is None:
+            await asyncio.sleep(min(every, left))
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(unless.wait(), min(every, left))

@@ -1,6 +1,6 @@
 """org.cryptlockd1.Manager on the bus: the properties, the methods (privileged ones after a
 polkit check), PropertiesChanged and CycleFinished. The behaviour is the manager's
-(manager.py); the interface is the introspection XML's (bus.ExportedObject)."""
+(manager.py); the interface is the introspection XML's (exported_object.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from cryptlockd import __version__
-from cryptlockd.bus import ExportedObject, to_vardict
 from cryptlockd.daemon import polkit
 from cryptlockd.daemon.armer import CycleRecord
 from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.daemon.exported_object import ExportedObject, to_vardict
 from cryptlockd.daemon.manager import Manager
 from cryptlockd.defs import (
     DEVICE_FIELDS,

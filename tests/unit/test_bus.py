@@ -1,5 +1,5 @@
-"""The D-Bus edge (cryptlockd/bus.py): values as variants, and outgoing calls, where every
-failure becomes RemoteError."""
+"""The D-Bus client layer (cryptlockd/bus.py): outgoing calls, where every failure becomes
+RemoteError."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from dbus_fast import Message, Variant
 
-from cryptlockd.bus import RemoteInterface, bus_daemon, to_variant
+from cryptlockd.bus import RemoteInterface, bus_daemon
 from cryptlockd.defs import ERR_DISCONNECTED, ERR_TIMEOUT, PROPERTIES_INTERFACE
 from cryptlockd.errors import RemoteError
 
@@ -71,13 +71,3 @@ async def test_timeouts_and_lost_connections_become_remote_error() -> None:
         gone: Any = FakeBus(lambda m: EOFError())
         await bus_daemon(gone, 1.0).call("NameHasOwner", "s", [":1.1"])
     assert e.value.error_name == ERR_DISCONNECTED
-
-
-def test_to_variant_shapes() -> None:
-    assert to_variant(True) == Variant("b", True)
-    assert to_variant(3) == Variant("x", 3)
-    assert to_variant(["a", "b"]) == Variant("as", ["a", "b"])
-    assert to_variant([1, "a"]) == Variant("av", [Variant("x", 1), Variant("s", "a")])
-    assert to_variant({"k": {"n": 1.0}}) == Variant(
-        "a{sv}", {"k": Variant("a{sv}", {"n": Variant("d", 1.0)})}
-    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryptlockd.daemon.devices import CrypttabEntry, parse_crypttab, read_crypttab
+from cryptlockd.daemon.crypttab import CrypttabEntry, parse_crypttab, read_crypttab
 
 
 def test_fields_comments_and_blank_lines() -> None:

@@ -1,0 +1,55 @@
+"""What the daemon puts in the arm message and how it reads the record back
+(cryptlockd/daemon/helper_messages.py)."""
+
+from __future__ import annotations
+
+from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.daemon.helper_messages import device_plan, merge_record
+
+
+def test_device_plan_root_takes_passphrase() -> None:
+    devs = [
+        LuksDevice("root", "u1", "LUKS2", "/dev/vda", True, False, "keyfile:/etc/keys/root.key"),
+        LuksDevice("data", "u2", "LUKS2", "/dev/vdb", False, False, "keyfile:/etc/keys/d.key"),
+    ]
+    plan = {d["name"]: d["key_source"] for d in device_plan(devs)}
+    assert plan == {"root": "passphrase", "data": "keyfile:/etc/keys/d.key"}
+
+
+def test_device_plan_carries_keyfile_size_and_offset() -> None:
+    devs = [
+        LuksDevice(
+            "root",
+            "u1",
+            "LUKS2",
+            "/dev/vda",
+            True,
+            False,
+            "keyfile:/r.key",
+            keyfile_size=32,
+            keyfile_offset=8,
+        ),
+        LuksDevice(
+            "data",
+            "u2",
+            "LUKS2",
+            "/dev/vdb",
+            False,
+            False,
+            "keyfile:/d.key",
+            keyfile_size=64,
+            keyfile_offset=4096,
+        ),
+    ]
+    plan = {str(d["name"]): (d["keyfile_size"], d["keyfile_offset"]) for d in device_plan(devs)}
+    # The root's keyfile is never read (it takes the passphrase), so neither are its options.
+    assert plan == {"root": (0, 0), "data": (64, 4096)}
+
+
+def test_merge_record_puts_daemon_steps_first() -> None:
+    rec = {"started_boottime": 100.0, "timeline_ms": {"helper_arm": 0.0, "finished": 900.0}}
+    out = merge_record(
+        rec, {"arm_requested": 99.5, "armed": 100.2}, {"reserve_kib": 65536, "vt": 8}
+    )
+    assert list(out["timeline_ms"]) == ["arm_requested", "helper_arm", "armed", "finished"]
+    assert out["timeline_ms"]["finished"] == 1400.0 and out["arm_seconds"] == 0.7
