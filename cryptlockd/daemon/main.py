@@ -15,11 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dbus_fast import BusType, DBusError, RequestNameReply
+from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
 from cryptlockd import __version__
+from cryptlockd.bus import bus_daemon
 from cryptlockd.daemon import polkit
 from cryptlockd.daemon.armer import Armer
 from cryptlockd.daemon.devices import SystemPaths
@@ -29,7 +30,7 @@ from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.notify import Notifier
 from cryptlockd.daemon.service import Service
 from cryptlockd.defs import BUS_NAME, DBUS_CALL_TIMEOUT
-from cryptlockd.errors import CryptlockdError
+from cryptlockd.errors import CryptlockdError, RemoteError
 
 __all__ = ["main", "manager_for", "parse_args", "serve"]
 
@@ -87,11 +88,11 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
             log.error("no hotplug monitor (devices are read at start and Reload): %s", e)
             monitor = None
 
+    dbus = bus_daemon(bus, DBUS_CALL_TIMEOUT)
     try:
-        reply = await asyncio.wait_for(
-            bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE), DBUS_CALL_TIMEOUT
-        )
-    except (DBusError, TimeoutError) as e:
+        answer = await dbus.call("RequestName", "su", [BUS_NAME, int(NameFlag.DO_NOT_QUEUE)])
+        reply = RequestNameReply(answer.body[0])
+    except (RemoteError, ValueError) as e:
         # AccessDenied: the bus policy lets only root own the name.
         log.error("cannot own %s: %s", BUS_NAME, e)
         return 1
@@ -125,8 +126,8 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
     service.stop()
     manager.stop()
     if not disconnected.done():
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(bus.release_name(BUS_NAME), DBUS_CALL_TIMEOUT)
+        with contextlib.suppress(RemoteError):
+            await dbus.call("ReleaseName", "s", [BUS_NAME])
         bus.disconnect()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(_wait_for_disconnect(bus), DBUS_CALL_TIMEOUT)
