@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
-import time
 from collections.abc import Sequence
 
-from cryptlockd.helper import protocol
+from cryptlockd.helper import journal, protocol
+from cryptlockd.helper.journal import CRIT, ERR, INFO, WARNING
+from cryptlockd.helper.protocol import boottime
 from cryptlockd.run import run
 from cryptlockd.searchpath import merged_dir
 
@@ -33,15 +33,12 @@ STOCK_SLEEP = ("/usr/lib/systemd/systemd-sleep", "/lib/systemd/systemd-sleep")
 HOOK_TIMEOUT = 90.0
 CONNECT_TIMEOUT = 2.0
 BEGIN_TIMEOUT = 10.0
+DONE_TIMEOUT = 30.0
 
 
 def log(priority: int, text: str) -> None:
-    # systemd-suspend.service's stdout goes to the journal; "<N>" sets the priority.
-    print(f"<{priority}>cryptlockd-sleep: {text}", flush=True)
-
-
-def boottime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
+    # systemd-suspend.service's stdout goes to the journal.
+    journal.log(priority, text, sys.stdout, tag="cryptlockd-sleep: ")
 
 
 def hook_programs(dirs: Sequence[str] = HOOK_DIRS) -> list[str]:
@@ -49,7 +46,7 @@ def hook_programs(dirs: Sequence[str] = HOOK_DIRS) -> list[str]:
     try:
         found = merged_dir(dirs)
     except OSError as e:
-        log(4, f"cannot read the sleep hooks: {e}")
+        log(WARNING, f"cannot read the sleep hooks: {e}")
         return []
     return [path for path in found if os.path.isfile(path) and os.access(path, os.X_OK)]
 
@@ -63,54 +60,39 @@ def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:
             env={"SYSTEMD_SLEEP_ACTION": "suspend"},
         )
         if proc.returncode != 0:
-            log(4, f"hook {hook} {phase} failed ({proc.returncode}): {proc.stderr.strip()}")
+            log(WARNING, f"hook {hook} {phase} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
 def stock_sleep(why: str) -> int:
-    log(2, f"this sleep is UNPROTECTED, the LUKS keys stay in RAM: {why}")
+    log(CRIT, f"this sleep is UNPROTECTED, the LUKS keys stay in RAM: {why}")
     for path in STOCK_SLEEP:
         if os.access(path, os.X_OK):
             os.execv(path, [path, "suspend"])
-    log(3, "no systemd-sleep found")
+    log(ERR, "no systemd-sleep found")
     return 1
 
 
-class Channel:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = protocol.LineBuffer()
-        self.pending: list[Message] = []
-
-    def send(self, msg: Message) -> None:
-        self.sock.sendall(protocol.encode(msg))
-
-    def receive(self, timeout: float | None) -> Message | None:
-        self.sock.settimeout(timeout)
-        while not self.pending:
-            try:
-                data = self.sock.recv(65536)
-            except (TimeoutError, OSError):
-                return None
-            if not data:
-                return None
-            self.pending.extend(self.buffer.feed(data))
-        return self.pending.pop(0)
-
-
-def connect(path: str = protocol.SOCKET_PATH) -> Channel | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(CONNECT_TIMEOUT)
+def _receive(chan: protocol.Channel, timeout: float | None) -> Message | None:
+    """The helper's next message; None if it went away, or sent what we cannot read."""
     try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
+        return chan.receive(timeout)
+    except protocol.ProtocolError as e:
+        log(ERR, f"a bad message from the helper: {e}")
         return None
-    return Channel(sock)
+
+
+def _why(msg: Message | None) -> str:
+    """What the helper said went wrong."""
+    if msg is None:
+        return "no answer"
+    if msg["op"] == protocol.OP_ERROR or msg["op"] == protocol.OP_RESUMED:
+        return msg["reason"]
+    return msg["op"]
 
 
 def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {"sleep_entry": boottime()}
-    chan = connect()
+    chan = protocol.connect(protocol.SOCKET_PATH, CONNECT_TIMEOUT)
     if chan is None:
         return stock_sleep(
             "no cryptlockd helper is armed (is cryptlockd running, and protecting any LUKS device?)"
@@ -119,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         chan.send({"op": protocol.OP_BEGIN})
     except OSError as e:
         return stock_sleep(f"the helper went away: {e}")
-    reply = chan.receive(BEGIN_TIMEOUT)
+    reply = _receive(chan, BEGIN_TIMEOUT)
     if reply is None or reply["op"] != protocol.OP_READY:
-        why = reply.get("reason", reply["op"]) if reply else "no answer"
-        return stock_sleep(f"the helper is not armed: {why}")
+        return stock_sleep(f"the helper is not armed: {_why(reply)}")
     times["hooks_pre_start"] = boottime()
     run_hooks("pre")
     times["hooks_pre_end"] = boottime()
@@ -130,25 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chan.send({"op": protocol.OP_SLEEP, "times": times})
     except OSError as e:
-        log(2, f"could not hand the sleep to the helper: {e}; not sleeping")
+        log(CRIT, f"could not hand the sleep to the helper: {e}; not sleeping")
         return 1
-    result = chan.receive(None)
+    result = _receive(chan, None)
     post: dict[str, float] = {"hooks_post_start": boottime()}
     run_hooks("post")
     post["hooks_post_end"] = boottime()
     if result is None:
-        log(2, "the helper went away during the cycle")
+        log(CRIT, "the helper went away during the cycle")
         return 1
     with contextlib.suppress(OSError):
         chan.send({"op": protocol.OP_FINISH, "times": post})
-    done = chan.receive(30.0)
-    ok = bool(result.get("slept")) and done is not None and bool(done.get("success"))
-    if result.get("slept"):
-        why = "" if ok else f": {result.get('reason') or 'see the cycle record'}"
-        log(6 if ok else 4, "protected sleep done" + why)
-    else:
-        log(3, f"the protected sleep failed: {result.get('reason')}")
-    return 0 if result.get("slept") else 1
+    done = _receive(chan, DONE_TIMEOUT)
+    if result["op"] != protocol.OP_RESUMED or not result["slept"]:
+        log(ERR, f"the protected sleep failed: {_why(result)}")
+        return 1
+    ok = done is not None and done["op"] == protocol.OP_DONE and done["success"]
+    why = "" if ok else f": {result['reason'] or 'see the cycle record'}"
+    log(INFO if ok else WARNING, "protected sleep done" + why)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,16 @@
 """The cycle record: what happened, when, to which devices, and how the wipe was verified.
 
-Times are CLOCK_BOOTTIME seconds: unlike CLOCK_MONOTONIC it keeps counting while the
-machine sleeps, and the daemon and the helper share it, so their steps merge into one
-timeline.
+Times are protocol.boottime() seconds, the clock the daemon, the sleep entry and the helper
+share, so their steps merge into one timeline.
 """
 
 from __future__ import annotations
 
-import time
+from cryptlockd.helper.protocol import boottime
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
     from typing import Any
-
-
-def now() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def device_verified(v: dict[str, str]) -> bool:
@@ -48,7 +43,7 @@ class CycleRecord:
         key, n = name, 2
         while key in self.timeline:
             key, n = f"{name}#{n}", n + 1
-        self.timeline[key] = now() if at is None else at
+        self.timeline[key] = boottime() if at is None else at
 
     def fail(self, reason: str) -> None:
         # The first reason is the cause; later ones are consequences, kept as problems.

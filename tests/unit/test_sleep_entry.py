@@ -14,25 +14,18 @@ import pytest
 from cryptlockd import sleep_entry
 from cryptlockd.helper import protocol
 
-Script = Callable[[sleep_entry.Channel], None]
+Script = Callable[[protocol.Channel], None]
 
 
 @pytest.fixture
 def entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     calls: dict[str, object] = {"stock": [], "hooks": []}
     path = str(tmp_path / "helper.sock")
-    monkeypatch.setattr(sleep_entry, "connect", lambda: _connect(path))
+    monkeypatch.setattr(protocol, "SOCKET_PATH", path)
     monkeypatch.setattr(sleep_entry, "stock_sleep", lambda why: calls["stock"].append(why) or 0)  # type: ignore[attr-defined]
     monkeypatch.setattr(sleep_entry, "run_hooks", lambda phase: calls["hooks"].append(phase))  # type: ignore[attr-defined]
     calls["path"] = path
     yield calls
-
-
-_real_connect = sleep_entry.connect
-
-
-def _connect(path: str) -> sleep_entry.Channel | None:
-    return _real_connect(path)
 
 
 def serve(path: str, script: Script) -> threading.Thread:
@@ -43,7 +36,7 @@ def serve(path: str, script: Script) -> threading.Thread:
     def run() -> None:
         conn, _ = srv.accept()
         try:
-            script(sleep_entry.Channel(conn))
+            script(protocol.Channel(conn))
         finally:
             conn.close()
             srv.close()
@@ -59,7 +52,7 @@ def test_no_helper_means_stock_sleep(entry: dict[str, object]) -> None:
 
 
 def test_not_armed_means_stock_sleep(entry: dict[str, object]) -> None:
-    def script(ch: sleep_entry.Channel) -> None:
+    def script(ch: protocol.Channel) -> None:
         assert ch.receive(5)["op"] == protocol.OP_BEGIN  # type: ignore[index]
         ch.send({"op": protocol.OP_ERROR, "reason": "not armed"})
 
@@ -73,11 +66,12 @@ def test_not_armed_means_stock_sleep(entry: dict[str, object]) -> None:
 def test_full_hand_over_runs_hooks_around_the_sleep(entry: dict[str, object]) -> None:
     seen: list[str] = []
 
-    def script(ch: sleep_entry.Channel) -> None:
+    def script(ch: protocol.Channel) -> None:
         seen.append(ch.receive(5)["op"])  # type: ignore[index]
         ch.send({"op": protocol.OP_READY})
         msg = ch.receive(5)
-        assert msg is not None and "hooks_pre_end" in msg["times"]
+        assert msg is not None and msg["op"] == protocol.OP_SLEEP
+        assert "hooks_pre_end" in msg["times"]
         seen.append(msg["op"])
         ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
         seen.append(ch.receive(5)["op"])  # type: ignore[index]
@@ -91,7 +85,7 @@ def test_full_hand_over_runs_hooks_around_the_sleep(entry: dict[str, object]) ->
 
 
 def test_helper_lost_after_sleep_never_sleeps_again(entry: dict[str, object]) -> None:
-    def script(ch: sleep_entry.Channel) -> None:
+    def script(ch: protocol.Channel) -> None:
         ch.receive(5)
         ch.send({"op": protocol.OP_READY})
         ch.receive(5)  # the sleep order, then the helper vanishes
@@ -113,3 +107,34 @@ def test_hook_programs_mask_and_order(tmp_path: Path) -> None:
             p.chmod(0o755)
     os.symlink("/dev/null", etc / "a")
     assert sleep_entry.hook_programs([str(etc), str(lib)]) == [str(etc / "b")]
+
+
+def test_a_bad_answer_to_begin_means_stock_sleep(entry: dict[str, object]) -> None:
+    def script(ch: protocol.Channel) -> None:
+        ch.receive(5)
+        ch.sock.sendall(b'{"op": "ready"\n')  # not JSON
+
+    t = serve(str(entry["path"]), script)
+    assert sleep_entry.main() == 0
+    t.join(5)
+    assert "the helper is not armed: no answer" in entry["stock"][0]  # type: ignore[index]
+    assert entry["hooks"] == []
+
+
+def test_a_failed_protected_sleep_is_logged_and_not_repeated(
+    entry: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    def script(ch: protocol.Channel) -> None:
+        ch.receive(5)
+        ch.send({"op": protocol.OP_READY})
+        ch.receive(5)
+        ch.send({"op": protocol.OP_RESUMED, "slept": False, "reason": "freezing timed out"})
+        ch.receive(5)
+        ch.send({"op": protocol.OP_DONE, "success": False})
+
+    t = serve(str(entry["path"]), script)
+    assert sleep_entry.main() == 1
+    t.join(5)
+    assert entry["stock"] == [] and entry["hooks"] == ["pre", "post"]
+    out = capsys.readouterr().out
+    assert "<3>cryptlockd-sleep: the protected sleep failed: freezing timed out\n" in out

@@ -1,34 +1,15 @@
-"""The idle helper opens the LUKS mappings ahead of time; arming reuses a handle only while
+"""The helper's session (cryptlockd/helper/session.py).
+
+The idle helper opens the LUKS mappings ahead of time; arming reuses a handle only while
 its mapping is the same one (by dm UUID), and frees every handle it does not use."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from cryptlockd.helper import main, mappings
-
-
-def fake_dm(sys_block: Path, kname: str, name: str, uuid: str) -> None:
-    (sys_block / kname / "dm").mkdir(parents=True)
-    (sys_block / kname / "dm" / "name").write_text(name + "\n")
-    (sys_block / kname / "dm" / "uuid").write_text(uuid + "\n")
-
-
-def test_luks_mappings_from_sysfs(tmp_path: Path) -> None:
-    fake_dm(tmp_path, "dm-0", "root", "CRYPT-LUKS2-aaaa-root")
-    fake_dm(tmp_path, "dm-1", "vg-home", "LVM-xyz")
-    fake_dm(tmp_path, "dm-2", "plain", "CRYPT-PLAIN-plain")
-    fake_dm(tmp_path, "dm-3", "old", "CRYPT-LUKS1-bbbb-old")
-    (tmp_path / "vda").mkdir()
-    (tmp_path / "dm-4").mkdir()  # no dm/ directory: skipped
-    assert mappings.luks_mappings(str(tmp_path)) == {
-        "root": "CRYPT-LUKS2-aaaa-root",
-        "old": "CRYPT-LUKS1-bbbb-old",
-    }
-    assert mappings.luks_mappings(str(tmp_path / "absent")) == {}
+from cryptlockd.helper import mappings, session
 
 
 class FakeDevice:
@@ -48,16 +29,16 @@ class FakeDevice:
 
 
 @pytest.fixture
-def helper(monkeypatch: pytest.MonkeyPatch) -> main.Helper:
+def helper(monkeypatch: pytest.MonkeyPatch) -> session.Helper:
     FakeDevice.opened, FakeDevice.freed, FakeDevice.fail = [], [], set()
-    monkeypatch.setattr(main, "Device", FakeDevice)
-    h = main.Helper()
+    monkeypatch.setattr(session, "Device", FakeDevice)
+    h = session.Helper()
     h.library = object()  # type: ignore[assignment]
     return h
 
 
 def test_arming_reuses_unchanged_preloaded_mappings(
-    helper: main.Helper, monkeypatch: pytest.MonkeyPatch
+    helper: session.Helper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
         mappings,
@@ -89,7 +70,7 @@ def test_arming_reuses_unchanged_preloaded_mappings(
 
 
 def test_a_device_that_cannot_be_opened_fails_the_arm_and_leaks_nothing(
-    helper: main.Helper, monkeypatch: pytest.MonkeyPatch
+    helper: session.Helper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(mappings, "luks_mappings", lambda: {"root": "CRYPT-LUKS2-aaaa-root"})
     helper.preload()
@@ -100,7 +81,7 @@ def test_a_device_that_cannot_be_opened_fails_the_arm_and_leaks_nothing(
 
 
 def test_a_failed_preload_is_left_for_the_arm(
-    helper: main.Helper, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    helper: session.Helper, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(mappings, "luks_mappings", lambda: {"root": "CRYPT-LUKS2-aaaa-root"})
     FakeDevice.fail = {"root"}

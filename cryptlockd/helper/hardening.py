@@ -1,0 +1,69 @@
+"""The helper's process hardening, and the memory it holds for the KDF at resume.
+
+The passphrase passes through this process (SPEC 4): locked in RAM (`mlockall`), never
+dumped (not dumpable). The Argon2 KDF needs its memory at resume, when the dirty pages of
+suspended disks cannot be written out to make room, so that memory is taken before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+MCL_CURRENT, MCL_FUTURE = 1, 2
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+# Never hold more than this for the KDF, nor more than half the RAM.
+RESERVE_CAP_KIB = 1 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def harden() -> None:
+    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        raise OSError(ctypes.get_errno(), "mlockall")
+    if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+
+
+def hardening_status() -> dict[str, str]:
+    """What the helper looks like from /proc right after arming (for the record)."""
+    out = {"dumpable": str(_libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmLck", "VmRSS"):
+                out[key] = value.strip()
+    with open("/proc/self/oom_score_adj") as f:
+        out["oom_score_adj"] = f.read().strip()
+    return out
+
+
+def mem_total_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reserve_kib(kdf_memory_kib: int) -> int:
+    """How much to reserve for a KDF that wants `kdf_memory_kib`, within the caps."""
+    return min(kdf_memory_kib, RESERVE_CAP_KIB, mem_total_kib() // 2)
+
+
+class Reserve:
+    """Memory for the Argon2 KDF at resume: taken (and, under mlockall, faulted in) while
+    the system is healthy, handed back just before the first resume attempt, when dirty
+    pages of the suspended disks could not be written out to make room."""
+
+    def __init__(self, kib: int) -> None:
+        self.kib = kib
+        self.area: mmap.mmap | None = None
+        if kib > 0:
+            self.area = mmap.mmap(-1, kib * 1024, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            for off in range(0, kib * 1024, mmap.PAGESIZE):
+                self.area[off] = 1
+
+    def release(self) -> None:
+        if self.area is not None:
+            self.area.close()
+            self.area = None

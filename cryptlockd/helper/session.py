@@ -1,0 +1,200 @@
+"""The helper's state from arm to report, and what each message makes it do.
+
+`arm`: lock itself in memory, open the devices and its VT, reserve the KDF memory.
+`begin`: switch to the VT. `sleep`: run the cycle (cycle.run_cycle with SystemOps).
+`finish`: switch the VT back and close the record, which goes to the journal (stderr) and to
+the daemon. Who may send which message, and when, is server.py's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cryptlockd.helper import mappings, protocol
+from cryptlockd.helper.cycle import DevicePlan, run_cycle
+from cryptlockd.helper.hardening import Reserve, harden, hardening_status, reserve_kib
+from cryptlockd.helper.journal import INFO, WARNING, log
+from cryptlockd.helper.libcryptsetup import Device, Library
+from cryptlockd.helper.record import CycleRecord
+from cryptlockd.helper.system_ops import SystemOps, freeze_plan
+from cryptlockd.helper.vt import Terminal
+
+TYPE_CHECKING = False  # see cycle.py
+if TYPE_CHECKING:
+    from cryptlockd.helper.protocol import (
+        ArmedMessage,
+        ArmMessage,
+        DoneMessage,
+        FinishMessage,
+        ReadyMessage,
+        ResumedMessage,
+        SleepMessage,
+    )
+
+
+class Helper:
+    def __init__(self) -> None:
+        self.library: Library | None = None
+        self.devices: dict[str, Device] = {}
+        # Loaded while idle (preload), by dm name, with the dm UUID they were loaded under.
+        self.preloaded: dict[str, tuple[str, Device]] = {}
+        self.plan: list[DevicePlan] = []
+        self._terminal: Terminal | None = None
+        self.reserve = Reserve(0)
+        self.sleep_state = "mem"
+        self.mem_sleep: str | None = None
+        self.freeze_timeout = protocol.DEFAULT_FREEZE_TIMEOUT
+        self.backoff_initial = protocol.DEFAULT_BACKOFF_INITIAL
+        self.backoff_max = protocol.DEFAULT_BACKOFF_MAX
+        self.poweroff_after = protocol.DEFAULT_POWEROFF_AFTER
+        self.record = CycleRecord([])
+        self.daemon: protocol.Channel | None = None
+
+    def preload(self) -> None:
+        """Opens every LUKS mapping while idle: reading headers at arm time queues behind
+        a busy writer's I/O, and logind waits for the arm. The headers are read again
+        after the sleep (SystemOps.refresh_headers), before any resume."""
+        assert self.library is not None
+        for name, uuid in mappings.luks_mappings().items():
+            try:
+                self.preloaded[name] = (uuid, Device(self.library, name))
+            except Exception as e:
+                log(WARNING, f"preloading {name}: {e} (it is opened when armed instead)")
+
+    def _take_devices(self, names: list[str]) -> dict[str, Device]:
+        """The plan's devices: preloaded ones if the mapping is still the same (by dm UUID,
+        from sysfs), freshly opened otherwise. Raises if one cannot be opened."""
+        assert self.library is not None
+        current = mappings.luks_mappings()
+        for stale in self.devices.values():  # from an earlier arm: never reused
+            stale.free()
+        old, self.preloaded, self.devices = self.preloaded, {}, {}
+        taken: dict[str, Device] = {}
+        try:
+            for name in names:
+                uuid, dev = old.pop(name, ("", None))
+                if dev is not None and uuid and uuid == current.get(name):
+                    taken[name] = dev
+                else:
+                    if dev is not None:
+                        dev.free()
+                    taken[name] = Device(self.library, name)
+        except BaseException:
+            for dev in taken.values():
+                dev.free()
+            raise
+        finally:
+            for _, dev in old.values():
+                dev.free()
+        return taken
+
+    @property
+    def terminal(self) -> Terminal:
+        if self._terminal is None:
+            raise RuntimeError("not armed: no VT")
+        return self._terminal
+
+    # -- arming -------------------------------------------------------------------------
+
+    def arm(self, msg: ArmMessage) -> ArmedMessage:
+        self.record = CycleRecord([d["name"] for d in msg["devices"]])
+        self.record.step("helper_arm")
+        harden()
+        self.record.step("helper_hardened")
+        # Fail now, while the sleep can still go ahead unprotected and say so, rather
+        # than mid-cycle.
+        freeze_plan()
+        if self.library is None:
+            self.library = Library()
+        self.plan = [
+            DevicePlan(
+                d["name"],
+                d["key_source"],
+                int(d.get("keyfile_size", 0)),
+                int(d.get("keyfile_offset", 0)),
+            )
+            for d in msg["devices"]
+        ]
+        self.devices = self._take_devices([p.name for p in self.plan])
+        hints = msg["keyslots"] or {}
+        for p in self.plan:
+            if isinstance(hints.get(p.name), int):
+                self.devices[p.name].last_keyslot = hints[p.name]
+        self.record.step("helper_devices_loaded")
+        self.sleep_state = str(msg["sleep_state"])
+        self.mem_sleep = msg["mem_sleep"] or None
+        self.record.sleep_state = self.sleep_state
+        self.freeze_timeout = float(msg["freeze_timeout"])
+        self.backoff_initial = float(msg["backoff_initial"])
+        self.backoff_max = float(msg["backoff_max"])
+        self.poweroff_after = int(msg["poweroff_after"])
+        kib = reserve_kib(max((d.pbkdf_memory_kib() for d in self.devices.values()), default=0))
+        if kib != self.reserve.kib:
+            self.reserve.release()
+            self.reserve = Reserve(kib)
+        self.record.step("helper_kdf_reserved")
+        if self._terminal is None:
+            self._terminal = Terminal(int(msg["vt"]))
+        self.record.step("helper_armed")
+        self.record.hardening = hardening_status()
+        return {
+            "op": protocol.OP_ARMED,
+            "vt": self.terminal.number,
+            "reserve_kib": kib,
+            "pid": os.getpid(),
+        }
+
+    # -- the cycle ------------------------------------------------------------------------
+
+    def begin(self) -> ReadyMessage:
+        self.record.step("begin")
+        try:
+            self.terminal.switch_to()
+        except Exception as e:
+            self.record.problems.append(f"VT switch: {e}")
+        self.terminal.write("\033[H\033[2Jcryptlockd: locking the disks and going to sleep.\n")
+        self.record.step("vt_switched")
+        return {"op": protocol.OP_READY}
+
+    def _entry_steps(self, times: dict[str, float]) -> None:
+        # The sleep entry's own steps (hooks), on the same clock, into our timeline.
+        for name, t in (times or {}).items():
+            self.record.step(str(name), float(t))
+
+    def sleep(self, msg: SleepMessage) -> ResumedMessage:
+        self._entry_steps(msg["times"])
+        run_cycle(SystemOps(self), self.plan, self.record, self.poweroff_after)
+        return {
+            "op": protocol.OP_RESUMED,
+            "slept": self.record.slept,
+            "reason": self.record.reason,
+        }
+
+    def finish(self, msg: FinishMessage | None) -> DoneMessage:
+        """msg: None when the sleep entry went away without one."""
+        if msg is not None:
+            self._entry_steps(msg["times"])
+        try:
+            self.terminal.switch_back()
+            self.record.step("vt_switched_back")
+        except Exception as e:
+            self.record.problems.append(f"VT switch back: {e}")
+        self.record.keyslots = {
+            name: dev.last_keyslot for name, dev in self.devices.items() if dev.last_keyslot >= 0
+        }
+        self.record.finish()
+        return {"op": protocol.OP_DONE, "success": self.record.success}
+
+    def report(self) -> None:
+        rec = self.record.as_dict()
+        log(INFO if rec["success"] else WARNING, "cycle record: " + json.dumps(rec, sort_keys=True))
+        for line in (self.library.messages if self.library else [])[-10:]:
+            log(INFO, f"libcryptsetup: {line}")
+        if self.daemon is not None:
+            try:
+                self.daemon.send(
+                    {"op": protocol.OP_RECORD, "success": rec["success"], "record": rec}
+                )
+            except OSError as e:
+                log(WARNING, f"could not hand the cycle record to the daemon: {e}")
