@@ -108,7 +108,7 @@ install:
 	$(DESTDIR)$(VENVDIR)/bin/python -m pip install -q .
 	install -d $(DESTDIR)$(BINDIR)
 	for prog in cryptlockd cryptlockctl; do \
-		printf '#!/bin/sh\nexec %s/bin/python -m cryptlockd.%s "$$@"\n' '$(VENVDIR)' \
+		printf '#!/bin/sh\nexec %s/bin/python -I -m cryptlockd.%s "$$@"\n' '$(VENVDIR)' \
 			"$$( [ $$prog = cryptlockd ] && echo daemon || echo cli )" > $(DESTDIR)$(BINDIR)/$$prog; \
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$prog; \
 	done

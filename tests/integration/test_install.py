@@ -86,11 +86,70 @@ def test_files_in_place(destdir: Path) -> None:
         assert str(destdir) not in text, p
 
 
+@pytest.fixture(scope="module")
+def prefix_install(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
+    """`make install` into a prefix of its own, every system directory redirected under it,
+    so that the wrappers can run as they will on a machine."""
+    prefix = tmp_path_factory.mktemp("prefix")
+    dirs = {
+        name: str(prefix / name.lower())
+        for name in (
+            "DBUS_POLICYDIR",
+            "DBUS_SERVICEDIR",
+            "DBUS_INTERFACEDIR",
+            "POLKIT_ACTIONDIR",
+            "SYSCONFDIR",
+        )
+    }
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse), PIP_NO_CACHE_DIR="1")
+    proc = subprocess.run(
+        ["make", "-C", str(REPO), "install", f"PREFIX={prefix}"]
+        + [f"{k}={v}" for k, v in dirs.items()],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return prefix
+
+
+def test_installed_entry_points_ignore_a_planted_package(
+    prefix_install: Path, tmp_path: Path
+) -> None:
+    """`cd /tmp && sudo cryptlockctl status` must not import a /tmp/cryptlockd/ that any
+    local user could have planted there, nor one on PYTHONPATH."""
+    planted = tmp_path / "cryptlockd"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("raise SystemExit('PLANTED CODE RAN')\n")
+    (planted / "__main__.py").write_text("raise SystemExit('PLANTED CODE RAN')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for prog in ("cryptlockd", "cryptlockctl"):
+        proc = subprocess.run(
+            [str(prefix_install / "bin" / prog), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert "PLANTED" not in proc.stdout + proc.stderr, prog
+        assert proc.returncode == 0 and proc.stdout.strip(), (prog, proc.stderr)
+    dropin = prefix_install / "lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf"
+    exec_start = [
+        line for line in dropin.read_text().splitlines() if line.startswith("ExecStart=/")
+    ]
+    assert exec_start == [
+        f"ExecStart={prefix_install}/lib/cryptlockd/venv/bin/python -I -m cryptlockd.sleep_entry"
+    ]
+
+
 def test_wrappers_point_into_the_installed_venv(destdir: Path) -> None:
     for prog, module in (("cryptlockd", "cryptlockd.daemon"), ("cryptlockctl", "cryptlockd.cli")):
         wrapper = destdir / PREFIX.lstrip("/") / "bin" / prog
         assert os.access(wrapper, os.X_OK)
-        assert f'exec {VENV}/bin/python -m {module} "$@"' in wrapper.read_text()
+        assert f'exec {VENV}/bin/python -I -m {module} "$@"' in wrapper.read_text()
     unit = (destdir / PREFIX.lstrip("/") / "lib/systemd/system/cryptlockd.service").read_text()
     assert f"ExecStart={PREFIX}/bin/cryptlockd\n" in unit
     activation = destdir / "usr/share/dbus-1/system-services/org.cryptlockd1.service"
