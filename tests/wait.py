@@ -9,9 +9,10 @@ at the deadline, except GiveUp, which fails at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 __all__ = ["DEFAULT_TIMEOUT", "GiveUp", "wait_until", "wait_until_async"]
@@ -34,7 +35,18 @@ class _Deadline:
         self.end = time.monotonic() + timeout
         self.last_exc: BaseException | None = None
 
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[None]:
+        """One try: an exception from it is "not yet" (GiveUp aside)."""
+        try:
+            yield
+        except GiveUp:
+            raise
+        except Exception as e:
+            self.last_exc = e
+
     def check(self) -> None:
+        """After a try that did not return: past the deadline, the wait fails."""
         if time.monotonic() > self.end:
             detail = f" (last error: {self.last_exc!r})" if self.last_exc else ""
             raise AssertionError(f"not true within {self.timeout} s: {self.message}{detail}")
@@ -49,14 +61,9 @@ def wait_until(
     """Poll `predicate` until it returns something truthy, and return that."""
     deadline = _Deadline(timeout, message)
     while True:
-        try:
-            result = predicate()
-            if result:
+        with deadline.attempt():
+            if result := predicate():
                 return result
-        except GiveUp:
-            raise
-        except Exception as e:
-            deadline.last_exc = e
         deadline.check()
         time.sleep(interval)
 
@@ -70,15 +77,11 @@ async def wait_until_async(
     """Like `wait_until`, for predicates that may be coroutines; yields to the event loop."""
     deadline = _Deadline(timeout, message)
     while True:
-        try:
+        with deadline.attempt():
             result = predicate()
             if inspect.isawaitable(result):
                 result = await result
             if result:
-                return result  # type: ignore[return-value]
-        except GiveUp:
-            raise
-        except Exception as e:
-            deadline.last_exc = e
+                return result
         deadline.check()
         await asyncio.sleep(interval)

@@ -40,13 +40,10 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wh
 
 
-@pytest.fixture(scope="module")
-def destdir(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
+def make_install(wheelhouse: Path, *variables: str) -> None:
     """`make install` offline: PIP_NO_INDEX and PIP_FIND_LINKS reach pip (SPEC 3), and an
     index URL that cannot answer proves nothing was fetched."""
-    dest = tmp_path_factory.mktemp("destdir")
-    env = dict(os.environ)
-    env.pop("VIRTUAL_ENV", None)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     env.update(
         PIP_NO_INDEX="1",
         PIP_FIND_LINKS=str(wheelhouse),
@@ -54,13 +51,20 @@ def destdir(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
         PIP_NO_CACHE_DIR="1",
     )
     proc = subprocess.run(
-        ["make", "-C", str(REPO), "install", f"DESTDIR={dest}", f"PREFIX={PREFIX}"],
+        ["make", "-C", str(REPO), "install", *variables],
         capture_output=True,
         text=True,
         timeout=900,
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def destdir(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
+    """Everything installed under a DESTDIR, for PREFIX=/usr/local."""
+    dest = tmp_path_factory.mktemp("destdir")
+    make_install(wheelhouse, f"DESTDIR={dest}", f"PREFIX={PREFIX}")
     return dest
 
 
@@ -101,17 +105,7 @@ def prefix_install(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -
             "SYSCONFDIR",
         )
     }
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse), PIP_NO_CACHE_DIR="1")
-    proc = subprocess.run(
-        ["make", "-C", str(REPO), "install", f"PREFIX={prefix}"]
-        + [f"{k}={v}" for k, v in dirs.items()],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    make_install(wheelhouse, f"PREFIX={prefix}", *(f"{k}={v}" for k, v in dirs.items()))
     return prefix
 
 
