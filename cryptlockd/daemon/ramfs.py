@@ -6,6 +6,10 @@ libcryptsetup, and reports the module files it loaded and the shared objects map
 its address space; `ldd` adds the soname links the dynamic loader looks for. Each build
 ends with the helper's self-test, run in a chroot of the new tree. The tree is rebuilt only
 when its inputs change (a manifest of path, size and mtime of every input).
+
+A build never touches the tree in use (the "live" tree, where the helper runs): it goes
+into a second ramfs, the staging tree, and is swapped in whole (swap_in()) once it passed
+its self-test. Until then the live tree, stale or not, is a complete, working copy.
 """
 
 from __future__ import annotations
@@ -236,6 +240,21 @@ def self_test(root: Path, python: str = DEFAULT_PYTHON) -> dict[str, object]:
     return result
 
 
+def watch_targets(manifest: dict[str, object]) -> dict[str, set[str]]:
+    """What to watch for a manifest's inputs: directory -> names. Each input by the path
+    it was found at and by the path it resolves to (/usr/bin/python3 -> python3.11,
+    libfoo.so.12 -> libfoo.so.12.9.0), since an upgrade may replace either."""
+    stamps = manifest.get("inputs")
+    targets: dict[str, set[str]] = {}
+    if not isinstance(stamps, list):
+        return targets
+    for stamp in stamps:
+        path = str(stamp[0])
+        for p in {path, os.path.realpath(path)}:
+            targets.setdefault(os.path.dirname(p), set()).add(os.path.basename(p))
+    return targets
+
+
 def _is_mountpoint(path: Path) -> bool:
     try:
         with open("/proc/self/mountinfo") as f:
@@ -244,68 +263,117 @@ def _is_mountpoint(path: Path) -> bool:
         return False
 
 
+def _read_manifest(root: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class Ramfs:
-    """Owns the helper's RAM filesystem at `path` (default /run/cryptlockd/ramfs)."""
+    """Owns the helper's RAM filesystem at `path` (default /run/cryptlockd/ramfs, the live
+    tree) and its staging tree next to it (`<path>.next`)."""
 
     def __init__(
         self, path: str = protocol.RAMFS_DIR, python: str = DEFAULT_PYTHON, mount: bool = True
     ) -> None:
         self.path = Path(path)
+        self.staging = Path(f"{path}.next")
         self.python = python
         self.mount = mount
         self.size = 0
         self.digest = ""
 
-    def _read_manifest(self) -> dict[str, object] | None:
-        try:
-            data = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, ValueError):
+    def manifest(self) -> dict[str, object] | None:
+        """The live tree's manifest; None when there is no live tree."""
+        if self.mount and not _is_mountpoint(self.path):
             return None
-        return data if isinstance(data, dict) else None
+        return _read_manifest(self.path)
 
-    def current(self) -> bool:
-        """Cheap: the tree exists and none of its inputs changed (stat only)."""
-        manifest = self._read_manifest()
-        if manifest is None or not inputs_unchanged(manifest):
-            return False
-        return not self.mount or _is_mountpoint(self.path)
+    def live(self) -> bool:
+        """A built and self-tested tree is in place (current or not)."""
+        return self.manifest() is not None
 
-    def ensure(self) -> bool:
-        """Rebuild when stale or missing (also the repair at start). True if rebuilt."""
-        if self.current():
-            manifest = self._read_manifest() or {}
-            self.digest = str(manifest.get("digest", ""))
-            self.size = int(str(manifest.get("size", 0)))
+    def load(self) -> bool:
+        """Takes size and digest from the live tree; False when there is none."""
+        manifest = self.manifest()
+        if manifest is None:
+            self.size, self.digest = 0, ""
             return False
-        self.build()
+        self.digest = str(manifest.get("digest", ""))
+        self.size = int(str(manifest.get("size", 0)))
         return True
 
-    def build(self) -> None:
+    def current(self) -> bool:
+        """Cheap: the live tree exists and none of its inputs changed (stat only)."""
+        manifest = self.manifest()
+        return manifest is not None and inputs_unchanged(manifest)
+
+    def staged_current(self) -> bool:
+        """A staged tree waits to be swapped in, and none of its inputs changed since."""
+        manifest = _read_manifest(self.staging)
+        if manifest is None or (self.mount and not _is_mountpoint(self.staging)):
+            return False
+        return inputs_unchanged(manifest)
+
+    def stage(self) -> dict[str, object]:
+        """Builds and self-tests a fresh tree in the staging place; returns its manifest.
+        The live tree is not touched."""
         closure = compute_closure(self.python)
         manifest = manifest_of(closure)
-        self._fresh_tree()
-        populate(self.path, closure)
-        manifest["size"] = self.size = tree_size(self.path)
-        result = self_test(self.path, self.python)
-        manifest["self_test"] = result
-        (self.path / MANIFEST).write_text(json.dumps(manifest))
-        self.digest = str(manifest["digest"])
-        level = logging.INFO if self.size <= SIZE_TARGET else logging.WARNING
+        self._fresh_tree(self.staging)
+        populate(self.staging, closure)
+        manifest["size"] = size = tree_size(self.staging)
+        manifest["self_test"] = self_test(self.staging, self.python)
+        (self.staging / MANIFEST).write_text(json.dumps(manifest))
+        level = logging.INFO if size <= SIZE_TARGET else logging.WARNING
         log.log(
             level,
             "helper RAM filesystem built at %s: %.1f MiB (target %d MiB)",
-            self.path,
-            self.size / 2**20,
+            self.staging,
+            size / 2**20,
             SIZE_TARGET // 2**20,
         )
+        return manifest
 
-    def _fresh_tree(self) -> None:
+    def swap_in(self) -> None:
+        """The staged tree becomes the live one, the old live tree goes. Only while no helper
+        runs from the live tree (the caller's rule)."""
+        if _read_manifest(self.staging) is None:
+            raise RamfsError(f"no staged tree at {self.staging}")
         if self.mount:
             while _is_mountpoint(self.path):
                 run(["umount", "--lazy", str(self.path)])
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            run(["mount", "-t", "ramfs", "-o", "mode=0755", "cryptlockd-helper", str(self.path)])
+            # Not `mount --move`: the kernel refuses to move a mount whose parent is shared,
+            # and systemd mounts /run shared. A bind keeps the same ramfs alive at `path`.
+            run(["mount", "--bind", str(self.staging), str(self.path)])
+            while _is_mountpoint(self.staging):
+                run(["umount", "--lazy", str(self.staging)])
         else:
+            old = self.path.with_name(self.path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
             if self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, mode=0o755)
+                self.path.rename(old)
+            self.staging.rename(self.path)
+            if old.exists():
+                shutil.rmtree(old)
+        self.load()
+
+    def build(self) -> None:
+        """Stage and swap in at once: for a caller that knows no helper runs."""
+        self.stage()
+        self.swap_in()
+
+    def _fresh_tree(self, root: Path) -> None:
+        if self.mount:
+            while _is_mountpoint(root):
+                run(["umount", "--lazy", str(root)])
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            run(["mount", "-t", "ramfs", "-o", "mode=0755", "cryptlockd-helper", str(root)])
+        else:
+            if root.exists():
+                shutil.rmtree(root)
+            root.mkdir(parents=True, mode=0o755)

@@ -46,8 +46,10 @@ def test_build_self_test_and_size(built: ramfs.Ramfs) -> None:
 
 @needs
 def test_unchanged_inputs_mean_no_rebuild(built: ramfs.Ramfs) -> None:
-    assert built.current()
-    assert built.ensure() is False
+    assert built.live() and built.current()
+    assert built.load() and built.size > 0 and built.digest
+    # Nothing is left in the staging place once the tree is in.
+    assert not built.staging.exists()
 
 
 @needs
@@ -82,3 +84,39 @@ def test_mirror_recreates_symlinks(tmp_path: Path) -> None:
     inner = root / str(host).lstrip("/")
     assert (inner / "lib").is_symlink() and (inner / "usr/lib/libx.so.1").is_symlink()
     assert (inner / "usr/lib/libx.so.1.2").read_text() == "elf"
+
+
+def test_a_staged_tree_is_swapped_in_whole(tmp_path: Path) -> None:
+    fs = ramfs.Ramfs(str(tmp_path / "ramfs"), mount=False)
+    (tmp_path / "ramfs").mkdir()
+    (tmp_path / "ramfs" / "old-only").write_text("old")
+    assert not fs.live() and not fs.load()
+    with pytest.raises(ramfs.RamfsError, match="no staged tree"):
+        fs.swap_in()
+    fs.staging.mkdir()
+    (fs.staging / ramfs.MANIFEST).write_text('{"digest": "abc", "size": 7, "inputs": []}')
+    assert fs.staged_current()
+    fs.swap_in()
+    assert fs.live() and fs.current() and (fs.size, fs.digest) == (7, "abc")
+    assert not (tmp_path / "ramfs" / "old-only").exists()
+    assert not fs.staging.exists() and not (tmp_path / "ramfs.old").exists()
+    assert not fs.staged_current()
+
+
+def test_watch_targets_name_each_input_and_where_it_leads(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libx.so.1.2").write_text("elf")
+    os.symlink("libx.so.1.2", tmp_path / "lib" / "libx.so.1")
+    (tmp_path / "bin").mkdir()
+    os.symlink("../lib/libx.so.1", tmp_path / "bin" / "python3")
+    manifest: dict[str, object] = {
+        "inputs": [
+            [str(tmp_path / "lib" / "libx.so.1"), 3, 0],
+            [str(tmp_path / "bin/python3"), 3, 0],
+        ]
+    }
+    assert ramfs.watch_targets(manifest) == {
+        str(tmp_path / "lib"): {"libx.so.1", "libx.so.1.2"},
+        str(tmp_path / "bin"): {"python3"},
+    }
+    assert ramfs.watch_targets({}) == {}
