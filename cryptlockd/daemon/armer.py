@@ -37,6 +37,12 @@ class Armer(Protocol):
         """Whether the armer could protect the next sleep, as self-check lines for Check()
         and Problems (the "helper" line, and whatever else it depends on)."""
 
+    async def ready(self) -> None:
+        """Return once the next sleep would be protected as far as the armer can make it
+        (at start: the helper's RAM filesystem built and its idle helper listening), or
+        once it knows it cannot. The daemon tells systemd READY=1 after this, or after a
+        bounded wait."""
+
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         """Return once the helper reports armed. Raise CryptlockdError when it cannot arm;
         the sleep then goes ahead unprotected, and says so."""

@@ -172,6 +172,35 @@ def check_helper_ramfs(ok: bool, detail: str) -> CheckResult:
     return CheckResult("helper-ramfs", False, f"the helper's RAM filesystem: {detail}")
 
 
+def check_helper_ramfs_rebuild(error: str) -> CheckResult:
+    # Not blocking: the tree in use is stale but complete, and it still protects.
+    return CheckResult(
+        "helper-ramfs-rebuild",
+        False,
+        f"rebuilding the helper's RAM filesystem after its inputs changed failed: {error}; "
+        "the previous one stays in use",
+        blocking=False,
+    )
+
+
+def check_idle_helper(error: str) -> CheckResult:
+    # Not blocking: arming starts the helper itself, only slower than the 1 s target.
+    return CheckResult(
+        "helper-idle",
+        False,
+        f"the helper could not be started ahead of the next sleep: {error}",
+        blocking=False,
+    )
+
+
+def check_ready(not_ready: str | None) -> list[CheckResult]:
+    """Start-up: the daemon told systemd it was ready before its helper was (a bounded
+    wait ran out). The lines of the armer say what is missing."""
+    if not_ready is None:
+        return []
+    return [CheckResult("ready", False, not_ready, blocking=False)]
+
+
 @dataclass(frozen=True)
 class CryptoFacts:
     """What the key-wipe risks depend on: the running kernel and libcryptsetup."""

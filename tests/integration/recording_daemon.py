@@ -35,6 +35,9 @@ class RecordingArmer:
     def status(self) -> list[CheckResult]:
         return [checks.check_helper("armer 'recording' only records the cycle")]
 
+    async def ready(self) -> None:
+        pass
+
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         self.armed_with.append(tuple(d.name for d in devices))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,19 +219,45 @@ def test_without_systemd_the_helper_armer_says_why(tmp_path: Path) -> None:
 
 
 class SlowRamfs(Ramfs):
-    """Builds when told to, in the builder thread."""
+    """No tree at start; builds when told to, in the builder thread."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), mount=False)
         self.go = threading.Event()
 
+    def load(self) -> bool:
+        return self.size > 0
+
     def current(self) -> bool:
         return self.size > 0
 
-    def ensure(self) -> bool:
+    def manifest(self) -> dict[str, object] | None:
+        return {"inputs": []} if self.size else None
+
+    def stage(self) -> dict[str, object]:
         assert self.go.wait(10)
-        self.size = 30 * 2**20
+        return {}
+
+    def staged_current(self) -> bool:
         return True
+
+    def swap_in(self) -> None:
+        self.size = 30 * 2**20
+
+
+class ListeningUnit(FakeUnit):
+    """StartUnit starts a "helper": something listens on the socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        super().__init__(["inactive"])
+        self.socket_path = socket_path
+        self.listener: socket.socket | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.socket_path))
+        self.listener.listen()
 
 
 @pytest.mark.asyncio
@@ -242,11 +269,13 @@ async def test_the_finished_build_refreshes_protected_without_a_poll(tmp_path: P
         socket_path=str(tmp_path / "s"),
         under_systemd=True,
     )
-    unit = FakeUnit(["inactive"])
+    unit = ListeningUnit(tmp_path / "s")
     armer.unit = unit  # type: ignore[assignment]
     refreshed = asyncio.Event()
-    m, bus = make_manager(tmp_path, armer)  # configure() starts the build
+    m, bus = make_manager(tmp_path, armer)
     m._started = True
+    armer.configure(m.config)  # in the loop: the build starts
+    m.refresh()
     assert "helper-ramfs: the helper's RAM filesystem: not built yet" in m.problems
     real_refresh = m.refresh
 
@@ -257,14 +286,15 @@ async def test_the_finished_build_refreshes_protected_without_a_poll(tmp_path: P
     armer.watch(refresh)
     ramfs.go.set()
     await asyncio.wait_for(refreshed.wait(), 10)
+    # And then the idle helper is started ahead of the next sleep: the start-up is over.
+    await asyncio.wait_for(armer.ready(), 10)
     assert not any(p.startswith("helper-ramfs") for p in m.problems), m.problems
     [ok] = [r for r in m.check_results if r.name == "helper-ramfs"]
     assert ok.ok and "30.0 MiB" in ok.detail
     assert any("Problems" in c for c in changed_names(bus))
-    # And then the idle helper is started ahead of the next sleep.
-    assert armer._prestart_task is not None
-    await asyncio.wait_for(armer._prestart_task, 10)
     assert unit.calls[-1] == "StartUnit"
+    assert unit.listener is not None
+    unit.listener.close()
 
 
 def test_recording_armer_is_an_armer() -> None:
