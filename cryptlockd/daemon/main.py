@@ -36,6 +36,11 @@ __all__ = ["main", "manager_for", "parse_args", "serve"]
 
 log = logging.getLogger("cryptlockd")
 
+# READY=1 waits for the helper's RAM filesystem and idle helper (seconds in a slow guest),
+# so that `systemctl start` and boot ordering mean "the next sleep is protected". Bounded
+# well under the unit's TimeoutStartSec=90s: past it we say READY, and Problems says why.
+READY_TIMEOUT = 45.0
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cryptlockd", description=__doc__)
@@ -48,6 +53,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-udev", action="store_true", help="no hotplug monitor")
     p.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto")
     p.add_argument("--polkit-timeout", type=float, default=polkit.DEFAULT_TIMEOUT)
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=READY_TIMEOUT,
+        help="seconds to wait at start for the helper before telling systemd READY=1 "
+        "(default: %(default)s)",
+    )
     p.add_argument("--debug", action="store_true")
     p.add_argument("--version", action="version", version=__version__)
     return p.parse_args(argv)
@@ -107,16 +119,22 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
     disconnected = loop.create_task(_wait_for_disconnect(bus))
     disconnected.add_done_callback(lambda _t: stop.set())
 
-    armer_name = type(manager.armer).__name__
-    log.info(
-        "cryptlockd %s running (armer: %s)",
-        __version__,
-        armer_name,
-        extra=event(MessageId.STARTED, ARMER=armer_name),
-    )
-    notifier.ready(manager.ready_status())
     notifier.start_watchdog()
-    await stop.wait()
+    notifier.status("Starting: preparing the sleep-cycle helper")
+    ready = loop.create_task(manager.wait_ready(args.ready_timeout))
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        armer_name = type(manager.armer).__name__
+        log.info(
+            "cryptlockd %s running (armer: %s)",
+            __version__,
+            armer_name,
+            extra=event(MessageId.STARTED, ARMER=armer_name),
+        )
+        notifier.ready(manager.ready_status())
+    await stopping
+    ready.cancel()
 
     log.info("stopping", extra=event(MessageId.STOPPING))
     notifier.stopping()

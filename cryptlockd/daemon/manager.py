@@ -84,6 +84,9 @@ class Manager:
         self.last_cycle: CycleRecord = {}
         self.cycle_came = False
         self.check_results: list[checks.CheckResult] = []
+        # Set when READY=1 went out before the armer was ready (the wait is bounded).
+        self.not_ready: str | None = None
+        self._ready_task: asyncio.Task[None] | None = None
 
         self.logind = Logind(
             bus,
@@ -144,6 +147,7 @@ class Manager:
             checks.check_sleep_dropin(self.root),
             *self.armer.status(),
             checks.check_config(self.config_error),
+            *checks.check_ready(self.not_ready),
             # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
             # the last sleep's wipe was proven.
             *checks.check_key_risks(checks.crypto_facts(self.paths.crypttab)),
@@ -335,6 +339,31 @@ class Manager:
         await self.logind.start()
         self._started = True
         self.refresh()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Before READY=1: wait until the next sleep would be protected (the armer's RAM
+        filesystem and idle helper), `timeout` seconds at most. False when the wait ran
+        out; Problems then says so until the armer is ready."""
+        task = asyncio.get_running_loop().create_task(self.armer.ready())
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if task in done:
+            return True
+        self._ready_task = task
+        with self.changing():
+            self.not_ready = f"the sleep-cycle helper was not ready {timeout:g} s after start"
+        log.warning(
+            "ready although the next sleep may not be protected: %s", "; ".join(self.problems)
+        )
+        task.add_done_callback(self._armer_ready)
+        return False
+
+    def _armer_ready(self, task: asyncio.Task[None]) -> None:
+        self._ready_task = None
+        if task.cancelled():
+            return
+        with self.changing():
+            self.not_ready = None
+        log.info("the sleep-cycle helper is ready now")
 
     def ready_status(self) -> str:
         """The status line for READY=1; later changes go out as STATUS= on their own."""

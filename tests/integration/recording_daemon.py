@@ -1,12 +1,16 @@
 """The real daemon with an armer that only records: `python -m tests.integration.recording_daemon
 <daemon arguments>`. The host has no device-mapper and no systemd to run the helper under, so
 the integration tests start the daemon this way and check what it does around the helper.
-The unit tests use RecordingArmer too."""
+The unit tests use RecordingArmer too. RECORDING_ARMER_READY_FILE: the armer is ready once
+that file exists."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cryptlockd.daemon import checks
 from cryptlockd.daemon.armer import CycleCallback
@@ -20,7 +24,9 @@ class RecordingArmer:
     """Arms nothing and remembers the calls; its "helper" check fails, so the daemon is
     never Protected with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready_file: str | None = None) -> None:
+        # When set, ready() waits until this file exists (a slow first build, say).
+        self.ready_file = ready_file
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
         self.configured: list[Config] = []
@@ -36,7 +42,8 @@ class RecordingArmer:
         return [checks.check_helper("armer 'recording' only records the cycle")]
 
     async def ready(self) -> None:
-        pass
+        while self.ready_file is not None and not Path(self.ready_file).exists():
+            await asyncio.sleep(0.05)
 
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         self.armed_with.append(tuple(d.name for d in devices))
@@ -46,4 +53,5 @@ class RecordingArmer:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], armer=RecordingArmer()))
+    armer = RecordingArmer(ready_file=os.environ.get("RECORDING_ARMER_READY_FILE"))
+    sys.exit(main(sys.argv[1:], armer=armer))

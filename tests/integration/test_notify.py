@@ -1,5 +1,6 @@
 """sd_notify: READY, STATUS, watchdog pings and STOPPING reach NOTIFY_SOCKET; SIGTERM is a
-clean shutdown; the notify variables do not stay in the environment."""
+clean shutdown; the notify variables do not stay in the environment. READY waits for the
+armer (the helper's RAM filesystem and idle helper), for a bounded time."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cryptlockd.daemon.notify import SLEEP_WATCHDOG_USEC, Notifier
-from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH
+from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH, PROPERTIES_INTERFACE
 from cryptlockd.run import child_env
 from tests.fakesys import FakeSystem
 from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus
@@ -127,3 +128,53 @@ def test_notify_variables_leave_the_environment(
     # And run()'s children never get it even if something put it back.
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
     assert "NOTIFY_SOCKET" not in child_env()
+
+
+def problems(system_bus: SystemBus) -> list[str]:
+    obj = system_bus.conn.get_object(BUS_NAME, OBJECT_PATH, introspect=False)
+    value = obj.Get(MANAGER_INTERFACE, "Problems", dbus_interface=PROPERTIES_INTERFACE, timeout=20)
+    return [str(p) for p in value]
+
+
+def test_ready_waits_for_the_armer(
+    system_bus: SystemBus,
+    logind: LogindMock,
+    start_daemon: DaemonFactory,
+    listener: NotifyListener,
+    tmp_path: Path,
+) -> None:
+    ready_file = tmp_path / "armer-ready"
+    start_daemon(
+        env={"NOTIFY_SOCKET": str(listener.path), "RECORDING_ARMER_READY_FILE": str(ready_file)}
+    )
+    # On the bus and saying what it waits for, but not READY: the next sleep would not be
+    # protected yet.
+    wait_until(lambda: listener.seen("STATUS", "Starting: preparing the sleep-cycle helper"))
+    problems(system_bus)  # a round trip: the daemon serves while it waits
+    assert not listener.seen("READY")
+    ready_file.touch()
+    wait_until(lambda: listener.seen("READY", "1"), message="READY=1 once the armer is ready")
+    assert not any(p.startswith("ready:") for p in problems(system_bus))
+
+
+def test_ready_after_a_bounded_wait_with_problems_saying_why(
+    system_bus: SystemBus,
+    logind: LogindMock,
+    start_daemon: DaemonFactory,
+    listener: NotifyListener,
+    tmp_path: Path,
+) -> None:
+    ready_file = tmp_path / "armer-ready"
+    d = start_daemon(
+        "--ready-timeout",
+        "0.5",
+        env={"NOTIFY_SOCKET": str(listener.path), "RECORDING_ARMER_READY_FILE": str(ready_file)},
+    )
+    wait_until(lambda: listener.seen("READY", "1"), message="READY=1 after the bounded wait")
+    assert "ready: the sleep-cycle helper was not ready 0.5 s after start" in problems(system_bus)
+    assert "ready although the next sleep may not be protected" in d.log()
+    ready_file.touch()
+    wait_until(
+        lambda: not any(p.startswith("ready:") for p in problems(system_bus)),
+        message="the ready problem gone once the armer is ready",
+    )

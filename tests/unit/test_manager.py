@@ -302,3 +302,46 @@ def test_recording_armer_is_an_armer() -> None:
     armer.configure(Config())
     assert [r.name for r in armer.status()] == ["helper"]
     assert isinstance(armer.status()[0], CheckResult)
+
+
+class LateArmer(RecordingArmer):
+    """Ready when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def ready(self) -> None:
+        await self.go.wait()
+
+
+@pytest.mark.asyncio
+async def test_wait_ready_returns_once_the_armer_is_ready(tmp_path: Path) -> None:
+    armer = LateArmer()
+    m, _bus = make_manager(tmp_path, armer)
+    waiting = asyncio.get_running_loop().create_task(m.wait_ready(10))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    armer.go.set()
+    assert await asyncio.wait_for(waiting, 5) is True
+    assert m.not_ready is None
+
+
+@pytest.mark.asyncio
+async def test_wait_ready_is_bounded_and_problems_say_so_until_ready(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    armer = LateArmer()
+    m, bus = make_manager(tmp_path, armer)
+    m._started = True
+    with caplog.at_level(logging.WARNING):
+        assert await m.wait_ready(0.1) is False
+    assert "ready: the sleep-cycle helper was not ready 0.1 s after start" in m.problems
+    assert "ready although the next sleep may not be protected" in caplog.text
+    [line] = [r for r in m.check_results if r.name == "ready"]
+    assert not line.blocking
+    armer.go.set()
+    await asyncio.sleep(0.05)
+    assert m.not_ready is None
+    assert not any(p.startswith("ready:") for p in m.problems)
+    assert any("Problems" in c for c in changed_names(bus))
