@@ -141,6 +141,7 @@ class HelperArmer:
         self._input_timer: asyncio.TimerHandle | None = None
         self._input_since: float | None = None
         self._exit_waiter: asyncio.Task[None] | None = None
+        self._after_disarm: asyncio.Task[None] | None = None
 
     # -- the RAM filesystem -------------------------------------------------------------
 
@@ -520,7 +521,9 @@ class HelperArmer:
         await self._close()
         with contextlib.suppress(RemoteError):
             await self.unit.stop()
-        await self._helper_gone()
+        # In the background: the manager bounds disarm(), and a new idle helper takes a
+        # while to listen.
+        self._after_disarm = asyncio.get_running_loop().create_task(self._helper_gone())
 
     async def _close(self) -> None:
         task, self._reader_task = self._reader_task, None

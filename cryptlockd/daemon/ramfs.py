@@ -342,6 +342,12 @@ class Ramfs:
         runs from the live tree (the caller's rule)."""
         if _read_manifest(self.staging) is None:
             raise RamfsError(f"no staged tree at {self.staging}")
+        try:
+            self._swap_in()
+        finally:
+            self.load()  # whatever is live now, if anything
+
+    def _swap_in(self) -> None:
         if self.mount:
             while _is_mountpoint(self.path):
                 run(["umount", "--lazy", str(self.path)])
@@ -360,7 +366,6 @@ class Ramfs:
             self.staging.rename(self.path)
             if old.exists():
                 shutil.rmtree(old)
-        self.load()
 
     def build(self) -> None:
         """Stage and swap in at once: for a caller that knows no helper runs."""
