@@ -333,8 +333,11 @@ class Manager:
     # --- life cycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        with contextlib.suppress(ConfigError):
+        try:
             self.load_config()
+        except ConfigError:
+            # The defaults stand in; the armer still prepares for the first sleep.
+            self.armer.configure(self.config)
         self.load_devices()
         await self.logind.start()
         self._started = True
