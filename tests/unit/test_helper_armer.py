@@ -397,3 +397,23 @@ async def test_a_failed_rebuild_keeps_the_tree_in_use_and_says_so(
     await until(lambda: tree.swaps == 1, "the retried rebuild swapped in")
     assert a._build_error is None
     helper.stop()
+
+
+@pytest.mark.asyncio
+async def test_input_changes_are_gathered_but_never_put_off_for_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(helper_armer, "INPUT_QUIET", 0.2)
+    monkeypatch.setattr(helper_armer, "INPUT_MAX_DELAY", 0.4)
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
+    t0 = time.monotonic()
+    a._input_changed("/usr/lib/libx.so.1")
+    await asyncio.sleep(0.1)
+    assert not a._wake.is_set()  # an upgrade writes on: wait for quiet
+    # Changes that never stop still wake the keeper once INPUT_MAX_DELAY has passed.
+    while not a._wake.is_set():
+        assert time.monotonic() - t0 < 2.0
+        a._input_changed("/usr/lib/libx.so.1")
+        await asyncio.sleep(0.05)
+    assert 0.35 < time.monotonic() - t0 < 0.7
+    assert a._input_since is None  # the next change starts a new batch
