@@ -48,6 +48,12 @@ async def protected_cycle(g: Guest, trigger: str, timeout: float) -> dict[str, o
     return rec
 
 
+def first(lines: list[str], text: str, after: int = -1) -> int:
+    found = [i for i, line in enumerate(lines) if i > after and text in line]
+    assert found, f"{text!r} not in the daemon's journal after line {after}: {lines[after:]}"
+    return found[0]
+
+
 async def unprotected_lines(g: Guest) -> str:
     journal = await g.run("journalctl -b --no-pager -u cryptlockd.service -u systemd-suspend")
     return "\n".join(
@@ -107,8 +113,16 @@ async def test_replaced_input_then_immediate_suspend_is_protected(installed_gues
         DIGEST, 240, "the RAM filesystem rebuilt", ok=lambda o: o.strip() != before
     )
     await armed_ready(g)
+    # The order, from the daemon's journal: the change seen, the sleep armed (from the tree
+    # in use), the cycle over, and only then the new tree in.
     journal = await g.run("journalctl -b --no-pager -u cryptlockd.service -o cat")
-    assert "will be rebuilt" in journal.stdout and "swapped in" in journal.stdout
+    lines = journal.stdout.splitlines()
+    changed = first(lines, "will be rebuilt")
+    armed = first(lines, "armed in", changed)
+    finished = first(lines, "cycle finished", armed)
+    swapped = first(lines, "swapped in", changed)
+    assert changed < armed < finished < swapped, lines[changed:]
+    print("\n".join(lines[changed : swapped + 1]))
     cycle = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
     assert_complete(await last_cycle(g, cycle.since))
     assert (await g.run(DIGEST)).stdout.strip() == after.stdout.strip()
