@@ -1,16 +1,13 @@
-"""The daemon's armer: keep the helper's RAM filesystem current, start the helper unit
-through systemd, arm it, and hand its cycle record to the manager.
+"""The daemon's armer: start the helper unit through systemd, arm it, and hand its cycle
+record to the manager.
 
 The helper runs in a unit of its own (cryptlockd-helper.service, in cryptlockd.slice), so
 a restart of the daemon cannot kill it mid-cycle; the daemon talks to it over the unix
 socket in the RAM filesystem (helper/protocol.py). An idle helper is started ahead of each
 sleep, so arming only has to talk to it.
 
-The RAM filesystem is kept by one task (_keep_tree): built at start, then rebuilt when
-inotify says one of its inputs changed (an upgrade of python, libc, libcryptsetup or of
-cryptlockd). A rebuild never happens in the arm window: it goes into a staging tree while
-the live one, stale but complete, keeps serving, and the staged tree is swapped in only
-under the arm lock and while no helper is armed or mid-cycle; after a sleep otherwise.
+The RAM filesystem it runs from is kept current by a RamfsKeeper (ramfs_keeper.py), which
+swaps a rebuilt tree in only under the arm lock and while no helper is armed or mid-cycle.
 """
 
 from __future__ import annotations
@@ -18,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from dbus_fast.aio import MessageBus
 
@@ -33,9 +28,8 @@ from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
-from cryptlockd.daemon.inotify import InputWatcher
-from cryptlockd.daemon.ramfs import SIZE_TARGET, Ramfs, watch_targets
-from cryptlockd.daemon.repair import repair
+from cryptlockd.daemon.ramfs import Ramfs
+from cryptlockd.daemon.ramfs_keeper import RamfsKeeper
 from cryptlockd.daemon.systemd_unit import SystemdUnit
 from cryptlockd.defs import SYSTEMD_BOOTED_DIR
 from cryptlockd.errors import CryptlockdError, RemoteError
@@ -48,58 +42,18 @@ __all__ = ["HelperArmer", "HelperError"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # The unit still runs a helper, or has not yet noticed that it exited.
 BUSY_STATES = ("active", "deactivating", "reloading")
 # How long a helper may take to go, and an idle one to come up, outside the arm window.
 IDLE_RESTART_TIMEOUT = 10.0
 # How long a started idle helper may take to listen (interpreter, libcryptsetup, headers).
 IDLE_LISTEN_TIMEOUT = 30.0
-# An upgrade writes many files over some seconds: rebuild once they have been quiet this
-# long, but never put a rebuild off by more than INPUT_MAX_DELAY.
-INPUT_QUIET = 1.0
-INPUT_MAX_DELAY = 10.0
-# A rebuild yields the CPU to everything else (the daemon and the helper run at -10):
-# an arm that comes while it runs must not queue behind it.
-REBUILD_NICENESS = 10
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class HelperError(CryptlockdError):
     pass
-
-
-def _in_thread(fn: Callable[[], T], niceness: int | None = None) -> asyncio.Future[T]:
-    """Runs `fn` in a thread of its own (at `niceness`, which its children inherit: Linux
-    keeps a nice value per thread) and returns a future the loop can await."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: Exception | None) -> None:
-        if fut.done():  # cancelled: nobody waits any more
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)  # type: ignore[arg-type]  # T when there is no error
-
-    def body() -> None:
-        if niceness is not None:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-        result: T | None = None
-        error: Exception | None = None
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=body, daemon=True, name="ramfs").start()
-    return fut
 
 
 class HelperArmer:
@@ -125,39 +79,26 @@ class HelperArmer:
         self._conn: Connection | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._on_status_change: Callable[[], None] | None = None
-        # The tree keeper and what it tells the others.
-        self._keeper: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # something for the keeper to look at
-        self._tree_ready = asyncio.Event()  # a live tree exists, or the first build failed
-        self._first_pass = asyncio.Event()  # start-up done: tree built, idle helper listening
         # Held while arming and while swapping trees: a swap never falls in an arm.
         self._tree_lock = asyncio.Lock()
-        self._building = False
-        self._staged = False  # a new tree waits in the staging place
-        self._build_error: str | None = None
+        self.keeper = RamfsKeeper(
+            self.ramfs,
+            socket_path,
+            self._tree_lock,
+            armed=lambda: self._conn is not None,
+            start_idle=self._prestart,
+            helper_exited=self._helper_exited,
+            status_changed=self._status_changed,
+        )
         self._idle_error: str | None = None
-        self._watcher: InputWatcher | None = None
-        self._rewatch = False
-        self._input_timer: asyncio.TimerHandle | None = None
-        self._input_since: float | None = None
-        self._exit_waiter: asyncio.Task[None] | None = None
         self._after_disarm: asyncio.Task[None] | None = None
 
     # -- the RAM filesystem -------------------------------------------------------------
 
     def configure(self, config: Config) -> None:
         self.config = config
-        if self.unavailable is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not serving (a test that only evaluates)
-        if self._keeper is None:
-            # Built at start, in the background: a build takes seconds, arming must not.
-            self._keeper = loop.create_task(self._keep_tree())
-        elif self._build_error is not None:
-            self._wake.set()  # Reload() retries a failed build
+        if self.unavailable is None:
+            self.keeper.keep()
 
     def watch(self, on_status_change: Callable[[], None]) -> None:
         self._on_status_change = on_status_change
@@ -167,171 +108,13 @@ class HelperArmer:
             self._on_status_change()
 
     async def ready(self) -> None:
-        if self.unavailable is not None or self._keeper is None:
-            return
-        await self._first_pass.wait()
-
-    async def _keep_tree(self) -> None:
-        """The only one that builds and swaps trees, one thing after the other."""
-        first = True
-        while True:
-            try:
-                await self._keep_once(first)
-            except Exception:
-                log.exception("keeping the helper's RAM filesystem failed")
-            if first:
-                first = False
-                self._tree_ready.set()
-                self._first_pass.set()
-                self._status_changed()
-            await self._wake.wait()
-            self._wake.clear()
-
-    async def _keep_once(self, first: bool) -> None:
-        if first:
-            await asyncio.to_thread(repair, self.ramfs.path, self.socket_path)
-            if await asyncio.to_thread(self.ramfs.load):
-                # Left by the daemon that ran before us: it serves while it is checked.
-                self._tree_ready.set()
-                self._rewatch = True
-                await self._prestart()
-        if not await asyncio.to_thread(self._up_to_date):
-            await self._stage(first)
-        if self._staged:
-            await self._swap()
-        if self._rewatch and self.ramfs.size:
-            await self._watch_inputs()
-
-    def _up_to_date(self) -> bool:
-        if self._staged:
-            return self.ramfs.staged_current()
-        return self.ramfs.current()
-
-    async def _stage(self, first: bool) -> None:
-        had_tree = self.ramfs.size > 0
-        if had_tree:
-            log.info("the helper's RAM filesystem is stale: building a new one beside it")
-        self._building, self._staged = True, False
-        self._status_changed()
-        try:
-            await _in_thread(self.ramfs.stage, None if first else REBUILD_NICENESS)
-            self._staged, self._build_error = True, None
-        except Exception as e:
-            self._build_error = str(e)
-            log.error(
-                "cannot build the helper's RAM filesystem: %s%s",
-                e,
-                "; the one in use stays" if had_tree else "",
-            )
-        finally:
-            self._building = False
-            self._status_changed()
-
-    async def _swap(self) -> bool:
-        """The staged tree in, under the arm lock, while no helper of ours is armed or
-        mid-cycle; a busy helper we did not arm (the daemon restarted mid-cycle) is waited
-        for. Then a fresh idle helper from the new tree."""
-        async with self._tree_lock:
-            if self._conn is not None:
-                log.info("a new helper RAM filesystem is ready; swapped in after this sleep")
-                return False
-            if not await asyncio.to_thread(self._stand_down_idle):
-                log.warning(
-                    "a new helper RAM filesystem is ready, but a helper is busy in the "
-                    "current one; swapped in once it exits"
-                )
-                self._wake_when_helper_exits()
-                return False
-            await asyncio.to_thread(self.ramfs.swap_in)
-            self._staged = False
-        log.info(
-            "helper RAM filesystem swapped in: %.1f MiB (%s)",
-            self.ramfs.size / 2**20,
-            self.ramfs.digest[:12],
-        )
-        self._tree_ready.set()
-        self._rewatch = True
-        self._status_changed()
-        await self._prestart(after_exit=True)
-        return True
-
-    def _stand_down_idle(self) -> bool:
-        """True once no helper runs from the live tree (an idle one is told to go), after
-        the repair of what a dead one left there: the tree is about to go."""
-        if helper_socket.alive(self.socket_path) and not helper_socket.stop_idle(self.socket_path):
-            return False
-        repair(self.ramfs.path, self.socket_path)
-        return True
-
-    def _wake_when_helper_exits(self) -> None:
-        if self._exit_waiter is not None and not self._exit_waiter.done():
-            return
-
-        async def wait() -> None:
-            with contextlib.suppress(RemoteError):
-                await self.unit.wait_while(BUSY_STATES, time.monotonic() + 24 * 3600)
-            self._wake.set()
-
-        self._exit_waiter = asyncio.get_running_loop().create_task(wait())
-
-    async def _watch_inputs(self) -> None:
-        self._rewatch = False
-        manifest = await asyncio.to_thread(self.ramfs.manifest)
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
-        try:
-            watcher = InputWatcher(watch_targets(manifest or {}), self._input_changed)
-        except OSError as e:
-            log.error("cannot watch the helper's RAM filesystem inputs: %s", e)
-            return
-        for missing in watcher.missing:
-            log.warning("cannot watch %s", missing)
-        watcher.start(asyncio.get_running_loop())
-        self._watcher = watcher
-        log.info("watching %d directories for changes to the helper's inputs", watcher.directories)
-        # A change between the manifest's stamps and the watch has no event: look once.
-        if not await asyncio.to_thread(self._up_to_date):
-            self._input_changed(None)
-
-    def _input_changed(self, path: str | None) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if path is None:
-            self._rewatch = True
-        if self._input_since is None:
-            self._input_since = now
-            log.info(
-                "an input of the helper's RAM filesystem changed (%s): it will be rebuilt",
-                path or "unknown",
-            )
-        if self._input_timer is not None:
-            self._input_timer.cancel()
-        delay = min(INPUT_QUIET, max(0.0, self._input_since + INPUT_MAX_DELAY - now))
-        self._input_timer = loop.call_later(delay, self._inputs_settled)
-
-    def _inputs_settled(self) -> None:
-        self._input_timer = self._input_since = None
-        self._wake.set()
+        if self.unavailable is None:
+            await self.keeper.ready()
 
     def status(self) -> list[CheckResult]:
         if self.unavailable is not None:
             return [checks.check_helper(self.unavailable)]
-        lines = [checks.check_helper(None)]
-        if not self.ramfs.size:
-            lines.append(checks.check_helper_ramfs(False, self._build_error or "not built yet"))
-        else:
-            detail = (
-                f"{self.ramfs.path}: {self.ramfs.size / 2**20:.1f} MiB "
-                f"(target {SIZE_TARGET // 2**20} MiB or less)"
-            )
-            if self._building:
-                detail += "; its inputs changed, a new one is being built beside it"
-            elif self._staged:
-                detail += "; its inputs changed, a new one is swapped in after this sleep"
-            lines.append(checks.check_helper_ramfs(True, detail))
-            if self._build_error:
-                lines.append(checks.check_helper_ramfs_rebuild(self._build_error))
+        lines = [checks.check_helper(None), *self.keeper.status()]
         if self._idle_error:
             lines.append(checks.check_idle_helper(self._idle_error))
         return lines
@@ -365,12 +148,14 @@ class HelperArmer:
         """After a cycle or a disarm: a staged tree goes in first (the keeper then starts
         the idle helper from it), else the idle helper comes back at once. A rebuild that
         failed is tried again: its commands may have timed out while the cycle froze them."""
-        if self._staged:
-            self._wake.set()
+        if self.keeper.swap_after_cycle():
             return
         await self._prestart(after_exit=True)
-        if self._build_error is not None:
-            self._wake.set()
+        self.keeper.retry_failed_build()
+
+    async def _helper_exited(self) -> None:
+        with contextlib.suppress(RemoteError):
+            await self.unit.wait_while(BUSY_STATES, time.monotonic() + 24 * 3600)
 
     async def _listening(self) -> bool | None:
         return helper_socket.alive(self.socket_path) or None
@@ -421,16 +206,16 @@ class HelperArmer:
             raise HelperError(self.unavailable)
         t0, b0 = time.monotonic(), protocol.boottime()
         deadline = t0 + self.config.cycle.arm_timeout_sec
-        if not self._tree_ready.is_set():
+        if not self.keeper.tree_ready.is_set():
             # Only before the first build has finished (a sleep at boot, before READY):
             # wait for it within the arm window. A stale tree never waits: it works.
             log.info("arming waits for the helper's RAM filesystem to be built")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._tree_ready.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(self.keeper.tree_ready.wait(), deadline - time.monotonic())
         if not self.ramfs.size:
             raise HelperError(
                 "no RAM filesystem for the helper: "
-                + (self._build_error or "still being built when the sleep came")
+                + (self.keeper.build_error or "still being built when the sleep came")
             )
         # A tree swap waits until we are armed and the cycle is over (self._conn).
         async with self._tree_lock:
