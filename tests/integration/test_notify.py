@@ -16,7 +16,7 @@ from cryptlockd.daemon.notify import SLEEP_WATCHDOG_USEC, Notifier
 from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH, PROPERTIES_INTERFACE
 from cryptlockd.run import child_env
 from tests.fakesys import FakeSystem
-from tests.integration.conftest import DaemonFactory, LogindMock, SystemBus
+from tests.integration.conftest import Daemon, DaemonFactory, LogindMock, SystemBus
 from tests.wait import wait_until
 
 
@@ -136,44 +136,55 @@ def problems(system_bus: SystemBus) -> list[str]:
     return [str(p) for p in value]
 
 
+class LateStart:
+    """start_daemon(*args) with NOTIFY_SOCKET, and an armer ready only once armer_ready()
+    is called (RECORDING_ARMER_READY_FILE)."""
+
+    def __init__(self, start_daemon: DaemonFactory, listener: NotifyListener, tmp: Path) -> None:
+        self.start_daemon = start_daemon
+        self.listener = listener
+        self.ready_file = tmp / "armer-ready"
+
+    def __call__(self, *args: str) -> Daemon:
+        env = {
+            "NOTIFY_SOCKET": str(self.listener.path),
+            "RECORDING_ARMER_READY_FILE": str(self.ready_file),
+        }
+        return self.start_daemon(*args, env=env)
+
+    def armer_ready(self) -> None:
+        self.ready_file.touch()
+
+
+@pytest.fixture
+def start_late(
+    logind: LogindMock, start_daemon: DaemonFactory, listener: NotifyListener, tmp_path: Path
+) -> LateStart:
+    return LateStart(start_daemon, listener, tmp_path)
+
+
 def test_ready_waits_for_the_armer(
-    system_bus: SystemBus,
-    logind: LogindMock,
-    start_daemon: DaemonFactory,
-    listener: NotifyListener,
-    tmp_path: Path,
+    system_bus: SystemBus, start_late: LateStart, listener: NotifyListener
 ) -> None:
-    ready_file = tmp_path / "armer-ready"
-    start_daemon(
-        env={"NOTIFY_SOCKET": str(listener.path), "RECORDING_ARMER_READY_FILE": str(ready_file)}
-    )
+    start_late()
     # On the bus and saying what it waits for, but not READY: the next sleep would not be
     # protected yet.
     wait_until(lambda: listener.seen("STATUS", "Starting: preparing the sleep-cycle helper"))
     problems(system_bus)  # a round trip: the daemon serves while it waits
     assert not listener.seen("READY")
-    ready_file.touch()
+    start_late.armer_ready()
     wait_until(lambda: listener.seen("READY", "1"), message="READY=1 once the armer is ready")
     assert not any(p.startswith("ready:") for p in problems(system_bus))
 
 
 def test_ready_after_a_bounded_wait_with_problems_saying_why(
-    system_bus: SystemBus,
-    logind: LogindMock,
-    start_daemon: DaemonFactory,
-    listener: NotifyListener,
-    tmp_path: Path,
+    system_bus: SystemBus, start_late: LateStart, listener: NotifyListener
 ) -> None:
-    ready_file = tmp_path / "armer-ready"
-    d = start_daemon(
-        "--ready-timeout",
-        "0.5",
-        env={"NOTIFY_SOCKET": str(listener.path), "RECORDING_ARMER_READY_FILE": str(ready_file)},
-    )
+    d = start_late("--ready-timeout", "0.5")
     wait_until(lambda: listener.seen("READY", "1"), message="READY=1 after the bounded wait")
     assert "ready: the sleep-cycle helper was not ready 0.5 s after start" in problems(system_bus)
     assert "ready although the next sleep may not be protected" in d.log()
-    ready_file.touch()
+    start_late.armer_ready()
     wait_until(
         lambda: not any(p.startswith("ready:") for p in problems(system_bus)),
         message="the ready problem gone once the armer is ready",
