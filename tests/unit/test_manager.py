@@ -315,10 +315,19 @@ class LateArmer(RecordingArmer):
         await self.go.wait()
 
 
-@pytest.mark.asyncio
-async def test_wait_ready_returns_once_the_armer_is_ready(tmp_path: Path) -> None:
+@pytest.fixture
+def late(tmp_path: Path) -> tuple[Manager, FakeBus, LateArmer]:
+    """A manager whose armer is ready when told."""
     armer = LateArmer()
-    m, _bus = make_manager(tmp_path, armer)
+    m, bus = make_manager(tmp_path, armer)
+    return m, bus, armer
+
+
+@pytest.mark.asyncio
+async def test_wait_ready_returns_once_the_armer_is_ready(
+    late: tuple[Manager, FakeBus, LateArmer],
+) -> None:
+    m, _bus, armer = late
     waiting = asyncio.get_running_loop().create_task(m.wait_ready(10))
     await asyncio.sleep(0.1)
     assert not waiting.done()
@@ -329,10 +338,9 @@ async def test_wait_ready_returns_once_the_armer_is_ready(tmp_path: Path) -> Non
 
 @pytest.mark.asyncio
 async def test_wait_ready_is_bounded_and_problems_say_so_until_ready(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    late: tuple[Manager, FakeBus, LateArmer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    armer = LateArmer()
-    m, bus = make_manager(tmp_path, armer)
+    m, bus, armer = late
     m._started = True
     with caplog.at_level(logging.WARNING):
         assert await m.wait_ready(0.1) is False
