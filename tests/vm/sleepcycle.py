@@ -21,6 +21,10 @@ from tests.vm.guest import Guest, unwrap
 
 MANAGER = "org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager"
 PROMPT_NOTICE = "cryptlockd: disks locked; passphrase prompt on VT"
+# The helper's RAM filesystem is complete once its manifest is there (written last).
+MANIFEST = "/run/cryptlockd/ramfs/manifest.json"
+# The guest's CLOCK_BOOTTIME in seconds (it counts the time asleep), as a shell command.
+UPTIME = "cut -d' ' -f1 /proc/uptime"
 # The order every complete protected cycle's timeline follows (data is suspended first: it
 # sits on no other device, root holds its keyfile).
 TIMELINE = [
@@ -61,14 +65,12 @@ async def armed_ready(guest: Guest) -> None:
         "cryptlockd reports Protected",
         ok=lambda o: "true" in o,
     )
-    await guest.wait_for_command(
-        "test -s /run/cryptlockd/ramfs/manifest.json", 180, "the helper's RAM filesystem"
-    )
+    await guest.wait_for_command(f"test -s {MANIFEST}", 180, "the helper's RAM filesystem")
 
 
 async def boottime(guest: Guest) -> float:
     """The guest's CLOCK_BOOTTIME in seconds, a second early (cycle records use it)."""
-    return float((await guest.run("cut -d' ' -f1 /proc/uptime")).stdout) - 1.0
+    return float((await guest.run(UPTIME)).stdout) - 1.0
 
 
 async def last_cycle(guest: Guest, since: float | None = None) -> dict[str, Any]:

@@ -16,7 +16,9 @@ import pytest
 from tests.vm import layout
 from tests.vm.guest import Guest
 from tests.vm.sleepcycle import (
+    MANIFEST,
     PROMPT_NOTICE,
+    UPTIME,
     armed_ready,
     assert_complete,
     boottime,
@@ -28,11 +30,8 @@ from tests.vm.sleepcycle import (
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(900)]
 
-MANIFEST = "/run/cryptlockd/ramfs/manifest.json"
 DIGEST = f'python3 -c \'import json; print(json.load(open("{MANIFEST}"))["digest"])\''
 LIBCRYPTSETUP = "/usr/lib/x86_64-linux-gnu/libcryptsetup.so.12"
-# The guest's monotonic clock: when `systemctl start` returned, and when the suspend began.
-STAMP = "cut -d' ' -f1 /proc/uptime"
 
 
 async def protected_cycle(g: Guest, trigger: str, timeout: float) -> dict[str, object]:
@@ -77,9 +76,10 @@ async def test_suspend_right_after_start_is_protected(installed_guest: Guest) ->
         "umount /run/cryptlockd/ramfs && ! mountpoint -q /run/cryptlockd/ramfs && "
         f"! test -e {MANIFEST}"
     )
+    # The guest's clock when `systemctl start` began, and when it returned (READY=1).
     trigger = (
-        f"{STAMP} > /root/t-start && systemctl start cryptlockd.service && "
-        f"{STAMP} > /root/t-started && systemctl suspend"
+        f"{UPTIME} > /root/t-start && systemctl start cryptlockd.service && "
+        f"{UPTIME} > /root/t-started && systemctl suspend"
     )
     await protected_cycle(g, trigger, timeout=240)
     started = float((await g.run("cat /root/t-start")).stdout)
