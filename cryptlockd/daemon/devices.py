@@ -44,6 +44,9 @@ class LuksDevice:
     # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
     keyfile_size: int = 0
     keyfile_offset: int = 0
+    # Holds /, /usr, /var, swap or a keyfile, directly or through holders (SPEC 2.8):
+    # nothing may be thawed while it is suspended. True unless shown otherwise.
+    essential: bool = True
 
 
 @dataclass(frozen=True)

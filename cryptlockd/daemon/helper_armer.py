@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.daemon import checks, helper_socket
-from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.armer import CycleCallback, CycleRecord
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
 from cryptlockd.daemon.ramfs import SIZE_TARGET, Ramfs
-from cryptlockd.daemon.repair import repair
+from cryptlockd.daemon.repair import repair, take_recovered_record
 from cryptlockd.daemon.systemd_unit import SystemdUnit
 from cryptlockd.defs import SYSTEMD_BOOTED_DIR
 from cryptlockd.errors import CryptlockdError, RemoteError
@@ -79,6 +79,8 @@ class HelperArmer:
         self._builder: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_status_change: Callable[[], None] | None = None
+        self._on_recovered: CycleCallback | None = None
+        self._recovered_at_start: CycleRecord | None = None
         self._prestart_task: asyncio.Task[None] | None = None
 
     # -- the RAM filesystem -------------------------------------------------------------
@@ -94,8 +96,11 @@ class HelperArmer:
             )
             self._builder.start()
 
-    def watch(self, on_status_change: Callable[[], None]) -> None:
+    def watch(
+        self, on_status_change: Callable[[], None], on_recovered: CycleCallback | None = None
+    ) -> None:
         self._on_status_change = on_status_change
+        self._on_recovered = on_recovered
 
     def _build_at_start(self) -> None:
         self._ensure_ramfs()
@@ -107,11 +112,17 @@ class HelperArmer:
         """In the event loop, once the first build is done (or has failed)."""
         if self._on_status_change is not None:
             self._on_status_change()
+        record, self._recovered_at_start = self._recovered_at_start, None
+        if record is not None and self._on_recovered is not None:
+            log.warning("the last cycle's helper died and was recovered: %s", record["reason"])
+            self._on_recovered(False, record)
         self._prestart_task = asyncio.get_running_loop().create_task(self._prestart())
 
     def _ensure_ramfs(self) -> None:
         with self._build_lock:
             repair(self.ramfs.path, self.socket_path)
+            if self._recovered_at_start is None:
+                self._recovered_at_start = take_recovered_record(self.ramfs.path)
             try:
                 # An idle helper stands down when told; a busy one (mid-cycle) does not
                 # answer, and its tree must stay.
@@ -275,6 +286,14 @@ class HelperArmer:
                     await self._close()
                     await self._prestart(after_exit=True)
                     return
+        # The helper went away without a record: if it died mid-cycle, the recovery (its
+        # unit's ExecStopPost=) left one before it let us run again.
+        recovered = take_recovered_record(self.ramfs.path)
+        if recovered is not None:
+            log.warning("the helper died mid-cycle and was recovered: %s", recovered["reason"])
+            on_finished(False, recovered)
+            await self._close()
+            await self._prestart(after_exit=True)
 
     async def disarm(self) -> None:
         if self.unavailable is not None:
