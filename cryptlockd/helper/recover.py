@@ -176,15 +176,19 @@ def _helper_for(left: Leftovers, record: CycleRecord) -> Helper:
     return h
 
 
+def ignore_stop_signals() -> None:
+    # Mid-cycle from here: nothing may stop us half-way (KillMode=process, SendSIGKILL=no,
+    # TimeoutStopSec=infinity in the unit; these for the rest).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def recover(env: dict[str, str]) -> int:
     left = read_leftovers()
     if not left.anything():
         _clean_state()
         return 0
-    # Mid-cycle from here: nothing may stop us half-way (KillMode=process, SendSIGKILL=no,
-    # TimeoutStopSec=infinity in the unit; these for the rest).
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
     harden()
     record = CycleRecord([p.name for p in left.plan])
     record.step("recovery_start")

@@ -81,6 +81,8 @@ class SystemOps:
     def _fault(self, step: str) -> None:
         """The test hook (FAULT_HOOK): die for real at `step`, as a crash would."""
         if self.h.fault == step:
+            # On the console, so the test on the host knows when: nothing else can say so.
+            notice_console(f"cryptlockd: test hook: SIGKILL at {step}")
             os.kill(os.getpid(), signal.SIGKILL)
 
     def save_cycle_state(self) -> None:
@@ -176,6 +178,7 @@ class SystemOps:
         )
         if not self._hung_up and self.h.fault == "hangup-at-prompt":
             self._hung_up = True
+            notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
             t.hang_up()
         self._fault("at-prompt")
         if not t.read_secret(secret):

@@ -125,6 +125,8 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "sync").write_text("0")
     monkeypatch.setattr(power, "SYNC_ON_SUSPEND", str(tmp_path / "sync"))
     monkeypatch.setattr(mappings, "suspended_mappings", lambda: {"root", "data"})
+    # Not in the test process: its children (the daemon under test) would inherit it.
+    monkeypatch.setattr(recover, "ignore_stop_signals", lambda: None)
     monkeypatch.setattr(recover, "harden", lambda: None)
     monkeypatch.setattr(recover, "hardening_status", lambda: {"dumpable": "0"})
     monkeypatch.setattr(recover, "Library", FakeLibrary)
