@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 
 from cryptlockd.helper import cgroups, mappings, power, protocol
 from cryptlockd.helper.cycle import DevicePlan, essential_suspended, wind_down
@@ -141,6 +142,35 @@ class RecoveryOps(SystemOps):
         return errors
 
 
+def _open_device(
+    library: Library, name: str, left: Leftovers, record: CycleRecord
+) -> Device | None:
+    """The device, opened to be resumed. A device that will not open is left out if it is
+    not essential (it stays suspended; the rest goes on); an essential one is tried again
+    and again: giving up would leave the system frozen, thawing it would hang it."""
+    essential = any(p.name == name and p.essential for p in left.plan)
+    while True:
+        try:
+            return Device(library, name)
+        except Exception as e:
+            problem = f"opening {name}: {e}"
+            if not record.problems or record.problems[-1] != problem:
+                record.problems.append(problem)
+            if not essential:
+                record.problems.append(f"{name} stays suspended")
+                return None
+            time.sleep(2.0)
+
+
+def _open_terminal(number: int, record: CycleRecord) -> Terminal:
+    """The helper's VT, or else a free one."""
+    try:
+        return Terminal(number)
+    except Exception as e:
+        record.problems.append(f"VT {number}: {e}; prompting on a free VT")
+        return Terminal(0)
+
+
 def _helper_for(left: Leftovers, record: CycleRecord) -> Helper:
     """A Helper with what SystemOps needs for the second half: devices, VT, settings."""
     h = Helper()
@@ -154,13 +184,16 @@ def _helper_for(left: Leftovers, record: CycleRecord) -> Helper:
         h.library = Library()
         slots = st.get("keyslots", {})
         for name in left.suspended:
-            dev = Device(h.library, name)
+            dev = _open_device(h.library, name, left, record)
+            if dev is None:
+                continue
             if isinstance(slots.get(name), int):
                 dev.last_keyslot = slots[name]
             h.devices[name] = dev
+        left.suspended = [n for n in left.suspended if n in h.devices]
     if isinstance(st.get("vt"), int) and st["vt"] > 0:
         try:
-            h._terminal = Terminal(st["vt"])
+            h._terminal = _open_terminal(st["vt"], record)
             # Now the helper's VT is the active one; the desktop's is the one to go back to.
             if isinstance(st.get("vt_original"), int):
                 h._terminal.original = st["vt_original"]

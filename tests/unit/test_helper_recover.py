@@ -211,3 +211,28 @@ def test_the_fault_hook_counts_only_a_root_file_and_serves_once(tmp_path: Path) 
     assert system_ops.read_fault_hook(str(hook)) == expected
     assert not hook.exists()
     assert system_ops.read_fault_hook(str(hook)) == ""
+
+
+def test_a_device_that_will_not_open_is_left_out_unless_essential(
+    system: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dead_cycle(system, ["root", "data"])
+    FakeTerminal.typed = [GOOD]
+    failures = {"data": 1, "root": 2}
+    sleeps: list[float] = []
+
+    def device(library: FakeLibrary, name: str) -> FakeDevice:
+        if failures.get(name):
+            failures[name] -= 1
+            raise OSError("ENODEV")
+        return FakeDevice(library, name)
+
+    monkeypatch.setattr(recover, "Device", device)
+    monkeypatch.setattr(recover.time, "sleep", sleeps.append)
+    assert recover.recover({"EXIT_CODE": "killed", "EXIT_STATUS": "KILL"}) == 0
+    # root (essential) was tried until it opened; data (not essential) stays suspended.
+    assert FakeDevice.resumed == ["root"] and sleeps == [2.0, 2.0]
+    rec = json.loads((system / "state/recovered.json").read_text())
+    assert "data stays suspended" in rec["problems"]
+    assert rec["problems"].count("opening root: ENODEV") == 1
+    assert (system / "cg/system.slice/cgroup.freeze").read_text() == "0"
