@@ -42,7 +42,7 @@ PROMPT_WITHIN = 10.0
 
 async def watch_signals(g: Guest) -> None:
     await g.run(
-        "pkill -f '[b]usctl monitor' ; rm -f /root/cycle-signal.log; setsid busctl monitor "
+        "rm -f /root/cycle-signal.log; setsid busctl monitor "
         "--json=short --match type=signal,interface=org.cryptlockd1.Manager,"
         "member=CycleFinished > /root/cycle-signal.log 2>&1 < /dev/null &"
     )
