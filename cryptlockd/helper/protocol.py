@@ -175,6 +175,9 @@ CYCLE_STATE_IN_RAMFS = "/state/cycle.json"
 # The record of a cycle the recovery finished, for the daemon to report (LastCycle,
 # CycleFinished) when it notices the helper is gone, or at its next start.
 RECOVERED_RECORD_IN_RAMFS = "/state/recovered.json"
+# Held by whichever recovery runs (the helper's watchdog, the unit's ExecStopPost=), so
+# the other waits and then finds nothing left to do.
+RECOVERY_LOCK_IN_RAMFS = "/state/recovery.lock"
 # Test hook, root-only, on the real root's /run (the helper reads it through /proc/1/root
 # when armed, and removes it: one cycle only). Names the step at which the helper SIGKILLs
 # itself ("after-freeze", "after-first-suspend", "at-prompt") or hangs up its VT

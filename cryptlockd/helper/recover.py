@@ -1,8 +1,16 @@
-"""The recovery of a dead helper (SPEC 2.8): `python3 -I -S -B -m cryptlockd.helper --recover`.
+"""The recovery of a dead helper (SPEC 2.8), run by two watchers of the helper:
 
-PID 1 runs it as the helper unit's ExecStopPost= after every stop of the helper: in the
-helper's RAM filesystem and cgroup, which the helper never freezes, so it runs whatever
-else is frozen, the daemon included. After a normal exit or a stand-down there is nothing
+- its watchdog (start_watchdog), a child the helper forks when armed, before anything is
+  suspended: it waits for the helper's end on a pipe. It needs nothing from anyone at that
+  moment, which matters once root is suspended: PID 1 then cannot be relied on to start a
+  process (seen in the guest: no ExecStopPost= while root was suspended);
+- `python3 -I -S -B -m cryptlockd.helper --recover`, the helper unit's ExecStopPost=, which
+  PID 1 runs after every stop of the helper, for a helper that died before it forked its
+  watchdog, or a watchdog that died too.
+
+Both run in the helper's RAM filesystem and cgroup, which the helper never freezes, so
+they run whatever else is frozen, the daemon included; a lock in /state lets one work
+while the other waits (and then finds nothing). After a normal exit or a stand-down there is nothing
 left and it exits at once. After a death mid-cycle (SIGKILL, a crash in libcryptsetup, the
 OOM killer) the state the helper wrote before each step (system_ops: the cycle state, the
 frozen list, the saved sync_on_suspend) says what may be left; sysfs and cgroup.freeze say
@@ -15,6 +23,7 @@ before the thaw, so the daemon finds it when it runs again, and to the journal a
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -107,7 +116,10 @@ def _clean_state() -> None:
 
 
 def death_reason(env: dict[str, str]) -> str:
-    """Why the helper stopped, from the variables PID 1 sets for ExecStopPost=."""
+    """Why the helper stopped, from the variables PID 1 sets for ExecStopPost= (the
+    watchdog, not its parent, cannot know how it died)."""
+    if env.get(WATCHDOG_ENV):
+        return "the helper died mid-cycle; recovered by its watchdog"
     code, status = env.get("EXIT_CODE", ""), env.get("EXIT_STATUS", "")
     if code == "killed":
         how = f"killed by SIG{status}"
@@ -216,7 +228,41 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+WATCHDOG_ENV = "CRYPTLOCKD_WATCHDOG"
+# File descriptors the watchdog closes (the helper's sockets above all: the daemon and the
+# sleep entry must see the helper's connections end when it dies).
+MAX_FD = 65536
+
+
+def start_watchdog() -> int:
+    """Forks the watchdog; returns its pid. It waits until the helper (this process) is
+    gone, however it went, then runs recover(); after a normal end it finds nothing."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(r)
+        return pid  # w stays open for the helper's life: its end is the signal
+    code = 1
+    try:  # pragma: no cover - the child
+        os.close(w)
+        os.closerange(3, r)
+        os.closerange(r + 1, MAX_FD)
+        ignore_stop_signals()
+        harden()  # memory locks are not inherited across fork
+        while os.read(r, 1):
+            pass
+        code = recover({WATCHDOG_ENV: "1"})
+    finally:
+        os._exit(code)
+
+
 def recover(env: dict[str, str]) -> int:
+    with open(protocol.RECOVERY_LOCK_IN_RAMFS, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _recover_locked(env)
+
+
+def _recover_locked(env: dict[str, str]) -> int:
     left = read_leftovers()
     if not left.anything():
         _clean_state()

@@ -52,6 +52,7 @@ class Helper:
         self.daemon: protocol.Channel | None = None
         # The test hook's step (system_ops.read_fault_hook), or "".
         self.fault = ""
+        self.watchdog = 0  # its pid, once forked (server.py, recover.start_watchdog)
 
     def preload(self) -> None:
         """Opens every LUKS mapping while idle: reading headers at arm time queues behind
@@ -104,6 +105,7 @@ class Helper:
         self.record.step("helper_arm")
         harden()
         self.record.step("helper_hardened")
+
         # Fail now, while the sleep can still go ahead unprotected and say so, rather
         # than mid-cycle.
         freeze_plan()

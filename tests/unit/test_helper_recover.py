@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -115,6 +116,7 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("FROZEN_STATE_IN_RAMFS", "frozen"),
         ("SYNC_STATE_IN_RAMFS", "sync_on_suspend"),
         ("RECOVERED_RECORD_IN_RAMFS", "recovered.json"),
+        ("RECOVERY_LOCK_IN_RAMFS", "recovery.lock"),
     ):
         monkeypatch.setattr(protocol, name, str(state / path))
     cg = tmp_path / "cg"
@@ -185,7 +187,7 @@ def test_a_dead_helper_is_recovered_record_first_then_thawed(
     )
     assert (system / "cg/user.slice/cgroup.freeze").read_text() == "0"
     assert (system / "sync").read_text() == "1"
-    assert sorted(os.listdir(system / "state")) == ["recovered.json"]
+    assert sorted(os.listdir(system / "state")) == ["recovered.json", "recovery.lock"]
     rec = json.loads((system / "state/recovered.json").read_text())
     assert rec["reason"] == "the helper died mid-cycle (killed by SIGKILL); recovered"
     assert not rec["success"] and rec["suspended"] == ["root", "data"]
@@ -236,3 +238,36 @@ def test_a_device_that_will_not_open_is_left_out_unless_essential(
     assert "data stays suspended" in rec["problems"]
     assert rec["problems"].count("opening root: ENODEV") == 1
     assert (system / "cg/system.slice/cgroup.freeze").read_text() == "0"
+
+
+def test_the_watchdog_recovers_once_the_helper_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in helper forks the watchdog and dies; the watchdog (its child) sees the end
+    # of its pipe and runs the recovery, with the helper's sockets closed.
+    marker = tmp_path / "recovered"
+    sock_r, sock_w = os.pipe()
+
+    def fake_recover(env: dict[str, str]) -> int:
+        open_fds = os.listdir("/proc/self/fd")
+        marker.write_text(json.dumps({"env": env, "socket_open": str(sock_w) in open_fds}))
+        return 0
+
+    monkeypatch.setattr(recover, "recover", fake_recover)
+    monkeypatch.setattr(recover, "harden", lambda: None)
+    monkeypatch.setattr(recover, "ignore_stop_signals", lambda: None)
+    helper = os.fork()
+    if helper == 0:  # pragma: no cover - the stand-in helper
+        try:
+            recover.start_watchdog()
+        finally:
+            os._exit(0)
+    os.waitpid(helper, 0)
+    os.close(sock_r)
+    os.close(sock_w)
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = json.loads(marker.read_text())
+    assert got == {"env": {recover.WATCHDOG_ENV: "1"}, "socket_open": False}
+    assert death_reason(got["env"]) == "the helper died mid-cycle; recovered by its watchdog"
