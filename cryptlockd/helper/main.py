@@ -19,7 +19,7 @@ import sys
 
 from cryptlockd.helper import protocol
 from cryptlockd.helper.libcryptsetup import Library
-from cryptlockd.helper.recover import recover
+from cryptlockd.helper.recover import recover, watch
 from cryptlockd.helper.secret import SecretBuffer
 from cryptlockd.helper.server import serve
 from cryptlockd.helper.session import Helper
@@ -77,6 +77,8 @@ def main(argv: list[str]) -> int:
         return self_test()
     if "--recover" in argv:
         return recover(dict(os.environ))
+    if "--watchdog" in argv:
+        return watch(int(argv[argv.index("--watchdog") + 1]))
     signal.signal(signal.SIGTERM, _stop)
     os.makedirs(os.path.dirname(protocol.SOCKET_IN_RAMFS), exist_ok=True)
     os.makedirs(os.path.dirname(protocol.FROZEN_STATE_IN_RAMFS), exist_ok=True)

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import time
 
 from cryptlockd.helper import cgroups, mappings, power, protocol
@@ -234,26 +235,39 @@ WATCHDOG_ENV = "CRYPTLOCKD_WATCHDOG"
 MAX_FD = 65536
 
 
+# The watchdog's command line: the helper's own interpreter and package, in its RAM
+# filesystem (a fresh process: a forked copy would lock in RAM a second copy of the
+# helper's memory, the KDF reserve included).
+WATCHDOG_ARGV = [sys.executable, "-I", "-S", "-B", "-m", "cryptlockd.helper", "--watchdog"]
+
+
 def start_watchdog() -> int:
-    """Forks the watchdog; returns its pid. It waits until the helper (this process) is
+    """Starts the watchdog; returns its pid. It waits until the helper (this process) is
     gone, however it went, then runs recover(); after a normal end it finds nothing."""
     r, w = os.pipe()
     pid = os.fork()
     if pid:
         os.close(r)
         return pid  # w stays open for the helper's life: its end is the signal
-    code = 1
     try:  # pragma: no cover - the child
         os.close(w)
+        os.set_inheritable(r, True)
         os.closerange(3, r)
         os.closerange(r + 1, MAX_FD)
-        ignore_stop_signals()
-        harden()  # memory locks are not inherited across fork
-        while os.read(r, 1):
-            pass
-        code = recover({WATCHDOG_ENV: "1"})
+        os.execv(WATCHDOG_ARGV[0], [*WATCHDOG_ARGV, str(r)])
     finally:
-        os._exit(code)
+        os._exit(1)
+
+
+def watch(fd: int) -> int:
+    """The watchdog, after exec: locked in memory at once (were it swapped out to a swap
+    on a suspended device, it could never run again), then waits for the end of the pipe."""
+    ignore_stop_signals()
+    harden()
+    while os.read(fd, 1):
+        pass
+    os.close(fd)
+    return recover({WATCHDOG_ENV: "1"})
 
 
 def recover(env: dict[str, str]) -> int:
