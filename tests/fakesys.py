@@ -47,7 +47,11 @@ class FakeSystem:
     @property
     def paths(self) -> SystemPaths:
         return SystemPaths(
-            sysfs=self.sysfs, mountinfo=self.mountinfo, crypttab=self.crypttab, dev=self.dev
+            sysfs=self.sysfs,
+            mountinfo=self.mountinfo,
+            crypttab=self.crypttab,
+            dev=self.dev,
+            swaps=self.root / "swaps",
         )
 
     def daemon_args(self) -> list[str]:

@@ -29,9 +29,12 @@ class Armer(Protocol):
         """A (re)loaded configuration. The first call may start preparing for the first
         sleep (the helper's RAM filesystem), in the background."""
 
-    def watch(self, on_status_change: Callable[[], None]) -> None:
+    def watch(
+        self, on_status_change: Callable[[], None], on_recovered: CycleCallback | None = None
+    ) -> None:
         """Call `on_status_change` in the event loop whenever what status() says may have
-        changed on its own (a background build finishing)."""
+        changed on its own (a background build finishing), and `on_recovered` with the
+        record of a cycle whose helper died and was recovered (SPEC 2.8), found at start."""
 
     def status(self) -> list[CheckResult]:
         """Whether the armer could protect the next sleep, as self-check lines for Check()

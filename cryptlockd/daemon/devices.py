@@ -44,6 +44,9 @@ class LuksDevice:
     # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
     keyfile_size: int = 0
     keyfile_offset: int = 0
+    # Holds /, /usr, /var, swap or a keyfile, directly or through holders (SPEC 2.8):
+    # nothing may be thawed while it is suspended. True unless shown otherwise.
+    essential: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class SystemPaths:
     mountinfo: Path = Path("/proc/self/mountinfo")
     crypttab: Path = Path("/etc/crypttab")
     dev: Path = Path("/dev")
+    swaps: Path = Path("/proc/swaps")
 
 
 # ---- mountinfo -----------------------------------------------------------------------
@@ -76,6 +80,62 @@ def parse_mountinfo_root(text: str) -> tuple[str, str] | None:
         if _unescape_mountinfo(fields[4]) != "/" or len(fields) < sep + 3:
             continue
         found = (fields[2], _unescape_mountinfo(fields[sep + 2]))
+    return found
+
+
+# Mount points that must not sit on a suspended device while anything runs (SPEC 2.8).
+ESSENTIAL_MOUNTS = ("/", "/usr", "/var")
+
+
+def parse_mountinfo_points(text: str) -> dict[str, tuple[str, str]]:
+    """mount point -> (major:minor, mount source); the last entry of a point wins."""
+    points: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if len(fields) < sep + 3:
+            continue
+        points[_unescape_mountinfo(fields[4])] = (fields[2], _unescape_mountinfo(fields[sep + 2]))
+    return points
+
+
+def _mount_of(points: dict[str, tuple[str, str]], path: str) -> tuple[str, str] | None:
+    """The filesystem `path` lives on: the longest mount point that contains it."""
+    best = ""
+    for point in points:
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best = point
+    return points.get(best) if best else None
+
+
+def parse_swaps(text: str) -> list[tuple[str, str]]:
+    """(file name, type) of each active swap area, from /proc/swaps."""
+    out = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 2:
+            out.append((fields[0].replace("\\040", " "), fields[1]))
+    return out
+
+
+def essential_filesystems(
+    mountinfo: str, swaps: str, keyfiles: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(major:minor, source) of what must stay usable while anything runs: /, /usr, /var,
+    the swap areas (a swap file: its filesystem) and the filesystems holding keyfiles."""
+    points = parse_mountinfo_points(mountinfo)
+    found = [points[p] for p in ESSENTIAL_MOUNTS if p in points]
+    for name, kind in parse_swaps(swaps):
+        if kind == "partition":
+            found.append(("", name))
+        elif (fs := _mount_of(points, name)) is not None:
+            found.append(fs)
+    for path in keyfiles:
+        if (fs := _mount_of(points, path)) is not None:
+            found.append(fs)
     return found
 
 
@@ -181,7 +241,7 @@ def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: 
     if root is None:
         return None
     devno, source = root
-    if not devno.startswith("0:"):
+    if devno and not devno.startswith("0:"):
         for node in nodes.values():
             if node.devno == devno:
                 return node.kname
@@ -208,10 +268,17 @@ def build_devices(
     root: tuple[str, str] | None,
     crypttab: Sequence[CrypttabEntry],
     dev: Path = Path("/dev"),
+    essential: Sequence[tuple[str, str]] | None = None,
 ) -> list[LuksDevice]:
-    """The LUKS devices among `nodes`, sorted by dm name."""
+    """The LUKS devices among `nodes`, sorted by dm name. `essential`: what
+    essential_filesystems() found; None (unknown): every device counts as essential."""
     entries = {e.name: e for e in crypttab}
     root_kname = _root_kname(nodes, root, dev)
+    essential_knames = (
+        None
+        if essential is None
+        else {k for fs in essential if (k := _root_kname(nodes, fs, dev)) is not None}
+    )
     out: list[LuksDevice] = []
     for node in nodes.values():
         if node.dm_name is None or node.dm_uuid is None:
@@ -236,6 +303,9 @@ def build_devices(
                 holders=holders,
                 keyfile_size=entry.keyfile_size if entry else 0,
                 keyfile_offset=entry.keyfile_offset if entry else 0,
+                essential=essential_knames is None
+                or node.kname in essential_knames
+                or any(k in essential_knames for k in above),
             )
         )
     return sorted(out, key=lambda d: d.name)
@@ -243,12 +313,30 @@ def build_devices(
 
 def discover_devices(paths: SystemPaths = SystemPaths()) -> list[LuksDevice]:
     nodes = read_block_nodes(paths.sysfs)
+    crypttab = read_crypttab(paths.crypttab)
+    essential: list[tuple[str, str]] | None = None
     try:
-        root = parse_mountinfo_root(paths.mountinfo.read_text())
+        mountinfo = paths.mountinfo.read_text()
     except OSError as e:
         log.warning("cannot read %s: %s", paths.mountinfo, e)
         root = None
-    return build_devices(nodes, root, read_crypttab(paths.crypttab), paths.dev)
+    else:
+        root = parse_mountinfo_root(mountinfo)
+        try:
+            swaps = paths.swaps.read_text()
+        except FileNotFoundError:
+            swaps = ""  # no swap support in the kernel, or a test tree without the file
+        except OSError as e:
+            log.warning("cannot read %s: %s", paths.swaps, e)
+            swaps = None
+        if swaps is not None:
+            keyfiles = [
+                e.key_source[len("keyfile:") :]
+                for e in crypttab
+                if e.key_source.startswith("keyfile:")
+            ]
+            essential = essential_filesystems(mountinfo, swaps, keyfiles)
+    return build_devices(nodes, root, crypttab, paths.dev, essential)
 
 
 def apply_exclude(devices: Iterable[LuksDevice], exclude: Iterable[str]) -> list[LuksDevice]:

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.daemon import checks, helper_socket
-from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.armer import CycleCallback, CycleRecord
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
 from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.daemon.ramfs_keeper import RamfsKeeper
+from cryptlockd.daemon.repair import take_recovered_record
 from cryptlockd.daemon.systemd_unit import SystemdUnit
 from cryptlockd.defs import SYSTEMD_BOOTED_DIR
 from cryptlockd.errors import CryptlockdError, RemoteError
@@ -79,6 +80,7 @@ class HelperArmer:
         self._conn: Connection | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._on_status_change: Callable[[], None] | None = None
+        self._on_recovered: CycleCallback | None = None
         # Held while arming and while swapping trees: a swap never falls in an arm.
         self._tree_lock = asyncio.Lock()
         self.keeper = RamfsKeeper(
@@ -89,6 +91,7 @@ class HelperArmer:
             start_idle=self._prestart,
             helper_exited=self._helper_exited,
             status_changed=self._status_changed,
+            recovered=self._recovered_at_start,
         )
         self._idle_error: str | None = None
         self._after_disarm: asyncio.Task[None] | None = None
@@ -100,12 +103,20 @@ class HelperArmer:
         if self.unavailable is None:
             self.keeper.keep()
 
-    def watch(self, on_status_change: Callable[[], None]) -> None:
+    def watch(
+        self, on_status_change: Callable[[], None], on_recovered: CycleCallback | None = None
+    ) -> None:
         self._on_status_change = on_status_change
+        self._on_recovered = on_recovered
 
     def _status_changed(self) -> None:
         if self._on_status_change is not None:
             self._on_status_change()
+
+    def _recovered_at_start(self, record: CycleRecord) -> None:
+        log.warning("the last cycle's helper died and was recovered: %s", record["reason"])
+        if self._on_recovered is not None:
+            self._on_recovered(False, record)
 
     async def ready(self) -> None:
         if self.unavailable is None:
@@ -290,6 +301,14 @@ class HelperArmer:
                     await self._close()
                     await self._helper_gone()
                     return
+        # The helper went away without a record: if it died mid-cycle, the recovery (its
+        # unit's ExecStopPost=) left one before it let us run again.
+        recovered = take_recovered_record(self.ramfs.path)
+        if recovered is not None:
+            log.warning("the helper died mid-cycle and was recovered: %s", recovered["reason"])
+            on_finished(False, recovered)
+            await self._close()
+            await self._helper_gone()
 
     async def disarm(self) -> None:
         if self.unavailable is not None:

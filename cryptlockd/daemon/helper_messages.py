@@ -51,6 +51,7 @@ def device_plan(devices: Sequence[LuksDevice]) -> list[DevicePlanEntry]:
                 "key_source": d.key_source if keyfile else "passphrase",
                 "keyfile_size": d.keyfile_size if keyfile else 0,
                 "keyfile_offset": d.keyfile_offset if keyfile else 0,
+                "essential": d.holds_root or d.essential,
             }
         )
     return plan

@@ -94,7 +94,7 @@ class Manager:
             on_change=self.refresh,
             timeout=DBUS_CALL_TIMEOUT,
         )
-        armer.watch(self.refresh)
+        armer.watch(self.refresh, self.cycle_finished)
         self._started = False
         self._changing = 0
         self._status_sent = ""

@@ -21,10 +21,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from cryptlockd.daemon import checks, helper_socket
+from cryptlockd.daemon.armer import CycleRecord
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.inotify import InputWatcher
 from cryptlockd.daemon.ramfs import SIZE_TARGET, Ramfs, watch_targets
-from cryptlockd.daemon.repair import repair
+from cryptlockd.daemon.repair import repair, take_recovered_record
 
 __all__ = ["RamfsKeeper"]
 
@@ -83,10 +84,12 @@ class RamfsKeeper:
         start_idle: Callable[[bool], Awaitable[None]],
         helper_exited: Callable[[], Awaitable[None]],
         status_changed: Callable[[], None],
+        recovered: Callable[[CycleRecord], None],
     ) -> None:
         """`arm_lock` is held by the armer while it arms; `armed()` says whether a helper
         of ours is armed or mid-cycle; `start_idle(after_exit)` starts the idle helper;
-        `helper_exited()` returns once a busy helper has exited."""
+        `helper_exited()` returns once a busy helper has exited; `recovered(record)` gets
+        the record of a dead helper's recovery, found in the tree at start."""
         self.ramfs = ramfs
         self.socket_path = socket_path
         self._arm_lock = arm_lock
@@ -94,6 +97,7 @@ class RamfsKeeper:
         self._start_idle = start_idle
         self._helper_exited = helper_exited
         self._status_changed = status_changed
+        self._recovered = recovered
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # something for the keeper to look at
         self.tree_ready = asyncio.Event()  # a live tree exists, or the first build failed
@@ -154,6 +158,10 @@ class RamfsKeeper:
     async def _keep_once(self, first: bool) -> None:
         if first:
             await asyncio.to_thread(repair, self.ramfs.path, self.socket_path)
+            # Taken before a swap can drop the tree that holds it.
+            record = await asyncio.to_thread(take_recovered_record, self.ramfs.path)
+            if record is not None:
+                self._recovered(record)
             if await asyncio.to_thread(self.ramfs.load):
                 # Left by the daemon that ran before us: it serves while it is checked.
                 self.tree_ready.set()

@@ -1,19 +1,23 @@
 """Repair at start (SPEC 2.7): undo what a helper that died mid-cycle left behind. It notes
 both before touching them, in its RAM filesystem (helper/protocol.py names the files): the
-cgroups it froze, and the sync_on_suspend value it replaced."""
+cgroups it froze, and the sync_on_suspend value it replaced. Usually the recovery
+(helper/recover.py, the helper unit's ExecStopPost=) has undone them already and left the
+record of that cycle, which the daemon reports (take_recovered_record)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from cryptlockd.daemon import helper_socket
 from cryptlockd.helper import cgroups, protocol
 from cryptlockd.helper.cgroups import CGROUP_ROOT
 from cryptlockd.helper.power import SYNC_ON_SUSPEND
 
-__all__ = ["repair"]
+__all__ = ["repair", "take_recovered_record"]
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +51,28 @@ def repair(
             done.append(f"sync_on_suspend={value}")
         saved.unlink()
     return done
+
+
+def take_recovered_record(ramfs_path: Path) -> dict[str, Any] | None:
+    """The record the recovery of a dead helper left, once: it is removed as it is read."""
+    path = Path(protocol.on_host(protocol.RECOVERED_RECORD_IN_RAMFS, str(ramfs_path)))
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        text = ""
+        log.error("cannot read %s: %s", path, e)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        record = {"reason": f"the helper died mid-cycle; recovered (record unreadable: {e})"}
+    record["success"] = False
+    record["result"] = "failed"
+    record["recovered"] = True
+    record.setdefault("reason", "the helper died mid-cycle; recovered")
+    return record

@@ -2,7 +2,7 @@
 
 It listens on its socket, loads libcryptsetup and opens the LUKS mappings while idle, then
 serves (server.py) until a cycle is done or it is told to stand down. `--self-test` checks
-a freshly built RAM filesystem instead.
+a freshly built RAM filesystem instead; `--recover` is the unit's ExecStopPost= (recover.py).
 
 The RAM filesystem's closure is what importing this module loads (daemon/ramfs.py), so
 everything the helper needs at run time must be imported from here, directly or not.
@@ -19,6 +19,7 @@ import sys
 
 from cryptlockd.helper import protocol
 from cryptlockd.helper.libcryptsetup import Library
+from cryptlockd.helper.recover import recover, watch
 from cryptlockd.helper.secret import SecretBuffer
 from cryptlockd.helper.server import serve
 from cryptlockd.helper.session import Helper
@@ -74,6 +75,10 @@ def listen(path: str) -> socket.socket:
 def main(argv: list[str]) -> int:
     if "--self-test" in argv:
         return self_test()
+    if "--recover" in argv:
+        return recover(dict(os.environ))
+    if "--watchdog" in argv:
+        return watch(int(argv[argv.index("--watchdog") + 1]))
     signal.signal(signal.SIGTERM, _stop)
     os.makedirs(os.path.dirname(protocol.SOCKET_IN_RAMFS), exist_ok=True)
     os.makedirs(os.path.dirname(protocol.FROZEN_STATE_IN_RAMFS), exist_ok=True)

@@ -30,3 +30,25 @@ def luks_mappings(sys_block: str = SYS_BLOCK) -> dict[str, str]:
         if uuid.startswith("CRYPT-LUKS") and name:
             out[name] = uuid
     return out
+
+
+def suspended_mappings(sys_block: str = SYS_BLOCK) -> set[str]:
+    """dm names of the mappings that device-mapper reports suspended now (any target)."""
+    out: set[str] = set()
+    try:
+        entries = os.listdir(sys_block)
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.startswith("dm-"):
+            continue
+        try:
+            with open(os.path.join(sys_block, entry, "dm", "suspended")) as f:
+                suspended = f.read().strip() == "1"
+            with open(os.path.join(sys_block, entry, "dm", "name")) as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if suspended and name:
+            out.add(name)
+    return out

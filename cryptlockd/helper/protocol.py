@@ -35,6 +35,9 @@ if TYPE_CHECKING:
         key_source: str
         keyfile_size: int
         keyfile_offset: int
+        # Holds /, /usr, /var, swap or a keyfile (SPEC 2.8): nothing is thawed while it is
+        # suspended. Absent (an older daemon): essential.
+        essential: bool
 
     class ArmMessage(TypedDict):
         op: Literal["arm"]
@@ -165,6 +168,22 @@ SOCKET_IN_RAMFS = "/sock/helper.sock"
 # (written before freezing) and the sync_on_suspend value it replaced.
 FROZEN_STATE_IN_RAMFS = "/state/frozen"
 SYNC_STATE_IN_RAMFS = "/state/sync_on_suspend"
+# The rest of what the recovery of a dead helper needs (recover.py): the device plan, the
+# VT, the prompt's settings and the devices it may have suspended (each written before its
+# crypt_suspend). JSON; removed once the cycle has thawed.
+CYCLE_STATE_IN_RAMFS = "/state/cycle.json"
+# The record of a cycle the recovery finished, for the daemon to report (LastCycle,
+# CycleFinished) when it notices the helper is gone, or at its next start.
+RECOVERED_RECORD_IN_RAMFS = "/state/recovered.json"
+# Held by whichever recovery runs (the helper's watchdog, the unit's ExecStopPost=), so
+# the other waits and then finds nothing left to do.
+RECOVERY_LOCK_IN_RAMFS = "/state/recovery.lock"
+# Test hook, root-only, on the real root's /run (the helper reads it through /proc/1/root
+# when armed, and removes it: one cycle only). Names the step at which the helper SIGKILLs
+# itself ("after-freeze", "after-first-suspend", "at-prompt") or hangs up its VT
+# ("hangup-at-prompt"). Documented in cryptlockd(8).
+FAULT_HOOK = "/run/cryptlockd/debug-helper-fault"
+FAULTS = ("after-freeze", "after-first-suspend", "at-prompt", "hangup-at-prompt")
 
 
 def on_host(path_in_ramfs: str, ramfs: str = RAMFS_DIR) -> str:

@@ -16,6 +16,7 @@ import time
 
 from cryptlockd.helper import protocol
 from cryptlockd.helper.journal import ERR, INFO, WARNING, log
+from cryptlockd.helper.recover import start_watchdog
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
@@ -81,6 +82,10 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 _refuse(conn, f"arming failed: {e}")
                 continue
             conn.send(reply)
+            if not helper.watchdog:
+                # Armed, nothing frozen or suspended yet: the watchdog must need nobody
+                # (not even PID 1) should we die mid-cycle (recover.py).
+                helper.watchdog = start_watchdog()
             log(
                 INFO,
                 f"armed: devices {', '.join(helper.devices)}, VT {reply['vt']}, "

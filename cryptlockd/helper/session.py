@@ -17,7 +17,7 @@ from cryptlockd.helper.hardening import Reserve, harden, hardening_status, reser
 from cryptlockd.helper.journal import INFO, WARNING, log
 from cryptlockd.helper.libcryptsetup import Device, Library
 from cryptlockd.helper.record import CycleRecord
-from cryptlockd.helper.system_ops import SystemOps, freeze_plan
+from cryptlockd.helper.system_ops import SystemOps, freeze_plan, read_fault_hook
 from cryptlockd.helper.vt import Terminal
 
 TYPE_CHECKING = False  # see cycle.py
@@ -50,6 +50,9 @@ class Helper:
         self.poweroff_after = protocol.DEFAULT_POWEROFF_AFTER
         self.record = CycleRecord([])
         self.daemon: protocol.Channel | None = None
+        # The test hook's step (system_ops.read_fault_hook), or "".
+        self.fault = ""
+        self.watchdog = 0  # its pid, once forked (server.py, recover.start_watchdog)
 
     def preload(self) -> None:
         """Opens every LUKS mapping while idle: reading headers at arm time queues behind
@@ -102,6 +105,7 @@ class Helper:
         self.record.step("helper_arm")
         harden()
         self.record.step("helper_hardened")
+
         # Fail now, while the sleep can still go ahead unprotected and say so, rather
         # than mid-cycle.
         freeze_plan()
@@ -113,6 +117,7 @@ class Helper:
                 d["key_source"],
                 int(d.get("keyfile_size", 0)),
                 int(d.get("keyfile_offset", 0)),
+                bool(d.get("essential", True)),
             )
             for d in msg["devices"]
         ]
@@ -136,6 +141,9 @@ class Helper:
         self.record.step("helper_kdf_reserved")
         if self._terminal is None:
             self._terminal = Terminal(int(msg["vt"]))
+        self.fault = read_fault_hook()
+        if self.fault:
+            log(WARNING, f"test hook {protocol.FAULT_HOOK}: this cycle fails at {self.fault}")
         self.record.step("helper_armed")
         self.record.hardening = hardening_status()
         return {

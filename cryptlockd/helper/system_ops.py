@@ -2,17 +2,22 @@
 
 cycle.run_cycle decides the order and the error paths; each step here is one thing done to
 the system (cgroups, sync, sysfs knobs, libcryptsetup, the VT). The files under /state tell
-the daemon what to undo should the helper die mid-cycle (SPEC 2.7).
+the recovery (recover.py) and the daemon what to undo should the helper die mid-cycle
+(SPEC 2.7, 2.8): each is written before the step it undoes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
+import signal
+import stat
 import time
 
 from cryptlockd.helper import cgroups, power, protocol, verify
+from cryptlockd.helper.vt import VtError
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
@@ -40,22 +45,81 @@ def notice_console(text: str) -> None:
     os.close(fd)
 
 
+def write_state(path: str, data: dict[str, object]) -> None:
+    # Whole or not at all: the recovery must never read half a state.
+    tmp = path + ".new"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_fault_hook(path: str = power.HOST_ROOT + protocol.FAULT_HOOK) -> str:
+    """The test hook's step, or "" (read when armed, then removed: it serves one cycle).
+    Only a regular file owned by root that nobody else may write counts."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        st = os.fstat(fd)
+        step = os.read(fd, 64).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    trusted = stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+    return step if trusted and step in protocol.FAULTS else ""
+
+
 class SystemOps:
     def __init__(self, helper: Helper) -> None:
         self.h = helper
+        # The devices that may be suspended: each is noted before its crypt_suspend.
+        self.suspending: list[str] = []
+        self._hung_up = False
+
+    def _fault(self, step: str) -> None:
+        """The test hook (FAULT_HOOK): die for real at `step`, as a crash would."""
+        if self.h.fault == step:
+            # On the console, so the test on the host knows when: nothing else can say so.
+            notice_console(f"cryptlockd: test hook: SIGKILL at {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_cycle_state(self) -> None:
+        t = self.h.terminal
+        write_state(
+            protocol.CYCLE_STATE_IN_RAMFS,
+            {
+                "plan": [p.as_dict() for p in self.h.plan],
+                "suspended": list(self.suspending),
+                "vt": t.number,
+                "vt_original": t.original,
+                "backoff_initial": self.h.backoff_initial,
+                "backoff_max": self.h.backoff_max,
+                "poweroff_after": self.h.poweroff_after,
+                "keyslots": {
+                    n: d.last_keyslot for n, d in self.h.devices.items() if d.last_keyslot >= 0
+                },
+            },
+        )
 
     def freeze(self, frozen: list[str]) -> None:
         plan = freeze_plan()
-        # Written before freezing, so a crash mid-cycle leaves the daemon a list to thaw.
+        # Written before freezing, so a crash mid-cycle leaves the recovery (and the
+        # daemon) a list to thaw, and the recovery what it needs to prompt.
+        self.save_cycle_state()
         with open(protocol.FROZEN_STATE_IN_RAMFS, "w") as f:
             f.write("\n".join(plan) + "\n")
         cgroups.freeze(cgroups.CGROUP_ROOT, plan, self.h.freeze_timeout, frozen)
+        self._fault("after-freeze")
 
     def thaw(self, frozen: list[str]) -> list[str]:
         errors = cgroups.thaw(cgroups.CGROUP_ROOT, frozen)
         if not errors:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(protocol.FROZEN_STATE_IN_RAMFS)
+            # wind_down thaws only once no essential device is suspended: the cycle is over.
+            for path in (protocol.FROZEN_STATE_IN_RAMFS, protocol.CYCLE_STATE_IN_RAMFS):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         return errors
 
     def sync(self) -> list[str]:
@@ -76,7 +140,11 @@ class SystemOps:
                 os.unlink(protocol.SYNC_STATE_IN_RAMFS)
 
     def suspend(self, device: str) -> None:
+        self.suspending.append(device)
+        self.save_cycle_state()
         self.h.devices[device].suspend()
+        if len(self.suspending) == 1:
+            self._fault("after-first-suspend")
 
     def verify(self, device: str) -> dict[str, str]:
         return verify.verify_device(device)
@@ -108,12 +176,16 @@ class SystemOps:
             f"\ncryptlockd: the disks were locked while the machine slept.\n"
             f"Passphrase for {', '.join(devices)}: "
         )
-        ok = t.read_secret(secret)
-        if ok:
-            t.write("Unlocking...\n")
-        else:
-            time.sleep(0.2)  # end of file on the VT: do not spin
-        return ok
+        if not self._hung_up and self.h.fault == "hangup-at-prompt":
+            self._hung_up = True
+            notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
+            t.hang_up()
+        self._fault("at-prompt")
+        if not t.read_secret(secret):
+            # A hung-up VT reads end of file for good: the loop opens it again.
+            raise VtError(f"end of file on VT {t.number}")
+        t.write("Unlocking...\n")
+        return True
 
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         return self.h.devices[device].resume_by_passphrase(
@@ -125,9 +197,13 @@ class SystemOps:
         self.h.devices[device].resume_by_keyfile(power.HOST_ROOT + keyfile, size, offset)
 
     def backoff(self, failures: int) -> None:
+        # Sleep first: should the flush fail (EIO on a hung-up VT), the wait was kept.
         delay = min(self.h.backoff_initial * 2 ** (failures - 1), self.h.backoff_max)
         time.sleep(delay)
         self.h.terminal.flush_input()
+
+    def reopen_terminal(self) -> None:
+        self.h.terminal.reopen()
 
     def power_off(self) -> None:
         self.h.terminal.write("Too many wrong passphrases: powering off.\n")

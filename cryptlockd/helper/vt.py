@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import os
 import signal
@@ -39,7 +41,36 @@ class Terminal:
             state = fcntl.ioctl(tty0, VT_GETSTATE, struct.pack("HHH", 0, 0, 0))
             self.original = struct.unpack("HHH", state)[0]
         self.number = number
-        self.fd = os.open(f"/dev/tty{number}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        self.fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(f"/dev/tty{self.number}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+
+    def reopen(self) -> None:
+        """A fresh file on the VT: after a hangup (vhangup, a getty that took it over) the
+        old one answers EIO or end of file for good; a new open works again."""
+        fd = self._open()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = fd
+
+    def hang_up(self) -> None:
+        """vhangup() of the VT, for the fault hook (tests): as a getty or a careless
+        `vhangup` would. A child takes the VT as its controlling terminal and hangs it up;
+        every file open on it then fails, ours included."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                os.setsid()
+                fd = os.open(f"/dev/tty{self.number}", os.O_RDWR)
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(fd, termios.TIOCSCTTY, 1)
+                ctypes.CDLL(None).vhangup()
+                os.close(fd)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
 
     def activate(self, number: int, timeout: float = 5.0) -> None:
         # VT_WAITACTIVE blocks for good if a display server in VT_PROCESS mode never lets

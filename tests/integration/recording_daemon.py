@@ -35,7 +35,9 @@ class RecordingArmer:
     def configure(self, config: Config) -> None:
         self.configured.append(config)
 
-    def watch(self, on_status_change: Callable[[], None]) -> None:
+    def watch(
+        self, on_status_change: Callable[[], None], on_recovered: CycleCallback | None = None
+    ) -> None:
         self.on_status_change = on_status_change
 
     def status(self) -> list[CheckResult]:

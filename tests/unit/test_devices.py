@@ -255,3 +255,56 @@ def test_apply_exclude() -> None:
     assert names(apply_exclude(devs, ["A"])) == ["b"]
     assert names(apply_exclude(devs, [UUID_B.upper()])) == ["a"]
     assert names(apply_exclude(devs, [])) == ["a", "b"]
+
+
+# ---- essential devices (SPEC 2.8) ------------------------------------------------------
+
+
+def test_root_and_its_keyfile_holder_are_essential_a_data_disk_is_not(fs: FakeSystem) -> None:
+    two_disks_keyfile(fs)
+    devs = by_name(discover_devices(fs.paths))
+    assert devs["cryptroot"].essential and not devs["cryptdata"].essential
+
+
+def test_a_keyfile_on_another_luks_disk_makes_that_disk_essential(fs: FakeSystem) -> None:
+    two_disks_keyfile(fs)
+    fs.disk("vdc")
+    fs.luks("dm-2", "cryptarchive", UUID_C, ["vdc"])
+    fs.write_crypttab(
+        f"cryptroot UUID={UUID_A} none luks\n"
+        f"cryptdata UUID={UUID_B} /etc/keys/data.key luks\n"
+        f"cryptarchive UUID={UUID_C} /srv/keys/archive.key luks\n"
+    )
+    devs = by_name(discover_devices(fs.paths))
+    assert devs["cryptdata"].essential  # /srv holds archive's keyfile
+    assert not devs["cryptarchive"].essential
+
+
+def test_var_and_swap_make_their_devices_essential(fs: FakeSystem) -> None:
+    lvm_on_luks(fs)
+    fs.disk("vdb")
+    fs.luks("dm-4", "cryptvar", UUID_B, ["vdb"])
+    fs.disk("vdc")
+    fs.luks("dm-5", "cryptswap", UUID_C, ["vdc"])
+    fs.mount("/var", "dm-4", "/dev/mapper/cryptvar")
+    (fs.root / "swaps").write_text(
+        "Filename\tType\tSize\tUsed\tPriority\n/dev/dm-5 partition 1048572 0 -2\n"
+    )
+    (fs.dev / "dm-5").touch()
+    devs = by_name(discover_devices(fs.paths))
+    assert devs["cryptvar"].essential and devs["cryptswap"].essential
+    assert devs["nvme0n1p3_crypt"].essential  # through the vg0-root LV
+
+
+def test_a_swap_file_makes_its_filesystem_essential(fs: FakeSystem) -> None:
+    two_disks_keyfile(fs)
+    (fs.root / "swaps").write_text(
+        "Filename\tType\tSize\tUsed\tPriority\n/srv/swapfile file 1048572 0 -2\n"
+    )
+    assert by_name(discover_devices(fs.paths))["cryptdata"].essential
+
+
+def test_without_mountinfo_every_device_is_essential(fs: FakeSystem) -> None:
+    two_disks_keyfile(fs)
+    fs.mountinfo.unlink()
+    assert all(d.essential for d in discover_devices(fs.paths))

@@ -9,9 +9,11 @@ Keeping the RAM filesystem is tests/unit/test_ramfs_keeper.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +21,9 @@ from cryptlockd.daemon import helper_socket
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
+
+if TYPE_CHECKING:
+    from cryptlockd.helper.protocol import ArmedMessage
 
 
 class FakeUnit:
@@ -139,3 +144,39 @@ def test_without_systemd_nothing_is_built_or_armed(tmp_path: Path) -> None:
     )
     with pytest.raises(HelperError, match="not running under systemd"):
         asyncio.run(a.arm([], lambda ok, record: None))
+
+
+@pytest.mark.asyncio
+async def test_a_helper_that_died_and_was_recovered_is_reported_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The helper's connection ends without a record; the recovery (ExecStopPost=) left one
+    # before it thawed us. It is the cycle's result, and a fresh helper is started.
+    fake = FakeUnit(["deactivating", "failed"])
+    a = armer(tmp_path, fake, monkeypatch)
+    a.ramfs.size = 1  # a tree to start the fresh helper from
+    monkeypatch.setattr(helper_socket, "alive", lambda path: "StartUnit" in fake.calls)
+    state = tmp_path / "ramfs" / "state"
+    state.mkdir(parents=True)
+    reason = "the helper died mid-cycle (killed by SIGKILL); recovered"
+    (state / "recovered.json").write_text(json.dumps({"reason": reason}))
+    reader = asyncio.StreamReader()
+    reader.feed_eof()
+    got: list[tuple[bool, dict[str, object]]] = []
+    armed: ArmedMessage = {"op": "armed", "vt": 8, "reserve_kib": 0, "pid": 1}
+    await a._await_record(reader, lambda ok, rec: got.append((ok, rec)), {}, armed)
+    assert [(ok, rec["reason"]) for ok, rec in got] == [(False, reason)]
+    assert fake.calls[-1] == "StartUnit"
+
+
+@pytest.mark.asyncio
+async def test_a_helper_gone_without_any_record_reports_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
+    reader = asyncio.StreamReader()
+    reader.feed_eof()
+    got: list[bool] = []
+    armed: ArmedMessage = {"op": "armed", "vt": 8, "reserve_kib": 0, "pid": 1}
+    await a._await_record(reader, lambda ok, rec: got.append(ok), {}, armed)
+    assert got == []

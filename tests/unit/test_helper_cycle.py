@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from cryptlockd.helper.cycle import DevicePlan, SleepFailed, run_cycle
+from cryptlockd.helper.cycle import (
+    MAX_LOOP_PROBLEMS,
+    DevicePlan,
+    SleepFailed,
+    run_cycle,
+    wind_down,
+)
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.secret import SecretBuffer
 
@@ -92,6 +98,9 @@ class FakeOps:
 
     def backoff(self, failures: int) -> None:
         self.calls.append(f"backoff:{failures}")
+
+    def reopen_terminal(self) -> None:
+        self.calls.append("reopen")
 
     def power_off(self) -> None:
         self.calls.append("power_off")
@@ -244,3 +253,175 @@ def test_a_failing_prompt_is_retried_not_fatal() -> None:
     ops.prompt = flaky  # type: ignore[method-assign]
     rec = cycle(ops)
     assert rec.success and any("EIO" in p for p in rec.problems)
+
+
+# -- SPEC 2.8: the prompt loop survives any exception; nothing thawed on a suspended root --
+
+
+def test_a_failing_backoff_after_a_wrong_passphrase_reopens_the_vt_and_keeps_prompting() -> None:
+    # A hung-up VT: tcflush in the back-off raises EIO. It used to escape the loop, and the
+    # finally thawed everything with root still suspended.
+    ops = FakeOps([b"wrong", GOOD])
+
+    def backoff(failures: int) -> None:
+        ops.calls.append(f"backoff:{failures}")
+        if failures == 1 and "reopen" not in ops.calls:
+            raise OSError(5, "Input/output error")
+
+    ops.backoff = backoff  # type: ignore[method-assign]
+    rec = cycle(ops)
+    tail = [c for c in ops.calls if c.startswith(("prompt", "backoff", "reopen", "resume"))]
+    assert tail == [
+        "prompt:root,nested",
+        "backoff:1",
+        "reopen",
+        "backoff:1",
+        "prompt:root,nested",
+        "resume:root",
+        "resume:nested",
+    ]
+    assert rec.success and any("Input/output error" in p for p in rec.problems)
+    assert ops.calls[-1].startswith("thaw")
+
+
+def test_a_failing_reopen_and_backoff_never_end_the_loop() -> None:
+    ops = FakeOps([GOOD])
+    real = ops.prompt
+    errors = [OSError("EIO on the VT")] * 3
+
+    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+        if errors:
+            raise errors.pop()
+        return real(secret, devices, n)
+
+    def broken() -> None:
+        ops.calls.append("reopen")
+        raise OSError("ENXIO")
+
+    def broken_backoff(failures: int) -> None:
+        ops.calls.append("backoff")
+        raise OSError("EIO")
+
+    ops.prompt = flaky  # type: ignore[method-assign]
+    ops.reopen_terminal = broken  # type: ignore[method-assign]
+    ops.backoff = broken_backoff  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.success and ops.calls.count("reopen") == 3
+    assert "reopening the VT: ENXIO" in rec.problems and "back-off: EIO" in rec.problems
+
+
+def test_a_vt_that_keeps_failing_fills_the_record_only_so_far() -> None:
+    ops = FakeOps([GOOD])
+    real = ops.prompt
+    errors = [OSError(f"EIO #{i}") for i in range(3 * MAX_LOOP_PROBLEMS)]
+
+    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+        if errors:
+            raise errors.pop()
+        return real(secret, devices, n)
+
+    ops.prompt = flaky  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.success
+    assert len([p for p in rec.problems if p.startswith("prompt:")]) == MAX_LOOP_PROBLEMS
+
+
+def test_the_same_error_again_and_again_is_recorded_once() -> None:
+    ops = FakeOps([GOOD])
+    real = ops.prompt
+    errors = [OSError("end of file on VT 8")] * 5
+
+    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+        if errors:
+            raise errors.pop()
+        return real(secret, devices, n)
+
+    ops.prompt = flaky  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.problems.count("prompt: end of file on VT 8") == 1
+
+
+def test_a_failing_power_off_keeps_prompting() -> None:
+    ops = FakeOps([b"a", GOOD])
+
+    def power_off() -> None:
+        ops.calls.append("power_off")
+        raise OSError("EPERM")
+
+    ops.power_off = power_off  # type: ignore[method-assign]
+    rec = cycle(ops, poweroff_after=1)
+    assert "power_off" in ops.calls and rec.success
+
+
+def test_failing_reserve_and_header_refresh_do_not_stop_the_resume() -> None:
+    ops = FakeOps([GOOD])
+
+    def boom(*args: object) -> list[str]:
+        raise OSError("EIO")
+
+    ops.release_reserve = boom  # type: ignore[method-assign,assignment]
+    ops.refresh_headers = boom  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.success and "resume:root" in ops.calls
+    assert "releasing the KDF reserve: EIO" in rec.problems
+
+
+def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
+    # Something the loop does not catch (here a KeyboardInterrupt at the prompt) leaves
+    # root suspended: no thaw and no sync_on_suspend; the process ends and the recovery
+    # (the unit's ExecStopPost=) takes over.
+    ops = FakeOps([])
+
+    def interrupted(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+        raise KeyboardInterrupt
+
+    ops.prompt = interrupted  # type: ignore[method-assign]
+    rec = CycleRecord([d.name for d in DEVICES])
+    with pytest.raises(KeyboardInterrupt):
+        run_cycle(ops, DEVICES, rec)
+    assert not any(c.startswith(("thaw", "sync_on_suspend=1")) for c in ops.calls)
+    assert "still suspended, so nothing was thawed: nested, root, data" in rec.reason
+
+
+def test_a_suspended_device_that_is_not_essential_does_not_hold_the_thaw() -> None:
+    ops = FakeOps([GOOD])
+    # Suspend order: usb first, so root is tried first at resume.
+    devices = [DevicePlan("usb", "passphrase", essential=False), DevicePlan("root", "passphrase")]
+    real = ops.resume_passphrase
+
+    def resume(device: str, secret: SecretBuffer) -> bool:
+        if device == "usb":
+            raise KeyboardInterrupt
+        return real(device, secret)
+
+    ops.resume_passphrase = resume  # type: ignore[method-assign]
+    rec = CycleRecord(["usb", "root"])
+    with pytest.raises(KeyboardInterrupt):
+        run_cycle(ops, devices, rec)
+    assert "resume:root" in ops.calls and ops.calls[-1].startswith("thaw")
+
+
+def test_wind_down_with_nothing_suspended_restores_and_thaws() -> None:
+    # The recovery of a helper that died after the freeze, before any crypt_suspend.
+    ops = FakeOps([])
+    rec = CycleRecord(["root"])
+    wind_down(ops, [DevicePlan("root", "passphrase")], [], ["/system.slice"], "1", rec)
+    assert ops.calls == ["sync_on_suspend=1", "thaw:/system.slice"]
+
+
+def test_wind_down_resumes_only_what_is_suspended() -> None:
+    ops = FakeOps([GOOD])
+    rec = CycleRecord([d.name for d in DEVICES])
+    wind_down(ops, DEVICES, ["nested"], ["/user.slice"], None, rec)
+    assert [c for c in ops.calls if c.startswith(("prompt", "resume", "keyfile"))] == [
+        "prompt:nested",
+        "resume:nested",
+    ]
+    assert ops.calls[-1] == "thaw:/user.slice" and rec.resumed == ["nested"]
+
+
+def test_device_plan_round_trips_through_the_cycle_state() -> None:
+    plan = DevicePlan("data", "keyfile:/k", 64, 8, essential=False)
+    back = DevicePlan.from_dict(plan.as_dict())
+    assert repr(back) == repr(plan)
+    assert DevicePlan.from_dict({"name": "r", "key_source": "passphrase"}).essential

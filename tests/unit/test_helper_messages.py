@@ -53,3 +53,14 @@ def test_merge_record_puts_daemon_steps_first() -> None:
     )
     assert list(out["timeline_ms"]) == ["arm_requested", "helper_arm", "armed", "finished"]
     assert out["timeline_ms"]["finished"] == 1400.0 and out["arm_seconds"] == 0.7
+
+
+def test_device_plan_says_which_devices_are_essential() -> None:
+    devs = [
+        LuksDevice("root", "u1", "LUKS2", "/dev/vda", True, False, "passphrase", essential=False),
+        LuksDevice("data", "u2", "LUKS2", "/dev/vdb", False, False, "keyfile:/d", essential=False),
+        LuksDevice("var", "u3", "LUKS2", "/dev/vdc", False, False, "passphrase"),
+    ]
+    plan = {d["name"]: d["essential"] for d in device_plan(devs)}
+    # Root always is, whatever discovery said.
+    assert plan == {"root": True, "data": False, "var": True}

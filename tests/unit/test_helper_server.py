@@ -24,6 +24,7 @@ class FakeHelper:
         self.devices = {"root": None}
         self.daemon: protocol.Channel | None = None
         self.record = CycleRecord(["root"])
+        self.watchdog = 1  # as if forked: the tests fork no watchdog
 
     def arm(self, msg: protocol.ArmMessage) -> protocol.ArmedMessage:
         self.calls.append("arm")

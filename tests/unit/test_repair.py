@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from cryptlockd.daemon.repair import repair
+from cryptlockd.daemon.repair import repair, take_recovered_record
 
 
 def test_repair_thaws_and_restores(tmp_path: Path) -> None:
@@ -23,3 +24,23 @@ def test_repair_thaws_and_restores(tmp_path: Path) -> None:
     assert (cg / "user.slice/cgroup.freeze").read_text() == "0"
     assert sync.read_text() == "1" and not (state / "frozen").exists()
     assert repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync)) == []
+
+
+def test_the_record_of_a_recovered_cycle_is_taken_once(tmp_path: Path) -> None:
+    state = tmp_path / "ramfs" / "state"
+    state.mkdir(parents=True)
+    reason = "the helper died mid-cycle (killed by SIGKILL); recovered"
+    (state / "recovered.json").write_text(json.dumps({"reason": reason, "success": False}))
+    record = take_recovered_record(tmp_path / "ramfs")
+    assert record is not None and record["reason"] == reason
+    assert record["recovered"] and not record["success"] and record["result"] == "failed"
+    assert take_recovered_record(tmp_path / "ramfs") is None
+
+
+def test_an_unreadable_recovered_record_is_still_a_failed_cycle(tmp_path: Path) -> None:
+    state = tmp_path / "ramfs" / "state"
+    state.mkdir(parents=True)
+    (state / "recovered.json").write_text("{half")
+    record = take_recovered_record(tmp_path / "ramfs")
+    assert record is not None and not record["success"]
+    assert record["reason"].startswith("the helper died mid-cycle; recovered (record unreadable")
