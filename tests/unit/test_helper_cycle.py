@@ -242,15 +242,7 @@ def test_keyfile_size_and_offset_reach_the_resume() -> None:
 
 def test_a_failing_prompt_is_retried_not_fatal() -> None:
     ops = FakeOps([GOOD])
-    real = ops.prompt
-    failures = [OSError("EIO on the VT")]
-
-    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
-        if failures:
-            raise failures.pop()
-        return real(secret, devices, n)
-
-    ops.prompt = flaky  # type: ignore[method-assign]
+    fail_prompt(ops, [OSError("EIO on the VT")])
     rec = cycle(ops)
     assert rec.success and any("EIO" in p for p in rec.problems)
 
@@ -284,15 +276,21 @@ def test_a_failing_backoff_after_a_wrong_passphrase_reopens_the_vt_and_keeps_pro
     assert ops.calls[-1].startswith("thaw")
 
 
-def test_a_failing_reopen_and_backoff_never_end_the_loop() -> None:
-    ops = FakeOps([GOOD])
+def fail_prompt(ops: FakeOps, errors: list[OSError]) -> None:
+    """The prompt raises each of `errors` in turn (as a hung-up VT does), then answers."""
     real = ops.prompt
-    errors = [OSError("EIO on the VT")] * 3
 
     def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
         if errors:
             raise errors.pop()
         return real(secret, devices, n)
+
+    ops.prompt = flaky  # type: ignore[method-assign]
+
+
+def test_a_failing_reopen_and_backoff_never_end_the_loop() -> None:
+    ops = FakeOps([GOOD])
+    fail_prompt(ops, [OSError("EIO on the VT")] * 3)
 
     def broken() -> None:
         ops.calls.append("reopen")
@@ -302,7 +300,6 @@ def test_a_failing_reopen_and_backoff_never_end_the_loop() -> None:
         ops.calls.append("backoff")
         raise OSError("EIO")
 
-    ops.prompt = flaky  # type: ignore[method-assign]
     ops.reopen_terminal = broken  # type: ignore[method-assign]
     ops.backoff = broken_backoff  # type: ignore[method-assign]
     rec = cycle(ops)
@@ -312,15 +309,7 @@ def test_a_failing_reopen_and_backoff_never_end_the_loop() -> None:
 
 def test_a_vt_that_keeps_failing_fills_the_record_only_so_far() -> None:
     ops = FakeOps([GOOD])
-    real = ops.prompt
-    errors = [OSError(f"EIO #{i}") for i in range(3 * MAX_LOOP_PROBLEMS)]
-
-    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
-        if errors:
-            raise errors.pop()
-        return real(secret, devices, n)
-
-    ops.prompt = flaky  # type: ignore[method-assign]
+    fail_prompt(ops, [OSError(f"EIO #{i}") for i in range(3 * MAX_LOOP_PROBLEMS)])
     rec = cycle(ops)
     assert rec.success
     assert len([p for p in rec.problems if p.startswith("prompt:")]) == MAX_LOOP_PROBLEMS
@@ -328,15 +317,7 @@ def test_a_vt_that_keeps_failing_fills_the_record_only_so_far() -> None:
 
 def test_the_same_error_again_and_again_is_recorded_once() -> None:
     ops = FakeOps([GOOD])
-    real = ops.prompt
-    errors = [OSError("end of file on VT 8")] * 5
-
-    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
-        if errors:
-            raise errors.pop()
-        return real(secret, devices, n)
-
-    ops.prompt = flaky  # type: ignore[method-assign]
+    fail_prompt(ops, [OSError("end of file on VT 8")] * 5)
     rec = cycle(ops)
     assert rec.problems.count("prompt: end of file on VT 8") == 1
 
