@@ -21,6 +21,7 @@ from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.helper import protocol
 from tests.unit.test_helper_armer import FakeUnit, armer
+from tests.wait import wait_until_async
 
 
 class FakeTree(Ramfs):
@@ -126,13 +127,6 @@ class HelperUnit(FakeUnit):
             await self.helper.start()
 
 
-async def until(check: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 Kept = tuple[HelperArmer, FakeTree, FakeHelper]
 
 
@@ -209,7 +203,7 @@ async def test_a_sleep_before_the_first_build_waits_for_it(keeper: Callable[...,
     await asyncio.wait_for(arming, 5)
     assert helper.arms == 1
     await helper.finish_cycle()
-    await until(lambda: records == [True], "the record")
+    await wait_until_async(lambda: records == [True], 5.0, message="the record")
 
 
 @pytest.mark.asyncio
@@ -230,7 +224,7 @@ async def test_a_changed_input_is_rebuilt_beside_and_swapped_in_after_the_sleep(
     assert (tree.stages, tree.swaps) == (0, 0) and helper.server is not None
     # An upgrade replaces an input: inotify, then a rebuild, which waits for `go`.
     tree.change_input()
-    await until(lambda: a.keeper._building, "the rebuild to start")
+    await wait_until_async(lambda: a.keeper._building, 5.0, message="the rebuild to start")
     assert "a new one is being built beside it" in a.status()[1].detail
     # A sleep now is armed at once from the stale tree, by the idle helper that runs in it.
     records: list[bool] = []
@@ -239,14 +233,14 @@ async def test_a_changed_input_is_rebuilt_beside_and_swapped_in_after_the_sleep(
     assert helper.arms == 1 and time.monotonic() - t0 < 1.0
     # The new tree is built meanwhile, but not swapped in while the helper is armed.
     tree.go.set()
-    await until(lambda: a.keeper._staged, "the new tree staged")
+    await wait_until_async(lambda: a.keeper._staged, 5.0, message="the new tree staged")
     await asyncio.sleep(0.1)
     assert tree.swaps == 0
     assert "swapped in after this sleep" in a.status()[1].detail
     # After the cycle: swapped in, and a fresh idle helper from the new tree.
     await helper.finish_cycle()
-    await until(lambda: tree.swaps == 1, "the swap after the cycle")
-    await until(lambda: helper.server is not None, "a new idle helper")
+    await wait_until_async(lambda: tree.swaps == 1, 5.0, message="the swap after the cycle")
+    await wait_until_async(lambda: helper.server is not None, 5.0, message="a new idle helper")
     assert records == [True] and tree.current() and all(r.ok for r in a.status())
 
 
@@ -258,8 +252,8 @@ async def test_a_swap_stops_the_idle_helper_first_and_starts_one_from_the_new_tr
     first = helper.server
     tree.go.set()
     tree.change_input()
-    await until(lambda: tree.swaps == 1, "the swap")
-    await until(lambda: helper.server is not None, "a new idle helper")
+    await wait_until_async(lambda: tree.swaps == 1, 5.0, message="the swap")
+    await wait_until_async(lambda: helper.server is not None, 5.0, message="a new idle helper")
     assert helper.server is not first  # the old one was told to stand down
 
 
@@ -269,7 +263,9 @@ async def test_a_failed_rebuild_keeps_the_tree_in_use_and_says_so(ready_keeper: 
     tree.fail = "libcryptsetup.so.12: not found"
     tree.go.set()
     tree.change_input()
-    await until(lambda: a.keeper.build_error is not None, "the failed rebuild")
+    await wait_until_async(
+        lambda: a.keeper.build_error is not None, 5.0, message="the failed rebuild"
+    )
     lines = {r.name: r for r in a.status()}
     assert lines["helper-ramfs"].ok
     rebuild = lines["helper-ramfs-rebuild"]
@@ -280,7 +276,7 @@ async def test_a_failed_rebuild_keeps_the_tree_in_use_and_says_so(ready_keeper: 
     # After that sleep the rebuild is tried again (frozen commands may have timed out).
     tree.fail = None
     await helper.finish_cycle()
-    await until(lambda: tree.swaps == 1, "the retried rebuild swapped in")
+    await wait_until_async(lambda: tree.swaps == 1, 5.0, message="the retried rebuild swapped in")
     assert a.keeper.build_error is None
 
 
@@ -302,3 +298,19 @@ async def test_input_changes_are_gathered_but_never_put_off_for_long(
         await asyncio.sleep(0.05)
     assert 0.35 < time.monotonic() - t0 < 0.7
     assert k._input_since is None  # the next change starts a new batch
+
+
+@pytest.mark.asyncio
+async def test_a_recovered_cycle_left_in_the_tree_is_reported_once_at_start(
+    tmp_path: Path, keeper: Callable[..., Kept]
+) -> None:
+    # The daemon restarted after a dead helper's recovery: its record is the last cycle.
+    state = tmp_path / "ramfs" / "state"
+    state.mkdir(parents=True)
+    (state / "recovered.json").write_text('{"reason": "the helper died mid-cycle; recovered"}')
+    got: list[tuple[bool, object]] = []
+    a, _tree, _helper = keeper(live=True)
+    a.watch(lambda: None, lambda ok, record: got.append((ok, record["reason"])))
+    await asyncio.wait_for(a.ready(), 5)
+    assert got == [(False, "the helper died mid-cycle; recovered")]
+    assert not (state / "recovered.json").exists()
