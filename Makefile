@@ -20,12 +20,16 @@ DBUS_SERVICEDIR ?= /usr/share/dbus-1/system-services
 DBUS_INTERFACEDIR ?= /usr/share/dbus-1/interfaces
 POLKIT_ACTIONDIR ?= /usr/share/polkit-1/actions
 MANDIR ?= $(PREFIX)/share/man
+# bash-completion and zsh look here for /usr/local as well as /usr (XDG_DATA_DIRS, fpath).
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 SYSCONFDIR ?= /etc
 
 # System packages the test suite and the demo need on a Debian 12 host.
 HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
 	dbus python3-dbusmock python3-gi systemd umockdev gir1.2-umockdev-1.0 \
-	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio libcryptsetup12
+	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio libcryptsetup12 \
+	mandoc zsh bash-completion
 
 VENV = .venv
 VPY = $(VENV)/bin/python
@@ -59,6 +63,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check cryptlockd tests bench
 	$(VENV)/bin/ruff check cryptlockd tests bench
 	$(VENV)/bin/mypy --strict cryptlockd
+	mandoc -Tlint -W warning man/*.[1-8]
 
 test-unit: venv
 	$(VENV)/bin/pytest tests/unit
@@ -125,6 +130,8 @@ install:
 		[ -e "$$m" ] || continue; \
 		install -Dm644 $$m $(DESTDIR)$(MANDIR)/man$${m##*.}/$$(basename $$m); \
 	done
+	install -Dm644 packaging/completions/cryptlockctl.bash $(DESTDIR)$(BASHCOMPDIR)/cryptlockctl
+	install -Dm644 packaging/completions/_cryptlockctl $(DESTDIR)$(ZSHCOMPDIR)/_cryptlockctl
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf.d
 	[ -e $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf ] || \
 		install -Dm644 packaging/cryptlockd.conf $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf

@@ -62,6 +62,11 @@ DEVICE_FIELDS = (
     "holders",
 )
 
+# `cryptlockctl status --json` follows this JSON Schema, shipped in the package; its version
+# changes only when a reader could break (see the schema's description).
+STATUS_SCHEMA = Path(__file__).parent / "cli" / "status.schema.json"
+STATUS_SCHEMA_VERSION = 1
+
 # The introspection XML ships in dbus/ and is installed next to the package.
 INTROSPECTION_XML = Path(__file__).with_name("org.cryptlockd1.Manager.xml")
 

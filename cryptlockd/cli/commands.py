@@ -29,13 +29,14 @@ from cryptlockd.defs import (
     MANAGER_INTERFACE,
     OBJECT_PATH,
     PROPERTIES_INTERFACE,
+    STATUS_SCHEMA_VERSION,
 )
 
 __all__ = ["COMMANDS", "Command", "SignalPrinter"]
 
 
 async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
-    status = status_dict(await client.properties())
+    status = {"SchemaVersion": STATUS_SCHEMA_VERSION, **status_dict(await client.properties())}
     out.emit(format_status(status), status)
     return 0
 

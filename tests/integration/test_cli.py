@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from cryptlockd import __version__
@@ -24,6 +25,8 @@ from cryptlockd.defs import (
     POLKIT_ACTION_CONFIGURE,
     POLKIT_ACTION_SUSPEND,
     PROPERTIES_INTERFACE,
+    STATUS_SCHEMA,
+    STATUS_SCHEMA_VERSION,
 )
 from tests.fakesys import UUID_A, UUID_B, FakeSystem, two_disks_keyfile
 from tests.integration.conftest import (
@@ -119,6 +122,8 @@ def test_help_and_version(system_bus: SystemBus) -> None:
 
 def test_status(system_bus: SystemBus, daemon: Daemon) -> None:
     status = ctl_json(system_bus, "status")
+    jsonschema.validate(status, json.loads(STATUS_SCHEMA.read_text()))
+    assert status.pop("SchemaVersion") == STATUS_SCHEMA_VERSION
     xml = INTROSPECTION_XML.read_text()
     assert set(status) == {
         p

@@ -79,6 +79,8 @@ def test_files_in_place(destdir: Path) -> None:
         "usr/share/dbus-1/interfaces/org.cryptlockd1.Manager.xml",
         "usr/share/polkit-1/actions/org.cryptlockd1.policy",
         f"{PREFIX}/share/man/man8/cryptlockd.8",
+        f"{PREFIX}/share/bash-completion/completions/cryptlockctl",
+        f"{PREFIX}/share/zsh/site-functions/_cryptlockctl",
         "etc/cryptlockd/cryptlockd.conf",
     ]
     missing = [p for p in expected if not (destdir / p.lstrip("/")).is_file()]

@@ -35,7 +35,6 @@ GUEST_SRC = "/root/cryptlockd-src"
 # Provided by Debian's python3-systemd in the guest (the venv sees system site-packages);
 # on PyPI it is an sdist only and would need a compiler and libsystemd-dev in the guest.
 FROM_DEBIAN = {"systemd-python"}
-BUILD_REQUIREMENTS = ["setuptools>=66", "wheel"]
 PLATFORMS = [
     "manylinux2014_x86_64",
     "manylinux_2_17_x86_64",
@@ -55,13 +54,14 @@ class InstalledLayer:
 
 
 def guest_requirements() -> list[str]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = [
         d
-        for d in project.get("dependencies", [])
+        for d in meta["project"].get("dependencies", [])
         if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() not in FROM_DEBIAN
     ]
-    return deps + BUILD_REQUIREMENTS
+    # pip builds the project in the guest with no index: its build backend comes from here.
+    return deps + list(meta["build-system"]["requires"])
 
 
 def wheelhouse(python_version: str) -> Path:
