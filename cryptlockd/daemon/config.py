@@ -107,6 +107,18 @@ class CycleSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    textfile: str = Field(
+        default="",
+        pattern=r"^(|/.*[^/]\.prom)$",
+        description="Write a Prometheus text file here for node_exporter's textfile "
+        "collector, for example /var/lib/prometheus/node-exporter/cryptlockd.prom; an "
+        "absolute path ending in .prom. Empty: no file.",
+    )
+
+
 class Config(BaseModel):
     model_config = _MODEL_CONFIG
 
@@ -118,6 +130,7 @@ class Config(BaseModel):
     prompt: PromptSettings = PromptSettings()
     devices: DevicesSettings = DevicesSettings()
     cycle: CycleSettings = CycleSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 # ---- the settings table, for docs and the default file -------------------------------

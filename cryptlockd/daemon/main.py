@@ -88,6 +88,7 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
     service = Service(bus, manager, args.polkit_timeout)
     service.start()
     await manager.start()
+    service.write_metrics()
 
     monitor = None
     if not args.no_udev:

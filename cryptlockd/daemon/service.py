@@ -16,6 +16,7 @@ from cryptlockd.daemon.armer import CycleRecord
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.exported_object import ExportedObject, to_vardict
 from cryptlockd.daemon.manager import Manager
+from cryptlockd.daemon.metrics import STATE_FILE, TextfileMetrics
 from cryptlockd.defs import (
     DEVICE_FIELDS,
     INTROSPECTION_XML,
@@ -59,9 +60,20 @@ class Service:
             },
         )
         manager.listener = self
+        self.metrics = TextfileMetrics(manager.root / STATE_FILE.relative_to("/"))
 
     def start(self) -> None:
         self.obj.start()
+
+    def write_metrics(self) -> None:
+        m = self.manager
+        plain = {
+            "Protected": m.protected,
+            "Enabled": m.enabled,
+            "Problems": list(m.problems),
+            "LastCycle": m.last_cycle,
+        }
+        self.metrics.write(m.config.metrics.textfile, plain)
 
     def stop(self) -> None:
         self.obj.stop()
@@ -92,9 +104,12 @@ class Service:
 
     def properties_changed(self, names: list[str]) -> None:
         self.obj.emit_properties_changed(names)
+        self.write_metrics()
 
     def cycle_finished(self, success: bool, record: CycleRecord) -> None:
         self.obj.emit_signal("CycleFinished", [success, to_vardict(record)])
+        self.metrics.cycle_finished(record)
+        self.write_metrics()
 
     # --- methods ---------------------------------------------------------------------
 
@@ -114,6 +129,7 @@ class Service:
     async def m_reload(self, msg: Message, args: list[Any]) -> list[Any]:
         await self._authorize(msg, POLKIT_ACTION_CONFIGURE)
         self.manager.reload()
+        self.write_metrics()  # the file's path may be what changed
         return []
 
     async def m_check(self, msg: Message, args: list[Any]) -> list[Any]:
