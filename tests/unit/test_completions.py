@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -62,7 +61,46 @@ def test_bash_completes(line: str, expected: list[str]) -> None:
     assert sorted(_bash_complete(line)) == sorted(expected)
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+# An interactive zsh on a pty, with compinit and our directory on fpath; compadd is wrapped so
+# that every completion prints what it offers (after zsh's own matching against the word)
+# as "MATCHES=a,b;". zpty -r with a pattern blocks until that line comes; the subprocess
+# timeout is the deadline.
+ZSH_DRIVER = r"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1='%% '; fpath=($1 \$fpath); autoload -Uz compinit; compinit -u -D"
+zpty -w z 'compadd() { local -a m; builtin compadd -O m "$@"; (( $#m )) && print -r -- "${(U):-matches}=${(j:,:)m};"; builtin compadd "$@"; }'
+zpty -n -w z "$2"$'\t'
+zpty -r z out '*MATCHES=*;*'
+print -r -- "${${out##*MATCHES=}%%;*}"
+zpty -d z
+"""
+
+
+def _zsh_complete(line: str) -> list[str]:
+    proc = subprocess.run(
+        ["zsh", "-f", "-c", ZSH_DRIVER, "zsh", str(ZSH.parent), line],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [w for w in proc.stdout.strip().split(",") if w]
+
+
 def test_zsh_file_parses() -> None:
     proc = subprocess.run(["zsh", "-n", str(ZSH)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("cryptlockctl ", list(COMMANDS)),
+        ("cryptlockctl st", ["status"]),
+        ("cryptlockctl --json d", ["devices", "disable"]),
+        ("cryptlockctl status --j", ["--json"]),
+    ],
+)
+def test_zsh_completes(line: str, expected: list[str]) -> None:
+    assert sorted(_zsh_complete(line)) == sorted(expected)
