@@ -69,7 +69,9 @@ ZSH_DRIVER = r"""
 zmodload zsh/zpty
 zpty z zsh -f -i
 zpty -w z "PS1='%% '; fpath=($1 \$fpath); autoload -Uz compinit; compinit -u -D"
-zpty -w z 'compadd() { local -a m; builtin compadd -O m "$@"; (( $#m )) && print -r -- "${(U):-matches}=${(j:,:)m};"; builtin compadd "$@"; }'
+zpty -w z 'compadd() { local -a m; builtin compadd -O m "$@"'
+zpty -w z '(( $#m )) && print -r -- "${(U):-matches}=${(j:,:)m};"'
+zpty -w z 'builtin compadd "$@"; }'
 zpty -n -w z "$2"$'\t'
 zpty -r z out '*MATCHES=*;*'
 print -r -- "${${out##*MATCHES=}%%;*}"
