@@ -25,6 +25,7 @@ from cryptlockd.daemon.devices import LuksDevice, SystemPaths, apply_exclude, di
 from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.daemon.logind import Logind
 from cryptlockd.daemon.notify import Notifier
+from cryptlockd.daemon.service_watchdogs import ServiceWatchdogs
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, State
 from cryptlockd.errors import Busy, ConfigError, NotProtected
 
@@ -95,6 +96,7 @@ class Manager:
             timeout=DBUS_CALL_TIMEOUT,
         )
         armer.watch(self.refresh, self.cycle_finished)
+        self.service_watchdogs = ServiceWatchdogs.on_bus(bus, root)
         self._started = False
         self._changing = 0
         self._status_sent = ""
@@ -299,6 +301,7 @@ class Manager:
             self.set_state(State.IDLE)
             return
         self.set_state(State.ARMED)
+        await self.service_watchdogs.disable()
         self.logind.release_inhibitor("armed")
         seconds = time.monotonic() - t0
         log.info(
@@ -315,6 +318,7 @@ class Manager:
             except Exception as e:
                 log.error("disarming the helper failed: %s", e)
         log.info("resumed", extra=event(MessageId.RESUMED))
+        await self.service_watchdogs.restore()
         self.set_state(State.IDLE)
 
     def cycle_finished(self, success: bool, record: CycleRecord) -> None:
@@ -339,6 +343,7 @@ class Manager:
             # The defaults stand in; the armer still prepares for the first sleep.
             self.armer.configure(self.config)
         self.load_devices()
+        await self.service_watchdogs.restore()  # a daemon that died mid-cycle left them off
         await self.logind.start()
         self._started = True
         self.refresh()
