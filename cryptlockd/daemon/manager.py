@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -235,8 +235,22 @@ class Manager:
 
     # --- the sleep cycle -------------------------------------------------------------
 
-    async def suspend(self, sender: str | None) -> None:
-        """Suspend(), once polkit has said yes."""
+    async def suspend(
+        self, sender: str | None, caller_rights: Callable[[], Awaitable[int]]
+    ) -> None:
+        """Suspend(), once polkit has said yes to org.cryptlockd1.suspend. `caller_rights`
+        checks the caller against logind's rules and returns SuspendWithFlags()' flags."""
+        self._may_suspend(sender)
+        flags = await caller_rights()
+        self._may_suspend(sender)  # again: a polkit dialog may have taken a while
+        log.info(
+            "suspend requested by %s",
+            sender,
+            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=sender or ""),
+        )
+        await self.logind.suspend(flags)
+
+    def _may_suspend(self, sender: str | None) -> None:
         if self.state != State.IDLE:
             raise Busy(f"a sleep is already in progress ({self.state.value})")
         if not self.protected:
@@ -247,12 +261,6 @@ class Manager:
                 "the next sleep would not wipe the keys: "
                 + "; ".join(self.problems or ["unknown reason"])
             )
-        log.info(
-            "suspend requested by %s",
-            sender,
-            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=sender or ""),
-        )
-        await self.logind.suspend()
 
     async def prepare_for_sleep(self, start: bool) -> None:
         log.info(
