@@ -63,10 +63,11 @@ async def in_session(g: Guest, n: int, command: str) -> tuple[int, str]:
 
 async def start_active_session(g: Guest) -> None:
     await g.run(f"useradd -m {USER} && install -d -o {USER} -m 0755 {RUN}")
-    await g.write_file(f"{RUN}.sh", SESSION.encode(), 0o755)
+    await g.write_file(f"{RUN}/session.sh", SESSION.encode(), 0o644)
     await g.run(
         f"systemd-run --unit=tester-session -p PAMName=login -p TTYPath=/dev/tty{VT} "
-        f"-p StandardInput=tty -p StandardOutput=journal -p User={USER} {RUN}.sh"
+        f"-p StandardInput=tty -p StandardOutput=journal -p User={USER} "
+        f"/bin/sh {RUN}/session.sh"
     )
     await g.wait_for_command(f"test -e {RUN}/ready", 60, "the session's leader runs")
     await g.run(f"chvt {VT}")
