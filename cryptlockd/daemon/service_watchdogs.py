@@ -5,10 +5,11 @@ counting each frozen service's WatchdogSec= on the monotonic clock (journald, lo
 udevd have 3 minutes), so a user who takes longer at the prompt finds them killed, and a
 restarted logind never sends PrepareForSleep(false). The Manager property ServiceWatchdogs
 (what `systemctl service-watchdogs no` sets) makes PID 1 log "Watchdog disabled! Ignoring
-watchdog timeout" instead of killing (service.c, service_dispatch_watchdog(), the same in
-systemd 252 and 257). The timer is one-shot and a service's next WATCHDOG=1 re-arms it, so
-a service thawed before the restore starts a fresh interval. PID 1's own RuntimeWatchdogSec=
-(the hardware watchdog) is another thing, served from init.scope, which is never frozen.
+watchdog timeout" instead of killing (service.c, service_dispatch_watchdog(); shown on
+systemd 252 and 257 by tests/vm/test_watchdogs.py). The timer is one-shot and a service's
+next WATCHDOG=1 re-arms it, so a service thawed before the restore starts a fresh interval.
+PID 1's own RuntimeWatchdogSec= (the hardware watchdog) is another thing, served from
+init.scope, which is never frozen.
 
 Why the daemon owns the knob and not the helper: the helper runs stdlib-only from a RAM
 filesystem and has no D-Bus client, and mid-cycle dbus-daemon is frozen, so it could set

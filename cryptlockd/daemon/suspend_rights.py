@@ -9,9 +9,11 @@ logind-dbus.c) would have applied had the caller asked logind itself:
 - a block inhibitor on "sleep": refused, and the error names it (who, why, pid). A
   "block-weak" one held by the caller's own uid does not count, and one held by another
   uid needs org.freedesktop.login1.suspend-ignore-inhibit; for a root caller it refuses,
-  as logind refuses root with SD_LOGIND_ROOT_CHECK_INHIBITORS. (logind 257 and later; 252
-  let an admin override any block inhibitor through polkit and ignored the caller's own.
-  The newer, stricter rule is the one kept: Suspend() has no "skip inhibitors" flag);
+  as logind refuses root with SD_LOGIND_ROOT_CHECK_INHIBITORS. (That is logind since 257,
+  which added block-weak; before it, 252 included, a "block" inhibitor of the caller's
+  own uid did not count and polkit's ignore-inhibit action let an admin past the others.
+  The newer, stricter rule is the one kept on every release: Suspend() has no "skip
+  inhibitors" flag);
 - otherwise: polkit org.freedesktop.login1.suspend.
 
 Then logind is called with SuspendWithFlags(SD_LOGIND_ROOT_CHECK_INHIBITORS), so that an
