@@ -88,6 +88,11 @@ class RemoteInterface:
         value = reply.body[0]
         return value.value if isinstance(value, Variant) else value
 
+    async def set(self, name: str, signature: str, value: Any) -> None:
+        """Set a property (org.freedesktop.DBus.Properties.Set); `signature` is its type."""
+        properties = replace(self, interface=PROPERTIES_INTERFACE)
+        await properties.call("Set", "ssv", [self.interface, name, Variant(signature, value)])
+
 
 def bus_daemon(bus: MessageBus, timeout: float) -> RemoteInterface:
     """The message bus itself (org.freedesktop.DBus): AddMatch, GetNameOwner, NameHasOwner."""

@@ -16,6 +16,16 @@ POLKIT_ACTION_CONFIGURE = "org.cryptlockd1.configure"
 LOGIND_BUS_NAME = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"
 LOGIND_MANAGER_INTERFACE = "org.freedesktop.login1.Manager"
+LOGIND_SESSION_INTERFACE = "org.freedesktop.login1.Session"
+# logind's own polkit actions for a suspend, and the error it refuses one with because of a
+# block inhibitor (systemd >= 258; older ones say AccessDenied "... active block inhibitor").
+POLKIT_ACTION_LOGIN1_SUSPEND = "org.freedesktop.login1.suspend"
+POLKIT_ACTION_LOGIN1_SUSPEND_MULTIPLE_SESSIONS = "org.freedesktop.login1.suspend-multiple-sessions"
+POLKIT_ACTION_LOGIN1_SUSPEND_IGNORE_INHIBIT = "org.freedesktop.login1.suspend-ignore-inhibit"
+LOGIND_ERROR_BLOCKED_BY_INHIBITOR = "org.freedesktop.login1.BlockedByInhibitorLock"
+# SuspendWithFlags(): block inhibitors apply to a root caller too (sd-login's
+# SD_LOGIND_ROOT_CHECK_INHIBITORS).
+LOGIND_ROOT_CHECK_INHIBITORS = 1 << 0
 
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
@@ -38,6 +48,7 @@ PEER_INTERFACE = "org.freedesktop.DBus.Peer"
 
 # The bus's own error names that we produce or act on.
 ERR_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+ERR_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 ERR_UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
 ERR_UNKNOWN_PROPERTY = "org.freedesktop.DBus.Error.UnknownProperty"
 ERR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"

@@ -39,6 +39,11 @@ class NotProtected(CryptlockdError, error="NotProtected"):
     """Suspend() when the next sleep would not wipe the keys."""
 
 
+class Inhibited(CryptlockdError, error="Inhibited"):
+    """Suspend() refused because of a block inhibitor, as logind would refuse the caller.
+    The message names each inhibitor: who, why, pid."""
+
+
 class LogindError(CryptlockdError, error="LogindUnavailable"):
     """logind refused or could not be asked (Suspend, the inhibitor)."""
 

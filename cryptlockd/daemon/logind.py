@@ -19,11 +19,14 @@ from cryptlockd.bus import RemoteInterface, bus_daemon
 from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.defs import (
     DBUS_NAME,
+    ERR_ACCESS_DENIED,
     LOGIND_BUS_NAME,
+    LOGIND_ERROR_BLOCKED_BY_INHIBITOR,
     LOGIND_MANAGER_INTERFACE,
     LOGIND_PATH,
+    LOGIND_ROOT_CHECK_INHIBITORS,
 )
-from cryptlockd.errors import LogindError, RemoteError
+from cryptlockd.errors import Inhibited, LogindError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +216,15 @@ class Logind:
 
     # --- methods -------------------------------------------------------------------
 
-    async def suspend(self) -> None:
+    async def suspend(self, flags: int = LOGIND_ROOT_CHECK_INHIBITORS) -> None:
+        """SuspendWithFlags(): with SD_LOGIND_ROOT_CHECK_INHIBITORS, logind applies block
+        inhibitors to us, root, too (suspend_rights.py has checked the caller already)."""
         try:
-            await self._login1.call("Suspend", "b", [False])
+            await self._login1.call("SuspendWithFlags", "t", [flags])
         except RemoteError as e:
+            if e.error_name == LOGIND_ERROR_BLOCKED_BY_INHIBITOR or (
+                e.error_name == ERR_ACCESS_DENIED and "inhibitor" in e.text
+            ):
+                # One taken since the caller was checked: logind does not say whose.
+                raise Inhibited(f"logind refused: {e.text}") from e
             raise LogindError(f"logind refused to suspend: {e}") from e

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from cryptlockd.daemon.devices import LuksDevice, SystemPaths, apply_exclude, di
 from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.daemon.logind import Logind
 from cryptlockd.daemon.notify import Notifier
+from cryptlockd.daemon.service_watchdogs import ServiceWatchdogs
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, State
 from cryptlockd.errors import Busy, ConfigError, NotProtected
 
@@ -95,6 +96,7 @@ class Manager:
             timeout=DBUS_CALL_TIMEOUT,
         )
         armer.watch(self.refresh, self.cycle_finished)
+        self.service_watchdogs = ServiceWatchdogs.on_bus(bus, root)
         self._started = False
         self._changing = 0
         self._status_sent = ""
@@ -233,8 +235,22 @@ class Manager:
 
     # --- the sleep cycle -------------------------------------------------------------
 
-    async def suspend(self, sender: str | None) -> None:
-        """Suspend(), once polkit has said yes."""
+    async def suspend(
+        self, sender: str | None, caller_rights: Callable[[], Awaitable[int]]
+    ) -> None:
+        """Suspend(), once polkit has said yes to org.cryptlockd1.suspend. `caller_rights`
+        checks the caller against logind's rules and returns SuspendWithFlags()' flags."""
+        self._may_suspend(sender)
+        flags = await caller_rights()
+        self._may_suspend(sender)  # again: a polkit dialog may have taken a while
+        log.info(
+            "suspend requested by %s",
+            sender,
+            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=sender or ""),
+        )
+        await self.logind.suspend(flags)
+
+    def _may_suspend(self, sender: str | None) -> None:
         if self.state != State.IDLE:
             raise Busy(f"a sleep is already in progress ({self.state.value})")
         if not self.protected:
@@ -245,12 +261,6 @@ class Manager:
                 "the next sleep would not wipe the keys: "
                 + "; ".join(self.problems or ["unknown reason"])
             )
-        log.info(
-            "suspend requested by %s",
-            sender,
-            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=sender or ""),
-        )
-        await self.logind.suspend()
 
     async def prepare_for_sleep(self, start: bool) -> None:
         log.info(
@@ -299,6 +309,7 @@ class Manager:
             self.set_state(State.IDLE)
             return
         self.set_state(State.ARMED)
+        await self.service_watchdogs.disable()
         self.logind.release_inhibitor("armed")
         seconds = time.monotonic() - t0
         log.info(
@@ -315,6 +326,7 @@ class Manager:
             except Exception as e:
                 log.error("disarming the helper failed: %s", e)
         log.info("resumed", extra=event(MessageId.RESUMED))
+        await self.service_watchdogs.restore()
         self.set_state(State.IDLE)
 
     def cycle_finished(self, success: bool, record: CycleRecord) -> None:
@@ -339,6 +351,7 @@ class Manager:
             # The defaults stand in; the armer still prepares for the first sleep.
             self.armer.configure(self.config)
         self.load_devices()
+        await self.service_watchdogs.restore()  # a daemon that died mid-cycle left them off
         await self.logind.start()
         self._started = True
         self.refresh()

@@ -11,13 +11,14 @@ from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from cryptlockd import __version__
-from cryptlockd.daemon import polkit
+from cryptlockd.daemon import polkit, suspend_rights
 from cryptlockd.daemon.armer import CycleRecord
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.exported_object import ExportedObject, to_vardict
 from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.metrics import STATE_FILE, TextfileMetrics
 from cryptlockd.defs import (
+    DBUS_CALL_TIMEOUT,
     DEVICE_FIELDS,
     INTROSPECTION_XML,
     OBJECT_PATH,
@@ -118,7 +119,14 @@ class Service:
 
     async def m_suspend(self, msg: Message, args: list[Any]) -> list[Any]:
         await self._authorize(msg, POLKIT_ACTION_SUSPEND)
-        await self.manager.suspend(msg.sender)
+
+        async def caller_rights() -> int:
+            # logind's rules for the caller, as if it had asked logind itself.
+            return await suspend_rights.caller_rights(
+                self.bus, msg.sender, DBUS_CALL_TIMEOUT, self.polkit_timeout
+            )
+
+        await self.manager.suspend(msg.sender, caller_rights)
         return []
 
     async def m_set_enabled(self, msg: Message, args: list[Any]) -> list[Any]:

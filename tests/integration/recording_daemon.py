@@ -2,7 +2,7 @@
 <daemon arguments>`. The host has no device-mapper and no systemd to run the helper under, so
 the integration tests start the daemon this way and check what it does around the helper.
 The unit tests use RecordingArmer too. RECORDING_ARMER_READY_FILE: the armer is ready once
-that file exists."""
+that file exists; RECORDING_ARMER_PROTECTS=1: its helper line says yes."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ class RecordingArmer:
     """Arms nothing and remembers the calls; its "helper" check fails, so the daemon is
     never Protected with it."""
 
-    def __init__(self, ready_file: str | None = None) -> None:
+    def __init__(self, ready_file: str | None = None, protects: bool = False) -> None:
         # When set, ready() waits until this file exists (a slow first build, say).
         self.ready_file = ready_file
+        # Pretends its helper could wipe the keys, so that the daemon can be Protected
+        # (RECORDING_ARMER_PROTECTS=1: Suspend() then gets as far as logind).
+        self.protects = protects
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
         self.configured: list[Config] = []
@@ -41,6 +44,8 @@ class RecordingArmer:
         self.on_status_change = on_status_change
 
     def status(self) -> list[CheckResult]:
+        if self.protects:
+            return [checks.check_helper(None)]
         return [checks.check_helper("armer 'recording' only records the cycle")]
 
     async def ready(self) -> None:
@@ -55,5 +60,8 @@ class RecordingArmer:
 
 
 if __name__ == "__main__":
-    armer = RecordingArmer(ready_file=os.environ.get("RECORDING_ARMER_READY_FILE"))
+    armer = RecordingArmer(
+        ready_file=os.environ.get("RECORDING_ARMER_READY_FILE"),
+        protects=os.environ.get("RECORDING_ARMER_PROTECTS") == "1",
+    )
     sys.exit(main(sys.argv[1:], armer=armer))

@@ -53,6 +53,16 @@ async def test_get_asks_the_properties_interface_and_unwraps() -> None:
 
 
 @pytest.mark.asyncio
+async def test_set_sends_the_value_as_a_variant_of_its_type() -> None:
+    bus = FakeBus(lambda m: Message.new_method_return(m))
+    await login1(bus).set("IdleAction", "s", "ignore")
+    [msg] = bus.calls
+    assert (msg.interface, msg.member, msg.signature) == (PROPERTIES_INTERFACE, "Set", "ssv")
+    assert msg.body[:2] == ["org.freedesktop.login1.Manager", "IdleAction"]
+    assert (msg.body[2].signature, msg.body[2].value) == ("s", "ignore")
+
+
+@pytest.mark.asyncio
 async def test_an_error_reply_becomes_remote_error() -> None:
     bus = FakeBus(lambda m: Message.new_error(m, "org.freedesktop.DBus.Error.AccessDenied", "no"))
     with pytest.raises(RemoteError) as e:

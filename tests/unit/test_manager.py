@@ -27,7 +27,7 @@ from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.notify import Notifier
 from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.daemon.service import Service
-from cryptlockd.defs import State
+from cryptlockd.defs import ERR_SERVICE_UNKNOWN, State
 from cryptlockd.errors import CryptlockdError
 from tests.fakesys import FakeSystem, plain_luks2
 from tests.integration.recording_daemon import RecordingArmer
@@ -40,6 +40,12 @@ class FakeBus:
 
     def send(self, msg: Message) -> None:
         self.sent.append(msg)
+
+    async def call(self, msg: Message) -> Message:
+        """Calls out (systemd's ServiceWatchdogs): answered as on a bus without systemd."""
+        self.sent.append(msg)
+        msg.serial = len(self.sent)  # as a connection numbers what it sends
+        return Message.new_error(msg, ERR_SERVICE_UNKNOWN, "no systemd on this bus")
 
     def signals(self, member: str) -> list[Message]:
         return [m for m in self.sent if m.member == member]
