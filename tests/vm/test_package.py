@@ -11,9 +11,10 @@ idle daemon the way an upgrade does, a purge that leaves nothing behind, and a s
 from __future__ import annotations
 
 import io
+import posixpath
 import subprocess
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
@@ -111,8 +112,8 @@ def test_package_files_and_dependencies(deb: Path) -> None:
     # No symlink points nowhere (the checkout links the interface XML from outside).
     for name, m in members.items():
         if m.issym():
-            target = PurePosixPath(name).parent / m.linkname
-            assert str(target) in members or m.linkname.lstrip("/") in members, name
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
+            assert target.lstrip("/") in members, (name, m.linkname)
     # The entry points and the sleep entry run the system's python3, isolated (-I).
     for prog, module in (("cryptlockd", "cryptlockd.daemon"), ("cryptlockctl", "cryptlockd.cli")):
         assert members[f"usr/bin/{prog}"].mode & 0o111
