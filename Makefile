@@ -32,7 +32,8 @@ HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsyste
 	mandoc zsh bash-completion $(DEB_DEBS) rpmlint
 
 # What `make deb` needs to build and check the Debian package on a Debian 12 host.
-DEB_DEBS = dpkg-dev debhelper dh-python lintian
+# (dpkg-buildpackage insists on build-essential, even for an arch-all package.)
+DEB_DEBS = build-essential dpkg-dev debhelper dh-python lintian
 
 VENV = .venv
 VPY = $(VENV)/bin/python
