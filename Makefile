@@ -29,14 +29,25 @@ SYSCONFDIR ?= /etc
 HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
 	dbus python3-dbusmock python3-gi systemd umockdev gir1.2-umockdev-1.0 \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio libcryptsetup12 \
-	mandoc zsh bash-completion
+	mandoc zsh bash-completion $(DEB_DEBS) rpmlint
+
+# What `make deb` needs to build and check the Debian package on a Debian 12 host.
+# (dpkg-buildpackage insists on build-essential, even for an arch-all package.)
+DEB_DEBS = build-essential dpkg-dev debhelper dh-python lintian
 
 VENV = .venv
 VPY = $(VENV)/bin/python
 
-SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@VENVDIR@|$(VENVDIR)|g'
+# The interpreter the installed commands and the sleep entry run, always with -I (no current
+# directory or PYTHONPATH on sys.path): the venv's for `make install`; the system's for the
+# Debian package, which installs the package into dist-packages (packaging/debian/rules).
+RUN_PYTHON ?= $(VENVDIR)/bin/python
 
-.PHONY: all deps venv lint test test-unit test-integration test-vm demo bench install clean
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@VENVDIR@|$(VENVDIR)|g' \
+	-e 's|@RUN_PYTHON@|$(RUN_PYTHON)|g'
+
+.PHONY: all deps venv lint test test-unit test-integration test-vm demo bench install \
+	install-venv install-files deb clean
 
 all: venv
 
@@ -107,13 +118,18 @@ demo: venv
 bench: venv
 	$(VPY) -m bench.cycle
 
-install:
+install: install-venv install-files
+
+install-venv:
 	install -d $(DESTDIR)$(LIBDIR)
 	$(PYTHON) -m venv --system-site-packages $(DESTDIR)$(VENVDIR)
 	$(DESTDIR)$(VENVDIR)/bin/python -m pip install -q .
+
+# Everything but the Python package itself; the Debian package's rules use it too.
+install-files:
 	install -d $(DESTDIR)$(BINDIR)
 	for prog in cryptlockd cryptlockctl; do \
-		printf '#!/bin/sh\nexec %s/bin/python -I -m cryptlockd.%s "$$@"\n' '$(VENVDIR)' \
+		printf '#!/bin/sh\nexec %s -I -m cryptlockd.%s "$$@"\n' '$(RUN_PYTHON)' \
 			"$$( [ $$prog = cryptlockd ] && echo daemon || echo cli )" > $(DESTDIR)$(BINDIR)/$$prog; \
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$prog; \
 	done
@@ -135,6 +151,22 @@ install:
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf.d
 	[ -e $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf ] || \
 		install -Dm644 packaging/cryptlockd.conf $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf
+
+# The Debian package for trixie (packaging/debian; packaging/README.md): built as a binary
+# package in a copy of the tree, so the checkout stays clean, and checked with lintian, which
+# must find no error and no warning. The result: dist/cryptlockd_<version>_all.deb.
+DEB_BUILD = build/deb
+DEB_SOURCES = cryptlockd units dbus man packaging Makefile pyproject.toml README.md
+
+deb:
+	@$(MAKE) --no-print-directory deps HOST_DEBS="$(DEB_DEBS)"
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src dist
+	cp -R $(DEB_SOURCES) $(DEB_BUILD)/src/
+	cp -R packaging/debian $(DEB_BUILD)/src/debian
+	find $(DEB_BUILD)/src -name __pycache__ -prune -exec rm -rf {} +
+	cd $(DEB_BUILD)/src && dpkg-buildpackage --build=binary --no-sign
+	lintian --fail-on error,warning --display-info $(DEB_BUILD)/*.changes
+	cp $(DEB_BUILD)/*.deb dist/
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -64,8 +64,19 @@ PACKAGES = [
     "util-linux",
     "mawk",
 ]
-# trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd.
-SUITE_PACKAGES = {"bookworm": [], "trixie": ["systemd-cryptsetup"]}
+# trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd. The
+# python3-* are the Debian package's dependencies (tests/vm/test_package.py installs it with
+# apt-get in a guest without network); bookworm's pydantic (1.10) is too old for it.
+SUITE_PACKAGES = {
+    "bookworm": [],
+    "trixie": [
+        "systemd-cryptsetup",
+        "python3-dbus-fast",
+        "python3-pydantic",
+        "python3-pyudev",
+        "python3-prometheus-client",
+    ],
+}
 ROOT_DISK_SIZE = 2 * 1024**3
 DATA_DISK_SIZE = 256 * 1024**2
 OUTPUT_DISK_SIZE = 256 * 1024**2
