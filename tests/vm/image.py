@@ -65,7 +65,13 @@ PACKAGES = [
     "mawk",
 ]
 # trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd.
-SUITE_PACKAGES = {"bookworm": [], "trixie": ["systemd-cryptsetup"]}
+# test_sync_deadline.py (bookworm only: trixie's suite is the longer one) needs a user's FUSE
+# file system in writeback-cache mode and an NFS hard mount to the guest's own kernel nfsd;
+# their services stay off at boot (guest_files/customize).
+SUITE_PACKAGES = {
+    "bookworm": ["fuse3", "python3-pyfuse3", "nfs-kernel-server"],
+    "trixie": ["systemd-cryptsetup"],
+}
 ROOT_DISK_SIZE = 2 * 1024**3
 DATA_DISK_SIZE = 256 * 1024**2
 OUTPUT_DISK_SIZE = 256 * 1024**2
