@@ -211,6 +211,14 @@ async def test_fuse_writeback_cache_with_dirty_data_its_server_in_user_slice(
     await g.wait_for_command(
         "grep ' /mnt/wb ' /proc/self/mountinfo", 60, "the FUSE mount", ok=lambda o: "wbfs" in o
     )
+    # FUSE gives its mounts a 1 % share of the dirty limit, strictly enforced: the first
+    # balance of dirty pages (forced early by pages that earlier writers, such as
+    # data_before's dd, left unaccounted) would write ours out at once. A larger share keeps
+    # them dirty, as a busier FUSE file system's would be.
+    await g.run(
+        "bdi=/sys/class/bdi/$(awk '$5 == \"/mnt/wb\" {print $3}' /proc/self/mountinfo) && "
+        "echo 100 > $bdi/max_ratio && echo 10 > $bdi/min_ratio"
+    )
     cgroup = await g.run("systemctl show -p ControlGroup --value wbfs.service")
     assert cgroup.stdout.strip().startswith("/user.slice/"), cgroup.stdout
     digest = await start_holder(g, "/mnt/wb/dirty", USER)
