@@ -82,6 +82,8 @@ def run_with_deadline(jobs: list[tuple[str, Callable[[], str]]], timeout: float)
     never frozen, and KillMode=process lets the unit stop and start again without it. PID 1
     reaps it whenever it ends. The KDF reserve is not inherited (MADV_DONTFORK), so all it
     holds meanwhile is its copy of the helper's heap."""
+    if not jobs:
+        return []
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

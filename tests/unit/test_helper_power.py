@@ -45,6 +45,10 @@ def test_jobs_run_in_order_and_their_errors_come_back() -> None:
     assert power.run_with_deadline([("a", lambda: ""), ("b", lambda: "b: EIO")], 10) == ["b: EIO"]
 
 
+def test_no_jobs_no_child() -> None:
+    assert power.run_with_deadline([], 0) == []
+
+
 def test_an_exception_in_a_job_is_its_error() -> None:
     def boom() -> str:
         raise OSError("ENOENT")
