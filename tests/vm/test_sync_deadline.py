@@ -32,6 +32,7 @@ from tests.vm.sleepcycle import (
     run_cycle,
 )
 from tests.vm.test_cycle import assert_restored, data_before, knobs, usable_after
+from tests.vm.test_recovery import watch_signals
 
 pytestmark = [
     pytest.mark.vm,
@@ -180,14 +181,6 @@ async def start_holder(g: Guest, path: str, user: str = "root") -> str:
         "cat /root/holder.out", 60, "the holder wrote its data", ok=lambda o: len(o.strip()) == 64
     )
     return out.stdout.strip()
-
-
-async def watch_signals(g: Guest) -> None:
-    await g.run(
-        "rm -f /root/cycle-signal.log; setsid busctl monitor --json=short "
-        "--match type=signal,interface=org.cryptlockd1.Manager,"
-        "member=CycleFinished > /root/cycle-signal.log 2>&1 < /dev/null &"
-    )
 
 
 async def test_fuse_writeback_cache_with_dirty_data_its_server_in_user_slice(
