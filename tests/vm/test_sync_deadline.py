@@ -42,6 +42,7 @@ pytestmark = [
 ]
 
 USER = "fuser"
+SYNCFS_TIMEOUT = 5.0
 # Dirty pages stay dirty until something syncs them: the kernel's flusher would otherwise
 # write them out after 30 s (dirty_expire), and a slow TCG guest could get there first.
 KEEP_DIRTY = "sysctl -q -w vm.dirty_expire_centisecs=360000"
@@ -147,6 +148,7 @@ class Passthrough(pyfuse3.Operations):
 backing, mountpoint = sys.argv[1:3]
 options = set(pyfuse3.default_options)
 options.add("fsname=wbfs")
+options.add("allow_other")  # root sets up a loop device on a file in it
 pyfuse3.init(Passthrough(backing), mountpoint, options)
 trio.run(pyfuse3.main)
 """
@@ -189,7 +191,9 @@ async def test_fuse_writeback_cache_with_dirty_data_its_server_in_user_slice(
     """A user's FUSE mount in writeback-cache mode, its server in user.slice, dirty data
     written through it: the protected cycle completes (the sync before the freeze reaches the
     server while it still runs; a sync after the freeze waited for it for good), the data
-    is in the server's backing file, the machine is usable."""
+    is in the server's backing file, the machine is usable. Then an ext4 on a loop device
+    on a file of that mount: its syncfs after the freeze waits for the frozen server, and
+    the cycle is abandoned at syncfs_timeout_sec: thawed, no sleep, reported."""
     g = installed_guest
     await armed_ready(g)
     await data_before(g)
@@ -197,6 +201,7 @@ async def test_fuse_writeback_cache_with_dirty_data_its_server_in_user_slice(
     await g.write_file("/usr/local/lib/wbfs.py", FUSE_SERVER.encode())
     await g.run(
         f"{KEEP_DIRTY} && useradd -m {USER} && install -d -o {USER} /srv/wbfs /mnt/wb && "
+        "echo user_allow_other >> /etc/fuse.conf && "
         f"systemd-run --unit=wbfs --slice=user.slice --uid={USER} -p Type=exec "
         "python3 /usr/local/lib/wbfs.py /srv/wbfs /mnt/wb"
     )
@@ -237,6 +242,51 @@ async def test_fuse_writeback_cache_with_dirty_data_its_server_in_user_slice(
     through = await g.run(f"runuser -u {USER} -- sha256sum /mnt/wb/dirty")
     assert through.stdout.split()[0] == digest
     await g.run("echo done > /run/holder.fifo")
+
+    # After the freeze: an ext4 on a loop device whose file lives on that FUSE mount is
+    # block-backed, so it is synced again after the freeze, and its flush (the loop device
+    # fsyncs its file) waits for the frozen server. Its syncfs deadline abandons the cycle.
+    await g.run(
+        "mkdir -p /etc/cryptlockd/cryptlockd.conf.d && printf '[cycle]\\nsyncfs_timeout_sec = "
+        f"{SYNCFS_TIMEOUT:g}\\n' > /etc/cryptlockd/cryptlockd.conf.d/50-test.conf && "
+        "cryptlockctl reload && truncate -s 16M /mnt/wb/disk.img && "
+        "dev=$(losetup -f --show /mnt/wb/disk.img) && mkfs.ext4 -q -O ^has_journal $dev && "
+        "mkdir -p /mnt/lo && mount $dev /mnt/lo && echo x > /mnt/lo/f",
+        timeout=120,
+    )
+    await armed_ready(g)
+    await watch_signals(g)
+    since = await boottime(g)
+    mark = g.event_mark()
+    await g.spawn("systemctl suspend", "/root/trigger.log")
+    rec = await last_cycle(g, since)
+    print(f"after the freeze: LastCycle {json.dumps(rec)}")
+    assert rec["success"] is False and rec["slept"] is False, rec
+    assert rec["reason"] == (
+        "abandoned before the sleep, staying awake: "
+        f"syncfs(/mnt/lo) did not finish within {SYNCFS_TIMEOUT:g} s"
+    ), rec
+    t = rec["timeline_ms"]
+    assert t["synced"] <= t["frozen"] <= t["abandoned"] <= t["thawed"], t
+    assert "filesystems_synced" not in t and "sync_on_suspend_off" not in t, t
+    assert SYNCFS_TIMEOUT * 1000 <= t["abandoned"] - t["frozen"] < SYNCFS_TIMEOUT * 1000 + 3000
+    assert rec["suspended"] == [], rec
+    assert "SUSPEND" not in [e.name for e in g.events[mark:]]
+    signal = await g.wait_for_command(
+        "cat /root/cycle-signal.log", 60, "CycleFinished", ok=lambda o: "CycleFinished" in o
+    )
+    assert '"data":[false' in signal.stdout.replace(" ", ""), signal.stdout[-2000:]
+    await assert_restored(g, before)
+    await usable_after(g)
+    # Thawed, the server answers: the syncfs left behind ends, and only the new helper is
+    # left in the helper unit's cgroup.
+    await g.wait_for_command(
+        "cat /sys/fs/cgroup/cryptlockd.slice/cryptlockd-helper.service/cgroup.procs",
+        60,
+        "the abandoned syncfs() ends once the FUSE server runs again",
+        ok=lambda o: len(o.split()) == 1,
+    )
+    await g.run("cat /mnt/lo/f && umount /mnt/lo")
 
 
 NFS_TIMEOUT = 5.0
