@@ -105,6 +105,21 @@ class CycleSettings(BaseModel):
         at_most=300,
         zero=False,
     )
+    sync_timeout_sec: float = _seconds(
+        protocol.DEFAULT_SYNC_TIMEOUT,
+        "How long the helper waits for sync(), which it runs before the freeze; past it "
+        "(a network or FUSE file system whose server does not answer), the protected cycle "
+        "is abandoned, the machine stays awake and the failure is reported.",
+        at_most=3600,
+        zero=False,
+    )
+    syncfs_timeout_sec: float = _seconds(
+        protocol.DEFAULT_SYNCFS_TIMEOUT,
+        "How long the helper waits for syncfs() of each block-backed file system after "
+        "the freeze; past it, the cycle is abandoned as for sync_timeout_sec.",
+        at_most=3600,
+        zero=False,
+    )
 
 
 class MetricsSettings(BaseModel):

@@ -252,6 +252,8 @@ class HelperArmer:
             mem_sleep=mem_sleep,
             vt=prompt.vt,
             freeze_timeout=cycle.freeze_timeout_sec,
+            sync_timeout=cycle.sync_timeout_sec,
+            syncfs_timeout=cycle.syncfs_timeout_sec,
             backoff_initial=prompt.backoff_initial_sec,
             backoff_max=prompt.backoff_max_sec,
             poweroff_after=prompt.max_failures_before_poweroff,

@@ -84,12 +84,18 @@ class SleepFailed(Exception):
     pass
 
 
+class DeadlinePassed(Exception):
+    """A step before the sleep (sync, syncfs) did not finish in time: the cycle is
+    abandoned (SPEC 2.8)."""
+
+
 if TYPE_CHECKING:
 
     class Ops(Protocol):
         def freeze(self, frozen: list[str]) -> None: ...
         def thaw(self, frozen: list[str]) -> list[str]: ...
-        def sync(self) -> list[str]: ...
+        def sync(self) -> None: ...
+        def syncfs(self) -> list[str]: ...
         def get_sync_on_suspend(self) -> str | None: ...
         def set_sync_on_suspend(self, value: str) -> None: ...
         def suspend(self, device: str) -> None: ...
@@ -108,18 +114,29 @@ if TYPE_CHECKING:
 def run_cycle(
     ops: Ops, devices: list[DevicePlan], record: CycleRecord, poweroff_after: int = 0
 ) -> None:
-    """devices in suspend order: upper layers first."""
+    """devices in suspend order: upper layers first.
+
+    Before the sleep, nothing may block without a deadline (SPEC 2.8): the sync, the freeze
+    and each syncfs have one (the Ops raise past it). Whatever goes wrong before the sleep
+    abandons the cycle: what was suspended is resumed, sync_on_suspend restored, everything
+    thawed, and the machine stays awake; the record says why."""
     frozen: list[str] = []
     suspended: list[str] = []
     saved_sync: str | None = None
     try:
         try:
+            # sync() first, while nothing is frozen: a FUSE server must still answer.
+            record.step("sync_start")
+            ops.sync()
+            record.step("synced")
             record.step("freeze_start")
             ops.freeze(frozen)
             record.step("frozen")
-            for err in ops.sync():
-                record.problems.append(f"sync: {err}")
-            record.step("synced")
+            # What was written between sync() and the freeze; block-backed file systems
+            # only, whose writes need no process that is now frozen.
+            for err in ops.syncfs():
+                record.problems.append(f"syncfs: {err}")
+            record.step("filesystems_synced")
             saved_sync = ops.get_sync_on_suspend()
             if saved_sync not in (None, "0"):
                 ops.set_sync_on_suspend("0")
@@ -139,17 +156,21 @@ def run_cycle(
                 except Exception as e:
                     record.verification[name] = {"dm_table_key": f"error: {e}"}
             record.step("verified")
-            record.step("sleep")
-            try:
-                ops.enter_sleep()
-            except SleepFailed as e:
-                record.fail(str(e))
-                record.step("sleep_failed")
-            else:
-                record.slept = True
-                record.step("woke")
+        except Exception as e:
+            record.fail(f"abandoned before the sleep, staying awake: {e or type(e).__name__}")
+            record.step("abandoned")
+            return
+        record.step("sleep")
+        try:
+            ops.enter_sleep()
+        except SleepFailed as e:
+            record.fail(str(e))
+            record.step("sleep_failed")
         except Exception as e:
             record.fail(str(e) or type(e).__name__)
+        else:
+            record.slept = True
+            record.step("woke")
     finally:
         wind_down(ops, devices, suspended, frozen, saved_sync, record, poweroff_after)
 

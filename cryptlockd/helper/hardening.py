@@ -60,6 +60,9 @@ class Reserve:
         self.area: mmap.mmap | None = None
         if kib > 0:
             self.area = mmap.mmap(-1, kib * 1024, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            # Not in a child: a sync() child left behind on a dead server (power.py) would
+            # hold it for as long as it lives.
+            self.area.madvise(mmap.MADV_DONTFORK)
             for off in range(0, kib * 1024, mmap.PAGESIZE):
                 self.area[off] = 1
 

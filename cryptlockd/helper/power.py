@@ -1,11 +1,19 @@
-"""sync, sync_on_suspend and the write to /sys/power/state."""
+"""sync and syncfs with deadlines, sync_on_suspend, and the write to /sys/power/state."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import select
+import signal
+import time
 
-from cryptlockd.helper.cycle import SleepFailed
+from cryptlockd.helper.cycle import DeadlinePassed, SleepFailed
+
+TYPE_CHECKING = False  # see cycle.py
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SYNC_ON_SUSPEND = "/sys/power/sync_on_suspend"
 POWER_STATE = "/sys/power/state"
@@ -53,27 +61,106 @@ def block_mounts(mountinfo: str) -> list[str]:
     return points
 
 
-def sync_all() -> list[str]:
-    """sync(), then syncfs() on every block filesystem of the real root. Returns errors."""
-    os.sync()
+# The jobs' child closes every file descriptor above these (see run_with_deadline).
+MAX_FD = 65536
+
+
+def run_with_deadline(jobs: list[tuple[str, Callable[[], str]]], timeout: float) -> list[str]:
+    """Runs the jobs one after the other in a child process; returns their errors (each job
+    returns one, or ""). Raises DeadlinePassed, naming the job, when one takes longer than
+    `timeout` seconds.
+
+    Why a child, and one left behind: sync() and syncfs() wait in uninterruptible sleep (D
+    state) on a server that does not answer (a FUSE server that is frozen, an NFS server that
+    is gone), and nothing can end them. In a thread, such a call would keep the whole helper
+    alive: its fd table (the daemon's and the sleep entry's sockets, the watchdog's pipe)
+    stays open and PID 1 never hears it exit, so the unit, with TimeoutStopSec=infinity and
+    SendSIGKILL=no, stays up for good, its ExecStopPost= (the recovery) never runs, and no
+    later helper can start. A child that has closed every inherited descriptor holds none of
+    that: the helper abandons it (SIGKILLed, it dies the moment its call returns), finishes
+    and reports its cycle, and exits; the child stays in the helper unit's cgroup, which is
+    never frozen, and KillMode=process lets the unit stop and start again without it. PID 1
+    reaps it whenever it ends. The KDF reserve is not inherited (MADV_DONTFORK), so all it
+    holds meanwhile is its copy of the helper's heap."""
+    if not jobs:
+        return []
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.closerange(3, w)
+            os.closerange(w + 1, MAX_FD)
+            for _, job in jobs:
+                try:
+                    error = job()
+                except Exception as e:
+                    error = str(e) or type(e).__name__
+                os.write(w, error.replace("\n", " ").encode() + b"\n")
+        finally:
+            os._exit(0)
+    os.close(w)
     errors: list[str] = []
+    buf = b""
+    try:
+        for name, _ in jobs:
+            deadline = time.monotonic() + timeout
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([r], [], [], left)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    raise DeadlinePassed(f"{name} did not finish within {timeout:g} s")
+                data = os.read(r, 4096)
+                if not data:
+                    os.waitpid(pid, 0)
+                    raise RuntimeError(f"the process running {name} ended before it did")
+                buf += data
+            line, buf = buf.split(b"\n", 1)
+            if line:
+                errors.append(line.decode(errors="replace"))
+    finally:
+        os.close(r)
+    os.waitpid(pid, 0)
+    return errors
+
+
+def _sync() -> str:
+    os.sync()
+    return ""
+
+
+def sync(timeout: float) -> None:
+    """sync(), before anything is frozen (a FUSE server can still answer), within `timeout`
+    seconds (an NFS server that has gone away never will)."""
+    run_with_deadline([("sync()", _sync)], timeout)
+
+
+def _syncfs(point: str) -> str:
+    # Opened in the child too: the path lookup alone can wait on a dead server (a block
+    # device's file system mounted below a network one).
+    try:
+        fd = os.open(HOST_ROOT + point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"{point}: {e}"
+    try:
+        if _libc.syncfs(fd) != 0:
+            return f"{point}: syncfs: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(fd)
+    return ""
+
+
+def syncfs_block_mounts(timeout: float) -> list[str]:
+    """syncfs() on every block-backed file system of the real root, each within `timeout`
+    seconds (a loop device on a file of a frozen FUSE server is block-backed too). Returns
+    the errors."""
     try:
         with open(HOST_MOUNTINFO) as f:
             points = block_mounts(f.read())
     except OSError as e:
         return [f"{HOST_MOUNTINFO}: {e}"]
-    for point in points:
-        try:
-            fd = os.open(HOST_ROOT + point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            errors.append(f"{point}: {e}")
-            continue
-        try:
-            if _libc.syncfs(fd) != 0:
-                errors.append(f"{point}: syncfs: {os.strerror(ctypes.get_errno())}")
-        finally:
-            os.close(fd)
-    return errors
+    return run_with_deadline(
+        [(f"syncfs({point})", functools.partial(_syncfs, point)) for point in points], timeout
+    )
 
 
 def _write(path: str, value: str) -> None:

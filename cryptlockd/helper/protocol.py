@@ -46,6 +46,10 @@ if TYPE_CHECKING:
         mem_sleep: str | None
         vt: int
         freeze_timeout: float
+        # sync() before the freeze, and each syncfs() after it, in seconds (SPEC 2.4, 2.8).
+        # Not in REQUIRED_KEYS: an older daemon's arm message gets the defaults.
+        sync_timeout: float
+        syncfs_timeout: float
         backoff_initial: float
         backoff_max: float
         poweroff_after: int
@@ -151,6 +155,10 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
 
 DEFAULT_VT = 0  # 0: the first free VT
 DEFAULT_FREEZE_TIMEOUT = 10.0
+# Everything still runs during the sync(), and a slow disk may hold a lot of dirty data;
+# the syncfs() calls after the freeze have only what was written since.
+DEFAULT_SYNC_TIMEOUT = 60.0
+DEFAULT_SYNCFS_TIMEOUT = 20.0
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 30.0
 DEFAULT_POWEROFF_AFTER = 0  # 0: never
@@ -259,6 +267,8 @@ def arm_message(
     mem_sleep: str | None,
     vt: int,
     freeze_timeout: float,
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
+    syncfs_timeout: float = DEFAULT_SYNCFS_TIMEOUT,
     backoff_initial: float,
     backoff_max: float,
     poweroff_after: int,
@@ -271,6 +281,8 @@ def arm_message(
         "mem_sleep": mem_sleep,
         "vt": vt,
         "freeze_timeout": freeze_timeout,
+        "sync_timeout": sync_timeout,
+        "syncfs_timeout": syncfs_timeout,
         "backoff_initial": backoff_initial,
         "backoff_max": backoff_max,
         "poweroff_after": poweroff_after,

@@ -45,6 +45,8 @@ class Helper:
         self.sleep_state = "mem"
         self.mem_sleep: str | None = None
         self.freeze_timeout = protocol.DEFAULT_FREEZE_TIMEOUT
+        self.sync_timeout = protocol.DEFAULT_SYNC_TIMEOUT
+        self.syncfs_timeout = protocol.DEFAULT_SYNCFS_TIMEOUT
         self.backoff_initial = protocol.DEFAULT_BACKOFF_INITIAL
         self.backoff_max = protocol.DEFAULT_BACKOFF_MAX
         self.poweroff_after = protocol.DEFAULT_POWEROFF_AFTER
@@ -131,6 +133,9 @@ class Helper:
         self.mem_sleep = msg["mem_sleep"] or None
         self.record.sleep_state = self.sleep_state
         self.freeze_timeout = float(msg["freeze_timeout"])
+        # Absent from an older daemon's arm message: the defaults.
+        self.sync_timeout = float(msg.get("sync_timeout", protocol.DEFAULT_SYNC_TIMEOUT))
+        self.syncfs_timeout = float(msg.get("syncfs_timeout", protocol.DEFAULT_SYNCFS_TIMEOUT))
         self.backoff_initial = float(msg["backoff_initial"])
         self.backoff_max = float(msg["backoff_max"])
         self.poweroff_after = int(msg["poweroff_after"])

@@ -122,8 +122,11 @@ class SystemOps:
                     os.unlink(path)
         return errors
 
-    def sync(self) -> list[str]:
-        return power.sync_all()
+    def sync(self) -> None:
+        power.sync(self.h.sync_timeout)
+
+    def syncfs(self) -> list[str]:
+        return power.syncfs_block_mounts(self.h.syncfs_timeout)
 
     def get_sync_on_suspend(self) -> str | None:
         value = power.get_sync_on_suspend()

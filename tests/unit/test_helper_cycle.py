@@ -4,6 +4,7 @@ import pytest
 
 from cryptlockd.helper.cycle import (
     MAX_LOOP_PROBLEMS,
+    DeadlinePassed,
     DevicePlan,
     SleepFailed,
     run_cycle,
@@ -22,6 +23,8 @@ class FakeOps:
         *,
         sleep_fails: bool = False,
         freeze_fails: bool = False,
+        sync_hangs: bool = False,
+        syncfs_hangs: bool = False,
         suspend_fails: str = "",
         keyfile_fails: bool = False,
     ) -> None:
@@ -29,6 +32,9 @@ class FakeOps:
         self.typed = list(typed)
         self.sleep_fails = sleep_fails
         self.freeze_fails = freeze_fails
+        self.sync_hangs = sync_hangs
+        self.syncfs_hangs = syncfs_hangs
+        self.syncfs_errors: list[str] = []
         self.suspend_fails = suspend_fails
         self.keyfile_fails = keyfile_fails
         self.sync_on_suspend = "1"
@@ -44,9 +50,16 @@ class FakeOps:
         self.calls.append("thaw:" + ",".join(reversed(frozen)))
         return []
 
-    def sync(self) -> list[str]:
+    def sync(self) -> None:
         self.calls.append("sync")
-        return []
+        if self.sync_hangs:
+            raise DeadlinePassed("sync() did not finish within 60 s")
+
+    def syncfs(self) -> list[str]:
+        self.calls.append("syncfs")
+        if self.syncfs_hangs:
+            raise DeadlinePassed("syncfs(/mnt/loop-on-fuse) did not finish within 20 s")
+        return self.syncfs_errors
 
     def get_sync_on_suspend(self) -> str | None:
         return self.sync_on_suspend
@@ -125,8 +138,9 @@ def test_full_cycle_order() -> None:
     ops = FakeOps([GOOD])
     rec = cycle(ops)
     assert ops.calls == [
-        "freeze",
         "sync",
+        "freeze",
+        "syncfs",
         "sync_on_suspend=0",
         "suspend:nested",
         "suspend:root",
@@ -143,7 +157,14 @@ def test_full_cycle_order() -> None:
     ]
     assert rec.success and rec.slept and rec.reason == ""
     d = rec.as_dict()
-    assert list(d["timeline_ms"])[:3] == ["freeze_start", "frozen", "synced"]
+    assert list(d["timeline_ms"])[:6] == [
+        "sync_start",
+        "synced",
+        "freeze_start",
+        "frozen",
+        "filesystems_synced",
+        "sync_on_suspend_off",
+    ]
     assert d["resumed"] == ["root", "nested", "data"]
 
 
@@ -198,11 +219,66 @@ def test_headers_are_read_again_before_any_resume_and_a_failure_is_a_problem() -
     assert t["woke"] <= t["headers_reloaded"] <= t["prompt"]
 
 
+# -- SPEC 2.8: nothing before the sleep without a deadline; past one, the cycle is abandoned --
+
+
+def assert_abandoned(ops: FakeOps, rec: CycleRecord, why: str) -> None:
+    """Nothing suspended, sync_on_suspend untouched, no sleep, no prompt, the cgroups thawed
+    last, and the record says why."""
+    assert not [
+        c for c in ops.calls if c.startswith(("suspend:", "sync_on_suspend", "sleep", "prompt"))
+    ], ops.calls
+    assert ops.calls[-1].startswith("thaw:")
+    assert ops.sync_on_suspend == "1"
+    assert not rec.slept and not rec.success and not rec.suspended
+    assert rec.reason == f"abandoned before the sleep, staying awake: {why}"
+    d = rec.as_dict()
+    assert d["result"] == "failed" and "abandoned" in d["timeline_ms"]
+    assert "sleep" not in d["timeline_ms"]
+
+
+def test_a_sync_past_its_deadline_abandons_the_cycle_before_the_freeze() -> None:
+    # An NFS hard mount whose server has gone: sync() never returns.
+    ops = FakeOps([], sync_hangs=True)
+    rec = cycle(ops)
+    assert ops.calls == ["sync", "thaw:"]  # nothing frozen, nothing to thaw
+    assert_abandoned(ops, rec, "sync() did not finish within 60 s")
+    assert "synced" not in rec.timeline
+
+
+def test_a_syncfs_past_its_deadline_abandons_the_cycle_and_thaws() -> None:
+    ops = FakeOps([], syncfs_hangs=True)
+    rec = cycle(ops)
+    assert ops.calls == ["sync", "freeze", "syncfs", "thaw:/user.slice,/system.slice"]
+    assert_abandoned(ops, rec, "syncfs(/mnt/loop-on-fuse) did not finish within 20 s")
+
+
 def test_freeze_timeout_touches_no_device_and_thaws() -> None:
     ops = FakeOps([], freeze_fails=True)
     rec = cycle(ops)
-    assert ops.calls == ["freeze", "thaw:/user.slice,/system.slice"]
-    assert not rec.success and "not frozen" in rec.reason
+    # Everything it asked to freeze is thawed, frozen or not yet.
+    assert ops.calls == ["sync", "freeze", "thaw:/user.slice,/system.slice"]
+    assert_abandoned(ops, rec, "not frozen after 10 s: /user.slice")
+
+
+def test_syncfs_errors_are_problems_and_the_cycle_goes_on() -> None:
+    ops = FakeOps([GOOD])
+    ops.syncfs_errors = ["/boot: syncfs: Input/output error"]
+    rec = cycle(ops)
+    assert rec.success and "syncfs: /boot: syncfs: Input/output error" in rec.problems
+
+
+def test_an_unexpected_error_from_the_sleep_write_still_prompts() -> None:
+    ops = FakeOps([GOOD])
+
+    def enter_sleep() -> None:
+        ops.calls.append("sleep")
+        raise RuntimeError("odd")
+
+    ops.enter_sleep = enter_sleep  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert "prompt:root,nested" in ops.calls and ops.calls[-1].startswith("thaw")
+    assert rec.reason == "odd" and not rec.slept and rec.resumed == ["root", "nested", "data"]
 
 
 def test_keyfile_failure_falls_back_to_prompt() -> None:

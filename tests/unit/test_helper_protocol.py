@@ -39,6 +39,27 @@ def test_roundtrip_and_line_framing() -> None:
     assert out == [msg, {"op": "disarm"}]
 
 
+def test_the_sync_deadlines_travel_in_the_arm_message_and_an_older_one_decodes() -> None:
+    msg = protocol.arm_message(
+        [],
+        sleep_state="mem",
+        mem_sleep=None,
+        vt=0,
+        freeze_timeout=10.0,
+        sync_timeout=5.0,
+        syncfs_timeout=7.0,
+        backoff_initial=1.0,
+        backoff_max=30.0,
+        poweroff_after=0,
+        keyslots={},
+    )
+    assert (msg["sync_timeout"], msg["syncfs_timeout"]) == (5.0, 7.0)
+    # An older daemon's arm message has neither: the helper takes the defaults.
+    line = protocol.encode(msg).replace(b',"sync_timeout":5.0,"syncfs_timeout":7.0', b"")
+    assert b"sync_timeout" not in line
+    assert protocol.decode(line)["op"] == protocol.OP_ARM
+
+
 @pytest.mark.parametrize("line", [b"not json", b"[1,2]", b'{"op": 3}', b"{}", b"\xff\xfe"])
 def test_decode_rejects(line: bytes) -> None:
     with pytest.raises(protocol.ProtocolError):

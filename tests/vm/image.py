@@ -67,8 +67,11 @@ PACKAGES = [
 # trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd. The
 # python3-* are the Debian package's dependencies (tests/vm/test_package.py installs it with
 # apt-get in a guest without network); bookworm's pydantic (1.10) is too old for it.
+# test_sync_deadline.py (bookworm only: trixie's suite is the longer one) needs a user's FUSE
+# file system in writeback-cache mode and an NFS hard mount to the guest's own kernel nfsd;
+# their services stay off at boot (guest_files/customize).
 SUITE_PACKAGES = {
-    "bookworm": [],
+    "bookworm": ["fuse3", "python3-pyfuse3", "nfs-kernel-server"],
     "trixie": [
         "systemd-cryptsetup",
         "python3-dbus-fast",
