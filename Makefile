@@ -24,12 +24,15 @@ MANDIR ?= $(PREFIX)/share/man
 BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 SYSCONFDIR ?= /etc
+# cryptlockd-notify: a user unit, and the XDG autostart file for sessions without systemd.
+USERUNITDIR ?= $(PREFIX)/lib/systemd/user
+XDG_AUTOSTARTDIR ?= $(SYSCONFDIR)/xdg/autostart
 
 # System packages the test suite and the demo need on a Debian 12 host.
 HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
 	dbus python3-dbusmock python3-gi systemd umockdev gir1.2-umockdev-1.0 \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio libcryptsetup12 \
-	mandoc zsh bash-completion
+	mandoc zsh bash-completion xvfb dunst
 
 VENV = .venv
 VPY = $(VENV)/bin/python
@@ -118,7 +121,7 @@ install:
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$prog; \
 	done
 	install -d $(DESTDIR)$(UNITDIR)
-	for f in $$(cd units && find . -type f -name '*.service' -o -type f -name '*.conf'); do \
+	for f in $$(cd units && find . -path ./user -prune -o -type f \( -name '*.service' -o -name '*.conf' \) -print); do \
 		install -d $(DESTDIR)$(UNITDIR)/$$(dirname $$f); \
 		$(SUBST) units/$$f > $(DESTDIR)$(UNITDIR)/$$f; \
 	done
@@ -130,6 +133,18 @@ install:
 		[ -e "$$m" ] || continue; \
 		install -Dm644 $$m $(DESTDIR)$(MANDIR)/man$${m##*.}/$$(basename $$m); \
 	done
+	printf '#!/bin/sh\nexec %s/bin/python -I -m cryptlockd.desktop "$$@"\n' '$(VENVDIR)' \
+		> $(DESTDIR)$(BINDIR)/cryptlockd-notify
+	chmod 0755 $(DESTDIR)$(BINDIR)/cryptlockd-notify
+	$(SUBST) units/user/cryptlockd-notify.service | \
+		install -Dm644 /dev/stdin $(DESTDIR)$(USERUNITDIR)/cryptlockd-notify.service
+# What `systemctl --global enable cryptlockd-notify.service` does: every graphical
+# session that reaches graphical-session.target starts the agent.
+	install -d $(DESTDIR)$(SYSCONFDIR)/systemd/user/graphical-session.target.wants
+	ln -sf $(USERUNITDIR)/cryptlockd-notify.service \
+		$(DESTDIR)$(SYSCONFDIR)/systemd/user/graphical-session.target.wants/cryptlockd-notify.service
+	$(SUBST) packaging/desktop/cryptlockd-notify.desktop | \
+		install -Dm644 /dev/stdin $(DESTDIR)$(XDG_AUTOSTARTDIR)/cryptlockd-notify.desktop
 	install -Dm644 packaging/completions/cryptlockctl.bash $(DESTDIR)$(BASHCOMPDIR)/cryptlockctl
 	install -Dm644 packaging/completions/_cryptlockctl $(DESTDIR)$(ZSHCOMPDIR)/_cryptlockctl
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf.d
