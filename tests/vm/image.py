@@ -65,7 +65,9 @@ PACKAGES = [
     "mawk",
 ]
 # trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd.
-SUITE_PACKAGES = {"bookworm": [], "trixie": ["systemd-cryptsetup"]}
+# bookworm has weston for the graphical session of tests/vm/test_desktop.py (it runs on one
+# release only, and trixie's suite is the longer one); nothing of it starts at boot.
+SUITE_PACKAGES = {"bookworm": ["weston"], "trixie": ["systemd-cryptsetup"]}
 ROOT_DISK_SIZE = 2 * 1024**3
 DATA_DISK_SIZE = 256 * 1024**2
 OUTPUT_DISK_SIZE = 256 * 1024**2
