@@ -46,9 +46,20 @@ RUN = "/run/desk"
 SESSION = f"""#!/bin/sh
 cd {RUN} && mkfifo go && echo ready > ready || exit 1
 read -r x < go
-exec weston --backend=drm-backend.so --use-pixman --idle-time=0 --log={RUN}/weston.log
+exec weston --config={RUN}/weston.ini --backend=drm-backend.so --use-pixman \\
+    --log={RUN}/weston.log
 """
-BLACK = (0, 0, 0)
+# A background of our own colour: a screendump that shows it shows weston. No screen lock
+# (idle-time), and no exit for want of an input device (the PS/2 keyboard and mouse are
+# there, but weston's output is what is under test).
+BACKGROUND = (0x33, 0x66, 0x99)
+WESTON_INI = """[core]
+idle-time=0
+require-input=false
+[shell]
+background-color=0xff336699
+locking=false
+"""
 
 
 def screen_colours(path: Path) -> Counter[tuple[int, int, int]]:
@@ -78,10 +89,9 @@ async def screen(g: Guest, name: str) -> Counter[tuple[int, int, int]]:
 
 
 def shows_compositor(colours: Counter[tuple[int, int, int]]) -> bool:
-    """weston's desktop: not one flat colour, and mostly its background, not the black of
-    a text console."""
+    """weston's desktop: mostly its background, with something on it (the panel)."""
     [(dominant, _)] = colours.most_common(1)
-    return len(colours) > 2 and dominant != BLACK
+    return len(colours) > 2 and dominant == BACKGROUND
 
 
 async def weston_pid(g: Guest) -> int:
@@ -96,6 +106,7 @@ async def active_vt(g: Guest) -> str:
 async def start_weston(g: Guest) -> int:
     await g.run(f"useradd -m {USER} && install -d -o {USER} -m 0755 {RUN}")
     await g.write_file(f"{RUN}/session.sh", SESSION.encode(), 0o644)
+    await g.write_file(f"{RUN}/weston.ini", WESTON_INI.encode(), 0o644)
     await g.run(
         f"systemd-run --unit=desk-session -p PAMName=login -p TTYPath=/dev/tty{VT} "
         f"-p StandardInput=tty -p StandardOutput=journal -p StandardError=journal "
@@ -111,7 +122,11 @@ async def start_weston(g: Guest) -> int:
     )
     await g.run(f"echo go > {RUN}/go")
     uid = (await g.run(f"id -u {USER}")).stdout.strip()
-    await g.wait_for_command(f"test -S /run/user/{uid}/wayland-0", 120, "weston's socket")
+    try:
+        await g.wait_for_command(f"test -S /run/user/{uid}/wayland-0", 120, "weston's socket")
+    finally:
+        # Shown with a failure: why weston did not come up.
+        print((await g.run(f"cat {RUN}/weston.log", check=False)).stdout[-4000:])
     return await weston_pid(g)
 
 
@@ -120,7 +135,7 @@ async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> 
     await armed_ready(g)
     pid = await start_weston(g)
     assert await active_vt(g) == f"tty{VT}"
-    before = await g.until(lambda: _showing(g, "before"), 120, "weston's desktop on the screen")
+    await g.until(lambda: _showing(g, "before"), 120, "weston's desktop on the screen")
 
     since = await boottime(g)
     notices = g.console_count(PROMPT_NOTICE)
@@ -145,8 +160,7 @@ async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> 
         ok=lambda o: o.strip() == f"tty{VT}",
     )
     assert await weston_pid(g) == pid, "weston was restarted"
-    after = await g.until(lambda: _showing(g, "after"), 120, "weston's desktop back on screen")
-    assert after.most_common(1)[0][0] == before.most_common(1)[0][0]
+    await g.until(lambda: _showing(g, "after"), 120, "weston's desktop back on screen")
     log = (await g.run(f"cat {RUN}/weston.log")).stdout
     assert "fatal" not in log.lower(), log[-3000:]
 
