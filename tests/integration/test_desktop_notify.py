@@ -7,6 +7,7 @@ notification server (issue 15, acceptance 2 and 3)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from cryptlockd.defs import (
 from cryptlockd.desktop.messages import NEXT_SLEEP_SUMMARY, WIPED_SUMMARY
 from tests.fakesys import FakeSystem
 from tests.integration.conftest import (
+    REPO,
+    VENV_PYTHON,
     Daemon,
     DaemonFactory,
     LoggedProcess,
@@ -31,8 +34,6 @@ from tests.integration.conftest import (
 )
 from tests.integration.desktop_session import Desktop, Shown, needs_desktop
 from tests.wait import GiveUp, wait_until
-
-pytestmark = needs_desktop
 
 FAILED_SUMMARY = "This sleep was NOT protected: freezing the cgroups timed out"
 
@@ -127,6 +128,7 @@ def forge_cycle_finished(system_bus: SystemBus, agent_pid: int) -> None:
     conn.flush()
 
 
+@needs_desktop
 def test_notifications_from_a_real_server(
     system_bus: SystemBus,
     logind: LogindMock,
@@ -178,6 +180,7 @@ def test_notifications_from_a_real_server(
     assert agent.alive()
 
 
+@needs_desktop
 def test_waits_for_a_notification_server(
     system_bus: SystemBus,
     logind: LogindMock,
@@ -199,6 +202,7 @@ def test_waits_for_a_notification_server(
     assert agent.alive()
 
 
+@needs_desktop
 def test_one_agent_per_session(
     system_bus: SystemBus, logind: LogindMock, start_daemon: DaemonFactory, desktop: Desktop
 ) -> None:
@@ -211,3 +215,18 @@ def test_one_agent_per_session(
     assert second.proc.returncode == 0, second.log()
     assert "another cryptlockd-notify runs in this session" in second.log()
     assert first.alive()
+
+
+def test_no_session_bus_is_one_line_and_exit_1(system_bus: SystemBus, tmp_path: Path) -> None:
+    env = system_bus.env({"DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path / 'none'}"})
+    proc = subprocess.run(
+        [str(VENV_PYTHON), "-m", "cryptlockd.desktop"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("cryptlockd-notify: cannot connect to the session bus: ")
+    assert proc.stderr.count("\n") == 1, proc.stderr
