@@ -121,13 +121,13 @@ async def start_weston(g: Guest) -> int:
         ok=lambda o: o.strip() == "State=active",
     )
     await g.run(f"echo go > {RUN}/go")
-    uid = (await g.run(f"id -u {USER}")).stdout.strip()
+    pid = await weston_pid(g)
     try:
-        await g.wait_for_command(f"test -S /run/user/{uid}/wayland-0", 120, "weston's socket")
+        await g.until(lambda: _showing(g, "before"), 180, "weston's desktop on the screen")
     finally:
         # Shown with a failure: why weston did not come up.
         print((await g.run(f"cat {RUN}/weston.log", check=False)).stdout[-4000:])
-    return await weston_pid(g)
+    return pid
 
 
 async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> None:
@@ -135,7 +135,6 @@ async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> 
     await armed_ready(g)
     pid = await start_weston(g)
     assert await active_vt(g) == f"tty{VT}"
-    await g.until(lambda: _showing(g, "before"), 120, "weston's desktop on the screen")
 
     since = await boottime(g)
     notices = g.console_count(PROMPT_NOTICE)
@@ -165,6 +164,8 @@ async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> 
     assert "fatal" not in log.lower(), log[-3000:]
 
 
-async def _showing(g: Guest, name: str) -> Counter[tuple[int, int, int]] | None:
+async def _showing(g: Guest, name: str) -> Counter[tuple[int, int, int]]:
     colours = await screen(g, name)
-    return colours if shows_compositor(colours) else None
+    # A "not yet" whose text the deadline's error shows.
+    assert shows_compositor(colours), f"{name}: most common colours {colours.most_common(3)}"
+    return colours
