@@ -24,12 +24,15 @@ MANDIR ?= $(PREFIX)/share/man
 BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 SYSCONFDIR ?= /etc
+# cryptlockd-notify: a user unit, and the XDG autostart file for sessions without systemd.
+USERUNITDIR ?= $(PREFIX)/lib/systemd/user
+XDG_AUTOSTARTDIR ?= $(SYSCONFDIR)/xdg/autostart
 
 # System packages the test suite and the demo need on a Debian 12 host.
 HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
 	dbus python3-dbusmock python3-gi systemd umockdev gir1.2-umockdev-1.0 \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio libcryptsetup12 \
-	mandoc zsh bash-completion $(DEB_DEBS) rpmlint
+	mandoc zsh bash-completion xvfb dunst $(DEB_DEBS) rpmlint
 
 # What `make deb` needs to build and check the Debian package on a Debian 12 host.
 # (dpkg-buildpackage insists on build-essential, even for an arch-all package.)
@@ -134,7 +137,7 @@ install-files:
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$prog; \
 	done
 	install -d $(DESTDIR)$(UNITDIR)
-	for f in $$(cd units && find . -type f -name '*.service' -o -type f -name '*.conf'); do \
+	for f in $$(cd units && find . -path ./user -prune -o -type f \( -name '*.service' -o -name '*.conf' \) -print); do \
 		install -d $(DESTDIR)$(UNITDIR)/$$(dirname $$f); \
 		$(SUBST) units/$$f > $(DESTDIR)$(UNITDIR)/$$f; \
 	done
@@ -146,6 +149,18 @@ install-files:
 		[ -e "$$m" ] || continue; \
 		install -Dm644 $$m $(DESTDIR)$(MANDIR)/man$${m##*.}/$$(basename $$m); \
 	done
+	printf '#!/bin/sh\nexec %s -I -m cryptlockd.desktop "$$@"\n' '$(RUN_PYTHON)' \
+		> $(DESTDIR)$(BINDIR)/cryptlockd-notify
+	chmod 0755 $(DESTDIR)$(BINDIR)/cryptlockd-notify
+	$(SUBST) units/user/cryptlockd-notify.service | \
+		install -Dm644 /dev/stdin $(DESTDIR)$(USERUNITDIR)/cryptlockd-notify.service
+# What `systemctl --global enable cryptlockd-notify.service` does: every graphical
+# session that reaches graphical-session.target starts the agent.
+	install -d $(DESTDIR)$(SYSCONFDIR)/systemd/user/graphical-session.target.wants
+	ln -sf $(USERUNITDIR)/cryptlockd-notify.service \
+		$(DESTDIR)$(SYSCONFDIR)/systemd/user/graphical-session.target.wants/cryptlockd-notify.service
+	$(SUBST) packaging/desktop/cryptlockd-notify.desktop | \
+		install -Dm644 /dev/stdin $(DESTDIR)$(XDG_AUTOSTARTDIR)/cryptlockd-notify.desktop
 	install -Dm644 packaging/completions/cryptlockctl.bash $(DESTDIR)$(BASHCOMPDIR)/cryptlockctl
 	install -Dm644 packaging/completions/_cryptlockctl $(DESTDIR)$(ZSHCOMPDIR)/_cryptlockctl
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/cryptlockd/cryptlockd.conf.d

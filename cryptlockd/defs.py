@@ -40,6 +40,14 @@ POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 
+# The desktop notification server, on the session bus (cryptlockd-notify).
+NOTIFICATIONS_BUS_NAME = "org.freedesktop.Notifications"
+NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
+NOTIFICATIONS_INTERFACE = "org.freedesktop.Notifications"
+# cryptlockd-notify holds this name on the session bus: one agent per session, however it
+# was started (user unit or XDG autostart).
+NOTIFY_AGENT_BUS_NAME = "org.cryptlockd1.Notify"
+
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"

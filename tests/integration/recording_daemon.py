@@ -2,11 +2,14 @@
 <daemon arguments>`. The host has no device-mapper and no systemd to run the helper under, so
 the integration tests start the daemon this way and check what it does around the helper.
 The unit tests use RecordingArmer too. RECORDING_ARMER_READY_FILE: the armer is ready once
-that file exists; RECORDING_ARMER_PROTECTS=1: its helper line says yes."""
+that file exists; RECORDING_ARMER_PROTECTS=1: its helper line says yes;
+RECORDING_ARMER_CYCLE_FILE: when that file exists at an arming, its JSON
+{"success": bool, "record": {...}} is reported as the cycle."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,12 +27,17 @@ class RecordingArmer:
     """Arms nothing and remembers the calls; its "helper" check fails, so the daemon is
     never Protected with it."""
 
-    def __init__(self, ready_file: str | None = None, protects: bool = False) -> None:
+    def __init__(
+        self, ready_file: str | None = None, protects: bool = False, cycle_file: str | None = None
+    ) -> None:
         # When set, ready() waits until this file exists (a slow first build, say).
         self.ready_file = ready_file
         # Pretends its helper could wipe the keys, so that the daemon can be Protected
         # (RECORDING_ARMER_PROTECTS=1: Suspend() then gets as far as logind).
         self.protects = protects
+        # When set and the file exists, arm() reports its cycle as the helper would, before
+        # PrepareForSleep(false): the daemon then emits CycleFinished.
+        self.cycle_file = cycle_file
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
         self.configured: list[Config] = []
@@ -54,6 +62,10 @@ class RecordingArmer:
 
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         self.armed_with.append(tuple(d.name for d in devices))
+        if self.cycle_file is not None and Path(self.cycle_file).exists():
+            cycle = json.loads(Path(self.cycle_file).read_text())
+            loop = asyncio.get_running_loop()
+            loop.call_soon(on_finished, bool(cycle["success"]), dict(cycle["record"]))
 
     async def disarm(self) -> None:
         self.disarmed += 1
@@ -63,5 +75,6 @@ if __name__ == "__main__":
     armer = RecordingArmer(
         ready_file=os.environ.get("RECORDING_ARMER_READY_FILE"),
         protects=os.environ.get("RECORDING_ARMER_PROTECTS") == "1",
+        cycle_file=os.environ.get("RECORDING_ARMER_CYCLE_FILE"),
     )
     sys.exit(main(sys.argv[1:], armer=armer))

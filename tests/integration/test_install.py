@@ -196,3 +196,50 @@ def test_unit_file_verifies(destdir: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_notify_agent_installed(destdir: Path) -> None:
+    """cryptlockd-notify: its wrapper, the user unit enabled for graphical sessions, the
+    XDG autostart file that systemd's generator skips, and its man page."""
+    root = destdir / PREFIX.lstrip("/")
+    wrapper = root / "bin/cryptlockd-notify"
+    assert os.access(wrapper, os.X_OK)
+    assert f'exec {VENV}/bin/python -I -m cryptlockd.desktop "$@"' in wrapper.read_text()
+    unit = (root / "lib/systemd/user/cryptlockd-notify.service").read_text()
+    assert f"ExecStart={PREFIX}/bin/cryptlockd-notify\n" in unit
+    assert "WantedBy=graphical-session.target" in unit
+    assert "PartOf=graphical-session.target" in unit
+    assert not (root / "lib/systemd/system/user").exists()
+    wants = destdir / "etc/systemd/user/graphical-session.target.wants/cryptlockd-notify.service"
+    assert os.readlink(wants) == f"{PREFIX}/lib/systemd/user/cryptlockd-notify.service"
+    autostart = (destdir / "etc/xdg/autostart/cryptlockd-notify.desktop").read_text()
+    assert f"Exec={PREFIX}/bin/cryptlockd-notify\n" in autostart
+    assert "X-systemd-skip=true" in autostart
+    assert (root / "share/man/man1/cryptlockd-notify.1").is_file()
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None or shutil.which("desktop-file-validate") is None,
+    reason="systemd-analyze or desktop-file-validate missing",
+)
+def test_notify_agent_files_verify(destdir: Path, tmp_path: Path) -> None:
+    root = destdir / PREFIX.lstrip("/")
+    unit = (root / "lib/systemd/user/cryptlockd-notify.service").read_text()
+    unit = unit.replace(f"ExecStart={PREFIX}/", f"ExecStart={root}/")
+    (tmp_path / "cryptlockd-notify.service").write_text(unit)
+    # `verify --user` sets up a user manager, which wants a runtime directory.
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    for argv in (
+        [
+            "systemd-analyze",
+            "verify",
+            "--user",
+            "--man=no",
+            str(tmp_path / "cryptlockd-notify.service"),
+        ],
+        ["desktop-file-validate", str(destdir / "etc/xdg/autostart/cryptlockd-notify.desktop")],
+    ):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0 and not proc.stdout.strip(), (argv, proc.stdout, proc.stderr)

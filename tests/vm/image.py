@@ -69,9 +69,10 @@ PACKAGES = [
 # apt-get in a guest without network); bookworm's pydantic (1.10) is too old for it.
 # test_sync_deadline.py (bookworm only: trixie's suite is the longer one) needs a user's FUSE
 # file system in writeback-cache mode and an NFS hard mount to the guest's own kernel nfsd;
-# their services stay off at boot (guest_files/customize).
+# their services stay off at boot (guest_files/customize). bookworm has weston for the
+# graphical session of tests/vm/test_desktop.py; nothing of it starts at boot.
 SUITE_PACKAGES = {
-    "bookworm": ["fuse3", "python3-pyfuse3", "nfs-kernel-server"],
+    "bookworm": ["fuse3", "python3-pyfuse3", "nfs-kernel-server", "weston"],
     "trixie": [
         "systemd-cryptsetup",
         "python3-dbus-fast",

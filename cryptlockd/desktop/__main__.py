@@ -1,0 +1,5 @@
+import sys
+
+from cryptlockd.desktop.main import main
+
+sys.exit(main())
