@@ -277,6 +277,7 @@ FEDORA_MACROS = {
     "_sysconfdir": "/etc",
     "_libexecdir": "/usr/libexec",
     "_unitdir": "/usr/lib/systemd/system",
+    "_userunitdir": "/usr/lib/systemd/user",
     "python3": "/usr/bin/python3",
     "make_build": "make",
 }
