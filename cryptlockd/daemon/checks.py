@@ -131,15 +131,39 @@ def find_sleep_dropin(root: Path) -> Path | None:
     return Path(found) if found else None
 
 
-def check_sleep_dropin(root: Path) -> CheckResult:
+# How our sleep entry shows in systemd-suspend.service's ExecStart= (the drop-in's line).
+SLEEP_ENTRY_MODULE = "cryptlockd.sleep_entry"
+
+
+def check_sleep_dropin(
+    root: Path, exec_start: Sequence[Sequence[str]] | None = None
+) -> CheckResult:
+    """`exec_start`: the argv of each command of systemd-suspend.service's effective
+    ExecStart= (systemd's D-Bus property), or None when systemd cannot be asked (then the
+    file alone is judged). A drop-in that sorts after ours and resets ExecStart=, or a
+    missing daemon-reload, leaves the file in place and the sleep without us."""
     found = find_sleep_dropin(root)
-    if found:
-        return CheckResult("sleep-drop-in", True, f"{found} installed")
+    if not found:
+        return CheckResult(
+            "sleep-drop-in",
+            False,
+            f"{SLEEP_DROPIN} is not installed in the unit search path: "
+            "systemd-suspend.service would sleep without us",
+        )
+    if exec_start is None:
+        return CheckResult(
+            "sleep-drop-in", True, f"{found} installed (systemd not asked for the effective one)"
+        )
+    ours = [argv for argv in exec_start if SLEEP_ENTRY_MODULE in argv]
+    if ours and len(ours) == len(exec_start):
+        return CheckResult("sleep-drop-in", True, f"{found} installed and in effect")
+    shown = "; ".join(" ".join(argv) for argv in exec_start) or "nothing"
     return CheckResult(
         "sleep-drop-in",
         False,
-        f"{SLEEP_DROPIN} is not installed in the unit search path: "
-        "systemd-suspend.service would sleep without us",
+        f"{found} is installed, but systemd-suspend.service runs {shown} "
+        "(another drop-in resets ExecStart=, or systemd was not reloaded): "
+        "the sleep would not be handed to the helper",
     )
 
 
@@ -338,8 +362,19 @@ def crypto_facts(crypttab: Path, proc_keys: Path = Path("/proc/keys")) -> Crypto
 
 
 def check_last_cycle(record: Mapping[str, Any]) -> list[CheckResult]:
-    """A sleep whose wipe was not proven is a failed protection (SPEC 4): it stays in
-    Problems until the next cycle. No line before the first cycle."""
+    """A sleep whose wipe was not proven is a failed protection (SPEC 4), and a sleep the
+    helper did not run at all was not protected (SPEC 2.8): either stays in Problems until
+    the next cycle. No line before the first cycle."""
+    if record.get("result") == "unprotected":
+        # Until the next protected sleep replaces the record.
+        return [
+            CheckResult(
+                "last-cycle",
+                False,
+                f"the last sleep was NOT protected: {record.get('reason') or 'unknown reason'}",
+                blocking=False,
+            )
+        ]
     verification = record.get("verification")
     if not isinstance(verification, Mapping) or not verification:
         return []

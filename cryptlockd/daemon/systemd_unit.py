@@ -26,6 +26,7 @@ from cryptlockd.defs import (
     SYSTEMD_ERROR_NO_SUCH_UNIT,
     SYSTEMD_MANAGER_INTERFACE,
     SYSTEMD_PATH,
+    SYSTEMD_SERVICE_INTERFACE,
     SYSTEMD_UNIT_INTERFACE,
 )
 from cryptlockd.errors import RemoteError
@@ -72,6 +73,19 @@ class SystemdUnit:
             self._bus, SYSTEMD_BUS_NAME, path, SYSTEMD_UNIT_INTERFACE, self._timeout
         )
         return str(await unit.get("ActiveState"))
+
+    async def exec_start(self) -> list[list[str]]:
+        """The argv of each command of the service's effective ExecStart=, drop-ins
+        applied, as systemd has loaded it (a(sasbttttuii): path, argv, ...)."""
+        reply = await self._systemd.call("LoadUnit", "s", [self.name])
+        service = RemoteInterface(
+            self._bus,
+            SYSTEMD_BUS_NAME,
+            str(reply.body[0]),
+            SYSTEMD_SERVICE_INTERFACE,
+            self._timeout,
+        )
+        return [[str(a) for a in command[1]] for command in await service.get("ExecStart")]
 
     async def wait_while(self, states: Collection[str], deadline: float) -> str:
         """Wait until the unit's ActiveState is none of `states`, or until `deadline`
