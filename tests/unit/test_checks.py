@@ -158,3 +158,25 @@ def test_last_cycle_line() -> None:
     assert "NOT protect data" in bad[0].detail and "left: 1" in bad[0].detail
     legacy = checks.check_last_cycle({"verification": {"root": {"dm_table_key": "present"}}})
     assert not legacy[0].ok
+
+
+def test_last_cycle_line_names_an_unprotected_sleep() -> None:
+    [line] = checks.check_last_cycle({"result": "unprotected", "reason": "protection disabled"})
+    assert not line.ok and not line.blocking
+    assert line.detail == "the last sleep was NOT protected: protection disabled"
+
+
+def test_sleep_dropin_must_be_in_effect(tmp_path: Path) -> None:
+    f = tmp_path / "etc/systemd/system" / checks.SLEEP_DROPIN
+    f.parent.mkdir(parents=True)
+    f.write_text("[Service]\n")
+    ours = ["/opt/venv/bin/python", "-I", "-m", "cryptlockd.sleep_entry"]
+    assert checks.check_sleep_dropin(tmp_path, [ours]).ok
+    assert "not asked" in checks.check_sleep_dropin(tmp_path, None).detail
+    # A later drop-in reset ExecStart= to the stock one: the file alone would lie.
+    stock = ["/usr/lib/systemd/systemd-sleep", "suspend"]
+    r = checks.check_sleep_dropin(tmp_path, [stock])
+    assert not r.ok and "runs /usr/lib/systemd/systemd-sleep suspend" in r.detail
+    # Added to instead of replaced: the stock sleep would run after ours, a second sleep.
+    assert not checks.check_sleep_dropin(tmp_path, [ours, stock]).ok
+    assert "runs nothing" in checks.check_sleep_dropin(tmp_path, []).detail

@@ -41,6 +41,9 @@ class FakeBus:
     def send(self, msg: Message) -> None:
         self.sent.append(msg)
 
+    async def call(self, msg: Message) -> Message | None:
+        return None  # no peers on this bus: every call fails (RemoteError)
+
     def signals(self, member: str) -> list[Message]:
         return [m for m in self.sent if m.member == member]
 
