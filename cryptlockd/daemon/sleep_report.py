@@ -10,7 +10,6 @@ without a cycle, logind gone, the deadline). Pure, but for take_stock_trace.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -100,10 +99,13 @@ def take_stock_trace(path: str) -> StockSleepTrace | None:
     except FileNotFoundError:
         return None
     except OSError as e:
+        # Cannot tell (an unreadable directory): no trace, and said so.
         log.error("cannot read %s: %s", path, e)
-        text = ""
-    with contextlib.suppress(FileNotFoundError):
+        return None
+    try:
         Path(path).unlink()
+    except OSError as e:
+        log.error("cannot remove %s: %s", path, e)
     try:
         data = json.loads(text)
         return {"reason": str(data["reason"]), "boottime": float(data["boottime"])}
