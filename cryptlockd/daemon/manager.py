@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.daemon import checks, sleep_report
+from cryptlockd.daemon import checks, key_risks, sleep_report
 from cryptlockd.daemon.armer import Armer, CycleRecord
 from cryptlockd.daemon.config import Config, load_config
 from cryptlockd.daemon.devices import LuksDevice, SystemPaths, apply_exclude, discover_devices
@@ -94,6 +94,7 @@ class Manager:
         # systemd-suspend.service's effective ExecStart= (None: systemd not asked).
         self._sleep_unit = SystemdUnit(bus, SLEEP_SERVICE)
         self.sleep_exec: list[list[str]] | None = None
+        self._watching_reloads = False
         self.check_results: list[checks.CheckResult] = []
         # Set when READY=1 went out before the armer was ready (the wait is bounded).
         self.not_ready: str | None = None
@@ -162,7 +163,7 @@ class Manager:
             *checks.check_ready(self.not_ready),
             # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
             # the last sleep's wipe was proven.
-            *checks.check_key_risks(checks.crypto_facts(self.paths.crypttab)),
+            *key_risks.check_key_risks(key_risks.crypto_facts(self.paths.crypttab)),
             *checks.check_last_cycle(self.last_cycle),
         ]
 
@@ -327,6 +328,13 @@ class Manager:
         except RemoteError as e:
             log.debug("cannot read the effective ExecStart= of %s: %s", SLEEP_SERVICE, e)
             exec_start = None
+        if exec_start is not None and not self._watching_reloads:
+            # A drop-in takes effect at systemd's next daemon-reload: read it again then.
+            self._watching_reloads = True
+            with contextlib.suppress(RemoteError):
+                await self._sleep_unit.on_reload(
+                    lambda: self.logind.serially(self.read_sleep_exec())
+                )
         with self.changing():
             self.sleep_exec = exec_start
 
