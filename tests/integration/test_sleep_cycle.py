@@ -62,7 +62,7 @@ async def state_is(client: MessageBus, state: str) -> bool:
 async def armed(logind: LogindMock, client: MessageBus) -> None:
     logind.prepare_for_sleep(True)
     await wait_until_async(lambda: state_is(client, "armed"), message="State armed")
-    assert not logind.our_inhibitors()
+    await wait_until_async(lambda: not logind.our_inhibitors(), message="lock released")
 
 
 async def reported_unprotected(
@@ -146,7 +146,7 @@ async def test_an_arm_failure_and_the_stock_fallback(
     logind.prepare_for_sleep(True)
     # The lock goes at once (the machine still sleeps, unprotected); no arming state stays.
     await wait_until_async(lambda: not logind.our_inhibitors(), message="lock released")
-    assert await state_is(client, "idle")
+    await wait_until_async(lambda: state_is(client, "idle"), message="nothing armed")
     # The sleep entry found nothing armed and ran the stock sleep: its trace.
     trace = daemon_root / protocol.STOCK_SLEEP_TRACE.lstrip("/")
     trace.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ async def test_a_second_sleep_request_during_a_sleep(
         lambda: "PrepareForSleep(true) before the last sleep ended" in daemon.log(),
         message="the second PrepareForSleep(true) handled",
     )
-    assert await state_is(client, "armed")
+    await wait_until_async(lambda: state_is(client, "armed"), message="armed again")
     logind.prepare_for_sleep(False)
     await reported_unprotected(client, seen, sleep_report.NO_CYCLE)
     await wait_until_async(logind.our_inhibitors, message="lock taken again")
