@@ -67,7 +67,7 @@ def unprotected_record(
     reasons.append(why)
     timeline["ended"] = ended
     cause, *problems = [r for r in reasons if r]
-    return {
+    record: dict[str, Any] = {
         "result": UNPROTECTED,
         "success": False,
         "reason": cause,
@@ -75,13 +75,15 @@ def unprotected_record(
         "devices": list(request.devices),
         "suspended": [],
         "resumed": [],
-        # A stock sleep did sleep; otherwise we cannot tell (hibernate did, a cancelled
-        # suspend did not).
-        "slept": "stock_sleep" in timeline,
         "started_boottime": request.started,
         "timeline_ms": {k: round((t - request.started) * 1000.0, 1) for k, t in timeline.items()},
         "verification": {},
     }
+    if "stock_sleep" in timeline:
+        # Otherwise we cannot tell (a hybrid-sleep did sleep, a cancelled suspend did not),
+        # and say nothing.
+        record["slept"] = True
+    return record
 
 
 def trace_record(trace: StockSleepTrace, devices: list[str]) -> dict[str, Any]:
