@@ -31,6 +31,9 @@ SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 SYSTEMD_UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
+SYSTEMD_SERVICE_INTERFACE = "org.freedesktop.systemd1.Service"
+# Where our drop-in puts the sleep entry (SPEC 2.3).
+SLEEP_SERVICE = "systemd-suspend.service"
 SYSTEMD_ERROR_NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 SYSTEMD_ERROR_ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
 # sd_booted(): systemd is PID 1 (and can run the helper's unit) when this directory exists.

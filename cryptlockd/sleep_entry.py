@@ -9,6 +9,7 @@ helper, runs them: `pre` before the helper freezes anything, `post` after it has
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -63,8 +64,26 @@ def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:
             log(WARNING, f"hook {hook} {phase} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
+def leave_trace(why: str, path: str = protocol.STOCK_SLEEP_TRACE) -> None:
+    """For the daemon, which cannot see this fallback otherwise: it reports the sleep as
+    unprotected, with `why`, in LastCycle and CycleFinished (also when it was not running
+    and finds the trace at its start). Written whole or not at all (rename)."""
+    trace: protocol.StockSleepTrace = {"reason": why, "boottime": boottime()}
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(trace, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        # The sleep goes ahead all the same; only the report is lost.
+        log(ERR, f"cannot leave the trace of this unprotected sleep in {path}: {e}")
+
+
 def stock_sleep(why: str) -> int:
     log(CRIT, f"this sleep is UNPROTECTED, the LUKS keys stay in RAM: {why}")
+    leave_trace(why)
     for path in STOCK_SLEEP:
         if os.access(path, os.X_OK):
             os.execv(path, [path, "suspend"])

@@ -48,8 +48,13 @@ class Armer(Protocol):
 
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
         """Return once the helper reports armed. Raise CryptlockdError when it cannot arm;
-        the sleep then goes ahead unprotected, and says so."""
+        the sleep then goes ahead unprotected, and says so. The manager bounds it and may
+        cancel it; it then calls disarm(), which must also stand down a helper that arms
+        after all (or, should that helper run the cycle, pass its record on)."""
 
-    async def disarm(self) -> None:
-        """PrepareForSleep(false) came without a cycle (hibernate and friends, or an
-        aborted sleep): stand the helper down."""
+    async def disarm(self) -> bool:
+        """The sleep is over without a record (PrepareForSleep(false) without a cycle,
+        logind gone, the deadline), or arming failed: stand the helper down, unless it is
+        running a cycle. Returns within a second or two: True once no helper of ours is
+        armed (a record that came meanwhile went to `on_finished` first); False when the
+        helper is busy with a cycle, whose record will still go to `on_finished`."""

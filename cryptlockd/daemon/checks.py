@@ -6,10 +6,6 @@ reach them with a fake tree. None of them changes anything.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,15 +127,39 @@ def find_sleep_dropin(root: Path) -> Path | None:
     return Path(found) if found else None
 
 
-def check_sleep_dropin(root: Path) -> CheckResult:
+# How our sleep entry shows in systemd-suspend.service's ExecStart= (the drop-in's line).
+SLEEP_ENTRY_MODULE = "cryptlockd.sleep_entry"
+
+
+def check_sleep_dropin(
+    root: Path, exec_start: Sequence[Sequence[str]] | None = None
+) -> CheckResult:
+    """`exec_start`: the argv of each command of systemd-suspend.service's effective
+    ExecStart= (systemd's D-Bus property), or None when systemd cannot be asked (then the
+    file alone is judged). A drop-in that sorts after ours and resets ExecStart=, or a
+    missing daemon-reload, leaves the file in place and the sleep without us."""
     found = find_sleep_dropin(root)
-    if found:
-        return CheckResult("sleep-drop-in", True, f"{found} installed")
+    if not found:
+        return CheckResult(
+            "sleep-drop-in",
+            False,
+            f"{SLEEP_DROPIN} is not installed in the unit search path: "
+            "systemd-suspend.service would sleep without us",
+        )
+    if exec_start is None:
+        return CheckResult(
+            "sleep-drop-in", True, f"{found} installed (systemd not asked for the effective one)"
+        )
+    ours = [argv for argv in exec_start if SLEEP_ENTRY_MODULE in argv]
+    if ours and len(ours) == len(exec_start):
+        return CheckResult("sleep-drop-in", True, f"{found} installed and in effect")
+    shown = "; ".join(" ".join(argv) for argv in exec_start) or "nothing"
     return CheckResult(
         "sleep-drop-in",
         False,
-        f"{SLEEP_DROPIN} is not installed in the unit search path: "
-        "systemd-suspend.service would sleep without us",
+        f"{found} is installed, but systemd-suspend.service runs {shown} "
+        "(another drop-in resets ExecStart=, or systemd was not reloaded): "
+        "the sleep would not be handed to the helper",
     )
 
 
@@ -201,145 +221,20 @@ def check_ready(not_ready: str | None) -> list[CheckResult]:
     return [CheckResult("ready", False, not_ready, blocking=False)]
 
 
-@dataclass(frozen=True)
-class CryptoFacts:
-    """What the key-wipe risks depend on: the running kernel and libcryptsetup."""
-
-    kernel_release: str
-    kernel_keyrings: bool  # /proc/keys exists (CONFIG_KEYS)
-    libcryptsetup: str | None  # None: cannot be loaded
-    # Symbols, since 2.6.1 has no crypt_get_version: crypt_set_keyring_to_link came in
-    # 2.7 (--link-vk-to-keyring, crypttab link-volume-key=).
-    keyring_to_link: bool = False
-    # Devices whose crypttab line has link-volume-key=.
-    linked_in_crypttab: tuple[str, ...] = ()
-
-
-KEYRING_RISK_KERNEL = (6, 9)
-DM_CRYPT_KEYRING_KERNEL = (4, 10)
-
-
-def kernel_version(release: str) -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", release)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def _informational(name: str, ok: bool, detail: str) -> CheckResult:
-    return CheckResult(name, ok, detail, blocking=False)
-
-
-def check_key_risks(facts: CryptoFacts) -> list[CheckResult]:
-    """The risks of this kernel and libcryptsetup for the volume keys, and what cryptlockd
-    does about each. Informational (never blocking): the helper verifies every cycle and a
-    failed verification is reported on its own. Pure."""
-    kv = kernel_version(facts.kernel_release)
-    kname = f"kernel {facts.kernel_release}"
-    if not facts.kernel_keyrings:
-        kernel = (
-            f"{kname} has no key retention service (/proc/keys): the volume "
-            "key lives only in the dm table, which luksSuspend wipes and "
-            "cryptlockd checks"
-        )
-    elif kv >= KEYRING_RISK_KERNEL:
-        kernel = (
-            f"{kname} (6.9 or later) with LUKS2 in keyring mode: a volume key "
-            "may stay in a kernel keyring after luksSuspend. cryptlockd "
-            "looks for cryptsetup:<uuid>-d<N> keys after every suspend, "
-            "invalidates them, checks again, and fails the cycle if one "
-            "stays"
-        )
-    elif kv >= DM_CRYPT_KEYRING_KERNEL:
-        kernel = (
-            f"{kname}: LUKS2 keys go through a kernel keyring on activation; "
-            "cryptsetup drops its copy, and cryptlockd checks after every "
-            "suspend that no copy was left (and invalidates leftovers)"
-        )
-    else:
-        kernel = (
-            f"{kname} predates dm-crypt keyring support: the key lives only "
-            "in the dm table, which luksSuspend wipes and cryptlockd checks"
-        )
-    out = [_informational("risk-kernel-keyring", True, kernel)]
-    if facts.libcryptsetup is None:
-        lib = "libcryptsetup cannot be loaded: the helper cannot suspend the devices"
-    elif facts.keyring_to_link:
-        lib = (
-            f"libcryptsetup {facts.libcryptsetup} can link a volume key "
-            "into any keyring under any name (--link-vk-to-keyring, "
-            "crypttab link-volume-key=); cryptlockd only recognises "
-            "cryptsetup:<uuid>-d<N>, so do not use that option"
-        )
-    else:
-        lib = (
-            f"libcryptsetup {facts.libcryptsetup}: volume keys only under "
-            "cryptsetup:<uuid>-d<N>, which cryptlockd checks"
-        )
-    out.append(_informational("risk-libcryptsetup", facts.libcryptsetup is not None, lib))
-    if facts.linked_in_crypttab:
-        out.append(
-            _informational(
-                "risk-linked-volume-key",
-                False,
-                "crypttab links the volume key of "
-                f"{', '.join(facts.linked_in_crypttab)} into a keyring "
-                "(link-volume-key=): that copy survives luksSuspend under a "
-                "name cryptlockd cannot check",
-            )
-        )
-    return out
-
-
-LIBCRYPTSETUP = "libcryptsetup.so.12"
-
-
-def _crypttab_links(crypttab: Path) -> tuple[str, ...]:
-    try:
-        lines = crypttab.read_text().splitlines()
-    except OSError:
-        return ()
-    names = []
-    for line in lines:
-        fields = line.split()
-        if (
-            len(fields) >= 4
-            and not fields[0].startswith("#")
-            and any(o.startswith("link-volume-key=") for o in fields[3].split(","))
-        ):
-            names.append(fields[0])
-    return tuple(names)
-
-
-@functools.cache
-def _libcryptsetup_facts() -> tuple[str | None, bool]:
-    # The version by symbol: Debian's 2.6.1 and 2.7.5 export no crypt_get_version.
-    try:
-        lib = ctypes.CDLL(LIBCRYPTSETUP)
-    except OSError:
-        return None, False
-    link = hasattr(lib, "crypt_set_keyring_to_link")
-    if hasattr(lib, "crypt_get_version"):
-        fn = lib.crypt_get_version
-        fn.restype = ctypes.c_char_p
-        return str(fn().decode()), link
-    if link:
-        return "2.7 or later (by its symbols)", link
-    return (
-        "2.5 or 2.6 (by its symbols)"
-        if hasattr(lib, "crypt_resume_by_token_pin")
-        else "older than 2.5 (by its symbols)"
-    ), link
-
-
-def crypto_facts(crypttab: Path, proc_keys: Path = Path("/proc/keys")) -> CryptoFacts:
-    version, link = _libcryptsetup_facts()
-    return CryptoFacts(
-        os.uname().release, _exists(proc_keys), version, link, _crypttab_links(crypttab)
-    )
-
-
 def check_last_cycle(record: Mapping[str, Any]) -> list[CheckResult]:
-    """A sleep whose wipe was not proven is a failed protection (SPEC 4): it stays in
-    Problems until the next cycle. No line before the first cycle."""
+    """A sleep whose wipe was not proven is a failed protection (SPEC 4), and a sleep the
+    helper did not run at all was not protected (SPEC 2.8): either stays in Problems until
+    the next cycle. No line before the first cycle."""
+    if record.get("result") == "unprotected":
+        # Until the next protected sleep replaces the record.
+        return [
+            CheckResult(
+                "last-cycle",
+                False,
+                f"the last sleep was NOT protected: {record.get('reason') or 'unknown reason'}",
+                blocking=False,
+            )
+        ]
     verification = record.get("verification")
     if not isinstance(verification, Mapping) or not verification:
         return []

@@ -37,7 +37,7 @@ from cryptlockd.errors import CryptlockdError, RemoteError
 from cryptlockd.helper import protocol
 
 if TYPE_CHECKING:
-    from cryptlockd.helper.protocol import ArmedMessage
+    from cryptlockd.helper.protocol import ArmedMessage, RecordMessage
 
 __all__ = ["HelperArmer", "HelperError"]
 
@@ -49,12 +49,21 @@ BUSY_STATES = ("active", "deactivating", "reloading")
 IDLE_RESTART_TIMEOUT = 10.0
 # How long a started idle helper may take to listen (interpreter, libcryptsetup, headers).
 IDLE_LISTEN_TIMEOUT = 30.0
+# How long disarm() waits for the helper to go (or for its record): an armed one reads the
+# disarm at once. Short: after a failed arm, logind waits on our delay lock meanwhile.
+DISARM_WAIT = 1.0
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class HelperError(CryptlockdError):
     pass
+
+
+def _retrieve(future: asyncio.Future[ArmedMessage]) -> None:
+    # A failure nobody waits for any more (the arm was given up) is not an error to log.
+    if not future.cancelled():
+        future.exception()
 
 
 class HelperArmer:
@@ -94,7 +103,7 @@ class HelperArmer:
             recovered=self._recovered_at_start,
         )
         self._idle_error: str | None = None
-        self._after_disarm: asyncio.Task[None] | None = None
+        self._after_helper: asyncio.Task[None] | None = None
 
     # -- the RAM filesystem -------------------------------------------------------------
 
@@ -245,6 +254,18 @@ class HelperArmer:
         if not helper_socket.alive(self.socket_path):
             await self._start_unit(deadline)
         reader, writer = await self._connect(deadline)
+        # The connection is ours from here until the helper ends it, and one reader takes
+        # all it says. Should this arm be cancelled (the manager's timeout) after the
+        # helper read it, disarm() still finds the connection, and the reader passes on
+        # whatever the helper says after all (issue 10, defect 7).
+        self._conn = (reader, writer)
+        loop = asyncio.get_running_loop()
+        armed: asyncio.Future[ArmedMessage] = loop.create_future()
+        armed.add_done_callback(_retrieve)
+        daemon_steps = {"arm_requested": b0}
+        self._reader_task = loop.create_task(
+            self._read_helper(reader, writer, on_finished, daemon_steps, armed)
+        )
         prompt, cycle = self.config.prompt, self.config.cycle
         msg = protocol.arm_message(
             device_plan(devices),
@@ -261,14 +282,7 @@ class HelperArmer:
         )
         writer.write(protocol.encode(msg))
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic()))
-        if not line:
-            writer.close()
-            raise HelperError("the helper closed the connection while arming")
-        reply = protocol.decode(line)
-        if reply["op"] != protocol.OP_ARMED:
-            writer.close()
-            raise HelperError(reply["reason"] if reply["op"] == protocol.OP_ERROR else str(reply))
+        reply = await asyncio.wait_for(asyncio.shield(armed), max(0.1, deadline - time.monotonic()))
         log.info(
             "helper armed in %.3f s (VT %s, KDF reserve %s KiB, pid %s)",
             time.monotonic() - t0,
@@ -276,60 +290,92 @@ class HelperArmer:
             reply["reserve_kib"],
             reply["pid"],
         )
-        self._conn = (reader, writer)
-        daemon_steps = {"arm_requested": b0, "armed": protocol.boottime()}
-        self._reader_task = asyncio.get_running_loop().create_task(
-            self._await_record(reader, on_finished, daemon_steps, reply)
-        )
 
-    async def _await_record(
+    async def _read_helper(
         self,
         reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         on_finished: CycleCallback,
         daemon_steps: dict[str, float],
-        armed: ArmedMessage,
+        armed: asyncio.Future[ArmedMessage],
     ) -> None:
+        """All the helper says on the arm connection: `armed` (or `error`), then the
+        record. Once it has ended the connection: a record the recovery left if it died
+        mid-cycle, and a fresh idle helper."""
         buf = protocol.LineBuffer()
-        while data := await reader.read(65536):
-            for msg in buf.feed(data):
-                if msg["op"] == protocol.OP_RECORD:
-                    record = merge_record(msg["record"], daemon_steps, armed)
-                    slots = record.get("keyslots")
-                    if isinstance(slots, dict):
-                        self.keyslots.update(
-                            {str(k): v for k, v in slots.items() if isinstance(v, int)}
-                        )
-                    on_finished(bool(msg["success"]), record)
-                    await self._close()
-                    await self._helper_gone()
-                    return
-        # The helper went away without a record: if it died mid-cycle, the recovery (its
-        # unit's ExecStopPost=) left one before it let us run again.
-        recovered = take_recovered_record(self.ramfs.path)
-        if recovered is not None:
-            log.warning("the helper died mid-cycle and was recovered: %s", recovered["reason"])
-            on_finished(False, recovered)
-            await self._close()
-            await self._helper_gone()
+        reply: ArmedMessage | None = None
+        record: RecordMessage | None = None
+        try:
+            while record is None and (data := await reader.read(65536)):
+                for msg in buf.feed(data):
+                    if msg["op"] == protocol.OP_ARMED:
+                        reply = msg
+                        daemon_steps["armed"] = protocol.boottime()
+                        if armed.done():
+                            log.warning("the helper armed after the arm was given up")
+                        else:
+                            armed.set_result(msg)
+                    elif msg["op"] == protocol.OP_ERROR and not armed.done():
+                        armed.set_exception(HelperError(msg["reason"]))
+                    elif msg["op"] == protocol.OP_RECORD:
+                        record = msg
+                        break
+        except (OSError, protocol.ProtocolError) as e:
+            log.error("reading from the helper: %s", e)
+        if not armed.done():
+            armed.set_exception(HelperError("the helper closed the connection while arming"))
+        if record is not None:
+            self._pass_record(record, on_finished, daemon_steps, reply)
+        else:
+            # The helper went away without a record: if it died mid-cycle, the recovery
+            # (its unit's ExecStopPost=, or its watchdog) left one before it let us run.
+            recovered = take_recovered_record(self.ramfs.path)
+            if recovered is not None:
+                log.warning("the helper died mid-cycle and was recovered: %s", recovered["reason"])
+                on_finished(False, recovered)
+        self._helper_left(writer)
 
-    async def disarm(self) -> None:
+    def _pass_record(
+        self,
+        msg: RecordMessage,
+        on_finished: CycleCallback,
+        daemon_steps: dict[str, float],
+        armed: ArmedMessage | None,
+    ) -> None:
+        record = merge_record(msg["record"], daemon_steps, armed)
+        slots = record.get("keyslots")
+        if isinstance(slots, dict):
+            self.keyslots.update({str(k): v for k, v in slots.items() if isinstance(v, int)})
+        on_finished(bool(msg["success"]), record)
+
+    def _helper_left(self, writer: asyncio.StreamWriter) -> None:
+        """The helper ended our connection (record, disarm, its own timeout, death)."""
+        writer.close()
+        if self._conn is not None and self._conn[1] is writer:
+            self._conn, self._reader_task = None, None
+        self._after_helper = asyncio.get_running_loop().create_task(self._helper_gone())
+
+    async def disarm(self) -> bool:
         if self.unavailable is not None:
-            return
-        # PrepareForSleep(false) can be read before the record the helper sent just
-        # earlier on our socket: let the reader take it first.
+            return True
         task = self._reader_task
-        if task is not None:
-            await asyncio.wait({task}, timeout=1.0)
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn[1].write(protocol.encode({"op": protocol.OP_DISARM}))
-                await self._conn[1].drain()
-        await self._close()
-        with contextlib.suppress(RemoteError):
-            await self.unit.stop()
-        # In the background: the manager bounds disarm(), and a new idle helper takes a
-        # while to listen.
-        self._after_disarm = asyncio.get_running_loop().create_task(self._helper_gone())
+        if task is None or task.done() or self._conn is None:
+            return True
+        # An armed helper reads this at once and exits; one still arming, as soon as it
+        # has armed, before anything the sleep entry says. A record it sent before is
+        # read first (the reader takes it, and the helper never reads this).
+        with contextlib.suppress(OSError):
+            self._conn[1].write(protocol.encode({"op": protocol.OP_DISARM}))
+            await self._conn[1].drain()
+        done, _ = await asyncio.wait({task}, timeout=DISARM_WAIT)
+        if task in done:
+            return True
+        log.warning(
+            "the helper did not stand down within %s s: it runs a cycle (its record will "
+            "tell), or is still arming (it stands down as soon as it has armed)",
+            DISARM_WAIT,
+        )
+        return False
 
     async def _close(self) -> None:
         task, self._reader_task = self._reader_task, None

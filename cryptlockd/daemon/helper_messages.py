@@ -58,9 +58,10 @@ def device_plan(devices: Sequence[LuksDevice]) -> list[DevicePlanEntry]:
 
 
 def merge_record(
-    record: dict[str, Any], daemon_steps: dict[str, float], armed: ArmedMessage
+    record: dict[str, Any], daemon_steps: dict[str, float], armed: ArmedMessage | None
 ) -> dict[str, Any]:
-    """Put the daemon's steps (PrepareForSleep, armed) on the helper's timeline."""
+    """Put the daemon's steps (PrepareForSleep, armed) on the helper's timeline. `armed`:
+    the helper's reply, None if it never came (a record all the same: defect 7)."""
     out = dict(record)
     helper_start = float(record.get("started_boottime", 0.0))
     start = min(helper_start, *daemon_steps.values())
@@ -72,7 +73,9 @@ def merge_record(
     for name, t in daemon_steps.items():
         timeline[name] = round((t - start) * 1000.0, 1)
     out["timeline_ms"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))
-    out["arm_seconds"] = round(daemon_steps["armed"] - daemon_steps["arm_requested"], 3)
-    out["kdf_reserve_kib"] = armed["reserve_kib"]
-    out["vt"] = armed["vt"]
+    if "armed" in daemon_steps and "arm_requested" in daemon_steps:
+        out["arm_seconds"] = round(daemon_steps["armed"] - daemon_steps["arm_requested"], 3)
+    if armed is not None:
+        out["kdf_reserve_kib"] = armed["reserve_kib"]
+        out["vt"] = armed["vt"]
     return out

@@ -40,6 +40,7 @@ class Logind:
         *,
         on_prepare_for_sleep: Callable[[bool], Awaitable[None]],
         on_change: Callable[[], None],
+        on_owner_change: Callable[[], Awaitable[None]],
         timeout: float,
     ) -> None:
         self._bus = bus
@@ -48,6 +49,7 @@ class Logind:
             bus, LOGIND_BUS_NAME, LOGIND_PATH, LOGIND_MANAGER_INTERFACE, timeout
         )
         self._on_prepare_for_sleep, self._on_change = on_prepare_for_sleep, on_change
+        self._on_owner_change = on_owner_change
         self.owner: str | None = None
         self.inhibitor_fd: int | None = None
         self.delay_max_usec: int | None = None
@@ -88,6 +90,10 @@ class Logind:
         self.release_inhibitor("daemon stopping")
 
     # --- the inhibitor -------------------------------------------------------------
+
+    async def ensure_inhibitor(self) -> None:
+        if not self.inhibitor_held:
+            await self.take_inhibitor()
 
     async def take_inhibitor(self) -> None:
         if self.owner is None:
@@ -153,6 +159,17 @@ class Logind:
             self.delay_max_usec = None
             log.info("cannot read InhibitDelayMaxUSec: %s", e)
 
+    async def preparing_for_sleep(self) -> bool:
+        """logind's PreparingForSleep: a sleep is under way (between PrepareForSleep(true)
+        and (false)); at our start, one we did not see begin. False when unknown."""
+        if self.owner is None:
+            return False
+        try:
+            return bool(await self._login1.get("PreparingForSleep"))
+        except RemoteError as e:
+            log.info("cannot read PreparingForSleep: %s", e)
+            return False
+
     # --- signals -------------------------------------------------------------------
 
     async def _set_owner(self, owner: str | None) -> None:
@@ -171,8 +188,14 @@ class Logind:
             await self.take_inhibitor()
             await self._read_delay_max()
         self._on_change()
+        if old is not None:
+            # The old logind's PrepareForSleep(false) will never come.
+            await self._on_owner_change()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def serially(self, coro: Awaitable[None]) -> None:
+        """Runs `coro` after every logind event (and everything else handed in here)
+        before it, and before those after it."""
+
         async def serially() -> None:
             async with self._serial:
                 try:
@@ -194,7 +217,7 @@ class Logind:
             and msg.signature == "sss"
             and msg.body[0] == LOGIND_BUS_NAME
         ):
-            self._spawn(self._set_owner(msg.body[2] or None))
+            self.serially(self._set_owner(msg.body[2] or None))
         elif (
             msg.member == "PrepareForSleep"
             and msg.interface == LOGIND_MANAGER_INTERFACE
@@ -211,7 +234,7 @@ class Logind:
             if msg.signature != "b":
                 log.warning("ignored PrepareForSleep with signature %r", msg.signature)
                 return None
-            self._spawn(self._on_prepare_for_sleep(bool(msg.body[0])))
+            self.serially(self._on_prepare_for_sleep(bool(msg.body[0])))
         return None
 
     # --- methods -------------------------------------------------------------------

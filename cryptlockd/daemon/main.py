@@ -29,6 +29,7 @@ from cryptlockd.daemon.log import MessageId, event, setup_logging
 from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.notify import Notifier
 from cryptlockd.daemon.service import Service
+from cryptlockd.daemon.sleep_cycle import SLEEP_DEADLINE
 from cryptlockd.defs import BUS_NAME, DBUS_CALL_TIMEOUT
 from cryptlockd.errors import CryptlockdError, RemoteError
 
@@ -60,6 +61,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds to wait at start for the helper before telling systemd READY=1 "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--sleep-deadline",
+        type=float,
+        default=SLEEP_DEADLINE,
+        help="seconds after PrepareForSleep(true) at which a sleep that has not ended is "
+        "taken as over (default: %(default)s)",
+    )
     p.add_argument("--debug", action="store_true")
     p.add_argument("--version", action="version", version=__version__)
     return p.parse_args(argv)
@@ -76,7 +84,15 @@ def manager_for(
         dev=Path(args.dev),
     )
     cgroup_root = Path(args.cgroup_root) if args.cgroup_root else paths.sysfs / "fs" / "cgroup"
-    return Manager(bus, armer, notifier, root=root, paths=paths, cgroup_root=cgroup_root)
+    return Manager(
+        bus,
+        armer,
+        notifier,
+        root=root,
+        paths=paths,
+        cgroup_root=cgroup_root,
+        sleep_deadline=args.sleep_deadline,
+    )
 
 
 async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | None = None) -> int:

@@ -1,6 +1,7 @@
-"""The daemon's state and the sleep cycle: the config, the LUKS devices, the self-checks
-behind Protected and Problems, and what happens on PrepareForSleep. No D-Bus here beyond
-logind: service.py shows this state on the bus and calls in for the methods.
+"""The daemon's state: the config, the LUKS devices, the self-checks behind Protected and
+Problems, and the end of every sleep (back_to_idle). What happens between PrepareForSleep
+and that end is sleep_cycle.py's. No D-Bus here beyond logind and one systemd property:
+service.py shows this state on the bus and calls in for the methods.
 
 Every change of state goes through `with self.changing():`, which re-evaluates the checks
 and announces the properties that changed, once.
@@ -11,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.daemon import checks
+from cryptlockd.daemon import checks, key_risks, sleep_report
 from cryptlockd.daemon.armer import Armer, CycleRecord
 from cryptlockd.daemon.config import Config, load_config
 from cryptlockd.daemon.devices import LuksDevice, SystemPaths, apply_exclude, discover_devices
@@ -26,8 +26,12 @@ from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.daemon.logind import Logind
 from cryptlockd.daemon.notify import Notifier
 from cryptlockd.daemon.service_watchdogs import ServiceWatchdogs
-from cryptlockd.defs import DBUS_CALL_TIMEOUT, State
-from cryptlockd.errors import Busy, ConfigError, NotProtected
+from cryptlockd.daemon.sleep_cycle import SLEEP_DEADLINE, SleepCycle
+from cryptlockd.daemon.sleep_report import SleepRequest
+from cryptlockd.daemon.systemd_unit import SystemdUnit
+from cryptlockd.defs import DBUS_CALL_TIMEOUT, SLEEP_SERVICE, State
+from cryptlockd.errors import Busy, ConfigError, NotProtected, RemoteError
+from cryptlockd.helper import protocol
 
 __all__ = ["Listener", "Manager"]
 
@@ -66,6 +70,7 @@ class Manager:
         root: Path,
         paths: SystemPaths,
         cgroup_root: Path,
+        sleep_deadline: float = SLEEP_DEADLINE,
     ) -> None:
         self.root = root
         self.paths = paths
@@ -83,7 +88,14 @@ class Manager:
         self.protected = False
         self.problems: list[str] = []
         self.last_cycle: CycleRecord = {}
-        self.cycle_came = False
+        # PrepareForSleep and the ends of a sleep; back_to_idle() is here.
+        self.cycle = SleepCycle(self, sleep_deadline)
+        # The sleep entry's trace of a stock sleep (under --root, like the unit files).
+        self.stock_trace = root / protocol.STOCK_SLEEP_TRACE.lstrip("/")
+        # systemd-suspend.service's effective ExecStart= (None: systemd not asked).
+        self._sleep_unit = SystemdUnit(bus, SLEEP_SERVICE)
+        self.sleep_exec: list[list[str]] | None = None
+        self._watching_reloads = False
         self.check_results: list[checks.CheckResult] = []
         # Set when READY=1 went out before the armer was ready (the wait is bounded).
         self.not_ready: str | None = None
@@ -93,11 +105,13 @@ class Manager:
             bus,
             on_prepare_for_sleep=self.prepare_for_sleep,
             on_change=self.refresh,
+            on_owner_change=self.cycle.logind_restarted,
             timeout=DBUS_CALL_TIMEOUT,
         )
         armer.watch(self.refresh, self.cycle_finished)
         self.service_watchdogs = ServiceWatchdogs.on_bus(bus, root)
         self._started = False
+        self._retaking_inhibitor = False
         self._changing = 0
         self._status_sent = ""
 
@@ -137,7 +151,7 @@ class Manager:
         return self.config.cycle.arm_timeout_sec
 
     def run_checks(self) -> list[checks.CheckResult]:
-        sleeping = self.state in (State.ARMING, State.ARMED)
+        sleeping = self.sleep is not None or self._retaking_inhibitor
         return [
             checks.check_enabled(self.enabled),
             checks.check_cgroup2(self.cgroup_root),
@@ -146,13 +160,13 @@ class Manager:
             checks.check_logind(self.logind.owner, self.logind.inhibitor_held, sleeping),
             checks.check_inhibit_delay(self.logind.delay_max_usec, self.arm_timeout),
             checks.check_devices(self.devices, self.excluded),
-            checks.check_sleep_dropin(self.root),
+            checks.check_sleep_dropin(self.root, self.sleep_exec),
             *self.armer.status(),
             checks.check_config(self.config_error),
             *checks.check_ready(self.not_ready),
             # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
             # the last sleep's wipe was proven.
-            *checks.check_key_risks(checks.crypto_facts(self.paths.crypttab)),
+            *key_risks.check_key_risks(key_risks.crypto_facts(self.paths.crypttab)),
             *checks.check_last_cycle(self.last_cycle),
         ]
 
@@ -221,6 +235,7 @@ class Manager:
 
     def reload(self) -> None:
         """Reload(): a failed reload still shows up in Check and Problems, and raises."""
+        self.logind.serially(self.read_sleep_exec())
         with self.changing():
             self.load_config()
         self.load_devices()
@@ -229,6 +244,14 @@ class Manager:
         with self.changing():
             self.enabled = enabled
             log.info("protection %s by %s", "enabled" if enabled else "disabled", by)
+
+    @property
+    def sleep(self) -> SleepRequest | None:
+        """The sleep under way, from PrepareForSleep(true) until back_to_idle()."""
+        return self.cycle.sleep
+
+    def device_names(self) -> list[str]:
+        return [d.name for d in self.devices]
 
     def device(self, name: str) -> LuksDevice | None:
         return next((d for d in self.devices if d.name == name), None)
@@ -251,7 +274,7 @@ class Manager:
         await self.logind.suspend(flags)
 
     def _may_suspend(self, sender: str | None) -> None:
-        if self.state != State.IDLE:
+        if self.sleep is not None:
             raise Busy(f"a sleep is already in progress ({self.state.value})")
         if not self.protected:
             # The caller asked for a sleep with the keys wiped; one that keeps them is
@@ -263,84 +286,47 @@ class Manager:
             )
 
     async def prepare_for_sleep(self, start: bool) -> None:
-        log.info(
-            "PrepareForSleep(%s)",
-            "true" if start else "false",
-            extra=event(MessageId.PREPARE_FOR_SLEEP, START=int(start)),
-        )
-        if start:
-            self.notifier.suspend_watchdog()
-            await self._arm()
-        else:
-            await self._resumed()
-            self.notifier.restore_watchdog()
-
-    async def _arm(self) -> None:
-        if self.state != State.IDLE:
-            log.warning("PrepareForSleep(true) while %s; ignored", self.state.value)
-            return
-        t0 = time.monotonic()
-        self.cycle_came = False
-        if not self.enabled or not self.devices:
-            why = "protection disabled" if not self.enabled else "no LUKS device"
-            log.warning(
-                "this sleep is NOT protected, the LUKS keys stay in RAM: %s",
-                why,
-                extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why),
-            )
-            self.logind.release_inhibitor("sleeping unprotected")
-            return
-        if not self.protected:
-            # Arm anyway: the armer may still manage (or records, under test); whatever
-            # fails is logged there, and the sleep entry falls back to a plain sleep.
-            log.warning("arming although checks fail: %s", "; ".join(self.problems))
-        self.set_state(State.ARMING)
-        timeout = self.arm_timeout
-        try:
-            await asyncio.wait_for(self.armer.arm(list(self.devices), self.cycle_finished), timeout)
-        except Exception as e:
-            why = f"arming timed out after {timeout} s" if isinstance(e, TimeoutError) else str(e)
-            log.critical(
-                "this sleep is NOT protected, the LUKS keys stay in RAM: cannot arm the helper: %s",
-                why,
-                extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why),
-            )
-            self.logind.release_inhibitor("arming failed")
-            self.set_state(State.IDLE)
-            return
-        self.set_state(State.ARMED)
-        await self.service_watchdogs.disable()
-        self.logind.release_inhibitor("armed")
-        seconds = time.monotonic() - t0
-        log.info(
-            "armed in %.3f s", seconds, extra=event(MessageId.ARMED, ARM_SECONDS=f"{seconds:.3f}")
-        )
-
-    async def _resumed(self) -> None:
-        was = self.state
-        await self.logind.take_inhibitor()
-        if was in (State.ARMED, State.ARMING) and not self.cycle_came:
-            # Hibernate and friends, or an aborted sleep: the helper never ran.
-            try:
-                await asyncio.wait_for(self.armer.disarm(), DBUS_CALL_TIMEOUT)
-            except Exception as e:
-                log.error("disarming the helper failed: %s", e)
-        log.info("resumed", extra=event(MessageId.RESUMED))
-        await self.service_watchdogs.restore()
-        self.set_state(State.IDLE)
+        await self.cycle.prepare_for_sleep(start)
 
     def cycle_finished(self, success: bool, record: CycleRecord) -> None:
-        self.cycle_came = True
+        """The helper's record (or the recovery's, for a helper that died)."""
+        self.back_to_idle(success, record)
+
+    def back_to_idle(self, success: bool, record: CycleRecord) -> None:
+        """THE way back to idle: every sleep ends here, once, with its record (the helper's,
+        or an unprotected one), whatever ended it. Whatever a sleep changed and must be put
+        back is put back here."""
+        self.cycle.over()
+        # The sleep's inhibitor is taken again just below, asynchronously; until then the
+        # logind check must not flap Protected to false (and every desktop warn) for the
+        # milliseconds that takes.
+        retake = self.logind.owner is not None and not self.logind.inhibitor_held
+        self._retaking_inhibitor = retake
         with self.changing():
+            self.state = State.IDLE
             self.last_cycle = dict(record)
             self.last_cycle.setdefault("success", success)
             log.log(
                 logging.INFO if success else logging.WARNING,
                 "cycle finished: %s",
-                "success" if success else "FAILED",
+                record.get("result") or ("success" if success else "FAILED"),
                 extra=event(MessageId.CYCLE_FINISHED, SUCCESS=int(success)),
             )
         self.listener.cycle_finished(success, record)
+        self.notifier.restore_watchdog()
+        self.logind.serially(self.service_watchdogs.restore())
+        if retake:
+            self.logind.serially(self._retake_inhibitor())
+        if self._started:
+            # A drop-in added (and systemd reloaded) since shows at the next sleep's end.
+            self.logind.serially(self.read_sleep_exec())
+
+    async def _retake_inhibitor(self) -> None:
+        try:
+            await self.logind.ensure_inhibitor()
+        finally:
+            self._retaking_inhibitor = False
+            self.refresh()
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -354,7 +340,28 @@ class Manager:
         await self.service_watchdogs.restore()  # a daemon that died mid-cycle left them off
         await self.logind.start()
         self._started = True
-        self.refresh()
+        await self.read_sleep_exec()
+        trace = sleep_report.take_stock_trace(str(self.stock_trace))
+        if trace is not None:
+            log.warning("a sleep ran unprotected while we were not running: %s", trace["reason"])
+            self.back_to_idle(False, sleep_report.trace_record(trace, self.device_names()))
+        self.logind.serially(self.cycle.join_sleep())
+
+    async def read_sleep_exec(self) -> None:
+        try:
+            exec_start = await self._sleep_unit.exec_start()
+        except RemoteError as e:
+            log.debug("cannot read the effective ExecStart= of %s: %s", SLEEP_SERVICE, e)
+            exec_start = None
+        if exec_start is not None and not self._watching_reloads:
+            # A drop-in takes effect at systemd's next daemon-reload: read it again then.
+            self._watching_reloads = True
+            with contextlib.suppress(RemoteError):
+                await self._sleep_unit.on_reload(
+                    lambda: self.logind.serially(self.read_sleep_exec())
+                )
+        with self.changing():
+            self.sleep_exec = exec_start
 
     async def wait_ready(self, timeout: float) -> bool:
         """Before READY=1: wait until the next sleep would be protected (the armer's RAM
@@ -387,4 +394,5 @@ class Manager:
         return self._status_sent
 
     def stop(self) -> None:
+        self.cycle.over()
         self.logind.stop()

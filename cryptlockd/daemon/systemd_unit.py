@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -26,6 +26,7 @@ from cryptlockd.defs import (
     SYSTEMD_ERROR_NO_SUCH_UNIT,
     SYSTEMD_MANAGER_INTERFACE,
     SYSTEMD_PATH,
+    SYSTEMD_SERVICE_INTERFACE,
     SYSTEMD_UNIT_INTERFACE,
 )
 from cryptlockd.errors import RemoteError
@@ -73,6 +74,50 @@ class SystemdUnit:
         )
         return str(await unit.get("ActiveState"))
 
+    async def exec_start(self) -> list[list[str]]:
+        """The argv of each command of the service's effective ExecStart=, drop-ins
+        applied, as systemd has loaded it (a(sasbttttuii): path, argv, ...)."""
+        reply = await self._systemd.call("LoadUnit", "s", [self.name])
+        service = RemoteInterface(
+            self._bus,
+            SYSTEMD_BUS_NAME,
+            str(reply.body[0]),
+            SYSTEMD_SERVICE_INTERFACE,
+            self._timeout,
+        )
+        return [[str(a) for a in command[1]] for command in await service.get("ExecStart")]
+
+    async def on_reload(self, callback: Callable[[], None]) -> None:
+        """`callback()` after each daemon-reload of systemd (its Reloading(false) signal,
+        which systemd sends while somebody is subscribed): the unit's properties may
+        have changed (a drop-in added)."""
+
+        def handle(msg: Message) -> None:
+            if (
+                msg.message_type == MessageType.SIGNAL
+                and msg.member == "Reloading"
+                and msg.interface == SYSTEMD_MANAGER_INTERFACE
+                and msg.signature == "b"
+                and not msg.body[0]
+            ):
+                callback()
+
+        await add_match(
+            self._bus,
+            f"type='signal',sender='{SYSTEMD_BUS_NAME}',interface='{SYSTEMD_MANAGER_INTERFACE}',"
+            "member='Reloading'",
+            self._timeout,
+        )
+        self._bus.add_message_handler(handle)
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        try:
+            await self._systemd.call("Subscribe")
+        except RemoteError as e:
+            if e.error_name != SYSTEMD_ERROR_ALREADY_SUBSCRIBED:
+                log.warning("cannot subscribe to systemd's signals: %s", e)
+
     async def wait_while(self, states: Collection[str], deadline: float) -> str:
         """Wait until the unit's ActiveState is none of `states`, or until `deadline`
         (time.monotonic()) passes. Returns the state last read."""
@@ -101,11 +146,7 @@ class SystemdUnit:
             except RemoteError as e:
                 log.warning("cannot watch %s (waits on it run to their deadline): %s", self.name, e)
                 return
-            try:
-                await self._systemd.call("Subscribe")
-            except RemoteError as e:
-                if e.error_name != SYSTEMD_ERROR_ALREADY_SUBSCRIBED:
-                    log.warning("cannot subscribe to systemd's signals: %s", e)
+            await self._subscribe()
             if self._watched is None:
                 self._bus.add_message_handler(self._handle)
             self._watched = path

@@ -97,6 +97,13 @@ if TYPE_CHECKING:
         op: Literal["error"]
         reason: str
 
+    class StockSleepTrace(TypedDict):
+        """What the sleep entry leaves in STOCK_SLEEP_TRACE before it runs the stock
+        systemd-sleep: the daemon reports that sleep as unprotected."""
+
+        reason: str
+        boottime: float
+
     Message = (
         ArmMessage
         | ArmedMessage
@@ -192,6 +199,13 @@ RECOVERY_LOCK_IN_RAMFS = "/state/recovery.lock"
 # ("hangup-at-prompt"). Documented in cryptlockd(8).
 FAULT_HOOK = "/run/cryptlockd/debug-helper-fault"
 FAULTS = ("after-freeze", "after-first-suspend", "at-prompt", "hangup-at-prompt")
+
+
+# Outside the RAM filesystem, on the real root's /run (the daemon's RuntimeDirectory=): the
+# sleep entry writes it just before it falls back to the stock systemd-sleep, the daemon
+# takes it (reads and removes it) when the sleep is over, or at its start if it was not
+# running. JSON, a StockSleepTrace.
+STOCK_SLEEP_TRACE = "/run/cryptlockd/stock-sleep.json"
 
 
 def on_host(path_in_ramfs: str, ramfs: str = RAMFS_DIR) -> str:

@@ -4,7 +4,9 @@ the integration tests start the daemon this way and check what it does around th
 The unit tests use RecordingArmer too. RECORDING_ARMER_READY_FILE: the armer is ready once
 that file exists; RECORDING_ARMER_PROTECTS=1: its helper line says yes;
 RECORDING_ARMER_CYCLE_FILE: when that file exists at an arming, its JSON
-{"success": bool, "record": {...}} is reported as the cycle."""
+{"success": bool, "record": {...}} is reported as the cycle once the daemon asks it to stand
+down (at PrepareForSleep(false)), as a helper that ran the cycle; RECORDING_ARMER_FAIL_FILE: while
+that file exists, arm() fails with its content as the reason."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptlockd.daemon import checks
 from cryptlockd.daemon.armer import CycleCallback
@@ -21,6 +24,7 @@ from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.main import main
+from cryptlockd.errors import CryptlockdError
 
 
 class RecordingArmer:
@@ -28,7 +32,11 @@ class RecordingArmer:
     never Protected with it."""
 
     def __init__(
-        self, ready_file: str | None = None, protects: bool = False, cycle_file: str | None = None
+        self,
+        ready_file: str | None = None,
+        protects: bool = False,
+        cycle_file: str | None = None,
+        fail_file: str | None = None,
     ) -> None:
         # When set, ready() waits until this file exists (a slow first build, say).
         self.ready_file = ready_file
@@ -38,6 +46,8 @@ class RecordingArmer:
         # When set and the file exists, arm() reports its cycle as the helper would, before
         # PrepareForSleep(false): the daemon then emits CycleFinished.
         self.cycle_file = cycle_file
+        self.fail_file = fail_file
+        self._cycle: tuple[CycleCallback, bool, dict[str, Any]] | None = None
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
         self.configured: list[Config] = []
@@ -61,14 +71,23 @@ class RecordingArmer:
             await asyncio.sleep(0.05)
 
     async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+        if self.fail_file is not None and Path(self.fail_file).exists():
+            raise CryptlockdError(Path(self.fail_file).read_text().strip())
         self.armed_with.append(tuple(d.name for d in devices))
         if self.cycle_file is not None and Path(self.cycle_file).exists():
             cycle = json.loads(Path(self.cycle_file).read_text())
-            loop = asyncio.get_running_loop()
-            loop.call_soon(on_finished, bool(cycle["success"]), dict(cycle["record"]))
+            self._cycle = (on_finished, bool(cycle["success"]), dict(cycle["record"]))
 
-    async def disarm(self) -> None:
+    async def disarm(self) -> bool:
+        """As the real helper answers once it has run the sleep's cycle: busy, and its
+        record follows (the daemon asks when PrepareForSleep(false) comes)."""
         self.disarmed += 1
+        if self._cycle is not None:
+            on_finished, success, record = self._cycle
+            self._cycle = None
+            asyncio.get_running_loop().call_soon(on_finished, success, record)
+            return False
+        return True
 
 
 if __name__ == "__main__":
@@ -76,5 +95,6 @@ if __name__ == "__main__":
         ready_file=os.environ.get("RECORDING_ARMER_READY_FILE"),
         protects=os.environ.get("RECORDING_ARMER_PROTECTS") == "1",
         cycle_file=os.environ.get("RECORDING_ARMER_CYCLE_FILE"),
+        fail_file=os.environ.get("RECORDING_ARMER_FAIL_FILE"),
     )
     sys.exit(main(sys.argv[1:], armer=armer))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cryptlockd.daemon import checks
+from cryptlockd.daemon import key_risks
 from tests.fakesys import UUID_A, FakeSystem
 from tests.integration.conftest import DaemonFactory, LogindMock, PolkitMock, SystemBus
 from tests.integration.support import ctl, start_settled
@@ -41,7 +41,7 @@ def test_risk_lines_in_check(run_check: RunCheck, luks_system: FakeSystem) -> No
     rc, results, text = run_check()
     by_name = {r["name"]: r for r in results}
     expected = {
-        r.name: r for r in checks.check_key_risks(checks.crypto_facts(luks_system.crypttab))
+        r.name: r for r in key_risks.check_key_risks(key_risks.crypto_facts(luks_system.crypttab))
     }
     assert set(expected) <= set(by_name)
     kernel = by_name["risk-kernel-keyring"]

@@ -77,59 +77,7 @@ def test_inhibit_delay_is_informational() -> None:
     assert not r.ok and not r.blocking and "InhibitDelayMaxSec=2s" in r.detail
 
 
-# --- issue 5: kernel / libcryptsetup risk lines and the last cycle's verification ---
-
-
-def _risks(
-    release: str,
-    lib: str | None = "2.6.1",
-    link: bool = False,
-    keyrings: bool = True,
-    linked: tuple[str, ...] = (),
-) -> dict[str, checks.CheckResult]:
-    facts = checks.CryptoFacts(release, keyrings, lib, link, linked)
-    return {r.name: r for r in checks.check_key_risks(facts)}
-
-
-def test_kernel_version_parse() -> None:
-    assert checks.kernel_version("6.12.48+deb13-amd64") == (6, 12)
-    assert checks.kernel_version("6.1.0-25-amd64") == (6, 1)
-    assert checks.kernel_version("weird") == (0, 0)
-
-
-def test_risk_lines_per_kernel_and_cryptsetup() -> None:
-    new = _risks("6.12.48+deb13-amd64", "2.7.5", link=True)
-    assert "6.9 or later" in new["risk-kernel-keyring"].detail
-    assert "invalidates" in new["risk-kernel-keyring"].detail
-    assert "--link-vk-to-keyring" in new["risk-libcryptsetup"].detail
-    old = _risks("6.1.0-25-amd64", "2.5 or 2.6 (by its symbols)")
-    assert "6.9" not in old["risk-kernel-keyring"].detail
-    assert "cryptsetup drops its copy" in old["risk-kernel-keyring"].detail
-    assert "--link-vk-to-keyring" not in old["risk-libcryptsetup"].detail
-    assert "no key retention" in _risks("6.12", keyrings=False)["risk-kernel-keyring"].detail
-    assert "predates" in _risks("4.9.0")["risk-kernel-keyring"].detail
-    assert _risks("6.9.0")["risk-kernel-keyring"].detail.count("6.9 or later") == 1
-    for r in [*new.values(), *old.values()]:
-        assert r.ok and not r.blocking
-
-
-def test_risk_lines_that_are_problems() -> None:
-    missing = _risks("6.1.0", lib=None)["risk-libcryptsetup"]
-    assert not missing.ok and "cannot be loaded" in missing.detail
-    linked = _risks("6.12.0", "2.7.5", link=True, linked=("data",))["risk-linked-volume-key"]
-    assert not linked.ok and "data" in linked.detail
-    assert "risk-linked-volume-key" not in _risks("6.12.0")
-    _, problems = checks.evaluate([linked])
-    assert problems[0].startswith("risk-linked-volume-key: crypttab links")
-
-
-def test_crypto_facts_reads_crypttab_links(tmp_path: Path) -> None:
-    tab = tmp_path / "crypttab"
-    tab.write_text("# c\nroot UUID=1 none luks\ndata UUID=2 /k luks,link-volume-key=@u::%logon:x\n")
-    facts = checks.crypto_facts(tab, proc_keys=tmp_path / "nokeys")
-    assert facts.linked_in_crypttab == ("data",)
-    assert facts.kernel_keyrings is False
-    assert facts.kernel_release
+# --- issue 5: the last cycle's verification (the key-risk lines: test_key_risks.py) ---
 
 
 def test_last_cycle_line() -> None:
@@ -158,3 +106,25 @@ def test_last_cycle_line() -> None:
     assert "NOT protect data" in bad[0].detail and "left: 1" in bad[0].detail
     legacy = checks.check_last_cycle({"verification": {"root": {"dm_table_key": "present"}}})
     assert not legacy[0].ok
+
+
+def test_last_cycle_line_names_an_unprotected_sleep() -> None:
+    [line] = checks.check_last_cycle({"result": "unprotected", "reason": "protection disabled"})
+    assert not line.ok and not line.blocking
+    assert line.detail == "the last sleep was NOT protected: protection disabled"
+
+
+def test_sleep_dropin_must_be_in_effect(tmp_path: Path) -> None:
+    f = tmp_path / "etc/systemd/system" / checks.SLEEP_DROPIN
+    f.parent.mkdir(parents=True)
+    f.write_text("[Service]\n")
+    ours = ["/opt/venv/bin/python", "-I", "-m", "cryptlockd.sleep_entry"]
+    assert checks.check_sleep_dropin(tmp_path, [ours]).ok
+    assert "not asked" in checks.check_sleep_dropin(tmp_path, None).detail
+    # A later drop-in reset ExecStart= to the stock one: the file alone would lie.
+    stock = ["/usr/lib/systemd/systemd-sleep", "suspend"]
+    r = checks.check_sleep_dropin(tmp_path, [stock])
+    assert not r.ok and "runs /usr/lib/systemd/systemd-sleep suspend" in r.detail
+    # Added to instead of replaced: the stock sleep would run after ours, a second sleep.
+    assert not checks.check_sleep_dropin(tmp_path, [ours, stock]).ok
+    assert "runs nothing" in checks.check_sleep_dropin(tmp_path, []).detail

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from cryptlockd.daemon import helper_socket
+from cryptlockd.daemon import helper_armer, helper_socket
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
+from cryptlockd.helper import protocol
 
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import ArmedMessage
@@ -146,6 +147,18 @@ def test_without_systemd_nothing_is_built_or_armed(tmp_path: Path) -> None:
         asyncio.run(a.arm([], lambda ok, record: None))
 
 
+class FakeWriter:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def armed_future() -> asyncio.Future[ArmedMessage]:
+    return asyncio.get_running_loop().create_future()
+
+
 @pytest.mark.asyncio
 async def test_a_helper_that_died_and_was_recovered_is_reported_and_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -161,22 +174,135 @@ async def test_a_helper_that_died_and_was_recovered_is_reported_and_replaced(
     reason = "the helper died mid-cycle (killed by SIGKILL); recovered"
     (state / "recovered.json").write_text(json.dumps({"reason": reason}))
     reader = asyncio.StreamReader()
+    reader.feed_data(protocol.encode({"op": "armed", "vt": 8, "reserve_kib": 0, "pid": 1}))
     reader.feed_eof()
     got: list[tuple[bool, dict[str, object]]] = []
-    armed: ArmedMessage = {"op": "armed", "vt": 8, "reserve_kib": 0, "pid": 1}
-    await a._await_record(reader, lambda ok, rec: got.append((ok, rec)), {}, armed)
+    writer = FakeWriter()
+    armed = armed_future()
+    await a._read_helper(reader, writer, lambda ok, rec: got.append((ok, rec)), {}, armed)  # type: ignore[arg-type]
     assert [(ok, rec["reason"]) for ok, rec in got] == [(False, reason)]
+    assert armed.result()["vt"] == 8
+    assert writer.closed
+    assert a._after_helper is not None
+    await a._after_helper
     assert fake.calls[-1] == "StartUnit"
 
 
 @pytest.mark.asyncio
-async def test_a_helper_gone_without_any_record_reports_nothing(
+async def test_a_helper_gone_without_any_record_reports_nothing_and_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It stood down (disarm, or its own armed-idle timeout), or refused the arm: nothing
+    # to report, the arm (if still waited for) fails, and an idle helper comes back.
+    fake = FakeUnit(["inactive"])
+    a = armer(tmp_path, fake, monkeypatch)
+    a.ramfs.size = 1
+    monkeypatch.setattr(helper_socket, "alive", lambda path: "StartUnit" in fake.calls)
+    reader = asyncio.StreamReader()
+    reader.feed_data(protocol.encode({"op": "error", "reason": "arming failed: no VT"}))
+    reader.feed_eof()
+    got: list[bool] = []
+    armed = armed_future()
+    await a._read_helper(reader, FakeWriter(), lambda ok, rec: got.append(ok), {}, armed)  # type: ignore[arg-type]
+    assert got == []
+    with pytest.raises(HelperError, match="no VT"):
+        armed.result()
+    assert a._after_helper is not None
+    await a._after_helper
+    assert "StartUnit" in fake.calls
+
+
+class ScriptedHelper:
+    """A helper on a real unix socket: answers `arm` with `armed` after `arm_delay`
+    seconds, then either stands down on `disarm` or (busy=True, as in a cycle) ignores
+    it and sends a record when told."""
+
+    def __init__(self, path: str, arm_delay: float, busy: bool = False) -> None:
+        self.path, self.arm_delay, self.busy = path, arm_delay, busy
+        self.got: list[str] = []
+        self.send_record = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.got.append(protocol.decode(await reader.readline())["op"])
+        await asyncio.sleep(self.arm_delay)  # a slow arm: mlockall, the KDF reserve
+        writer.write(protocol.encode({"op": "armed", "vt": 8, "reserve_kib": 64, "pid": 42}))
+        await writer.drain()
+        if self.busy:
+            await self.send_record.wait()
+            record = {"result": "success", "started_boottime": protocol.boottime()}
+            writer.write(protocol.encode({"op": "record", "success": True, "record": record}))
+            await writer.drain()
+        else:
+            self.got.append(protocol.decode(await reader.readline())["op"])
+        writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def arm_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper: ScriptedHelper
+) -> tuple[HelperArmer, list[tuple[bool, dict[str, object]]]]:
+    """The manager's arm timeout cancels _arm after the helper read `arm`, before it
+    answered."""
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch, alive=True)
+    monkeypatch.setattr(helper_armer, "choose_sleep_state", lambda: ("mem", None))
+    await helper.start()
+    got: list[tuple[bool, dict[str, object]]] = []
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(
+            a._arm([], lambda ok, rec: got.append((ok, rec)), t0, protocol.boottime(), t0 + 30),
+            0.2,
+        )
+    return a, got
+
+
+@pytest.mark.asyncio
+async def test_a_late_arm_is_cancelled_for_sure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 10, defect 7: the helper arms just after the manager gave up. disarm() still
+    # reaches it on the arm connection, and returns once it has stood down: only then may
+    # the manager let logind go on, with the sleep reported unprotected.
+    helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.4)
+    a, got = await arm_given_up(tmp_path, monkeypatch, helper)
+    assert await a.disarm() is True
+    assert helper.got == ["arm", "disarm"]
+    assert got == []
+    assert a._conn is None
+    helper.close()
+
+
+@pytest.mark.asyncio
+async def test_a_late_arm_that_runs_the_cycle_still_reports_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other half of defect 7: should the helper take the sleep all the same (busy,
+    # it never reads the disarm), its record is not lost but reported as it is.
+    helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.4, busy=True)
+    a, got = await arm_given_up(tmp_path, monkeypatch, helper)
+    monkeypatch.setattr(helper_armer, "DISARM_WAIT", 0.3)
+    assert await a.disarm() is False
+    helper.send_record.set()
+    task = a._reader_task
+    assert task is not None
+    await asyncio.wait_for(task, 5)
+    [(ok, record)] = got
+    assert ok and record["result"] == "success"
+    assert record["vt"] == 8 and "armed" in record["timeline_ms"]  # type: ignore[operator]
+    helper.close()
+
+
+@pytest.mark.asyncio
+async def test_disarm_without_a_connection_is_at_once_true(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
-    reader = asyncio.StreamReader()
-    reader.feed_eof()
-    got: list[bool] = []
-    armed: ArmedMessage = {"op": "armed", "vt": 8, "reserve_kib": 0, "pid": 1}
-    await a._await_record(reader, lambda ok, rec: got.append(ok), {}, armed)
-    assert got == []
+    assert await a.disarm() is True
+    assert a.unit.calls == []  # type: ignore[attr-defined]

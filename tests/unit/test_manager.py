@@ -41,7 +41,7 @@ class FakeBus:
     def send(self, msg: Message) -> None:
         self.sent.append(msg)
 
-    async def call(self, msg: Message) -> Message:
+    async def call(self, msg: Message) -> Message | None:
         """Calls out (systemd's ServiceWatchdogs): answered as on a bus without systemd."""
         self.sent.append(msg)
         msg.serial = len(self.sent)  # as a connection numbers what it sends

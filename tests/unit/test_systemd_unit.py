@@ -127,3 +127,54 @@ def test_signals_that_are_not_ours_are_ignored() -> None:
     assert call.message_type == MessageType.METHOD_CALL
     unit._handle(call)
     assert not changed.is_set()
+
+
+class FakeSleepServiceBus(FakeSystemdBus):
+    """systemd-suspend.service with its effective ExecStart=, drop-ins applied."""
+
+    PATH = "/org/freedesktop/systemd1/unit/systemd_2dsuspend_2eservice"
+
+    def __init__(self, argvs: list[list[str]]) -> None:
+        super().__init__()
+        self.argvs = argvs
+
+    async def call(self, msg: Message) -> Message:
+        self.calls.append(str(msg.member))
+        msg.serial = len(self.calls)
+        if msg.member == "LoadUnit":
+            return Message.new_method_return(msg, "o", [self.PATH])
+        if msg.member == "Get":
+            assert msg.path == self.PATH and tuple(msg.body) == (
+                "org.freedesktop.systemd1.Service",
+                "ExecStart",
+            )
+            commands = [[a[0], a, False, 0, 0, 0, 0, 0, 0, 0] for a in self.argvs]
+            return Message.new_method_return(msg, "v", [Variant("a(sasbttttuii)", commands)])
+        return Message.new_method_return(msg, "", [])
+
+
+@pytest.mark.asyncio
+async def test_the_effective_exec_start_is_each_commands_argv() -> None:
+    entry = ["/venv/bin/python", "-I", "-m", "cryptlockd.sleep_entry"]
+    bus: Any = FakeSleepServiceBus([entry])
+    assert await SystemdUnit(bus, "systemd-suspend.service").exec_start() == [entry]
+    assert bus.calls == ["LoadUnit", "Get"]
+
+
+@pytest.mark.asyncio
+async def test_each_daemon_reload_is_heard() -> None:
+    bus: Any = FakeSleepServiceBus([])
+    heard: list[int] = []
+    await SystemdUnit(bus, "systemd-suspend.service").on_reload(lambda: heard.append(1))
+    assert bus.calls == ["AddMatch", "Subscribe"]
+    for starting in (True, False):
+        reloading = Message.new_signal(
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            "Reloading",
+            "b",
+            [starting],
+        )
+        for handler in bus.handlers:
+            handler(reloading)
+    assert heard == [1]  # once the reload is over, not as it starts

@@ -139,14 +139,36 @@ async def wake(
     await guest.wait_agent(240, f"agent after {what}")
 
 
-async def run_cycle(guest: Guest, passphrases: Sequence[str], trigger: str) -> Cycle:
-    """Triggers a suspend, waits for SUSPEND, wakes the guest and types each passphrase at
-    the prompt. CycleFinished signals are recorded in /root/cycle-signal.log."""
+async def watch_signals(guest: Guest) -> None:
+    """From now on, CycleFinished signals go to /root/cycle-signal.log (see signals())."""
     await guest.run(
         "rm -f /root/cycle-signal.log; setsid busctl monitor --json=short "
         "--match type=signal,interface=org.cryptlockd1.Manager,"
         "member=CycleFinished > /root/cycle-signal.log 2>&1 < /dev/null &"
     )
+
+
+async def signals(guest: Guest, count: int) -> list[tuple[bool, dict[str, Any]]]:
+    """The first `count` CycleFinished signals since watch_signals(), as (success, the
+    record as busctl shows it), once there are that many."""
+
+    def parse(out: str) -> list[tuple[bool, dict[str, Any]]]:
+        msgs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return [(m["payload"]["data"][0], m["payload"]["data"][1]) for m in msgs]
+
+    out = await guest.wait_for_command(
+        "cat /root/cycle-signal.log",
+        60,
+        f"{count} CycleFinished signal(s)",
+        ok=lambda o: len(parse(o)) >= count,
+    )
+    return parse(out.stdout)[:count]
+
+
+async def run_cycle(guest: Guest, passphrases: Sequence[str], trigger: str) -> Cycle:
+    """Triggers a suspend, waits for SUSPEND, wakes the guest and types each passphrase at
+    the prompt. CycleFinished signals are recorded in /root/cycle-signal.log."""
+    await watch_signals(guest)
     since = await boottime(guest)
     notices = guest.console_count(PROMPT_NOTICE)
     to_suspend = await suspend(guest, trigger)

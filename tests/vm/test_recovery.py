@@ -31,6 +31,7 @@ from tests.vm.sleepcycle import (
     run_cycle,
     start_writer,
     suspend,
+    watch_signals,
 )
 from tests.vm.test_cycle import assert_restored, count_writer, data_before, knobs, usable_after
 
@@ -41,14 +42,6 @@ KILLED = "cryptlockd: test hook: SIGKILL at "
 RECOVERED = "recovered"
 # From the helper's death to the recovery's prompt (issue 10, acceptance 2).
 PROMPT_WITHIN = 10.0
-
-
-async def watch_signals(g: Guest) -> None:
-    await g.run(
-        "rm -f /root/cycle-signal.log; setsid busctl monitor "
-        "--json=short --match type=signal,interface=org.cryptlockd1.Manager,"
-        "member=CycleFinished > /root/cycle-signal.log 2>&1 < /dev/null &"
-    )
 
 
 async def cycle_finished_false(g: Guest) -> str:
