@@ -16,7 +16,7 @@ import signal
 import stat
 import time
 
-from cryptlockd.helper import cgroups, power, protocol, verify
+from cryptlockd.helper import cgroups, mappings, power, protocol, verify
 from cryptlockd.helper.vt import VtError
 
 TYPE_CHECKING = False  # see cycle.py
@@ -156,26 +156,36 @@ class SystemOps:
     def release_reserve(self) -> None:
         self.h.reserve.release()
 
-    def refresh_headers(self, devices: list[str]) -> list[str]:
-        problems = []
-        for name in devices:
-            try:
-                self.h.devices[name].reload()
-            except Exception as e:
-                problems.append(f"re-reading the header of {name}: {e}")
-        return problems
+    def refresh_header(self, device: str) -> None:
+        self.h.devices[device].reload()
 
-    def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
+    def present(self, device: str) -> bool:
+        return mappings.backing_present(device)
+
+    def deactivate(self, device: str) -> None:
+        self.h.devices[device].deactivate()
+        if device in mappings.suspended_mappings():
+            raise RuntimeError("still suspended after the forced deactivation")
+
+    def prompt(
+        self, secret: SecretBuffer, devices: list[str], failures: int, skippable: bool
+    ) -> bool:
         t = self.h.terminal
+        skip = "; Esc, Enter skips them" if skippable else ""
         notice_console(
-            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} (attempt {failures + 1})"
+            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} for "
+            f"{', '.join(devices)} (attempt {failures + 1}){skip}"
         )
         if failures:
             t.write("Sorry, that passphrase did not unlock the disks.\n")
-        t.write(
-            f"\ncryptlockd: the disks were locked while the machine slept.\n"
-            f"Passphrase for {', '.join(devices)}: "
-        )
+        t.write("\ncryptlockd: the disks were locked while the machine slept.\n")
+        if skippable:
+            t.write(
+                f"The system disks are back. To skip {', '.join(devices)} instead, press "
+                "Esc, then Enter: they are closed (what was written before the sleep stays "
+                "on the disk); open them again later.\n"
+            )
+        t.write(f"Passphrase for {', '.join(devices)}: ")
         if not self._hung_up and self.h.fault == "hangup-at-prompt":
             self._hung_up = True
             notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
