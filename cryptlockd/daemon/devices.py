@@ -28,6 +28,7 @@ __all__ = [
     "SystemPaths",
     "apply_exclude",
     "build_devices",
+    "crypt_mappings",
     "discover_devices",
     "parse_dm_uuid",
     "read_block_nodes",
@@ -153,6 +154,24 @@ def parse_dm_uuid(dm_uuid: str) -> tuple[str, str] | None:
     else:
         uuid = hexid
     return m.group(1), uuid
+
+
+# libcryptsetup's dm UUIDs are CRYPT-<type>-...; these hold no volume key of their own
+# (a LUKS2 integrity subdevice, a temporary device, dm-verity, keyless dm-integrity).
+_KEYLESS_TYPES = ("SUBDEV", "TEMP", "VERITY", "INTEGRITY")
+
+
+def crypt_mappings(nodes: dict[str, BlockNode]) -> dict[str, str]:
+    """dm name -> type ("LUKS2", "PLAIN", "TCRYPT", "BITLK"...) of every dm-crypt mapping
+    libcryptsetup made that holds a volume key in RAM."""
+    out = {}
+    for node in nodes.values():
+        if node.dm_name is None or not (node.dm_uuid or "").startswith("CRYPT-"):
+            continue
+        kind = (node.dm_uuid or "").split("-")[1]
+        if kind not in _KEYLESS_TYPES:
+            out[node.dm_name] = kind
+    return out
 
 
 def _walk(

@@ -122,6 +122,7 @@ if TYPE_CHECKING:
         def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool: ...
         def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None: ...
         def present(self, device: str) -> bool: ...
+        def late_devices(self, planned: list[DevicePlan]) -> list[DevicePlan]: ...
         def deactivate(self, device: str) -> None: ...
         def backoff(self, failures: int) -> None: ...
         def reopen_terminal(self) -> None: ...
@@ -147,6 +148,7 @@ def run_cycle(
             if saved_sync not in (None, "0"):
                 ops.set_sync_on_suspend("0")
             record.step("sync_on_suspend_off")
+            devices = opened_late(ops, devices, record) + devices
             for dev in devices:
                 try:
                     ops.suspend(dev.name)
@@ -175,6 +177,25 @@ def run_cycle(
             record.fail(str(e) or type(e).__name__)
     finally:
         wind_down(ops, devices, suspended, frozen, saved_sync, record, poweroff_after)
+
+
+def opened_late(ops: Ops, devices: list[DevicePlan], record: CycleRecord) -> list[DevicePlan]:
+    """The LUKS devices opened after arming (issue 11): suspended too, first (nothing
+    planned can sit on them), resumed last (they may sit on anything), never essential.
+    A failure here leaves them out, and the record says their keys stayed."""
+    try:
+        late = ops.late_devices(devices)
+    except Exception as e:
+        record.problems.append(f"looking for devices opened after arming: {e}")
+        return []
+    for d in late:
+        record.devices.append(d.name)
+        record.problems.append(f"{d.name} was opened after arming: suspended too")
+    return late
+
+
+def late_plan(name: str, planned: list[DevicePlan]) -> DevicePlan:
+    return DevicePlan(name, "passphrase", essential=False, after=[d.name for d in planned])
 
 
 def essential_suspended(

@@ -40,6 +40,9 @@ class Helper:
         # Loaded while idle (preload), by dm name, with the dm UUID they were loaded under.
         self.preloaded: dict[str, tuple[str, Device]] = {}
         self.plan: list[DevicePlan] = []
+        # The LUKS mappings there when armed: any other found at the suspend was opened
+        # after arming (SystemOps.late_devices).
+        self.armed_mappings: set[str] = set()
         self._terminal: Terminal | None = None
         self.reserve = Reserve(0)
         self.sleep_state = "mem"
@@ -92,7 +95,7 @@ class Helper:
                     taken[name] = Device(self.library, name, header)
                 except UnsupportedDevice as e:
                     plan.remove(p)
-                    self._unprotected(name, str(e))
+                    self.unprotected(name, str(e))
         except BaseException:
             for dev in taken.values():
                 dev.free()
@@ -102,10 +105,11 @@ class Helper:
                 dev.free()
         return taken
 
-    def _unprotected(self, name: str, why: str) -> None:
+    def unprotected(self, name: str, why: str, journal: bool = True) -> None:
         # Never suspended: its key stays in RAM through this sleep. The cycle cannot succeed.
         problem = f"{why}: NOT suspended, its key stays in RAM through this sleep"
-        log(WARNING, problem)
+        if journal:  # not while the system is frozen: the record carries it then
+            log(WARNING, problem)
         self.record.problems.append(problem)
         self.record.verification[name] = {"dm_table_key": "not suspended", "protected": "no"}
 
@@ -129,6 +133,7 @@ class Helper:
         if self.library is None:
             self.library = Library()
         self.plan = [DevicePlan.from_dict(dict(d)) for d in msg["devices"]]
+        self.armed_mappings = set(mappings.luks_mappings())
         self.devices = self._take_devices(self.plan)
         hints = msg["keyslots"] or {}
         for p in self.plan:

@@ -17,11 +17,13 @@ import stat
 import time
 
 from cryptlockd.helper import cgroups, mappings, power, protocol, verify
+from cryptlockd.helper.cycle import late_plan
+from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
-    from cryptlockd.helper.cycle import Ops
+    from cryptlockd.helper.cycle import DevicePlan, Ops
     from cryptlockd.helper.secret import SecretBuffer
     from cryptlockd.helper.session import Helper
 
@@ -158,6 +160,23 @@ class SystemOps:
 
     def refresh_header(self, device: str) -> None:
         self.h.devices[device].reload()
+
+    def late_devices(self, planned: list[DevicePlan]) -> list[DevicePlan]:
+        """LUKS mappings that were not there when armed, opened to be suspended (and in
+        the plan the recovery reads); one that cannot be (a detached header) is left out
+        and reported unprotected. Frozen by now: nothing goes to the journal."""
+        assert self.h.library is not None
+        late = []
+        for name in sorted(set(mappings.luks_mappings()) - self.h.armed_mappings):
+            try:
+                self.h.devices[name] = Device(self.h.library, name)
+            except Exception as e:
+                self.h.record.devices.append(name)
+                self.h.unprotected(name, f"{name} (opened after arming): {e}", journal=False)
+                continue
+            late.append(late_plan(name, planned))
+        self.h.plan = late + self.h.plan
+        return late
 
     def present(self, device: str) -> bool:
         return mappings.backing_present(device)

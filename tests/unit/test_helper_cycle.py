@@ -5,6 +5,7 @@ import pytest
 from cryptlockd.helper.cycle import (
     DevicePlan,
     SleepFailed,
+    late_plan,
     run_cycle,
     wind_down,
 )
@@ -39,6 +40,7 @@ class FakeOps:
         self.sync_on_suspend = "1"
         self.secrets: list[SecretBuffer] = []
         self.gone: set[str] = set()
+        self.late: list[str] = []
 
     def freeze(self, frozen: list[str]) -> None:
         frozen.extend(["/system.slice", "/user.slice"])
@@ -91,6 +93,9 @@ class FakeOps:
 
     def refresh_header(self, device: str) -> None:
         self.calls.append(f"refresh:{device}")
+
+    def late_devices(self, planned: list[DevicePlan]) -> list[DevicePlan]:
+        return [late_plan(n, planned) for n in self.late]
 
     def present(self, device: str) -> bool:
         return device not in self.gone
@@ -429,3 +434,24 @@ def test_device_plan_round_trips_through_the_cycle_state() -> None:
     back = DevicePlan.from_dict(plan.as_dict())
     assert repr(back) == repr(plan)
     assert DevicePlan.from_dict({"name": "r", "key_source": "passphrase"}).essential
+
+
+def test_a_device_opened_after_arming_is_suspended_first_and_resumed_last() -> None:
+    ops = FakeOps([GOOD])
+    ops.late = ["stick"]
+    rec = cycle(ops)
+    suspends = [c for c in ops.calls if c.startswith("suspend")]
+    assert suspends == ["suspend:stick", "suspend:nested", "suspend:root", "suspend:data"]
+    assert rec.resumed[-1] == "stick" and rec.success
+    assert "stick" in rec.devices and "stick was opened after arming: suspended too" in rec.problems
+
+
+def test_a_failing_look_for_late_devices_is_a_problem_not_an_end() -> None:
+    ops = FakeOps([GOOD])
+
+    def broken(planned: list[DevicePlan]) -> list[DevicePlan]:
+        raise OSError("EIO")
+
+    ops.late_devices = broken  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.success and "looking for devices opened after arming: EIO" in rec.problems
