@@ -143,7 +143,9 @@ class Device:
             self.library._check("crypt_init_by_name", self.name, rc)
         else:
             rc = lib.crypt_init_by_name_and_header(ctypes.byref(cd), self._bname, self._bheader)
-            self.library._check("crypt_init_by_name_and_header", self.name, rc)
+            if rc < 0:
+                err = CryptError("crypt_init_by_name_and_header", self.name, rc, [])
+                raise UnsupportedDevice(f"{self.name}: its detached header cannot be read: {err}")
         t = lib.crypt_get_type(cd)
         kind = t.decode() if t else ""
         if kind not in LUKS_TYPES:

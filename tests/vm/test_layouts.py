@@ -7,7 +7,8 @@ encrypted root, all in one guest and one protected sleep:
   kchain1's file system (acceptance 2);
 - every one of them on a loop device whose backing file lives on the encrypted root, so
   each must be suspended before root and resumed after it (acceptance 3);
-- `det`, LUKS2 with a detached header (crypttab header=) on root (acceptance 4);
+- `det`, LUKS2 with a detached header (crypttab header=) on root, and `det2`, whose header
+  file is gone by the sleep: unprotected, said before the sleep (acceptance 4);
 - `old1`, LUKS1, and `integ`, LUKS2 with --integrity hmac-sha256 (acceptance 5);
 - a disk the desktop opened (luks-<uuid>, no crypttab line) with a passphrase the test does
   not type: skipped with Esc, Enter once the rest is back (acceptance 6);
@@ -72,6 +73,10 @@ D=$(img det 24M); truncate -s 16M /etc/hdr/det.hdr
 fmt --type luks2 --header /etc/hdr/det.hdr "$D"; opn --header /etc/hdr/det.hdr "$D" det
 fs det /mnt/det
 
+D2=$(img det2 24M); truncate -s 16M /etc/hdr/det2.hdr
+fmt --type luks2 --header /etc/hdr/det2.hdr "$D2"; opn --header /etc/hdr/det2.hdr "$D2" det2
+mv /etc/hdr/det2.hdr /root/det2.hdr.away
+
 I=$(img integ 64M)
 fmt --type luks2 --integrity hmac-sha256 --integrity-no-wipe "$I"; opn "$I" integ
 
@@ -92,6 +97,7 @@ cat >> /etc/crypttab <<EOF
 kchain1 $K1 /etc/keys/k1.key luks
 kchain2 $K2 /mnt/k1/k2.key luks
 det $D none luks,header=/etc/hdr/det.hdr
+det2 $D2 none luks,header=/etc/hdr/det2.hdr
 EOF
 
 for m in upper k1 k2 old1 det usb; do
@@ -104,7 +110,7 @@ dd if=/dev/mapper/integ bs=1M count=1 iflag=direct status=none | sha256sum > /ru
 echo "$USB"
 """
 
-STACKED = ["lower", "upper", "kchain1", "kchain2", "old1", "det", "integ"]
+STACKED = ["lower", "upper", "kchain1", "kchain2", "old1", "det", "det2", "integ"]
 
 
 def order(timeline: dict[str, float], *steps: str) -> bool:
@@ -128,7 +134,9 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     )
     await armed_ready(g)
     status = json.loads((await g.run("cryptlockctl --json status")).stdout)
-    assert not [p for p in status.get("Problems", []) if p.startswith("coverage")], status
+    coverage = [p for p in status.get("Problems", []) if p.startswith("coverage")]
+    assert len(coverage) == 1 and "det2 (its detached header" in coverage[0], status
+    assert "det (" not in coverage[0] and "upper" not in coverage[0], coverage
 
     since = await boottime(g)
     notices = g.console_count(PROMPT_NOTICE)
@@ -153,7 +161,11 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     print(f"\nlayouts cycle record: {json.dumps(rec, sort_keys=True)}")
     t = rec["timeline_ms"]
     assert rec["skipped"] == [usb], rec
-    assert set(rec["resumed"]) == expected - {usb} | {"late"}, rec["resumed"]
+    assert set(rec["resumed"]) == expected - {usb, "det2"} | {"late"}, rec["resumed"]
+    # det2's header was gone: never suspended, and the record says its key stayed.
+    assert "det2" not in rec["suspended"] and rec["verification"]["det2"]["protected"] == "no"
+    assert any(p.startswith("det2: its detached header") for p in rec["problems"])
+    assert rec["success"] is False
     assert rec["wrong_passphrases"] == 0 and "prompt#2" in t and "prompt#3" not in t
     assert "late was opened after arming: suspended too" in rec["problems"]
     for dm in rec["suspended"]:
