@@ -196,7 +196,9 @@ class Resumer:
             return
         skippable = not self.essential_left()
         self.record.step("prompt")
-        if not self.ops.prompt(secret, [d.name for d in asking], self.failures, skippable):
+        names = [d.name for d in asking]
+        vanishing = [d.name for d in asking if not d.essential]
+        if not self.ops.prompt(secret, names, self.failures, skippable, vanishing):
             secret.wipe()
             return
         if skippable and is_skip(secret):

@@ -187,7 +187,12 @@ class SystemOps:
             raise RuntimeError("still suspended after the forced deactivation")
 
     def prompt(
-        self, secret: SecretBuffer, devices: list[str], failures: int, skippable: bool
+        self,
+        secret: SecretBuffer,
+        devices: list[str],
+        failures: int,
+        skippable: bool,
+        vanishing: list[str],
     ) -> bool:
         t = self.h.terminal
         skip = "; Esc, Enter skips them" if skippable else ""
@@ -210,7 +215,13 @@ class SystemOps:
             notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
             t.hang_up()
         self._fault("at-prompt")
-        if not t.read_secret(secret):
+        # A disk unplugged while asleep may go only now, as the kernel handles the
+        # hotplug after the wake: the prompt is drawn again without it.
+        got = t.read_secret(secret, lambda: any(not mappings.backing_present(d) for d in vanishing))
+        if got is None:
+            t.write("\n")
+            return False
+        if not got:
             # A hung-up VT reads end of file for good: the loop opens it again.
             raise VtError(f"end of file on VT {t.number}")
         t.write("Unlocking...\n")

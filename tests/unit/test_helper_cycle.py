@@ -80,7 +80,12 @@ class FakeOps:
         self.calls.append("release_reserve")
 
     def prompt(
-        self, secret: SecretBuffer, devices: list[str], failures: int, skippable: bool = False
+        self,
+        secret: SecretBuffer,
+        devices: list[str],
+        failures: int,
+        skippable: bool = False,
+        vanishing: list[str] | None = None,
     ) -> bool:
         self.calls.append(f"prompt:{','.join(devices)}" + (" (skip?)" if skippable else ""))
         self.secrets.append(secret)
@@ -306,10 +311,12 @@ def fail_prompt(ops: FakeOps, errors: list[OSError]) -> None:
     """The prompt raises each of `errors` in turn (as a hung-up VT does), then answers."""
     real = ops.prompt
 
-    def flaky(secret: SecretBuffer, devices: list[str], n: int, skippable: bool) -> bool:
+    def flaky(
+        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
+    ) -> bool:
         if errors:
             raise errors.pop()
-        return real(secret, devices, n, skippable)
+        return real(secret, devices, n, skippable, vanishing)
 
     ops.prompt = flaky  # type: ignore[method-assign]
 
@@ -380,7 +387,9 @@ def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
     # (the unit's ExecStopPost=) takes over.
     ops = FakeOps([])
 
-    def interrupted(secret: SecretBuffer, devices: list[str], n: int, skippable: bool) -> bool:
+    def interrupted(
+        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
+    ) -> bool:
         raise KeyboardInterrupt
 
     ops.prompt = interrupted  # type: ignore[method-assign]

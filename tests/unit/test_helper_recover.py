@@ -89,7 +89,7 @@ class FakeTerminal:
     def write(self, text: str) -> None:
         FakeTerminal.shown.append(text)
 
-    def read_secret(self, secret: SecretBuffer) -> bool:
+    def read_secret(self, secret: SecretBuffer, give_up: object = None) -> bool:
         phrase = FakeTerminal.typed.pop(0)
         secret.view()[: len(phrase)] = phrase
         secret.length = len(phrase)

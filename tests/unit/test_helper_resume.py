@@ -203,3 +203,28 @@ def test_plan_entries_carry_after_and_header() -> None:
     )
     assert p.after == ["r"] and p.header == "/etc/h"
     assert DevicePlan.from_dict(p.as_dict()).as_dict() == p.as_dict()
+
+
+def test_a_device_that_vanishes_during_the_prompt_ends_it_and_is_not_asked_again() -> None:
+    # The kernel handles the unplug only after the wake: the prompt (SystemOps) gives up
+    # when a device it may drop goes, and the next round is drawn without it.
+    ops = FakeOps([GOOD])
+    real = ops.prompt
+
+    def prompt(
+        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
+    ) -> bool:
+        if "usb" in devices:
+            ops.calls.append(f"prompt:{','.join(devices)} gave up")
+            assert vanishing == ["usb"]
+            ops.gone.add("usb")
+            return False
+        return real(secret, devices, n, skippable, vanishing)
+
+    ops.prompt = prompt  # type: ignore[method-assign]
+    rec = run(ops, USB_PLAN)
+    assert [c for c in ops.calls if c.startswith("prompt")] == [
+        "prompt:root,usb gave up",
+        "prompt:root",
+    ]
+    assert rec.skipped == ["usb"] and rec.wrong_passphrases == 0 and rec.success
