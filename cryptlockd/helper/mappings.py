@@ -81,6 +81,8 @@ def backing_present(name: str, sys_block: str = SYS_BLOCK) -> bool:
             below = os.listdir(slaves)
         except OSError:
             below = []
+        if not below and os.path.basename(path).startswith("dm-"):
+            return False  # a mapping always sits on something: its device has gone
         for entry in below:
             link = os.path.join(slaves, entry)
             if not os.path.exists(os.path.join(link, "dev")):
