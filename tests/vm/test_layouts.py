@@ -47,7 +47,7 @@ pytestmark = [
 SETUP = r"""
 set -eu
 P="$1"
-mkdir -p /root/img /etc/hdr /mnt/upper /mnt/k1 /mnt/k2 /mnt/old1 /mnt/det /mnt/usb
+mkdir -p /etc/systemd/system-sleep /root/img /etc/hdr /mnt/upper /mnt/k1 /mnt/k2 /mnt/old1 /mnt/det /mnt/usb
 CHEAP="--pbkdf pbkdf2 --pbkdf-force-iterations 1000"
 fmt() { printf %s "$P" | cryptsetup luksFormat -q $CHEAP --key-file=- "$@"; }
 opn() { printf %s "$P" | cryptsetup open --key-file=- "$@"; }
@@ -121,7 +121,7 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     g = installed_guest
     await armed_ready(g)
     await g.write_file("/root/layouts.sh", SETUP.encode(), 0o755)
-    usb = (await g.run(["/root/layouts.sh", layout.PASSPHRASE], timeout=300)).stdout.strip()
+    usb = (await g.run(["bash", "/root/layouts.sh", layout.PASSPHRASE], timeout=300)).stdout
     usb = usb.splitlines()[-1]
     # The daemon reads crypttab again on Reload; hotplug told it about the mappings.
     await g.run(f"busctl call {MANAGER} Reload")
@@ -201,3 +201,73 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     )
     rc = re.search(r"rc=(\d+)", probe.stdout)
     assert rc is not None and rc.group(1) not in ("0", "124"), probe.stdout + probe.stderr
+
+
+UNPLUG_SETUP = r"""
+set -eu
+disk=/dev/$1
+printf %s not-typed | cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 \
+    --pbkdf-force-iterations 1000 --key-file=- "$disk"
+name="luks-$(cryptsetup luksUUID "$disk")"
+printf %s not-typed | cryptsetup open --key-file=- "$disk" "$name"
+mkfs.ext4 -q "/dev/mapper/$name"; mkdir -p /mnt/stick; mount "/dev/mapper/$name" /mnt/stick
+echo hello > /mnt/stick/f; sync
+echo "$name"
+"""
+
+
+async def test_a_disk_unplugged_while_asleep_is_not_prompted_for(installed_guest: Guest) -> None:
+    """Acceptance 6, second half: a LUKS disk the desktop opened is removed with QMP
+    device_del while the guest sleeps. The guest ejects it after the wake; the helper
+    notices, drops it from the prompt, and the record says so."""
+    g = installed_guest
+    await armed_ready(g)
+    before = set((await g.run("ls /sys/block")).stdout.split())
+    stick = g.workdir / "stick.raw"
+    with stick.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    await g.qmp(
+        "blockdev-add",
+        {"driver": "raw", "node-name": "stick", "file": {"driver": "file", "filename": str(stick)}},
+    )
+    await g.qmp("device_add", {"driver": "virtio-blk-pci", "drive": "stick", "id": "stick"})
+    added = await g.wait_for_command(
+        "ls /sys/block", 60, "the hot-plugged disk", ok=lambda o: set(o.split()) - before
+    )
+    [disk] = set(added.stdout.split()) - before
+    await g.write_file("/root/unplug.sh", UNPLUG_SETUP.encode())
+    name = (await g.run(["bash", "/root/unplug.sh", disk], timeout=120)).stdout.split()[-1]
+    await g.wait_for_command(
+        "cryptlockctl --json devices", 120, "the daemon knows the stick", ok=lambda o: name in o
+    )
+    await armed_ready(g)
+
+    since = await boottime(g)
+    notices = g.console_count(PROMPT_NOTICE)
+    await suspend(g, "systemctl suspend")
+    mark = g.event_mark()
+    await g.qmp("device_del", {"id": "stick"})
+    await g.wakeup()
+    await g.wait_event("WAKEUP", 60, since=mark)
+    # The guest ejects the disk once awake (QEMU says so when it is gone).
+    await g.wait_event("DEVICE_DELETED", 120, since=mark)
+    await g.wait_console(PROMPT_NOTICE, 240, after=notices)
+
+    def shown() -> list[str]:
+        return [ln for ln in g.console_text().splitlines() if PROMPT_NOTICE in ln][notices:]
+
+    async def redrawn() -> bool:
+        return name not in shown()[-1]
+
+    # A prompt drawn before the eject gives up within a second or so and is drawn again.
+    await g.until(redrawn, 60, "a prompt without the unplugged disk")
+    await g.type_text(layout.PASSPHRASE)
+    await g.wait_agent(240, "agent after the resume")
+    rec = await last_cycle(g, since)
+    print(f"\nunplug cycle record: {json.dumps(rec, sort_keys=True)}")
+    assert rec["skipped"] == [name], rec
+    assert f"{name} disappeared while the machine slept: not prompted for" in rec["problems"]
+    assert rec["wrong_passphrases"] == 0
+    assert set(rec["resumed"]) == {layout.ROOT_DM_NAME, layout.DATA_DM_NAME}
+    # Never a prompt for the stick alone.
+    assert not [ln for ln in shown() if f"for {name} (" in ln], shown()
