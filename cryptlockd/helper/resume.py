@@ -85,8 +85,8 @@ class Resumer:
         """Pending devices whose dependencies are back (or were never suspended). Should
         the plan hold a cycle (it cannot from a real layout), everything counts as ready
         rather than nothing ever."""
-        back = {d.name for d in self.pending}
-        ready = [d for d in self.pending if not any(a in back for a in d.after)]
+        waiting = {d.name for d in self.pending}
+        ready = [d for d in self.pending if not any(a in waiting for a in d.after)]
         return ready or list(self.pending)
 
     def essential_left(self) -> bool:
