@@ -17,9 +17,6 @@ CRYPT_ANY_SLOT = -1
 CRYPT_SLOT_ACTIVE = 2
 CRYPT_SLOT_ACTIVE_LAST = 3
 MAX_KEYSLOTS = 32
-CRYPT_DEACTIVATE_DEFERRED = 1 << 0
-# Busy: the table is replaced by dm's error target (then the remove is retried).
-CRYPT_DEACTIVATE_FORCE = 1 << 1
 LUKS_TYPES = ("LUKS1", "LUKS2")
 
 _LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -48,9 +45,6 @@ class _PbkdfType(ctypes.Structure):
 
 class Library:
     def __init__(self, soname: str = SONAME) -> None:
-        # udevd is frozen mid-cycle: libdevmapper must not wait for it (a deactivation
-        # would wait on its udev cookie for good). Read when the library loads.
-        os.environ["DM_DISABLE_UDEV"] = "1"
         self.lib = ctypes.CDLL(soname, use_errno=True)
         self.messages: list[str] = []
 
@@ -69,7 +63,6 @@ class Library:
             ctypes.c_char_p,
             ctypes.c_char_p,
         ]
-        lib.crypt_deactivate_by_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
         lib.crypt_free.argtypes = [ctypes.c_void_p]
         lib.crypt_free.restype = None
         lib.crypt_suspend.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
@@ -162,19 +155,6 @@ class Device:
         self.library.lib.crypt_free(self.cd)
         self.cd = fresh
         self.slots = self.active_keyslots()
-
-    def deactivate(self) -> None:
-        """Closes a device that will not come back (skipped, or its disk gone): forced, so
-        a device still in use (mounted) gets dm's error target instead of its suspended
-        table; whatever touches it then fails at once instead of hanging for good. It goes
-        away once nothing holds it (deferred removal)."""
-        lib = self.library.lib
-        rc = lib.crypt_deactivate_by_name(self.cd, self._bname, CRYPT_DEACTIVATE_FORCE)
-        if rc >= 0:
-            return
-        # Still held: with the error target in, the mapping is no longer suspended.
-        rc = lib.crypt_deactivate_by_name(self.cd, self._bname, CRYPT_DEACTIVATE_DEFERRED)
-        self.library._check("crypt_deactivate_by_name", self.name, rc)
 
     def luks_type(self) -> str:
         t = self.library.lib.crypt_get_type(self.cd)

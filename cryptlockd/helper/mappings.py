@@ -85,7 +85,28 @@ def backing_present(name: str, sys_block: str = SYS_BLOCK) -> bool:
             return False  # a mapping always sits on something: its device has gone
         for entry in below:
             link = os.path.join(slaves, entry)
-            if not os.path.exists(os.path.join(link, "dev")):
+            if not os.path.exists(os.path.join(link, "dev")) or _pci_gone(link):
                 return False
             queue.append(os.path.realpath(link))
     return True
+
+
+def _pci_gone(block: str) -> bool:
+    """Whether the PCI device under a block device answers no more: a device removed while
+    the machine slept, with no hotplug event to tell the kernel (a surprise removal; QEMU's
+    device_del of a sleeping guest), still has its sysfs tree, but its configuration space
+    reads all ones. Reading it is no disk I/O."""
+    path = os.path.realpath(block)
+    while path.startswith("/sys/devices/") or "/devices/" in path:
+        config = os.path.join(path, "config")
+        if os.path.exists(os.path.join(path, "vendor")) and os.path.exists(config):
+            try:
+                with open(config, "rb") as f:
+                    return f.read(2) == b"\xff\xff"
+            except OSError:
+                return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return False

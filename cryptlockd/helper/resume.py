@@ -11,9 +11,9 @@ LVM on LUKS with one passphrase: one prompt).
 
 Once every essential device is back, the prompt offers to skip the rest (SKIP_KEY). A
 skipped device, and a device that vanished while asleep (a USB disk unplugged), is closed
-with libcryptsetup's forced deactivation: its table becomes dm's error target, so whatever
-touches it gets EIO at once instead of hanging for good, and what the cycle synced before
-the sleep is what stays on the disk. The record names them.
+(dm_ioctl.py): its table becomes dm's error target, so whatever touches it gets EIO at
+once instead of hanging for good, and what the cycle synced before the sleep is what stays
+on the disk; it is removed once nothing holds it. The record names them.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Resumer:
                 self.drop(dev, "disappeared while the machine slept: not prompted for")
 
     def close_dropped(self) -> None:
-        """Forced deactivation, upper layers first (the plan's suspend order)."""
+        """Upper layers first (the plan's suspend order)."""
         for dev in reversed(self.dropped):
             try:
                 self.ops.deactivate(dev.name)

@@ -16,7 +16,7 @@ import signal
 import stat
 import time
 
-from cryptlockd.helper import cgroups, mappings, power, protocol, verify
+from cryptlockd.helper import cgroups, dm_ioctl, mappings, power, protocol, verify
 from cryptlockd.helper.cycle import late_plan
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
@@ -182,7 +182,7 @@ class SystemOps:
         return mappings.backing_present(device)
 
     def deactivate(self, device: str) -> None:
-        self.h.devices[device].deactivate()
+        dm_ioctl.close_with_error_target(device)
         if device in mappings.suspended_mappings():
             raise RuntimeError("still suspended after the forced deactivation")
 

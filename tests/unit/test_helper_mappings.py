@@ -59,3 +59,21 @@ def test_backing_present_follows_the_slaves_down(tmp_path: Path) -> None:
     (tmp_path / "dm-3" / "slaves" / "vda2").unlink()
     assert not mappings.backing_present("root", str(tmp_path))
     assert not mappings.backing_present("no-such-mapping", str(tmp_path))
+
+
+def test_a_pci_disk_that_answers_all_ones_is_gone(tmp_path: Path) -> None:
+    # sysfs as the kernel lays it out: the disk under its PCI function.
+    pci = tmp_path / "devices" / "pci0000:00" / "0000:00:06.0"
+    disk = pci / "virtio3" / "block" / "vdc"
+    disk.mkdir(parents=True)
+    (disk / "dev").write_text("252:32\n")
+    (pci / "vendor").write_text("0x1af4\n")
+    (pci / "config").write_bytes(b"\xf4\x1a\x01\x10" + bytes(60))
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "vdc").symlink_to(disk)
+    fake_dm(block, "dm-0", "stick", "CRYPT-LUKS2-aaaa-stick")
+    link(block, "dm-0", "vdc")
+    assert mappings.backing_present("stick", str(block))
+    (pci / "config").write_bytes(b"\xff" * 64)  # removed while asleep, never told
+    assert not mappings.backing_present("stick", str(block))
