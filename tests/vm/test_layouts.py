@@ -186,7 +186,8 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     assert order(t, f"resumed:{root}", "resumed:det")
     assert order(t, "prompt#2", "skipped", "closed:late", f"closed:{usb}", "thawed")
     assert not [p for p in rec["problems"] if p.startswith("closing")], rec["problems"]
-    assert not [p for p in rec["problems"] if "header" in p], rec["problems"]
+    # No header trouble but det2's (headers re-read after wake, each in its turn).
+    assert not [p for p in rec["problems"] if "header" in p and not p.startswith("det2:")]
 
     # Data intact and the devices usable (direct I/O: the page cache would answer anyway).
     await g.run("sha256sum -c /run/layout-sums")
