@@ -15,7 +15,7 @@ import json
 import pytest
 
 from tests.vm import layout
-from tests.vm.guest import Guest
+from tests.vm.guest import Guest, GuestError
 from tests.vm.sleepcycle import MANAGER, PROMPT_NOTICE, armed_ready, boottime, last_cycle
 
 pytestmark = [
@@ -26,6 +26,7 @@ pytestmark = [
 ]
 
 ENTRY = "PM: suspend entry (s2idle)"
+QUIET = 15.0  # seconds the guest must stay asleep before the key
 
 
 async def test_a_protected_cycle_in_s2idle_woken_by_a_key(installed_guest: Guest) -> None:
@@ -45,6 +46,9 @@ async def test_a_protected_cycle_in_s2idle_woken_by_a_key(installed_guest: Guest
     await g.spawn(f"busctl call {MANAGER} Suspend", "/root/trigger.log")
     await g.wait_console(ENTRY, 120, after=entries)
     assert await g.status() == "running"  # s2idle: not QEMU's suspended state
+    # Asleep for real: nothing wakes it but the key (no prompt comes by itself).
+    with pytest.raises(GuestError, match="on the console"):
+        await g.wait_console(PROMPT_NOTICE, QUIET, after=notices)
     await g.send_keys("shift")
     await g.wait_console(PROMPT_NOTICE, 240, after=notices)
     await g.type_text(layout.PASSPHRASE)
@@ -55,5 +59,7 @@ async def test_a_protected_cycle_in_s2idle_woken_by_a_key(installed_guest: Guest
     assert set(rec["resumed"]) == {layout.ROOT_DM_NAME, layout.DATA_DM_NAME}
     for dm in rec["suspended"]:
         assert rec["verification"][dm]["dm_table_key"] == "zeroed", rec["verification"]
+    t = rec["timeline_ms"]
+    assert t["woke"] - t["sleep_write"] >= QUIET * 1000, t
     mem = (await g.run("cat /sys/power/mem_sleep")).stdout
     assert "[s2idle]" in mem, mem
