@@ -95,6 +95,14 @@ class FakeSystem:
             names.append(part)
         return names
 
+    def loop(self, kname: str, backing_file: str) -> str:
+        """A loop device (no slaves in sysfs) over `backing_file`."""
+        base = self._node(kname, 7)
+        (base / "slaves").mkdir()
+        (base / "loop").mkdir()
+        (base / "loop" / "backing_file").write_text(backing_file + "\n")
+        return kname
+
     def dm(
         self, kname: str, name: str, uuid: str, slaves: list[str], suspended: bool = False
     ) -> str:

@@ -24,6 +24,15 @@ class CrypttabEntry:
         return f"keyfile:{self.keyfile}" if self.keyfile else "passphrase"
 
     @property
+    def header(self) -> str | None:
+        """header=: a detached LUKS header (a file or a device), or None."""
+        for option in self.options:
+            name, _, value = option.partition("=")
+            if name == "header" and value:
+                return value
+        return None
+
+    @property
     def keyfile_size(self) -> int:
         return self._bytes_option("keyfile-size")
 

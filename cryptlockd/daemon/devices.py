@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptlockd.daemon import device_graph
 from cryptlockd.daemon.crypttab import CrypttabEntry, read_crypttab
+from cryptlockd.daemon.mountinfo import (
+    essential_filesystems,
+    mount_of,
+    parse_mountinfo_points,
+    parse_mountinfo_root,
+)
 
 __all__ = [
     "BlockNode",
@@ -21,10 +28,11 @@ __all__ = [
     "SystemPaths",
     "apply_exclude",
     "build_devices",
+    "crypt_mappings",
     "discover_devices",
     "parse_dm_uuid",
-    "parse_mountinfo_root",
     "read_block_nodes",
+    "resume_order",
     "suspend_order",
 ]
 
@@ -44,9 +52,17 @@ class LuksDevice:
     # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
     keyfile_size: int = 0
     keyfile_offset: int = 0
-    # Holds /, /usr, /var, swap or a keyfile, directly or through holders (SPEC 2.8):
-    # nothing may be thawed while it is suspended. True unless shown otherwise.
+    # Holds /, /usr, /var or swap, or is needed by a device that does (lower layers,
+    # keyfile, header; device_graph.py): nothing may be thawed while it is suspended.
+    # True unless shown otherwise.
     essential: bool = True
+    # dm names of the LUKS devices that must be back before this one (device_graph.py).
+    needs: tuple[str, ...] = ()
+    # crypttab's header=: a detached LUKS header, a path on the real root ("" for none).
+    header: str = ""
+    # False when the keyfile cannot be read at resume (it lives on the device itself or
+    # behind it): the helper asks for the passphrase instead.
+    keyfile_usable: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,87 +72,6 @@ class SystemPaths:
     crypttab: Path = Path("/etc/crypttab")
     dev: Path = Path("/dev")
     swaps: Path = Path("/proc/swaps")
-
-
-# ---- mountinfo -----------------------------------------------------------------------
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo_root(text: str) -> tuple[str, str] | None:
-    """(major:minor, mount source) of the filesystem mounted on "/", or None.
-
-    The last "/" entry wins: it is the one on top, the one processes see.
-    """
-    found: tuple[str, str] | None = None
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) < 10 or "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        if _unescape_mountinfo(fields[4]) != "/" or len(fields) < sep + 3:
-            continue
-        found = (fields[2], _unescape_mountinfo(fields[sep + 2]))
-    return found
-
-
-# Mount points that must not sit on a suspended device while anything runs (SPEC 2.8).
-ESSENTIAL_MOUNTS = ("/", "/usr", "/var")
-
-
-def parse_mountinfo_points(text: str) -> dict[str, tuple[str, str]]:
-    """mount point -> (major:minor, mount source); the last entry of a point wins."""
-    points: dict[str, tuple[str, str]] = {}
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) < 10 or "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        if len(fields) < sep + 3:
-            continue
-        points[_unescape_mountinfo(fields[4])] = (fields[2], _unescape_mountinfo(fields[sep + 2]))
-    return points
-
-
-def _mount_of(points: dict[str, tuple[str, str]], path: str) -> tuple[str, str] | None:
-    """The filesystem `path` lives on: the longest mount point that contains it."""
-    best = ""
-    for point in points:
-        inside = path == point or path.startswith(point.rstrip("/") + "/")
-        if inside and len(point) > len(best):
-            best = point
-    return points.get(best) if best else None
-
-
-def parse_swaps(text: str) -> list[tuple[str, str]]:
-    """(file name, type) of each active swap area, from /proc/swaps."""
-    out = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 2:
-            out.append((fields[0].replace("\\040", " "), fields[1]))
-    return out
-
-
-def essential_filesystems(
-    mountinfo: str, swaps: str, keyfiles: Sequence[str]
-) -> list[tuple[str, str]]:
-    """(major:minor, source) of what must stay usable while anything runs: /, /usr, /var,
-    the swap areas (a swap file: its filesystem) and the filesystems holding keyfiles."""
-    points = parse_mountinfo_points(mountinfo)
-    found = [points[p] for p in ESSENTIAL_MOUNTS if p in points]
-    for name, kind in parse_swaps(swaps):
-        if kind == "partition":
-            found.append(("", name))
-        elif (fs := _mount_of(points, name)) is not None:
-            found.append(fs)
-    for path in keyfiles:
-        if (fs := _mount_of(points, path)) is not None:
-            found.append(fs)
-    return found
 
 
 # ---- sysfs ---------------------------------------------------------------------------
@@ -153,6 +88,8 @@ class BlockNode:
     suspended: bool = False
     slaves: tuple[str, ...] = ()  # knames below
     holders: tuple[str, ...] = ()  # knames above
+    # A loop device's backing file (sysfs shows it no slave): where its data really lives.
+    backing_file: str | None = None
 
 
 def _read(path: Path) -> str | None:
@@ -167,6 +104,14 @@ def _names(directory: Path) -> tuple[str, ...]:
         return tuple(sorted(p.name for p in directory.iterdir()))
     except (FileNotFoundError, NotADirectoryError):
         return ()
+
+
+def _loop_backing_file(base: Path) -> str | None:
+    name = _read(base / "loop" / "backing_file")
+    if not name:
+        return None
+    # A file unlinked while attached still holds its file system's blocks.
+    return name.removesuffix(" (deleted)")
 
 
 def read_block_nodes(sysfs: Path) -> dict[str, BlockNode]:
@@ -186,6 +131,7 @@ def read_block_nodes(sysfs: Path) -> dict[str, BlockNode]:
             suspended=_read(base / "dm" / "suspended") == "1",
             slaves=_names(base / "slaves"),
             holders=_names(base / "holders"),
+            backing_file=_loop_backing_file(base),
         )
     return nodes
 
@@ -208,6 +154,24 @@ def parse_dm_uuid(dm_uuid: str) -> tuple[str, str] | None:
     else:
         uuid = hexid
     return m.group(1), uuid
+
+
+# libcryptsetup's dm UUIDs are CRYPT-<type>-...; these hold no volume key of their own
+# (a LUKS2 integrity subdevice, a temporary device, dm-verity, keyless dm-integrity).
+_KEYLESS_TYPES = ("SUBDEV", "TEMP", "VERITY", "INTEGRITY")
+
+
+def crypt_mappings(nodes: dict[str, BlockNode]) -> dict[str, str]:
+    """dm name -> type ("LUKS2", "PLAIN", "TCRYPT", "BITLK"...) of every dm-crypt mapping
+    libcryptsetup made that holds a volume key in RAM."""
+    out = {}
+    for node in nodes.values():
+        if node.dm_name is None or not (node.dm_uuid or "").startswith("CRYPT-"):
+            continue
+        kind = (node.dm_uuid or "").split("-")[1]
+        if kind not in _KEYLESS_TYPES:
+            out[node.dm_name] = kind
+    return out
 
 
 def _walk(
@@ -263,30 +227,66 @@ def _root_kname(nodes: dict[str, BlockNode], root: tuple[str, str] | None, dev: 
     return rel if rel in nodes else None
 
 
+def _locator(
+    nodes: dict[str, BlockNode], points: dict[str, tuple[str, str]] | None, dev: Path
+) -> device_graph.Locate:
+    """Where a path lives (device_graph.Locate): a /dev node is that device; a file is on
+    the file system of the longest mount point containing it."""
+
+    def locate(path: str) -> str | None:
+        if path.startswith("/dev/"):
+            return _root_kname(nodes, ("", path), dev)
+        if points is None:
+            return None
+        fs = mount_of(points, path)
+        return _root_kname(nodes, fs, dev) if fs is not None else None
+
+    return locate
+
+
 def build_devices(
     nodes: dict[str, BlockNode],
     root: tuple[str, str] | None,
     crypttab: Sequence[CrypttabEntry],
     dev: Path = Path("/dev"),
     essential: Sequence[tuple[str, str]] | None = None,
+    points: dict[str, tuple[str, str]] | None = None,
 ) -> list[LuksDevice]:
     """The LUKS devices among `nodes`, sorted by dm name. `essential`: what
-    essential_filesystems() found; None (unknown): every device counts as essential."""
+    essential_filesystems() found; None (unknown): every device counts as essential.
+    `points`: the mount table (parse_mountinfo_points), to find where keyfiles, headers
+    and loop devices' backing files live; None: unknown."""
     entries = {e.name: e for e in crypttab}
     root_kname = _root_kname(nodes, root, dev)
-    essential_knames = (
-        None
-        if essential is None
-        else {k for fs in essential if (k := _root_kname(nodes, fs, dev)) is not None}
-    )
-    out: list[LuksDevice] = []
+    found: list[tuple[BlockNode, str, str]] = []
     for node in nodes.values():
         if node.dm_name is None or node.dm_uuid is None:
             continue
         parsed = parse_dm_uuid(node.dm_uuid)
-        if parsed is None:
-            continue
-        luks_type, uuid = parsed
+        if parsed is not None:
+            found.append((node, *parsed))
+    locate = _locator(nodes, points, dev)
+    wants = []
+    for node, _, _ in found:
+        assert node.dm_name is not None
+        entry = entries.get(node.dm_name)
+        wants.append(
+            device_graph.Wants(
+                node.dm_name,
+                node.kname,
+                entry.keyfile if entry else None,
+                entry.header if entry else None,
+            )
+        )
+    essential_knames = (
+        None
+        if essential is None
+        else [k for fs in essential if (k := _root_kname(nodes, fs, dev)) is not None]
+    )
+    graph = device_graph.build_graph(nodes, wants, locate, essential_knames)
+    out: list[LuksDevice] = []
+    for node, luks_type, uuid in found:
+        assert node.dm_name is not None
         entry = entries.get(node.dm_name)
         above = _walk(nodes, node.kname, lambda n: n.holders)
         holders = tuple((nodes[k].dm_name or k) if k in nodes else k for k in above)
@@ -303,9 +303,10 @@ def build_devices(
                 holders=holders,
                 keyfile_size=entry.keyfile_size if entry else 0,
                 keyfile_offset=entry.keyfile_offset if entry else 0,
-                essential=essential_knames is None
-                or node.kname in essential_knames
-                or any(k in essential_knames for k in above),
+                essential=graph.is_essential(node.dm_name),
+                needs=tuple(sorted(graph.needs.get(node.dm_name, ()))),
+                header=(entry.header or "") if entry else "",
+                keyfile_usable=node.dm_name not in graph.keyfile_unusable,
             )
         )
     return sorted(out, key=lambda d: d.name)
@@ -315,6 +316,7 @@ def discover_devices(paths: SystemPaths = SystemPaths()) -> list[LuksDevice]:
     nodes = read_block_nodes(paths.sysfs)
     crypttab = read_crypttab(paths.crypttab)
     essential: list[tuple[str, str]] | None = None
+    points: dict[str, tuple[str, str]] | None = None
     try:
         mountinfo = paths.mountinfo.read_text()
     except OSError as e:
@@ -322,6 +324,7 @@ def discover_devices(paths: SystemPaths = SystemPaths()) -> list[LuksDevice]:
         root = None
     else:
         root = parse_mountinfo_root(mountinfo)
+        points = parse_mountinfo_points(mountinfo)
         try:
             swaps = paths.swaps.read_text()
         except FileNotFoundError:
@@ -330,13 +333,8 @@ def discover_devices(paths: SystemPaths = SystemPaths()) -> list[LuksDevice]:
             log.warning("cannot read %s: %s", paths.swaps, e)
             swaps = None
         if swaps is not None:
-            keyfiles = [
-                e.key_source[len("keyfile:") :]
-                for e in crypttab
-                if e.key_source.startswith("keyfile:")
-            ]
-            essential = essential_filesystems(mountinfo, swaps, keyfiles)
-    return build_devices(nodes, root, crypttab, paths.dev, essential)
+            essential = essential_filesystems(mountinfo, swaps)
+    return build_devices(nodes, root, crypttab, paths.dev, essential, points)
 
 
 def apply_exclude(devices: Iterable[LuksDevice], exclude: Iterable[str]) -> list[LuksDevice]:
@@ -345,35 +343,12 @@ def apply_exclude(devices: Iterable[LuksDevice], exclude: Iterable[str]) -> list
     return [d for d in devices if d.name.lower() not in skip and d.uuid.lower() not in skip]
 
 
-# ---- order ---------------------------------------------------------------------------
-# The daemon only needs the suspend order (the helper resumes in its own order, bottom up).
-
-
-def _ordered(
-    devices: Sequence[LuksDevice],
-    must_wait_for: Callable[[LuksDevice, LuksDevice], bool],
-    priority: Callable[[LuksDevice], tuple[object, ...]],
-) -> list[LuksDevice]:
-    # Kahn's algorithm: a device is placed once every device it must wait for is placed;
-    # among those ready, `priority` picks. Cycles cannot come from real stacking, but a
-    # malformed input must not loop forever: leftovers go last in priority order.
-    pending = list(devices)
-    placed: list[LuksDevice] = []
-    while pending:
-        ready = [d for d in pending if not any(must_wait_for(d, o) for o in pending if o is not d)]
-        if not ready:
-            placed.extend(sorted(pending, key=priority))
-            break
-        first = min(ready, key=priority)
-        placed.append(first)
-        pending.remove(first)
-    return placed
-
-
-def _is_above(upper: LuksDevice, lower: LuksDevice) -> bool:
-    return upper.name in lower.holders
-
-
 def suspend_order(devices: Sequence[LuksDevice]) -> list[LuksDevice]:
-    """Upper layers first: a LUKS device stacked on another is suspended before it."""
-    return _ordered(devices, lambda d, o: _is_above(o, d), lambda d: (d.name,))
+    """Whatever needs another device first (device_graph.py): upper layers, loop-backed
+    images, devices whose keyfile or header lives on another."""
+    return device_graph.suspend_order(devices, lambda d: d.name, lambda d: d.needs)
+
+
+def resume_order(devices: Sequence[LuksDevice]) -> list[LuksDevice]:
+    """What is needed first: the reverse of suspend_order's relation."""
+    return device_graph.resume_order(devices, lambda d: d.name, lambda d: d.needs)

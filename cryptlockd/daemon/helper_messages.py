@@ -38,12 +38,14 @@ def choose_sleep_state(root: str = "/") -> tuple[str, str | None]:
 
 
 def device_plan(devices: Sequence[LuksDevice]) -> list[DevicePlanEntry]:
-    """In suspend order. The root device always takes the passphrase: its keyfile, if
-    crypttab names one, lives on the root itself or in the initramfs, neither of which
-    the helper may read while root is suspended."""
+    """In suspend order, each with the plan's devices it needs back first. The root device
+    always takes the passphrase: its keyfile, if crypttab names one, lives on the root
+    itself or in the initramfs, neither of which the helper may read while root is
+    suspended; so does a device whose keyfile lives on itself or behind it."""
     plan: list[DevicePlanEntry] = []
+    names = {d.name for d in devices}
     for d in suspend_order(devices):
-        keyfile = not d.holds_root and d.key_source != "passphrase"
+        keyfile = not d.holds_root and d.keyfile_usable and d.key_source != "passphrase"
         plan.append(
             {
                 "name": d.name,
@@ -52,6 +54,8 @@ def device_plan(devices: Sequence[LuksDevice]) -> list[DevicePlanEntry]:
                 "keyfile_size": d.keyfile_size if keyfile else 0,
                 "keyfile_offset": d.keyfile_offset if keyfile else 0,
                 "essential": d.holds_root or d.essential,
+                "after": [n for n in d.needs if n in names],
+                "header": d.header,
             }
         )
     return plan

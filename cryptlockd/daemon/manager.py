@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.daemon import checks, key_risks, sleep_report
+from cryptlockd.daemon import checks, coverage, key_risks, sleep_report
 from cryptlockd.daemon.armer import Armer, CycleRecord
 from cryptlockd.daemon.config import Config, load_config
 from cryptlockd.daemon.devices import LuksDevice, SystemPaths, apply_exclude, discover_devices
@@ -160,6 +160,7 @@ class Manager:
             checks.check_logind(self.logind.owner, self.logind.inhibitor_held, sleeping),
             checks.check_inhibit_delay(self.logind.delay_max_usec, self.arm_timeout),
             checks.check_devices(self.devices, self.excluded),
+            coverage.check_coverage_of(self.paths.sysfs, self.devices, self.excluded),
             checks.check_sleep_dropin(self.root, self.sleep_exec),
             *self.armer.status(),
             checks.check_config(self.config_error),

@@ -15,7 +15,7 @@ are unit-tested with a fake.
 from __future__ import annotations
 
 from cryptlockd.helper.record import CycleRecord
-from cryptlockd.helper.secret import SecretBuffer
+from cryptlockd.helper.resume import resume_all
 
 # Not typing.TYPE_CHECKING: importing typing (and dataclasses) would grow the RAM
 # filesystem and the helper's start-up time; mypy honours any name TYPE_CHECKING.
@@ -23,13 +23,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol
 
-# The record keeps at most this many problems from the prompt loop: a VT that keeps
-# failing must not grow it without bound while the user takes their time.
-MAX_LOOP_PROBLEMS = 20
+    from cryptlockd.helper.secret import SecretBuffer
 
 
 class DevicePlan:
-    __slots__ = ("essential", "key_source", "keyfile_offset", "keyfile_size", "name")
+    __slots__ = (
+        "after",
+        "essential",
+        "header",
+        "key_source",
+        "keyfile_offset",
+        "keyfile_size",
+        "name",
+    )
 
     def __init__(
         self,
@@ -38,20 +44,29 @@ class DevicePlan:
         keyfile_size: int = 0,
         keyfile_offset: int = 0,
         essential: bool = True,
+        after: list[str] | None = None,
+        header: str = "",
     ) -> None:
         self.name = name
         self.key_source = key_source  # "passphrase" or "keyfile:<path>"
         # crypttab's keyfile-size= and keyfile-offset=, in bytes; 0: the whole file.
         self.keyfile_size = keyfile_size
         self.keyfile_offset = keyfile_offset
-        # Holds /, /usr, /var, swap or a keyfile (SPEC 2.8): nothing may be thawed while
-        # it is suspended. True unless the daemon knows better.
+        # Holds /, /usr, /var or swap, or is needed by a device that does (SPEC 2.8,
+        # daemon/device_graph.py): nothing may be thawed while it is suspended, and it
+        # cannot be skipped. True unless the daemon knows better.
         self.essential = essential
+        # The plan's devices that must be back before this one is resumed: below it, or
+        # holding its keyfile or header.
+        self.after = list(after or [])
+        # crypttab's header=, a path on the real root; "": the header is on the device.
+        self.header = header
 
     def __repr__(self) -> str:
         return (
             f"DevicePlan({self.name!r}, {self.key_source!r}, {self.keyfile_size}, "
-            f"{self.keyfile_offset}, essential={self.essential})"
+            f"{self.keyfile_offset}, essential={self.essential}, after={self.after!r}, "
+            f"header={self.header!r})"
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -61,6 +76,8 @@ class DevicePlan:
             "keyfile_size": self.keyfile_size,
             "keyfile_offset": self.keyfile_offset,
             "essential": self.essential,
+            "after": list(self.after),
+            "header": self.header,
         }
 
     @classmethod
@@ -71,6 +88,8 @@ class DevicePlan:
             int(d.get("keyfile_size", 0)),
             int(d.get("keyfile_offset", 0)),
             bool(d.get("essential", True)),
+            [str(a) for a in d.get("after", [])],
+            str(d.get("header", "")),
         )
 
     @property
@@ -102,10 +121,21 @@ if TYPE_CHECKING:
         def verify(self, device: str) -> dict[str, str]: ...
         def enter_sleep(self) -> None: ...
         def release_reserve(self) -> None: ...
-        def refresh_headers(self, devices: list[str]) -> list[str]: ...
-        def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool: ...
+        def refresh_header(self, device: str) -> None: ...
+        # False: nothing typed (a device in `vanishing` went away meanwhile).
+        def prompt(
+            self,
+            secret: SecretBuffer,
+            devices: list[str],
+            failures: int,
+            skippable: bool,
+            vanishing: list[str],
+        ) -> bool: ...
         def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool: ...
         def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None: ...
+        def present(self, device: str) -> bool: ...
+        def late_devices(self, planned: list[DevicePlan]) -> list[DevicePlan]: ...
+        def deactivate(self, device: str) -> None: ...
         def backoff(self, failures: int) -> None: ...
         def reopen_terminal(self) -> None: ...
         def power_off(self) -> None: ...
@@ -141,6 +171,7 @@ def run_cycle(
             if saved_sync not in (None, "0"):
                 ops.set_sync_on_suspend("0")
             record.step("sync_on_suspend_off")
+            devices = opened_late(ops, devices, record) + devices
             for dev in devices:
                 try:
                     ops.suspend(dev.name)
@@ -173,6 +204,25 @@ def run_cycle(
             record.step("woke")
     finally:
         wind_down(ops, devices, suspended, frozen, saved_sync, record, poweroff_after)
+
+
+def opened_late(ops: Ops, devices: list[DevicePlan], record: CycleRecord) -> list[DevicePlan]:
+    """The LUKS devices opened after arming (issue 11): suspended too, first (nothing
+    planned can sit on them), resumed last (they may sit on anything), never essential.
+    A failure here leaves them out, and the record says their keys stayed."""
+    try:
+        late = ops.late_devices(devices)
+    except Exception as e:
+        record.problems.append(f"looking for devices opened after arming: {e}")
+        return []
+    for d in late:
+        record.devices.append(d.name)
+        record.problems.append(f"{d.name} was opened after arming: suspended too")
+    return late
+
+
+def late_plan(name: str, planned: list[DevicePlan]) -> DevicePlan:
+    return DevicePlan(name, "passphrase", essential=False, after=[d.name for d in planned])
 
 
 def essential_suspended(
@@ -215,119 +265,3 @@ def wind_down(
                 for err in ops.thaw(frozen):
                     record.problems.append(f"thaw: {err}")
                 record.step("thawed")
-
-
-def _note(record: CycleRecord, problem: str, counted: list[int]) -> None:
-    """A problem of the prompt loop, into the record, without repeats and within bounds."""
-    if record.problems and record.problems[-1] == problem:
-        return
-    if counted[0] < MAX_LOOP_PROBLEMS:
-        counted[0] += 1
-        record.problems.append(problem)
-
-
-def _recover_terminal(ops: Ops, record: CycleRecord, counted: list[int]) -> None:
-    """After an error at the prompt: open the VT again (a hung-up VT answers EIO or end of
-    file for good on the old file), then wait a little. Neither may end the loop."""
-    try:
-        ops.reopen_terminal()
-    except Exception as e:
-        _note(record, f"reopening the VT: {e or type(e).__name__}", counted)
-    try:
-        ops.backoff(1)
-    except Exception as e:
-        _note(record, f"back-off: {e or type(e).__name__}", counted)
-
-
-def resume_all(
-    ops: Ops,
-    devices: list[DevicePlan],
-    suspended: list[str],
-    record: CycleRecord,
-    poweroff_after: int = 0,
-) -> None:
-    """Bottom-up: the passphrase devices (one prompt serves all that share it), then the
-    keyfile devices, whose keyfiles may live on a filesystem that has just come back.
-    Reading a keyfile earlier could block on a suspended disk for good. Returns only when
-    every device is back: any Exception in a round (the VT, the back-off, libcryptsetup)
-    goes into the record, the VT is opened again, and the next round prompts again."""
-    pending = [d for d in reversed(devices) if d.name in suspended]
-    keyfile_failed: set[str] = set()
-    failures = [0]
-    counted = [0]
-    try:
-        ops.release_reserve()
-    except Exception as e:
-        record.problems.append(f"releasing the KDF reserve: {e}")
-    # The headers were read before the sleep, maybe long before (the idle helper loads
-    # them): a keyslot changed since must count now.
-    try:
-        record.problems.extend(ops.refresh_headers([d.name for d in pending]))
-    except Exception as e:
-        record.problems.append(f"re-reading the headers: {e}")
-    record.step("headers_reloaded")
-    with SecretBuffer() as secret:
-        while pending:
-            try:
-                _resume_round(
-                    ops, pending, keyfile_failed, secret, record, failures, poweroff_after
-                )
-            except Exception as e:
-                secret.wipe()
-                _note(record, f"prompt: {e or type(e).__name__}", counted)
-                _recover_terminal(ops, record, counted)
-
-
-def _resume_round(
-    ops: Ops,
-    pending: list[DevicePlan],
-    keyfile_failed: set[str],
-    secret: SecretBuffer,
-    record: CycleRecord,
-    failures: list[int],
-    poweroff_after: int,
-) -> None:
-    """One round: the keyfile devices once nothing else is pending, or one prompt and the
-    passphrase tried on every device that asks. Removes what resumed from `pending`."""
-    asking = [d for d in pending if d.keyfile is None or d.name in keyfile_failed]
-    if not asking:
-        for dev in list(pending):
-            assert dev.keyfile is not None
-            try:
-                ops.resume_keyfile(dev.name, dev.keyfile, dev.keyfile_size, dev.keyfile_offset)
-            except Exception as e:
-                record.problems.append(f"keyfile for {dev.name}: {e}")
-                keyfile_failed.add(dev.name)
-                continue
-            pending.remove(dev)
-            record.resumed.append(dev.name)
-            record.step(f"resumed:{dev.name}")
-        return
-    record.step("prompt")
-    if not ops.prompt(secret, [d.name for d in asking], failures[0]):
-        secret.wipe()
-        return
-    record.step("passphrase_entered")
-    took = False
-    try:
-        for dev in asking:
-            try:
-                ok = ops.resume_passphrase(dev.name, secret)
-            except Exception as e:
-                record.problems.append(f"resuming {dev.name}: {e}")
-                continue
-            if ok:
-                took = True
-                pending.remove(dev)
-                record.resumed.append(dev.name)
-                record.step(f"resumed:{dev.name}")
-    finally:
-        secret.wipe()
-    if took:
-        failures[0] = 0
-        return
-    failures[0] += 1
-    record.wrong_passphrases += 1
-    if poweroff_after and failures[0] >= poweroff_after:
-        ops.power_off()
-    ops.backoff(failures[0])

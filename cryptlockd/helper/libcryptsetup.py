@@ -17,6 +17,7 @@ CRYPT_ANY_SLOT = -1
 CRYPT_SLOT_ACTIVE = 2
 CRYPT_SLOT_ACTIVE_LAST = 3
 MAX_KEYSLOTS = 32
+LUKS_TYPES = ("LUKS1", "LUKS2")
 
 _LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
@@ -57,6 +58,11 @@ class Library:
         lib = self.lib
         lib.crypt_set_log_callback(None, self._log_cb, None)
         lib.crypt_init_by_name.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
+        lib.crypt_init_by_name_and_header.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+        ]
         lib.crypt_free.argtypes = [ctypes.c_void_p]
         lib.crypt_free.restype = None
         lib.crypt_suspend.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
@@ -102,26 +108,50 @@ class Library:
         return rc
 
 
-class Device:
-    """An active dm-crypt mapping, opened by its dm name."""
+class UnsupportedDevice(Exception):
+    """A mapping the helper must not suspend: without a LUKS header it knows, every resume
+    would fail (EINVAL) and the machine would never come back."""
 
-    def __init__(self, library: Library, name: str) -> None:
+
+class Device:
+    """An active dm-crypt mapping, opened by its dm name, with its LUKS header: on the
+    device, or detached (crypttab header=, `header` a path the helper can open)."""
+
+    def __init__(self, library: Library, name: str, header: str = "") -> None:
         self.library = library
         self.name = name
         self._bname = name.encode()
-        self.cd = ctypes.c_void_p()
-        rc = library.lib.crypt_init_by_name(ctypes.byref(self.cd), self._bname)
-        library._check("crypt_init_by_name", name, rc)
+        self._bheader = header.encode() if header else None
+        self.cd = self._open()
         self.last_keyslot = CRYPT_ANY_SLOT
         self.slots = self.active_keyslots()
 
+    def _open(self) -> ctypes.c_void_p:
+        """A context with the LUKS header loaded. A detached header without `header`
+        gives an untyped context and success from crypt_init_by_name; that is an error."""
+        lib = self.library.lib
+        cd = ctypes.c_void_p()
+        if self._bheader is None:
+            rc = lib.crypt_init_by_name(ctypes.byref(cd), self._bname)
+            self.library._check("crypt_init_by_name", self.name, rc)
+        else:
+            rc = lib.crypt_init_by_name_and_header(ctypes.byref(cd), self._bname, self._bheader)
+            if rc < 0:
+                err = CryptError("crypt_init_by_name_and_header", self.name, rc, [])
+                raise UnsupportedDevice(f"{self.name}: its detached header cannot be read: {err}")
+        t = lib.crypt_get_type(cd)
+        kind = t.decode() if t else ""
+        if kind not in LUKS_TYPES:
+            lib.crypt_free(cd)
+            why = f"a {kind} mapping" if kind else "no LUKS header found (a detached header?)"
+            raise UnsupportedDevice(f"{self.name}: {why}")
+        return cd
+
     def reload(self) -> None:
         """Reads the header again. After the sleep, so that resume uses the keyslots on
-        disk now, not those of when the (idle) helper loaded it. Reads the backing disk
-        only, which is not suspended; keeps the old handle if that fails."""
-        fresh = ctypes.c_void_p()
-        rc = self.library.lib.crypt_init_by_name(ctypes.byref(fresh), self._bname)
-        self.library._check("crypt_init_by_name", self.name, rc)
+        disk now, not those of when the (idle) helper loaded it. Only once everything
+        the device needs is back (resume.py); keeps the old handle if that fails."""
+        fresh = self._open()
         self.library.lib.crypt_free(self.cd)
         self.cd = fresh
         self.slots = self.active_keyslots()

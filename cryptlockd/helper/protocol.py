@@ -35,9 +35,14 @@ if TYPE_CHECKING:
         key_source: str
         keyfile_size: int
         keyfile_offset: int
-        # Holds /, /usr, /var, swap or a keyfile (SPEC 2.8): nothing is thawed while it is
-        # suspended. Absent (an older daemon): essential.
+        # Holds /, /usr, /var or swap, or is needed by a device that does (SPEC 2.8):
+        # nothing is thawed while it is suspended, and it cannot be skipped. Absent (an
+        # older daemon): essential.
         essential: bool
+        # The plan's devices that must be back before this one (daemon/device_graph.py).
+        after: list[str]
+        # crypttab's header=: a detached header, a path on the real root; "" for none.
+        header: str
 
     class ArmMessage(TypedDict):
         op: Literal["arm"]

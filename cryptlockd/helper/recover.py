@@ -162,9 +162,10 @@ def _open_device(
     not essential (it stays suspended; the rest goes on); an essential one is tried again
     and again: giving up would leave the system frozen, thawing it would hang it."""
     essential = any(p.name == name and p.essential for p in left.plan)
+    header = next((p.header for p in left.plan if p.name == name), "")
     while True:
         try:
-            return Device(library, name)
+            return Device(library, name, power.HOST_ROOT + header if header else "")
         except Exception as e:
             problem = f"opening {name}: {e}"
             if not record.problems or record.problems[-1] != problem:

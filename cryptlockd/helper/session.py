@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 
-from cryptlockd.helper import mappings, protocol
+from cryptlockd.helper import mappings, power, protocol
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
 from cryptlockd.helper.hardening import Reserve, harden, hardening_status, reserve_kib
 from cryptlockd.helper.journal import INFO, WARNING, log
-from cryptlockd.helper.libcryptsetup import Device, Library
+from cryptlockd.helper.libcryptsetup import Device, Library, UnsupportedDevice
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.system_ops import SystemOps, freeze_plan, read_fault_hook
 from cryptlockd.helper.vt import Terminal
@@ -40,6 +40,9 @@ class Helper:
         # Loaded while idle (preload), by dm name, with the dm UUID they were loaded under.
         self.preloaded: dict[str, tuple[str, Device]] = {}
         self.plan: list[DevicePlan] = []
+        # The LUKS mappings there when armed: any other found at the suspend was opened
+        # after arming (SystemOps.late_devices).
+        self.armed_mappings: set[str] = set()
         self._terminal: Terminal | None = None
         self.reserve = Reserve(0)
         self.sleep_state = "mem"
@@ -58,18 +61,22 @@ class Helper:
 
     def preload(self) -> None:
         """Opens every LUKS mapping while idle: reading headers at arm time queues behind
-        a busy writer's I/O, and logind waits for the arm. The headers are read again
-        after the sleep (SystemOps.refresh_headers), before any resume."""
+        a busy writer's I/O, and logind waits for the arm. Each header is read again
+        after the sleep (SystemOps.refresh_header), just before its device's resume."""
         assert self.library is not None
         for name, uuid in mappings.luks_mappings().items():
             try:
                 self.preloaded[name] = (uuid, Device(self.library, name))
+            except UnsupportedDevice:
+                pass  # a detached header: opened with it when armed
             except Exception as e:
                 log(WARNING, f"preloading {name}: {e} (it is opened when armed instead)")
 
-    def _take_devices(self, names: list[str]) -> dict[str, Device]:
+    def _take_devices(self, plan: list[DevicePlan]) -> dict[str, Device]:
         """The plan's devices: preloaded ones if the mapping is still the same (by dm UUID,
-        from sysfs), freshly opened otherwise. Raises if one cannot be opened."""
+        from sysfs), freshly opened otherwise (with its detached header, on the real
+        root). Raises if one cannot be opened; a device whose context has no LUKS type is
+        left out of the plan, unprotected, and the record says so."""
         assert self.library is not None
         current = mappings.luks_mappings()
         for stale in self.devices.values():  # from an earlier arm: never reused
@@ -77,14 +84,20 @@ class Helper:
         old, self.preloaded, self.devices = self.preloaded, {}, {}
         taken: dict[str, Device] = {}
         try:
-            for name in names:
+            for p in list(plan):
+                name = p.name
                 uuid, dev = old.pop(name, ("", None))
-                if dev is not None and uuid and uuid == current.get(name):
+                if dev is not None and uuid and uuid == current.get(name) and not p.header:
                     taken[name] = dev
-                else:
-                    if dev is not None:
-                        dev.free()
-                    taken[name] = Device(self.library, name)
+                    continue
+                if dev is not None:
+                    dev.free()
+                header = power.HOST_ROOT + p.header if p.header else ""
+                try:
+                    taken[name] = Device(self.library, name, header)
+                except UnsupportedDevice as e:
+                    plan.remove(p)
+                    self.unprotected(name, str(e))
         except BaseException:
             for dev in taken.values():
                 dev.free()
@@ -93,6 +106,14 @@ class Helper:
             for _, dev in old.values():
                 dev.free()
         return taken
+
+    def unprotected(self, name: str, why: str, journal: bool = True) -> None:
+        # Never suspended: its key stays in RAM through this sleep. The cycle cannot succeed.
+        problem = f"{why}: NOT suspended, its key stays in RAM through this sleep"
+        if journal:  # not while the system is frozen: the record carries it then
+            log(WARNING, problem)
+        self.record.problems.append(problem)
+        self.record.verification[name] = {"dm_table_key": "not suspended", "protected": "no"}
 
     @property
     def terminal(self) -> Terminal:
@@ -113,17 +134,9 @@ class Helper:
         freeze_plan()
         if self.library is None:
             self.library = Library()
-        self.plan = [
-            DevicePlan(
-                d["name"],
-                d["key_source"],
-                int(d.get("keyfile_size", 0)),
-                int(d.get("keyfile_offset", 0)),
-                bool(d.get("essential", True)),
-            )
-            for d in msg["devices"]
-        ]
-        self.devices = self._take_devices([p.name for p in self.plan])
+        self.plan = [DevicePlan.from_dict(dict(d)) for d in msg["devices"]]
+        self.armed_mappings = set(mappings.luks_mappings())
+        self.devices = self._take_devices(self.plan)
         hints = msg["keyslots"] or {}
         for p in self.plan:
             if isinstance(hints.get(p.name), int):

@@ -16,12 +16,14 @@ import signal
 import stat
 import time
 
-from cryptlockd.helper import cgroups, power, protocol, verify
+from cryptlockd.helper import cgroups, dm_ioctl, mappings, power, protocol, verify
+from cryptlockd.helper.cycle import late_plan
+from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
-    from cryptlockd.helper.cycle import Ops
+    from cryptlockd.helper.cycle import DevicePlan, Ops
     from cryptlockd.helper.secret import SecretBuffer
     from cryptlockd.helper.session import Helper
 
@@ -159,32 +161,70 @@ class SystemOps:
     def release_reserve(self) -> None:
         self.h.reserve.release()
 
-    def refresh_headers(self, devices: list[str]) -> list[str]:
-        problems = []
-        for name in devices:
-            try:
-                self.h.devices[name].reload()
-            except Exception as e:
-                problems.append(f"re-reading the header of {name}: {e}")
-        return problems
+    def refresh_header(self, device: str) -> None:
+        self.h.devices[device].reload()
 
-    def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
+    def late_devices(self, planned: list[DevicePlan]) -> list[DevicePlan]:
+        """LUKS mappings that were not there when armed, opened to be suspended (and in
+        the plan the recovery reads); one that cannot be (a detached header) is left out
+        and reported unprotected. Frozen by now: nothing goes to the journal."""
+        assert self.h.library is not None
+        late = []
+        for name in sorted(set(mappings.luks_mappings()) - self.h.armed_mappings):
+            try:
+                self.h.devices[name] = Device(self.h.library, name)
+            except Exception as e:
+                self.h.record.devices.append(name)
+                self.h.unprotected(name, f"{name} (opened after arming): {e}", journal=False)
+                continue
+            late.append(late_plan(name, planned))
+        self.h.plan = late + self.h.plan
+        return late
+
+    def present(self, device: str) -> bool:
+        return mappings.backing_present(device)
+
+    def deactivate(self, device: str) -> None:
+        dm_ioctl.close_with_error_target(device)
+        if device in mappings.suspended_mappings():
+            raise RuntimeError("still suspended after the forced deactivation")
+
+    def prompt(
+        self,
+        secret: SecretBuffer,
+        devices: list[str],
+        failures: int,
+        skippable: bool,
+        vanishing: list[str],
+    ) -> bool:
         t = self.h.terminal
+        skip = "; Esc, Enter skips them" if skippable else ""
         notice_console(
-            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} (attempt {failures + 1})"
+            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} for "
+            f"{', '.join(devices)} (attempt {failures + 1}){skip}"
         )
         if failures:
             t.write("Sorry, that passphrase did not unlock the disks.\n")
-        t.write(
-            f"\ncryptlockd: the disks were locked while the machine slept.\n"
-            f"Passphrase for {', '.join(devices)}: "
-        )
+        t.write("\ncryptlockd: the disks were locked while the machine slept.\n")
+        if skippable:
+            t.write(
+                f"The system disks are back. To skip {', '.join(devices)} instead, press "
+                "Esc, then Enter: they are closed (what was written before the sleep stays "
+                "on the disk); open them again later.\n"
+            )
+        t.write(f"Passphrase for {', '.join(devices)}: ")
         if not self._hung_up and self.h.fault == "hangup-at-prompt":
             self._hung_up = True
             notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
             t.hang_up()
         self._fault("at-prompt")
-        if not t.read_secret(secret):
+        # A disk unplugged while asleep may go only now, as the kernel handles the
+        # hotplug after the wake: the prompt is drawn again without it.
+        got = t.read_secret(secret, lambda: any(not mappings.backing_present(d) for d in vanishing))
+        if got is None:
+            t.write("\n")
+            return False
+        if not got:
             # A hung-up VT reads end of file for good: the loop opens it again.
             raise VtError(f"end of file on VT {t.number}")
         t.write("Unlocking...\n")

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import select
 import signal
 import struct
 import termios
@@ -14,6 +15,7 @@ from cryptlockd.helper.secret import SecretBuffer
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
 VT_OPENQRY = 0x5600
@@ -102,13 +104,20 @@ class Terminal:
     def flush_input(self) -> None:
         termios.tcflush(self.fd, termios.TCIFLUSH)
 
-    def read_secret(self, secret: SecretBuffer) -> bool:
-        """One line with echo off, straight into `secret`."""
+    def read_secret(
+        self, secret: SecretBuffer, give_up: Callable[[], bool] | None = None
+    ) -> bool | None:
+        """One line with echo off, straight into `secret`. False at end of file. With
+        `give_up`, asked every second until a line is there: when it says so, None."""
         old = termios.tcgetattr(self.fd)
         new = list(old)
         new[3] = (new[3] & ~termios.ECHO) | termios.ICANON | termios.ECHONL
         termios.tcsetattr(self.fd, termios.TCSAFLUSH, new)
         try:
+            # Canonical mode: the VT reads as ready once a whole line is there.
+            while give_up is not None and not select.select([self.fd], [], [], 1.0)[0]:
+                if give_up():
+                    return None
             return secret.read_line_from(self.fd)
         finally:
             termios.tcsetattr(self.fd, termios.TCSANOW, old)

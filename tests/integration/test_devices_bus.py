@@ -162,3 +162,17 @@ async def test_excluded_device_is_not_listed(
     )
     await run_daemon()
     assert await device_names(client) == ["cryptroot"]
+
+
+@pytest.mark.asyncio
+async def test_a_plain_dm_crypt_swap_shows_in_problems(
+    run_daemon: Callable[[], Awaitable[object]], fake: FakeSystem, client: MessageBus
+) -> None:
+    # Issue 11: a key the next sleep leaves in RAM is never silent.
+    plain_luks2(fake)
+    fake.disk("vdc")
+    fake.dm("dm-1", "cryptswap", "CRYPT-PLAIN-cryptswap", ["vdc"])
+    await run_daemon()
+    problems = await get_property(client, "Problems")
+    assert any(p.startswith("coverage:") and "cryptswap (a PLAIN mapping" in p for p in problems)
+    assert await device_names(client) == ["cryptroot"]

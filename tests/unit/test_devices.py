@@ -13,6 +13,7 @@ from cryptlockd.daemon.devices import (
     discover_devices,
     parse_dm_uuid,
     read_block_nodes,
+    resume_order,
     suspend_order,
 )
 from tests.fakesys import (
@@ -209,8 +210,8 @@ def test_real_sysfs_is_readable() -> None:
     assert all(d.luks_type in ("LUKS1", "LUKS2") for d in discover_devices())
 
 
-def dev(name: str, holders: tuple[str, ...] = (), key: str = "passphrase") -> LuksDevice:
-    return LuksDevice(name, UUID_A, "LUKS2", "/dev/x", False, False, key, holders)
+def dev(name: str, needs: tuple[str, ...] = (), key: str = "passphrase") -> LuksDevice:
+    return LuksDevice(name, UUID_A, "LUKS2", "/dev/x", False, False, key, needs=needs)
 
 
 def names(devices: list[LuksDevice]) -> list[str]:
@@ -223,11 +224,12 @@ def test_order_of_independent_devices() -> None:
 
 
 def test_order_of_stacked_luks() -> None:
-    # outer (LUKS) on vg-lv (LVM) on inner (LUKS): outer is above inner.
-    inner = dev("inner", holders=("vg-lv", "outer"))
-    outer = dev("outer")
+    # outer (LUKS) on vg-lv (LVM) on inner (LUKS): outer needs inner.
+    inner = dev("inner")
+    outer = dev("outer", needs=("inner",))
     other = dev("aaa")
     assert names(suspend_order([inner, other, outer])) == ["aaa", "outer", "inner"]
+    assert names(resume_order([inner, other, outer])) == ["aaa", "inner", "outer"]
 
 
 def test_discovered_stack_order(fs: FakeSystem) -> None:
@@ -245,8 +247,8 @@ def test_discovered_stack_order(fs: FakeSystem) -> None:
 
 
 def test_order_survives_a_cycle() -> None:
-    a = dev("a", holders=("b",))
-    b = dev("b", holders=("a",))
+    a = dev("a", needs=("b",))
+    b = dev("b", needs=("a",))
     assert sorted(names(suspend_order([a, b]))) == ["a", "b"]
 
 
@@ -266,7 +268,24 @@ def test_root_and_its_keyfile_holder_are_essential_a_data_disk_is_not(fs: FakeSy
     assert devs["cryptroot"].essential and not devs["cryptdata"].essential
 
 
-def test_a_keyfile_on_another_luks_disk_makes_that_disk_essential(fs: FakeSystem) -> None:
+def test_a_keyfile_for_an_essential_device_makes_its_disk_essential(fs: FakeSystem) -> None:
+    two_disks_keyfile(fs)
+    fs.disk("vdc")
+    fs.luks("dm-2", "cryptvar", UUID_C, ["vdc"])
+    fs.mount("/var", "dm-2", "/dev/mapper/cryptvar")
+    fs.write_crypttab(
+        f"cryptroot UUID={UUID_A} none luks\n"
+        f"cryptdata UUID={UUID_B} /etc/keys/data.key luks\n"
+        f"cryptvar UUID={UUID_C} /srv/keys/var.key luks\n"
+    )
+    devs = by_name(discover_devices(fs.paths))
+    assert devs["cryptvar"].essential
+    assert devs["cryptdata"].essential  # /srv holds /var's keyfile
+
+
+def test_a_keyfile_for_a_skippable_device_does_not_make_its_disk_essential(
+    fs: FakeSystem,
+) -> None:
     two_disks_keyfile(fs)
     fs.disk("vdc")
     fs.luks("dm-2", "cryptarchive", UUID_C, ["vdc"])
@@ -276,8 +295,8 @@ def test_a_keyfile_on_another_luks_disk_makes_that_disk_essential(fs: FakeSystem
         f"cryptarchive UUID={UUID_C} /srv/keys/archive.key luks\n"
     )
     devs = by_name(discover_devices(fs.paths))
-    assert devs["cryptdata"].essential  # /srv holds archive's keyfile
-    assert not devs["cryptarchive"].essential
+    assert not devs["cryptdata"].essential and not devs["cryptarchive"].essential
+    assert devs["cryptarchive"].needs == ("cryptdata", "cryptroot")
 
 
 def test_var_and_swap_make_their_devices_essential(fs: FakeSystem) -> None:

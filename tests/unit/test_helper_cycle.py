@@ -3,17 +3,23 @@ from __future__ import annotations
 import pytest
 
 from cryptlockd.helper.cycle import (
-    MAX_LOOP_PROBLEMS,
     DeadlinePassed,
     DevicePlan,
     SleepFailed,
+    late_plan,
     run_cycle,
     wind_down,
 )
 from cryptlockd.helper.record import CycleRecord
+from cryptlockd.helper.resume import MAX_LOOP_PROBLEMS
 from cryptlockd.helper.secret import SecretBuffer
 
 GOOD = b"right one"
+
+
+class OutOfInput(BaseException):
+    """Nobody types any more: ends a test whose prompt loop would otherwise go on for good
+    (the loop catches every Exception)."""
 
 
 class FakeOps:
@@ -39,6 +45,8 @@ class FakeOps:
         self.keyfile_fails = keyfile_fails
         self.sync_on_suspend = "1"
         self.secrets: list[SecretBuffer] = []
+        self.gone: set[str] = set()
+        self.late: list[str] = []
 
     def freeze(self, frozen: list[str]) -> None:
         frozen.extend(["/system.slice", "/user.slice"])
@@ -84,17 +92,34 @@ class FakeOps:
     def release_reserve(self) -> None:
         self.calls.append("release_reserve")
 
-    def prompt(self, secret: SecretBuffer, devices: list[str], failures: int) -> bool:
-        self.calls.append(f"prompt:{','.join(devices)}")
+    def prompt(
+        self,
+        secret: SecretBuffer,
+        devices: list[str],
+        failures: int,
+        skippable: bool = False,
+        vanishing: list[str] | None = None,
+    ) -> bool:
+        self.calls.append(f"prompt:{','.join(devices)}" + (" (skip?)" if skippable else ""))
         self.secrets.append(secret)
+        if not self.typed:
+            raise OutOfInput(f"a prompt for {devices} with nothing left to type")
         phrase = self.typed.pop(0)
         secret.view()[: len(phrase)] = phrase
         secret.length = len(phrase)
         return True
 
-    def refresh_headers(self, devices: list[str]) -> list[str]:
-        self.calls.append("refresh:" + ",".join(devices))
-        return []
+    def refresh_header(self, device: str) -> None:
+        self.calls.append(f"refresh:{device}")
+
+    def late_devices(self, planned: list[DevicePlan]) -> list[DevicePlan]:
+        return [late_plan(n, planned) for n in self.late]
+
+    def present(self, device: str) -> bool:
+        return device not in self.gone
+
+    def deactivate(self, device: str) -> None:
+        self.calls.append(f"close:{device}")
 
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         ok = bytes(secret.buf[: secret.length]) == GOOD
@@ -119,11 +144,11 @@ class FakeOps:
         self.calls.append("power_off")
 
 
-# Suspend order: the upper layer (nested) first; data takes a keyfile on root.
+# Suspend order: the upper layer (nested, on root) first; data takes a keyfile on root.
 DEVICES = [
-    DevicePlan("nested", "passphrase"),
+    DevicePlan("nested", "passphrase", after=["root"]),
     DevicePlan("root", "passphrase"),
-    DevicePlan("data", "keyfile:/etc/keys/data.key"),
+    DevicePlan("data", "keyfile:/etc/keys/data.key", after=["root"]),
 ]
 
 
@@ -147,11 +172,13 @@ def test_full_cycle_order() -> None:
         "suspend:data",
         "sleep",
         "release_reserve",
-        "refresh:data,root,nested",
-        "prompt:root,nested",
+        "prompt:root",
+        "refresh:root",
         "resume:root",
-        "resume:nested",
+        "refresh:data",
         "keyfile:data:/etc/keys/data.key",
+        "refresh:nested",
+        "resume:nested",
         "sync_on_suspend=1",
         "thaw:/user.slice,/system.slice",
     ]
@@ -165,7 +192,7 @@ def test_full_cycle_order() -> None:
         "filesystems_synced",
         "sync_on_suspend_off",
     ]
-    assert d["resumed"] == ["root", "nested", "data"]
+    assert d["resumed"] == ["root", "data", "nested"] and d["skipped"] == []
 
 
 def test_passphrase_buffer_is_zero_after_use() -> None:
@@ -178,13 +205,13 @@ def test_wrong_passphrases_keep_asking_with_backoff() -> None:
     ops = FakeOps([b"a", b"b", b"c", GOOD])
     rec = cycle(ops)
     assert [c for c in ops.calls if c.startswith(("prompt", "backoff"))] == [
-        "prompt:root,nested",
+        "prompt:root",
         "backoff:1",
-        "prompt:root,nested",
+        "prompt:root",
         "backoff:2",
-        "prompt:root,nested",
+        "prompt:root",
         "backoff:3",
-        "prompt:root,nested",
+        "prompt:root",
     ]
     assert rec.wrong_passphrases == 3 and rec.success
 
@@ -200,23 +227,25 @@ def test_failed_sleep_write_goes_straight_to_prompt() -> None:
     rec = cycle(ops)
     assert ops.calls[ops.calls.index("sleep") + 1 : ops.calls.index("sleep") + 4] == [
         "release_reserve",
-        "refresh:data,root,nested",
-        "prompt:root,nested",
+        "prompt:root",
+        "refresh:root",
     ]
     assert not rec.success and not rec.slept and "EBUSY" in rec.reason
     assert ops.calls[-1].startswith("thaw") and ops.sync_on_suspend == "1"
 
 
-def test_headers_are_read_again_before_any_resume_and_a_failure_is_a_problem() -> None:
+def test_a_header_that_cannot_be_read_again_is_a_problem_not_an_end() -> None:
     ops = FakeOps([GOOD])
-    ops.refresh_headers = lambda devices: [  # type: ignore[method-assign]
-        "re-reading the header of data: EIO"
-    ]
+
+    def refresh(device: str) -> None:
+        ops.calls.append(f"refresh:{device}")
+        if device == "data":
+            raise OSError("EIO")
+
+    ops.refresh_header = refresh  # type: ignore[method-assign]
     rec = cycle(ops)
     assert rec.success  # the header loaded before the sleep still serves
     assert "re-reading the header of data: EIO" in rec.problems
-    t = rec.as_dict()["timeline_ms"]
-    assert t["woke"] <= t["headers_reloaded"] <= t["prompt"]
 
 
 # -- SPEC 2.8: nothing before the sleep without a deadline; past one, the cycle is abandoned --
@@ -277,14 +306,16 @@ def test_an_unexpected_error_from_the_sleep_write_still_prompts() -> None:
 
     ops.enter_sleep = enter_sleep  # type: ignore[method-assign]
     rec = cycle(ops)
-    assert "prompt:root,nested" in ops.calls and ops.calls[-1].startswith("thaw")
-    assert rec.reason == "odd" and not rec.slept and rec.resumed == ["root", "nested", "data"]
+    assert "prompt:root" in ops.calls and ops.calls[-1].startswith("thaw")
+    assert rec.reason == "odd" and not rec.slept and rec.resumed == ["root", "data", "nested"]
 
 
 def test_keyfile_failure_falls_back_to_prompt() -> None:
     ops = FakeOps([GOOD, GOOD], keyfile_fails=True)
     rec = cycle(ops)
-    assert "prompt:data" in ops.calls and "resume:data" in ops.calls
+    # The passphrase typed for root is tried on data at once: one prompt.
+    assert [c for c in ops.calls if c.startswith("prompt")] == ["prompt:root"]
+    assert "resume:data" in ops.calls and any("keyfile for data" in p for p in rec.problems)
     assert rec.success
 
 
@@ -340,11 +371,11 @@ def test_a_failing_backoff_after_a_wrong_passphrase_reopens_the_vt_and_keeps_pro
     rec = cycle(ops)
     tail = [c for c in ops.calls if c.startswith(("prompt", "backoff", "reopen", "resume"))]
     assert tail == [
-        "prompt:root,nested",
+        "prompt:root",
         "backoff:1",
         "reopen",
         "backoff:1",
-        "prompt:root,nested",
+        "prompt:root",
         "resume:root",
         "resume:nested",
     ]
@@ -356,10 +387,12 @@ def fail_prompt(ops: FakeOps, errors: list[OSError]) -> None:
     """The prompt raises each of `errors` in turn (as a hung-up VT does), then answers."""
     real = ops.prompt
 
-    def flaky(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+    def flaky(
+        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
+    ) -> bool:
         if errors:
             raise errors.pop()
-        return real(secret, devices, n)
+        return real(secret, devices, n, skippable, vanishing)
 
     ops.prompt = flaky  # type: ignore[method-assign]
 
@@ -417,10 +450,11 @@ def test_failing_reserve_and_header_refresh_do_not_stop_the_resume() -> None:
         raise OSError("EIO")
 
     ops.release_reserve = boom  # type: ignore[method-assign,assignment]
-    ops.refresh_headers = boom  # type: ignore[method-assign]
+    ops.refresh_header = boom  # type: ignore[method-assign,assignment]
     rec = cycle(ops)
     assert rec.success and "resume:root" in ops.calls
     assert "releasing the KDF reserve: EIO" in rec.problems
+    assert "re-reading the header of nested: EIO" in rec.problems
 
 
 def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
@@ -429,7 +463,9 @@ def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
     # (the unit's ExecStopPost=) takes over.
     ops = FakeOps([])
 
-    def interrupted(secret: SecretBuffer, devices: list[str], n: int) -> bool:
+    def interrupted(
+        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
+    ) -> bool:
         raise KeyboardInterrupt
 
     ops.prompt = interrupted  # type: ignore[method-assign]
@@ -438,6 +474,7 @@ def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
         run_cycle(ops, DEVICES, rec)
     assert not any(c.startswith(("thaw", "sync_on_suspend=1")) for c in ops.calls)
     assert "still suspended, so nothing was thawed: nested, root, data" in rec.reason
+    assert rec.skipped == []
 
 
 def test_a_suspended_device_that_is_not_essential_does_not_hold_the_thaw() -> None:
@@ -482,3 +519,24 @@ def test_device_plan_round_trips_through_the_cycle_state() -> None:
     back = DevicePlan.from_dict(plan.as_dict())
     assert repr(back) == repr(plan)
     assert DevicePlan.from_dict({"name": "r", "key_source": "passphrase"}).essential
+
+
+def test_a_device_opened_after_arming_is_suspended_first_and_resumed_last() -> None:
+    ops = FakeOps([GOOD])
+    ops.late = ["stick"]
+    rec = cycle(ops)
+    suspends = [c for c in ops.calls if c.startswith("suspend")]
+    assert suspends == ["suspend:stick", "suspend:nested", "suspend:root", "suspend:data"]
+    assert rec.resumed[-1] == "stick" and rec.success
+    assert "stick" in rec.devices and "stick was opened after arming: suspended too" in rec.problems
+
+
+def test_a_failing_look_for_late_devices_is_a_problem_not_an_end() -> None:
+    ops = FakeOps([GOOD])
+
+    def broken(planned: list[DevicePlan]) -> list[DevicePlan]:
+        raise OSError("EIO")
+
+    ops.late_devices = broken  # type: ignore[method-assign]
+    rec = cycle(ops)
+    assert rec.success and "looking for devices opened after arming: EIO" in rec.problems

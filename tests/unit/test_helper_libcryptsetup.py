@@ -112,3 +112,13 @@ def test_last_keyslot_is_tried_first() -> None:
     dev.last_keyslot = 1
     tried.clear()
     assert dev.resume_by_passphrase(0, 4) and tried == [1, 0, 3]
+
+
+def test_a_mapping_that_cannot_be_opened_with_its_header_is_unsupported(tmp_path: Path) -> None:
+    # No device-mapper on the host: the real call fails, as for an unreadable header; that
+    # must leave the device unprotected (UnsupportedDevice), not fail the whole arm.
+    library = _library()
+    with pytest.raises(lcs.UnsupportedDevice, match="its detached header cannot be read"):
+        lcs.Device(library, "cryptlockd-test-none", str(tmp_path / "gone.hdr"))
+    with pytest.raises(lcs.CryptError, match="crypt_init_by_name"):
+        lcs.Device(library, "cryptlockd-test-none")

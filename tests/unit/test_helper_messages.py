@@ -64,3 +64,30 @@ def test_device_plan_says_which_devices_are_essential() -> None:
     plan = {d["name"]: d["essential"] for d in device_plan(devs)}
     # Root always is, whatever discovery said.
     assert plan == {"root": True, "data": False, "var": True}
+
+
+def test_device_plan_carries_the_graph_in_suspend_order() -> None:
+    devs = [
+        LuksDevice("lower", "u1", "LUKS2", "/dev/vda", False, False, "passphrase"),
+        # upper needs lower and an excluded device, which is not in the plan.
+        LuksDevice(
+            "upper", "u2", "LUKS2", "/dev/dm-1", True, False, "passphrase", needs=("gone", "lower")
+        ),
+        LuksDevice(
+            "img",
+            "u3",
+            "LUKS2",
+            "/dev/loop0",
+            False,
+            False,
+            "keyfile:/k",
+            needs=(),
+            keyfile_usable=False,
+            header="/etc/h",
+        ),
+    ]
+    plan = device_plan(devs)
+    assert [d["name"] for d in plan] == ["img", "upper", "lower"]
+    by = {d["name"]: d for d in plan}
+    assert by["upper"]["after"] == ["lower"] and by["lower"]["after"] == []
+    assert by["img"]["key_source"] == "passphrase" and by["img"]["header"] == "/etc/h"

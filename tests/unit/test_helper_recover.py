@@ -23,7 +23,7 @@ GOOD = b"Lid-Shut_Tight!42"
 
 PLAN = [
     DevicePlan("root", "passphrase").as_dict(),
-    DevicePlan("data", "keyfile:/etc/keys/data.key", essential=False).as_dict(),
+    DevicePlan("data", "keyfile:/etc/keys/data.key", essential=False, after=["root"]).as_dict(),
 ]
 
 
@@ -61,7 +61,7 @@ class FakeLibrary:
 class FakeDevice:
     resumed: ClassVar[list[str]] = []
 
-    def __init__(self, library: FakeLibrary, name: str) -> None:
+    def __init__(self, library: FakeLibrary, name: str, header: str = "") -> None:
         self.name = name
         self.last_keyslot = -1
 
@@ -89,7 +89,7 @@ class FakeTerminal:
     def write(self, text: str) -> None:
         FakeTerminal.shown.append(text)
 
-    def read_secret(self, secret: SecretBuffer) -> bool:
+    def read_secret(self, secret: SecretBuffer, give_up: object = None) -> bool:
         phrase = FakeTerminal.typed.pop(0)
         secret.view()[: len(phrase)] = phrase
         secret.length = len(phrase)
@@ -128,6 +128,7 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "sync").write_text("0")
     monkeypatch.setattr(power, "SYNC_ON_SUSPEND", str(tmp_path / "sync"))
     monkeypatch.setattr(mappings, "suspended_mappings", lambda: {"root", "data"})
+    monkeypatch.setattr(mappings, "backing_present", lambda name: True)
     # Not in the test process: its children (the daemon under test) would inherit it.
     monkeypatch.setattr(recover, "ignore_stop_signals", lambda: None)
     monkeypatch.setattr(recover, "harden", lambda: None)
@@ -224,7 +225,7 @@ def test_a_device_that_will_not_open_is_left_out_unless_essential(
     failures = {"data": 1, "root": 2}
     sleeps: list[float] = []
 
-    def device(library: FakeLibrary, name: str) -> FakeDevice:
+    def device(library: FakeLibrary, name: str, header: str = "") -> FakeDevice:
         if failures.get(name):
             failures[name] -= 1
             raise OSError("ENODEV")

@@ -10,18 +10,28 @@ from typing import ClassVar
 import pytest
 
 from cryptlockd.helper import mappings, session
+from cryptlockd.helper.cycle import DevicePlan
+from cryptlockd.helper.libcryptsetup import UnsupportedDevice
+
+
+def plan(*names: str, header: str = "") -> list[DevicePlan]:
+    return [DevicePlan(n, "passphrase", header=header) for n in names]
 
 
 class FakeDevice:
     opened: ClassVar[list[str]] = []
     freed: ClassVar[list[str]] = []
     fail: ClassVar[set[str]] = set()
+    # name -> the header it opens only with (a detached header)
+    headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, library: object, name: str) -> None:
+    def __init__(self, library: object, name: str, header: str = "") -> None:
         if name in self.fail:
             raise OSError(f"cannot open {name}")
+        if self.headers.get(name, "") != header:
+            raise UnsupportedDevice(f"{name}: no LUKS header found (a detached header?)")
         self.name = name
-        self.opened.append(name)
+        self.opened.append(name + (f" with {header}" if header else ""))
         self.last_keyslot = -1
 
     def free(self) -> None:
@@ -31,6 +41,7 @@ class FakeDevice:
 @pytest.fixture
 def helper(monkeypatch: pytest.MonkeyPatch) -> session.Helper:
     FakeDevice.opened, FakeDevice.freed, FakeDevice.fail = [], [], set()
+    FakeDevice.headers = {}
     monkeypatch.setattr(session, "Device", FakeDevice)
     h = session.Helper()
     h.library = object()  # type: ignore[assignment]
@@ -62,7 +73,7 @@ def test_arming_reuses_unchanged_preloaded_mappings(
             "new": "CRYPT-LUKS2-eeee-new",
         },
     )
-    taken = helper._take_devices(["root", "data", "new"])
+    taken = helper._take_devices(plan("root", "data", "new"))
     assert list(taken) == ["root", "data", "new"]
     assert FakeDevice.opened == ["root", "data", "spare", "data", "new"]
     assert sorted(FakeDevice.freed) == ["data", "spare"]
@@ -76,7 +87,7 @@ def test_a_device_that_cannot_be_opened_fails_the_arm_and_leaks_nothing(
     helper.preload()
     FakeDevice.fail = {"data"}
     with pytest.raises(OSError, match="cannot open data"):
-        helper._take_devices(["root", "data"])
+        helper._take_devices(plan("root", "data"))
     assert FakeDevice.freed == ["root"]
 
 
@@ -88,4 +99,32 @@ def test_a_failed_preload_is_left_for_the_arm(
     helper.preload()
     assert helper.preloaded == {} and "preloading root" in capsys.readouterr().err
     FakeDevice.fail = set()
-    assert list(helper._take_devices(["root"])) == ["root"]
+    assert list(helper._take_devices(plan("root"))) == ["root"]
+
+
+def test_a_detached_header_is_opened_with_its_header_on_the_real_root(
+    helper: session.Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mappings, "luks_mappings", lambda: {"bare": "CRYPT-LUKS2-aaaa-bare"})
+    FakeDevice.headers = {"bare": "/proc/1/root/etc/hdr/bare"}
+    helper.preload()  # without its header it cannot open: left for the arm, quietly
+    assert helper.preloaded == {}
+    taken = helper._take_devices(plan("bare", header="/etc/hdr/bare"))
+    assert list(taken) == ["bare"]
+    assert FakeDevice.opened == ["bare with /proc/1/root/etc/hdr/bare"]
+
+
+def test_an_untyped_context_leaves_the_device_out_unprotected_and_says_so(
+    helper: session.Helper, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A detached header crypttab does not name (or cannot be read): crypt_init_by_name
+    # succeeds with no type. Suspending it would be a resume that never works.
+    monkeypatch.setattr(mappings, "luks_mappings", lambda: {})
+    FakeDevice.headers = {"bare": "/somewhere"}
+    p = plan("root", "bare")
+    taken = helper._take_devices(p)
+    assert list(taken) == ["root"] and [d.name for d in p] == ["root"]
+    assert helper.record.verification["bare"]["protected"] == "no"
+    [problem] = helper.record.problems
+    assert problem.startswith("bare: no LUKS header found") and "NOT suspended" in problem
+    assert "NOT suspended" in capsys.readouterr().err

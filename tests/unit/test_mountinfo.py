@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryptlockd.daemon.devices import parse_mountinfo_root
+from cryptlockd.daemon.mountinfo import parse_mountinfo_root
 
 
 def test_root_entry() -> None:

@@ -42,7 +42,6 @@ TIMELINE = [
     "verified",
     "sleep_write",
     "woke",
-    "headers_reloaded",
     "prompt",
     "passphrase_entered",
     f"resumed:{layout.ROOT_DM_NAME}",

@@ -1,0 +1,249 @@
+"""After the wake: the prompt and the resume, in the order of the daemon's dependency graph
+(daemon/device_graph.py, as each plan entry's `after`).
+
+A device is resumed only once everything it needs is back: the devices below it, the one
+that holds its keyfile, the one that holds its detached header. Its header is read again
+just before its own resume, never earlier: reading an upper device's header through a
+lower device that is still suspended waits in D state for good. Keyfile devices are resumed
+as soon as they can be, passphrase devices whenever a prompt is answered; one passphrase
+is tried on every device it may serve, including those it has just made ready (LUKS on
+LVM on LUKS with one passphrase: one prompt).
+
+Once every essential device is back, the prompt offers to skip the rest (SKIP_KEY). A
+skipped device, and a device that vanished while asleep (a USB disk unplugged), is closed
+(dm_ioctl.py): its table becomes dm's error target, so whatever touches it gets EIO at
+once instead of hanging for good, and what the cycle synced before the sleep is what stays
+on the disk; it is removed once nothing holds it. The record names them.
+"""
+
+from __future__ import annotations
+
+from cryptlockd.helper.secret import SecretBuffer
+
+TYPE_CHECKING = False  # see cycle.py
+if TYPE_CHECKING:
+    from cryptlockd.helper.cycle import DevicePlan, Ops
+    from cryptlockd.helper.record import CycleRecord
+
+# The record keeps at most this many problems from the prompt loop: a VT that keeps
+# failing must not grow it without bound while the user takes their time.
+MAX_LOOP_PROBLEMS = 20
+
+# The line that skips the devices left, once the essential ones are back: Esc, then Enter.
+# Not an empty line, which a stray Enter would send.
+SKIP_KEY = 0x1B
+
+
+def is_skip(secret: SecretBuffer) -> bool:
+    if secret.length != 1:
+        return False
+    with secret.view() as view:
+        return view[0] == SKIP_KEY
+
+
+def _note(record: CycleRecord, problem: str, counted: list[int]) -> None:
+    """A problem of the prompt loop, into the record, without repeats and within bounds."""
+    if record.problems and record.problems[-1] == problem:
+        return
+    if counted[0] < MAX_LOOP_PROBLEMS:
+        counted[0] += 1
+        record.problems.append(problem)
+
+
+def _recover_terminal(ops: Ops, record: CycleRecord, counted: list[int]) -> None:
+    """After an error at the prompt: open the VT again (a hung-up VT answers EIO or end of
+    file for good on the old file), then wait a little. Neither may end the loop."""
+    try:
+        ops.reopen_terminal()
+    except Exception as e:
+        _note(record, f"reopening the VT: {e or type(e).__name__}", counted)
+    try:
+        ops.backoff(1)
+    except Exception as e:
+        _note(record, f"back-off: {e or type(e).__name__}", counted)
+
+
+class Resumer:
+    """The state of one resume: what is pending, back, dropped; which headers were read."""
+
+    def __init__(
+        self, ops: Ops, devices: list[DevicePlan], suspended: list[str], record: CycleRecord
+    ) -> None:
+        self.ops = ops
+        self.record = record
+        # In resume order: the plan comes in suspend order, which the graph made.
+        self.pending = [d for d in reversed(devices) if d.name in suspended]
+        self.suspended = set(suspended)
+        self.dropped: list[DevicePlan] = []
+        self.refreshed: set[str] = set()
+        self.keyfile_failed: set[str] = set()
+        self.failures = 0
+
+    # -- the graph ------------------------------------------------------------------------
+
+    def ready(self) -> list[DevicePlan]:
+        """Pending devices whose dependencies are back (or were never suspended). Should
+        the plan hold a cycle (it cannot from a real layout), everything counts as ready
+        rather than nothing ever."""
+        waiting = {d.name for d in self.pending}
+        ready = [d for d in self.pending if not any(a in waiting for a in d.after)]
+        return ready or list(self.pending)
+
+    def essential_left(self) -> bool:
+        return any(d.essential for d in self.pending)
+
+    def _resumed(self, dev: DevicePlan) -> None:
+        self.pending.remove(dev)
+        self.record.resumed.append(dev.name)
+        self.record.step(f"resumed:{dev.name}")
+
+    def drop(self, dev: DevicePlan, why: str) -> None:
+        """Leave `dev` out, and everything that needs it: they cannot come back now."""
+        if dev not in self.pending:
+            return
+        self.pending.remove(dev)
+        self.dropped.append(dev)
+        self.record.skipped.append(dev.name)
+        self.record.problems.append(f"{dev.name} {why}")
+        for other in list(self.pending):
+            if dev.name in other.after:
+                self.drop(other, f"skipped: it needs {dev.name}")
+
+    def drop_vanished(self) -> None:
+        # An essential device is never dropped: without it nothing may thaw anyway, and
+        # the prompt is where a user sees that something is wrong.
+        for dev in list(self.pending):
+            if dev in self.pending and not dev.essential and not self.ops.present(dev.name):
+                self.drop(dev, "disappeared while the machine slept: not prompted for")
+
+    def close_dropped(self) -> None:
+        """Upper layers first (the plan's suspend order)."""
+        for dev in reversed(self.dropped):
+            try:
+                self.ops.deactivate(dev.name)
+            except Exception as e:
+                self.record.problems.append(f"closing {dev.name}: {e}; it stays suspended")
+            else:
+                self.record.step(f"closed:{dev.name}")
+
+    # -- one device -----------------------------------------------------------------------
+
+    def refresh(self, dev: DevicePlan) -> None:
+        """The header, read again right before the device's first resume (it was read
+        before the sleep, maybe long before: a keyslot changed since must count now).
+        Only now: everything below it and its detached header are back."""
+        if dev.name in self.refreshed:
+            return
+        self.refreshed.add(dev.name)
+        try:
+            self.ops.refresh_header(dev.name)
+        except Exception as e:
+            self.record.problems.append(f"re-reading the header of {dev.name}: {e}")
+
+    def resume_keyfiles(self) -> None:
+        """Every ready keyfile device, until none is left that can go: a chain of them
+        comes back link by link without a prompt."""
+        progress = True
+        while progress:
+            progress = False
+            for dev in self.ready():
+                keyfile = dev.keyfile
+                if keyfile is None or dev.name in self.keyfile_failed:
+                    continue
+                self.refresh(dev)
+                try:
+                    self.ops.resume_keyfile(dev.name, keyfile, dev.keyfile_size, dev.keyfile_offset)
+                except Exception as e:
+                    self.record.problems.append(f"keyfile for {dev.name}: {e}")
+                    self.keyfile_failed.add(dev.name)
+                    continue
+                self._resumed(dev)
+                progress = True
+
+    def asking(self) -> list[DevicePlan]:
+        return [d for d in self.ready() if d.keyfile is None or d.name in self.keyfile_failed]
+
+    def try_passphrase(self, secret: SecretBuffer) -> bool:
+        """The passphrase on every ready device that asks, and again on those its
+        successes make ready. True when it opened at least one."""
+        took = False
+        tried: set[str] = set()
+        while True:
+            fresh = [d for d in self.asking() if d.name not in tried]
+            if not fresh:
+                return took
+            for dev in fresh:
+                tried.add(dev.name)
+                self.refresh(dev)
+                try:
+                    ok = self.ops.resume_passphrase(dev.name, secret)
+                except Exception as e:
+                    self.record.problems.append(f"resuming {dev.name}: {e}")
+                    continue
+                if ok:
+                    took = True
+                    self._resumed(dev)
+            self.resume_keyfiles()
+
+    # -- a round --------------------------------------------------------------------------
+
+    def round(self, secret: SecretBuffer, poweroff_after: int) -> None:
+        """Keyfile devices that can go, then one prompt for those that ask."""
+        self.drop_vanished()
+        self.resume_keyfiles()
+        asking = self.asking()
+        if not asking:
+            return
+        skippable = not self.essential_left()
+        self.record.step("prompt")
+        names = [d.name for d in asking]
+        vanishing = [d.name for d in asking if not d.essential]
+        if not self.ops.prompt(secret, names, self.failures, skippable, vanishing):
+            secret.wipe()
+            return
+        if skippable and is_skip(secret):
+            secret.wipe()
+            self.record.step("skipped")
+            for dev in list(self.pending):
+                self.drop(dev, "skipped at the prompt")
+            return
+        self.record.step("passphrase_entered")
+        try:
+            took = self.try_passphrase(secret)
+        finally:
+            secret.wipe()
+        if took:
+            self.failures = 0
+            return
+        self.failures += 1
+        self.record.wrong_passphrases += 1
+        if poweroff_after and self.failures >= poweroff_after:
+            self.ops.power_off()
+        self.ops.backoff(self.failures)
+
+
+def resume_all(
+    ops: Ops,
+    devices: list[DevicePlan],
+    suspended: list[str],
+    record: CycleRecord,
+    poweroff_after: int = 0,
+) -> None:
+    """Returns only when every device is back, skipped or gone: any Exception in a round
+    (the VT, the back-off, libcryptsetup) goes into the record, the VT is opened again, and
+    the next round prompts again."""
+    resumer = Resumer(ops, devices, suspended, record)
+    counted = [0]
+    try:
+        ops.release_reserve()
+    except Exception as e:
+        record.problems.append(f"releasing the KDF reserve: {e}")
+    with SecretBuffer() as secret:
+        while resumer.pending:
+            try:
+                resumer.round(secret, poweroff_after)
+            except Exception as e:
+                secret.wipe()
+                _note(record, f"prompt: {e or type(e).__name__}", counted)
+                _recover_terminal(ops, record, counted)
+    resumer.close_dropped()
