@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cryptlockd import __version__
 from tests.vm import layout
@@ -31,6 +32,7 @@ from tests.vm.sleepcycle import (
     suspend,
     wake,
 )
+from tests.wait import wait_until_async
 
 pytestmark = [
     pytest.mark.vm,
@@ -150,6 +152,15 @@ def test_package_files_and_dependencies(deb: Path) -> None:
     assert b"/etc/cryptlockd/cryptlockd.conf" in conffiles
 
 
+async def metrics_after_a_cycle(g: Guest) -> dict[str, float] | None:
+    """The figures of the guest's metrics file once it tells of a cycle and of a daemon
+    protected again (its next idle helper ready), else None."""
+    text = (await g.run(f"cat {PROM_DIR}/cryptlockd.prom")).stdout
+    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    done = "cryptlockd_last_cycle_success" in got and got.get("cryptlockd_protected") == 1
+    return got if done else None
+
+
 async def daemon_pid(g: Guest) -> int:
     return int((await g.run("systemctl show -P MainPID cryptlockd.service")).stdout)
 
@@ -192,6 +203,18 @@ async def test_package_installs_protects_upgrades_and_purges(deb: Path, guest: G
     rec = await last_cycle(g, cycle.since)
     timeline = assert_complete(rec)
     print(f"packaged cycle: trigger->SUSPEND {cycle.to_suspend:.2f} s, timeline_ms {timeline}")
+    # The fleet's view of it, read with prometheus_client's own parser.
+    figures = await wait_until_async(
+        lambda: metrics_after_a_cycle(g),
+        60,
+        interval=0.5,
+        message="the metrics file after the cycle",
+    )
+    assert figures["cryptlockd_last_cycle_success"] == 1
+    assert figures["cryptlockd_last_cycle_wipe_verified"] == 1
+    assert figures["cryptlockd_unprotected_sleeps_total"] == 0
+    assert figures["cryptlockd_enabled"] == 1
+    assert figures["cryptlockd_last_cycle_timestamp_seconds"] > 1.7e9  # Unix time, not boottime
 
     # 3. An upgrade (a reinstall runs the same postinst, "configure <old version>"): the
     # daemon is idle, so restart-when-idle restarts it, and it is protected again.
