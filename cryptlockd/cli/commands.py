@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message
 
 from cryptlockd.cli.client import Client, CtlError
 from cryptlockd.cli.output import (
@@ -20,15 +20,10 @@ from cryptlockd.cli.output import (
     format_check,
     format_devices,
     format_status,
-    plain,
     status_dict,
 )
+from cryptlockd.cli.signals import CycleFinished, OwnerChanged, PropertiesChanged, daemon_signal
 from cryptlockd.defs import (
-    BUS_NAME,
-    DBUS_NAME,
-    MANAGER_INTERFACE,
-    OBJECT_PATH,
-    PROPERTIES_INTERFACE,
     STATUS_SCHEMA_VERSION,
 )
 
@@ -84,8 +79,7 @@ def _now() -> str:
 class SignalPrinter:
     """Turns the daemon's signals into output lines, for `monitor`.
 
-    Only signals from the current owner of org.cryptlockd1 count: match rules keep forged
-    broadcasts away, but anyone may send a signal straight to our unique name.
+    Only signals from the current owner of org.cryptlockd1 count (cli/signals.py).
     """
 
     def __init__(self, out: Output, owner: str) -> None:
@@ -93,55 +87,37 @@ class SignalPrinter:
         self.owner = owner
 
     def handle(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
+        signal = daemon_signal(msg, self.owner)
+        if signal is None:
             return
         stamp = _now()
-        if (
-            msg.member == "NameOwnerChanged"
-            and msg.sender == DBUS_NAME
-            and msg.interface == DBUS_NAME
-            and msg.body
-            and msg.body[0] == BUS_NAME
-        ):
-            self.owner = str(msg.body[2])
-            running = bool(self.owner)
-            self.out.emit(
-                f"{stamp} cryptlockd {'appeared on' if running else 'left'} the bus",
-                {"time": stamp, "event": "NameOwnerChanged", "running": running},
-            )
-            return
-        if not self.owner or msg.sender != self.owner or msg.path != OBJECT_PATH:
-            return
-        if (
-            msg.member == "PropertiesChanged"
-            and msg.interface == PROPERTIES_INTERFACE
-            and msg.signature == "sa{sv}as"
-            and msg.body[0] == MANAGER_INTERFACE
-        ):
-            changed = status_dict({k: v.value for k, v in msg.body[1].items()})
-            invalidated = [str(x) for x in msg.body[2]]
-            human = f"{stamp} changed: {format_changes(changed)}"
-            if invalidated:
-                human += f" (invalidated: {', '.join(invalidated)})"
-            self.out.emit(
-                human,
-                {
-                    "time": stamp,
-                    "event": "PropertiesChanged",
-                    "changed": changed,
-                    "invalidated": invalidated,
-                },
-            )
-        elif (
-            msg.member == "CycleFinished"
-            and msg.interface == MANAGER_INTERFACE
-            and msg.signature == "ba{sv}"
-        ):
-            success, record = bool(msg.body[0]), plain(msg.body[1])
-            self.out.emit(
-                f"{stamp} cycle finished: {describe_cycle(record)}",
-                {"time": stamp, "event": "CycleFinished", "success": success, "record": record},
-            )
+        match signal:
+            case OwnerChanged(owner):
+                self.owner = owner
+                running = bool(owner)
+                self.out.emit(
+                    f"{stamp} cryptlockd {'appeared on' if running else 'left'} the bus",
+                    {"time": stamp, "event": "NameOwnerChanged", "running": running},
+                )
+            case PropertiesChanged(changed, invalidated):
+                changed = status_dict(changed)
+                human = f"{stamp} changed: {format_changes(changed)}"
+                if invalidated:
+                    human += f" (invalidated: {', '.join(invalidated)})"
+                self.out.emit(
+                    human,
+                    {
+                        "time": stamp,
+                        "event": "PropertiesChanged",
+                        "changed": changed,
+                        "invalidated": invalidated,
+                    },
+                )
+            case CycleFinished(success, record):
+                self.out.emit(
+                    f"{stamp} cycle finished: {describe_cycle(record)}",
+                    {"time": stamp, "event": "CycleFinished", "success": success, "record": record},
+                )
 
 
 async def cmd_monitor(client: Client, args: argparse.Namespace, out: Output) -> int:

@@ -14,12 +14,19 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
 from cryptlockd import bus
 from cryptlockd.cli.client import MATCH_RULES
 from cryptlockd.cli.output import plain
+from cryptlockd.cli.signals import (
+    CycleFinished,
+    OwnerChanged,
+    PropertiesChanged,
+    daemon_signal,
+    owner_change,
+)
 from cryptlockd.defs import (
     BUS_NAME,
     DBUS_CALL_TIMEOUT,
@@ -55,17 +62,6 @@ SERVER_MATCH = (
 )
 
 
-def _is_name_owner_changed(msg: Message, name: str) -> bool:
-    return (
-        msg.message_type == MessageType.SIGNAL
-        and msg.member == "NameOwnerChanged"
-        and msg.sender == DBUS_NAME
-        and msg.interface == DBUS_NAME
-        and msg.signature == "sss"
-        and msg.body[0] == name
-    )
-
-
 class Notifier:
     """Shows notices through org.freedesktop.Notifications on the session bus, one at a
     time and in order. Without a server, a notice waits until one takes the name."""
@@ -91,7 +87,7 @@ class Notifier:
             log.warning("no notification server; dropped: %s", notice.summary)
 
     def _on_message(self, msg: Message) -> None:
-        if _is_name_owner_changed(msg, NOTIFICATIONS_BUS_NAME) and msg.body[2]:
+        if owner_change(msg, NOTIFICATIONS_BUS_NAME):
             log.info("a notification server appeared on the session bus")
             self.server_appeared.set()
 
@@ -183,23 +179,12 @@ class DaemonWatch:
                 self.notifier.show(notice)
 
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
-            return
-        if _is_name_owner_changed(msg, BUS_NAME):
-            self._owner_changed(str(msg.body[2]))
-            return
-        if not self.owner or msg.sender != self.owner or msg.path != OBJECT_PATH:
-            return
-        if (
-            msg.member == "PropertiesChanged"
-            and msg.interface == PROPERTIES_INTERFACE
-            and msg.signature == "sa{sv}as"
-            and msg.body[0] == MANAGER_INTERFACE
-        ):
-            self._changed(plain(msg.body[1]))
-        elif (
-            msg.member == "CycleFinished"
-            and msg.interface == MANAGER_INTERFACE
-            and msg.signature == "ba{sv}"
-        ):
-            self.notifier.show(cycle_notice(bool(msg.body[0]), plain(msg.body[1])))
+        match daemon_signal(msg, self.owner):
+            case OwnerChanged(owner):
+                self._owner_changed(owner)
+            case PropertiesChanged(changed, _):
+                self._changed(changed)
+            case CycleFinished(success, record):
+                self.notifier.show(cycle_notice(success, record))
+            case None:
+                pass
