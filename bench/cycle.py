@@ -89,10 +89,17 @@ async def bench(n: int) -> int:
     try:
         await armed_ready(g)
         await asyncio.sleep(5)  # the start-up's last D-Bus traffic dies down
-        idle_cost = await idle.measure(g)
-        await cycles(g, runs.cryptlockd_cycle, n, results)
+        try:
+            idle_cost = await idle.measure(g)
+        except Exception as exc:
+            notes.append(f"idle cost: not measured: {exc!r}")
         ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
         facts["ramfs"] = f"{int(ramfs) / 1024:.1f} MiB"
+        await cycles(g, runs.cryptlockd_cycle, n, results)
+    except Exception as exc:
+        notes.append(f"cryptlockd: the run stopped: {exc!r}")
+        traceback.print_exc()
+        print("---- console tail ----\n" + g.console_tail(40))
     finally:
         await g.close()
 
