@@ -11,12 +11,12 @@ resumes, still in the chroot, the devices listed in the initramfs's cryptroot/cr
 (askpass prompt on VT 8), then the others from the root (keyfiles), thaws and runs the `post`
 hooks.
 
-The test bed boots with an initrd built on the host; the guest's own /etc/crypttab lists only
-`data` and its /boot/initrd.img has no cryptroot/crypttab. So for the wrapper to see root at
-all, and to resume it from the chroot (resuming it from the root would read the suspended
-root: a dead lock), root is added to /etc/crypttab with a passphrase prompt (`none`) and the
-initramfs is rebuilt with update-initramfs. That is what a Debian install with root on LUKS
-has; the boot itself keeps using the host's initrd.
+The test bed boots with an initrd built on the host; the guest's /etc/crypttab opens root
+with the boot keyfile (keyslot 0), so an initramfs rebuilt from it resumes root from that
+keyfile, without a prompt. For a passphrase at resume, as on a Debian install with root on
+LUKS, root's entry is replaced by one with a passphrase prompt (`none`) and the initramfs is
+rebuilt with update-initramfs (the wrapper resumes root from the chroot; from the root it
+would read the suspended root: a dead lock). The boot itself keeps using the host's initrd.
 """
 
 from __future__ import annotations
@@ -89,8 +89,10 @@ async def install(guest: Guest, suite: str, workdir: Path) -> str:
         await guest.write_file(f"/root/debs/{deb.name}", deb.read_bytes())
     installed = await guest.run("dpkg -i /root/debs/*.deb 2>&1", timeout=300)
     uuid = (await guest.run(f"blkid -s UUID -o value {layout.ROOT_DISK}")).stdout.strip()
+    # The image's crypttab opens root with the boot keyfile (keyslot 0); with that entry the
+    # wrapper resumes root from the keyfile in its unpacked initramfs and never asks.
     await guest.run(
-        f"grep -q '^{layout.ROOT_DM_NAME} ' /etc/crypttab || "
+        f"sed -i '/^{layout.ROOT_DM_NAME} /d' /etc/crypttab && "
         f"echo '{layout.ROOT_DM_NAME} UUID={uuid} none luks' >> /etc/crypttab"
     )
     rebuilt = await guest.run("update-initramfs -u -k $(uname -r) 2>&1 | tail -3", timeout=900)
