@@ -119,6 +119,7 @@ demo: venv
 	$(VPY) -m tests.vm.demo
 
 bench: venv
+	$(VPY) -m pip install -q -e '.[test,bench]'
 	$(VPY) -m bench.cycle
 
 install: install-venv install-files

@@ -1,16 +1,12 @@
-"""Benchmark of the protected sleep cycle in the QEMU guest. Prints its figures as Markdown
-tables, ready for bench/RESULTS.md:
+"""`make bench`: stock `systemctl suspend`, Debian's cryptsetup-suspend and cryptlockd side by
+side, each in a fresh boot of the same bookworm guest image, BENCH_CYCLES (5) cycles each on a
+quiet guest and with a busy fsync writer on the encrypted root; then cryptlockd's idle cost
+and the bus (bench/bus.py, on the host). Prints Markdown for bench/RESULTS.md and draws
+bench/timeline.png.
 
-- delay-lock close (`arm_seconds`: the daemon's arm request to the helper's `armed`;
-  target 1 s, logind's limit 5 s), and the helper's own arming step by step;
-- each step of the cycle's timeline;
-- trigger to QMP SUSPEND, protected against stock `systemd-sleep` (daemon stopped), in the
-  same guest;
-- the RAM filesystem's size and the helper's locked memory.
-
-Scenarios: `systemctl suspend` on a quiet guest, then with a busy fsync writer on the
-encrypted root, then the stock sleep. Run: `make bench` (BENCH_CYCLES=5 cycles each;
-CRYPTLOCKD_VM_SUITE=bookworm|trixie picks the guest release).
+- stock: the plain test-bed image (cryptlockd not installed: no drop-in, no daemon);
+- debian: the same plain image with cryptsetup-suspend installed in its boot (bench/debian.py);
+- cryptlockd: the image with `make install` done in a boot of its own (the installed layer).
 """
 
 from __future__ import annotations
@@ -20,109 +16,45 @@ import logging
 import os
 import platform
 import shutil
-import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
+from bench import debian, idle, runs, timeline
+from bench.figures import CycleResult, record_intervals, side_by_side
 from tests.vm import image as image_mod
 from tests.vm import layout, machine
-from tests.vm.guest import Guest, artifacts_dir
+from tests.vm.guest import DiskSet, Guest, artifacts_dir
 from tests.vm.install import build_installed_layer
-from tests.vm.sleepcycle import (
-    WRITER_PATTERN,
-    armed_ready,
-    assert_complete,
-    last_cycle,
-    run_cycle,
-    start_writer,
-    suspend,
-    wake,
-)
+from tests.vm.sleepcycle import WRITER_PATTERN, armed_ready, start_writer
 
-# Intervals of the timeline worth a row: (label, from step, to step).
-INTERVALS = [
-    ("arm request -> helper starts arming", "arm_requested", "helper_arm"),
-    ("  mlockall + not dumpable", "helper_arm", "helper_hardened"),
-    ("  crypt_init_by_name of each device", "helper_hardened", "helper_devices_loaded"),
-    ("  KDF reserve faulted in", "helper_devices_loaded", "helper_kdf_reserved"),
-    ("  VT open", "helper_kdf_reserved", "helper_armed"),
-    ("helper armed -> delay lock closed", "helper_armed", "armed"),
-    ("delay lock closed -> sleep entry begins", "armed", "begin"),
-    ("begin -> synced (sync, nothing frozen yet)", "begin", "synced"),
-    ("synced -> cgroups frozen", "synced", "frozen"),
-    ("frozen -> file systems synced (syncfs)", "frozen", "filesystems_synced"),
-    ("file systems synced -> devices suspended and verified", "filesystems_synced", "verified"),
-    ("verified -> sleep write", "verified", "sleep_write"),
-    ("woke -> prompt", "woke", "prompt"),
-    ("passphrase entered -> root resumed", "passphrase_entered", f"resumed:{layout.ROOT_DM_NAME}"),
-    (
-        "root resumed -> data resumed (keyfile)",
-        f"resumed:{layout.ROOT_DM_NAME}",
-        f"resumed:{layout.DATA_DM_NAME}",
-    ),
-    ("data resumed -> thawed", f"resumed:{layout.DATA_DM_NAME}", "thawed"),
-    ("thawed -> finished", "thawed", "finished"),
-]
+HERE = Path(__file__).resolve().parent
+Runner = Callable[[Guest, str, int], Awaitable[CycleResult]]
 
 
-def stats(values: Sequence[float]) -> str:
-    if not values:
-        return "n/a | n/a | n/a"
-    return f"{statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f}"
+async def cycles(g: Guest, run: Runner, n: int, out: list[CycleResult]) -> None:
+    """n quiet cycles, then n with the busy writer (stopped afterwards)."""
+    for mode in ("quiet", "busy"):
+        if mode == "busy":
+            await start_writer(g)
+        for i in range(n):
+            result = await run(g, mode, i)
+            out.append(result)
+            figs = ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in result.figures().items())
+            print(f"  {result.system} {mode} {i + 1}: {figs}", flush=True)
+    await g.run(f"pkill -f '{WRITER_PATTERN}'", check=False)
 
 
-async def protected_cycles(g: Guest, n: int) -> list[tuple[float, dict[str, Any]]]:
-    out = []
-    for _ in range(n):
-        await armed_ready(g)
-        cycle = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
-        rec = await last_cycle(g, cycle.since)
-        assert_complete(rec)
-        to_suspend = cycle.to_suspend
-        out.append((to_suspend, rec))
-        t = rec["timeline_ms"]
-        arming = ", ".join(
-            f"{b.removeprefix('helper_')} +{t[b] - t[a]:.0f}"
-            for _, a, b in INTERVALS[:6]
-            if a in t and b in t
-        )
-        print(
-            f"  cycle: trigger->SUSPEND {to_suspend:.2f} s, arm {rec['arm_seconds']} s "
-            f"(ms: {arming})",
-            flush=True,
-        )
-    return out
-
-
-async def stock_cycles(g: Guest, n: int) -> list[float]:
-    await g.run("systemctl stop cryptlockd.service")
-    out = []
-    for _ in range(n):
-        out.append(await suspend(g, "systemctl suspend"))
-        await wake(g, what="the stock sleep")
-        print(f"  stock: trigger->SUSPEND {out[-1]:.2f} s", flush=True)
-    await g.run("systemctl start cryptlockd.service")
-    return out
-
-
-def report(scenario: str, cycles: list[tuple[float, dict[str, Any]]]) -> None:
-    print(f"\n### {scenario} ({len(cycles)} cycles)\n")
-    print("| figure (s) | median | min | max |\n| --- | --- | --- | --- |")
-    print(
-        f"| **delay-lock close (arm_seconds)** | "
-        f"{stats([float(r['arm_seconds']) for _, r in cycles])} |"
-    )
-    print(f"| trigger -> QMP SUSPEND | {stats([t for t, _ in cycles])} |")
-    for label, a, b in INTERVALS:
-        values = [
-            (r["timeline_ms"][b] - r["timeline_ms"][a]) / 1000
-            for _, r in cycles
-            if a in r["timeline_ms"] and b in r["timeline_ms"]
-        ]
-        print(f"| {label} | {stats(values)} |")
+async def boot(
+    img: image_mod.TestbedImage, accel: str, disks: DiskSet, workdir: Path, name: str
+) -> Guest:
+    guest = Guest(img, disks.overlay(workdir / "disks"), workdir / "guest", accel, name=name)
+    await guest.start()
+    print(f"== {name}: booted in {guest.boot_seconds:.0f} s", flush=True)
+    return guest
 
 
 async def bench(n: int) -> int:
@@ -130,47 +62,115 @@ async def bench(n: int) -> int:
     accel = machine.choose_accel(img.kernel, image_mod.cache_root())
     workdir = artifacts_dir(img.suite) / "bench"
     shutil.rmtree(workdir, ignore_errors=True)
+    results: list[CycleResult] = []
+    notes: list[str] = []
+    facts: dict[str, str] = {}
+
+    bus = subprocess.run(
+        [sys.executable, "-m", "bench.bus", "--seconds", "5"], capture_output=True, text=True
+    )
+    print(bus.stdout, flush=True)
+
+    only = os.environ.get("BENCH_SYSTEMS", "stock cryptlockd debian").split()
+    g = await boot(img, accel, DiskSet.of_image(img), workdir / "stock", "stock")
+    try:
+        facts["kernel"] = (await g.run("uname -r")).stdout.strip()
+        facts["systemd"] = (await g.run("dpkg-query -W -f='${Version}' systemd")).stdout
+        facts["lib"] = (await g.run("dpkg-query -W -f='${Version}' libcryptsetup12")).stdout
+        if "stock" in only:
+            await cycles(g, runs.stock_cycle, n, results)
+    finally:
+        await g.close()
+
+    idle_cost = None
+    if "cryptlockd" in only:
+        idle_cost = await run_cryptlockd(img, accel, workdir, n, results, notes, facts)
+    if "debian" in only:
+        await run_debian(img, accel, workdir, n, results, notes, facts)
+    for disks in workdir.glob("*/disks"):
+        shutil.rmtree(disks, ignore_errors=True)
+
+    report(img, accel, n, results, facts, idle_cost, bus.stdout, notes)
+    if len(only) == 3:
+        timeline.draw(results, HERE / "timeline.png")
+    print(f"\ntimeline: {HERE / 'timeline.png'}")
+    return 0
+
+
+async def run_cryptlockd(
+    img: image_mod.TestbedImage,
+    accel: str,
+    workdir: Path,
+    n: int,
+    results: list[CycleResult],
+    notes: list[str],
+    facts: dict[str, str],
+) -> dict[str, object] | None:
     layer = await build_installed_layer(img, accel, workdir / "installed")
     if not layer.ok:
-        print(f"make install failed in the guest:\n{layer.log[-4000:]}")
-        return 1
-    guest = Guest(
-        img, layer.disks.overlay(workdir / "disks"), workdir / "guest", accel, name="bench"
-    )
+        notes.append(f"make install failed in the guest:\n{layer.log[-4000:]}")
+        return None
+    g = await boot(img, accel, layer.disks, workdir / "cryptlockd", "cryptlockd")
+    idle_cost = None
     try:
-        await guest.start()
-        g = guest
-        return await measure(g, img, accel, n)
-    except Exception:
-        if guest.running:
-            journal = await guest.journal(timeout=30)
-            print("---- guest journal, cryptlockd and logind ----")
-            print(
-                "\n".join(
-                    line
-                    for line in journal.splitlines()
-                    if "cryptlockd" in line or "logind" in line or "sleep" in line
-                )
-            )
-        raise
+        await armed_ready(g)
+        await asyncio.sleep(5)  # the start-up's last D-Bus traffic dies down
+        try:
+            idle_cost = await idle.measure(g)
+        except Exception as exc:
+            notes.append(f"idle cost: not measured: {exc!r}")
+        ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
+        facts["ramfs"] = f"{int(ramfs) / 1024:.1f} MiB"
+        await cycles(g, runs.cryptlockd_cycle, n, results)
+    except Exception as exc:
+        notes.append(f"cryptlockd: the run stopped: {exc!r}")
+        traceback.print_exc()
+        print("---- console tail ----\n" + g.console_tail(40))
     finally:
-        await guest.close()
-        for disks in (workdir / "disks", workdir / "installed" / "disks"):
-            shutil.rmtree(disks, ignore_errors=True)
+        await g.close()
+    return idle_cost
 
 
-async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> int:
-    await armed_ready(g)
-    quiet = await protected_cycles(g, n)
-    await start_writer(g)
-    busy = await protected_cycles(g, n)
-    await g.run(f"pkill -f '{WRITER_PATTERN}'")
-    stock = await stock_cycles(g, n)
-    ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
-    check = (await g.run("cryptlockctl check || true")).stdout
-    kernel = (await g.run("uname -r")).stdout.strip()
-    lib = (await g.run("dpkg-query -W -f='${Version}' libcryptsetup12")).stdout.strip()
+async def run_debian(
+    img: image_mod.TestbedImage,
+    accel: str,
+    workdir: Path,
+    n: int,
+    results: list[CycleResult],
+    notes: list[str],
+    facts: dict[str, str],
+) -> None:
+    g = await boot(img, accel, DiskSet.of_image(img), workdir / "debian", "debian")
+    try:
+        facts["debian"] = await debian.install(g, img.suite, workdir / "debian")
+        print(f"  {facts['debian']}", flush=True)
 
+        async def deb(g: Guest, mode: str, i: int) -> CycleResult:
+            await debian.clear_vt(g)
+            return await runs.debian_cycle(g, mode, i, workdir / "debian")
+
+        await cycles(g, deb, n, results)
+    except Exception as exc:
+        notes.append(f"Debian cryptsetup-suspend: the run stopped: {exc!r}")
+        traceback.print_exc()
+        print("---- console tail ----\n" + g.console_tail(40))
+        if g.running:
+            journal = (await g.run("journalctl -b --no-pager | tail -60", check=False)).stdout
+            print("---- journal tail ----\n" + journal)
+    finally:
+        await g.close()
+
+
+def report(
+    img: image_mod.TestbedImage,
+    accel: str,
+    n: int,
+    results: list[CycleResult],
+    facts: dict[str, str],
+    idle_cost: dict[str, object] | None,
+    bus: str,
+    notes: list[str],
+) -> None:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -180,27 +180,36 @@ async def measure(g: Guest, img: image_mod.TestbedImage, accel: str, n: int) -> 
         "unknown CPU",
     )
     print(
-        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Debian {img.suite} "
-        f"guest (kernel {kernel}, libcryptsetup {lib})\n"
+        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Debian {img.suite} guest "
+        f"(kernel {facts.get('kernel')}, systemd {facts.get('systemd')}, libcryptsetup "
+        f"{facts.get('lib')})\n"
     )
     print(
         f"Host: {os.cpu_count()} cores ({cpu}), kernel {platform.release()}; QEMU "
-        f"{accel.upper()}, {layout.GUEST_MEMORY_MIB} MiB guest; `python -m bench.cycle`."
+        f"{accel.upper()}, {layout.GUEST_MEMORY_MIB} MiB, {layout.GUEST_CPUS} vCPUs; "
+        f"{n} cycles per system and mode. Each cell: median (min-max), and in bold the ratio "
+        "of medians to stock."
     )
-    print("Timeline figures are intervals between cycle-record steps (CLOCK_BOOTTIME).")
-    report("systemctl suspend, quiet guest", quiet)
-    report("systemctl suspend, busy fsync writer on the encrypted root", busy)
-    print(f"\n### Stock systemd-sleep, daemon stopped ({len(stock)} sleeps)\n")
-    print(f"| trigger -> QMP SUSPEND (s) | {stats(stock)} |\n| --- | --- |")
-    helper = quiet[-1][1].get("helper", {})
-    print(
-        f"\nRAM filesystem: {int(ramfs) / 1024:.1f} MiB (target 48 MiB). Helper while armed: "
-        f"VmLck {helper.get('VmLck')}, VmRSS {helper.get('VmRSS')}, KDF reserve "
-        f"{quiet[-1][1].get('kdf_reserve_kib')} KiB."
-    )
-    print("`cryptlockctl check` in the guest:\n")
-    print("\n".join(f"    {line}" for line in check.rstrip().splitlines()))
-    return 0
+    for mode, title in (("quiet", "quiet guest"), ("busy", "busy fsync writer on the root")):
+        print(f"\n### Side by side, {title}\n")
+        print(side_by_side(results, mode))
+    for mode in ("quiet", "busy"):
+        print(f"\n### cryptlockd's cycle record, {mode} (intervals between steps)\n")
+        print(record_intervals(results, mode))
+    deb = [r for r in results if r.system == "debian"]
+    if deb:
+        retyped = sum(1 for r in deb if r.host.get("attempts", 1) > 1)
+        print(f"\nDebian: passphrase typed again in {retyped} of {len(deb)} cycles.")
+    if "debian" in facts:
+        print(f"\nDebian setup: {facts['debian']}")
+    if idle_cost is not None:
+        print("\n### Idle cost (cryptlockd guest, 60 s with nothing talking to either)\n")
+        print(idle.table(idle_cost))  # type: ignore[arg-type]
+    print(f"\nHelper RAM filesystem: {facts.get('ramfs')}.")
+    print("\n### The bus (host, private dbus-daemon; bench/bus.py)\n")
+    print(bus)
+    for note in notes:
+        print(f"\nNOTE: {note}")
 
 
 def main() -> int:

@@ -1,0 +1,157 @@
+"""The bench's figures: what one cycle yields, and the side-by-side tables (median, min, max
+and the ratio of medians to stock). Pure functions; bench/cycle.py does the I/O."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.vm import layout
+
+SYSTEMS = ("stock", "debian", "cryptlockd")
+TITLES = {
+    "stock": "stock `systemctl suspend`",
+    "debian": "Debian cryptsetup-suspend",
+    "cryptlockd": "cryptlockd",
+}
+ROOT, DATA = layout.ROOT_DM_NAME, layout.DATA_DM_NAME
+
+# Figures of the side-by-side table, in order (seconds). Host figures are measured on the
+# host with time.monotonic and QMP events; record figures are intervals of the cycle record.
+REQUEST_TO_SUSPEND = "request -> QMP SUSPEND (host)"
+DELAY_LOCK = "delay-lock hold (arm_seconds)"
+WAKE_TO_PROMPT = "wake -> prompt (host: WAKEUP to prompt seen)"
+ENTER_ROOT = f"Enter -> {ROOT} resumed"
+ENTER_DATA = f"Enter -> {DATA} resumed"
+ENTER_THAWED = "Enter -> thawed"
+ENTER_USABLE = "Enter -> usable (host)"
+WAKE_USABLE = "wake -> usable (host: WAKEUP to direct I/O through every device)"
+FIGURES = [
+    REQUEST_TO_SUSPEND,
+    DELAY_LOCK,
+    WAKE_TO_PROMPT,
+    ENTER_ROOT,
+    ENTER_DATA,
+    ENTER_THAWED,
+    ENTER_USABLE,
+    WAKE_USABLE,
+]
+
+# cryptlockd's own steps, kept from the earlier bench (intervals of the cycle record).
+INTERVALS = [
+    ("arm request -> helper starts arming", "arm_requested", "helper_arm"),
+    ("  mlockall + not dumpable", "helper_arm", "helper_hardened"),
+    ("  crypt_init_by_name of each device", "helper_hardened", "helper_devices_loaded"),
+    ("  KDF reserve faulted in", "helper_devices_loaded", "helper_kdf_reserved"),
+    ("  VT open", "helper_kdf_reserved", "helper_armed"),
+    ("helper armed -> delay lock closed", "helper_armed", "armed"),
+    ("delay lock closed -> sleep entry begins", "armed", "begin"),
+    ("begin -> synced (sync, nothing frozen yet)", "begin", "synced"),
+    ("synced -> cgroups frozen", "synced", "frozen"),
+    ("frozen -> file systems synced (syncfs)", "frozen", "filesystems_synced"),
+    ("file systems synced -> devices suspended and verified", "filesystems_synced", "verified"),
+    ("verified -> sleep write", "verified", "sleep_write"),
+    ("woke -> prompt", "woke", "prompt"),
+    ("passphrase entered -> root resumed", "passphrase_entered", f"resumed:{ROOT}"),
+    ("root resumed -> data resumed (keyfile)", f"resumed:{ROOT}", f"resumed:{DATA}"),
+    ("data resumed -> thawed", f"resumed:{DATA}", "thawed"),
+    ("thawed -> finished", "thawed", "finished"),
+]
+
+
+@dataclass
+class CycleResult:
+    """One measured cycle. `host` holds host-side moments (seconds since the request, host
+    monotonic clock); `record` is cryptlockd's cycle record (empty for the others)."""
+
+    system: str
+    mode: str  # "quiet" or "busy"
+    host: dict[str, float]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def figures(self) -> dict[str, float]:
+        h, out = self.host, {}
+        if "suspend" in h:
+            out[REQUEST_TO_SUSPEND] = h["suspend"]
+        if "prompt" in h:
+            out[WAKE_TO_PROMPT] = h["prompt"] - h["wakeup"]
+        if "enter" in h:
+            out[ENTER_USABLE] = h["usable"] - h["enter"]
+        if "usable" in h:
+            out[WAKE_USABLE] = h["usable"] - h["wakeup"]
+        if self.record:
+            t = self.record["timeline_ms"]
+            out[DELAY_LOCK] = float(self.record["arm_seconds"])
+            for name, step in (
+                (ENTER_ROOT, f"resumed:{ROOT}"),
+                (ENTER_DATA, f"resumed:{DATA}"),
+                (ENTER_THAWED, "thawed"),
+            ):
+                if step in t and "passphrase_entered" in t:
+                    out[name] = (t[step] - t["passphrase_entered"]) / 1000
+        return out
+
+
+def stats(values: Sequence[float]) -> tuple[float, float, float] | None:
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def cell(s: tuple[float, float, float] | None, stock: tuple[float, float, float] | None) -> str:
+    if s is None:
+        return "-"
+    text = f"{s[0]:.2f} ({s[1]:.2f}-{s[2]:.2f})"
+    if stock is not None and stock[0] > 0:
+        text += f" **{s[0] / stock[0]:.2f}x**"
+    return text
+
+
+def side_by_side(results: Sequence[CycleResult], mode: str) -> str:
+    """A Markdown table: one row per figure, one column per system; each cell the median
+    (min-max) and, where stock has the figure, the ratio of medians to stock in bold."""
+    by_system = {
+        s: [r.figures() for r in results if r.system == s and r.mode == mode] for s in SYSTEMS
+    }
+    counts = {s: len(v) for s, v in by_system.items()}
+    head = " | ".join(f"{TITLES[s]} (n={counts[s]})" for s in SYSTEMS)
+    lines = [f"| figure (s) | {head} |", "| --- |" + " --- |" * len(SYSTEMS)]
+    for fig in FIGURES:
+        per = {s: stats([f[fig] for f in by_system[s] if fig in f]) for s in SYSTEMS}
+        cells = " | ".join(cell(per[s], per["stock"] if s != "stock" else None) for s in SYSTEMS)
+        lines.append(f"| {fig} | {cells} |")
+    return "\n".join(lines)
+
+
+def record_intervals(results: Sequence[CycleResult], mode: str) -> str:
+    """cryptlockd's own steps (median, min, max), as in the earlier bench."""
+    records = [r.record for r in results if r.system == "cryptlockd" and r.mode == mode]
+    lines = ["| step (s) | median | min | max |", "| --- | --- | --- | --- |"]
+    for label, a, b in INTERVALS:
+        s = stats(
+            [
+                (rec["timeline_ms"][b] - rec["timeline_ms"][a]) / 1000
+                for rec in records
+                if a in rec["timeline_ms"] and b in rec["timeline_ms"]
+            ]
+        )
+        row = "n/a | n/a | n/a" if s is None else f"{s[0]:.3f} | {s[1]:.3f} | {s[2]:.3f}"
+        lines.append(f"| {label} | {row} |")
+    return "\n".join(lines)
+
+
+def record_steps_on_host_axis(result: CycleResult) -> dict[str, float]:
+    """cryptlockd's record steps placed on the host axis (seconds since the request): the
+    steps before the sleep aligned so that `sleep_write` falls on QMP SUSPEND, those after it
+    so that `woke` falls on QMP WAKEUP (the guest's clock counts the sleep its own way)."""
+    t: Mapping[str, float] = result.record.get("timeline_ms", {})
+    h = result.host
+    if "sleep_write" not in t or "woke" not in t:
+        return {}
+    before = h["suspend"] - t["sleep_write"] / 1000
+    after = h["wakeup"] - t["woke"] / 1000
+    return {
+        step: (before if ms <= t["sleep_write"] else after) + ms / 1000 for step, ms in t.items()
+    }
