@@ -15,6 +15,7 @@ unprotected (sleep_report.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ log = logging.getLogger("cryptlockd")
 # that no sleep came to stands down after 120 s (helper/server.py). The monotonic clock
 # also runs while a cycle keeps us frozen: the helper is then busy, and the sleep goes on.
 SLEEP_DEADLINE = 150.0
+# Turning systemd's service watchdogs off before arming may take this long at most.
+WATCHDOGS_SWITCH_TIMEOUT = 1.0
 
 
 class SleepCycle:
@@ -107,7 +110,10 @@ class SleepCycle:
         # Before logind may go on, so PID 1 cannot kill a frozen service during a long
         # prompt; and here rather than once armed, where an await would let a record in
         # between ARMED and the inhibitor's release. back_to_idle() restores it either way.
-        await m.service_watchdogs.disable()
+        # Bounded, so that with the arm's own bound it stays inside logind's 5 s delay: a
+        # systemd too slow to answer costs the watchdog switch, never the protection.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(m.service_watchdogs.disable(), WATCHDOGS_SWITCH_TIMEOUT)
         timeout = m.arm_timeout
         try:
             await asyncio.wait_for(m.armer.arm(list(m.devices), m.cycle_finished), timeout)

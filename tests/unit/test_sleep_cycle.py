@@ -291,3 +291,32 @@ async def test_back_to_idle_takes_the_delay_lock_again(tmp_path: Path) -> None:
     armer.on_finished(True, {"result": "success"})
     await wait_until_async(lambda: taken, message="the lock taken again")
     assert isinstance(bus, FakeBus)
+
+
+class SilentSystemd:
+    """Service watchdogs behind a systemd that never answers."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def disable(self) -> None:
+        self.asked += 1
+        await asyncio.Event().wait()
+
+    async def restore(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_systemd_that_does_not_answer_costs_the_watchdog_switch_not_the_arm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptlockd.daemon import sleep_cycle
+
+    monkeypatch.setattr(sleep_cycle, "WATCHDOGS_SWITCH_TIMEOUT", 0.05)
+    armer = Armer()
+    m, _ = manager(tmp_path, armer)
+    silent = SilentSystemd()
+    m.service_watchdogs = silent  # type: ignore[assignment]
+    await asyncio.wait_for(m.prepare_for_sleep(True), 5)
+    assert silent.asked == 1 and len(armer.armed_with) == 1 and m.state == State.ARMED
