@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import sys
@@ -30,17 +29,8 @@ from pathlib import Path
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from bench.inhibitor import cpu_model
+from bench.inhibitor import cpu_model, host_daemon
 from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH, PROPERTIES_INTERFACE
-from tests.integration.conftest import (
-    LogindMock,
-    Reporter,
-    launch_daemon,
-    make_daemon_root,
-    make_luks_system,
-    start_bus,
-)
-from tests.wait import wait_until
 
 CALLS = {
     "Get(Protected)": (PROPERTIES_INTERFACE, "Get", "ss", [MANAGER_INTERFACE, "Protected"]),
@@ -90,32 +80,17 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
 
 
 def measure(directory: Path, client_counts: list[int], seconds: float) -> list[str]:
-    reporter = Reporter()
     rows: list[str] = []
-    with contextlib.ExitStack() as stack:
-        try:
-            bus = start_bus(directory, reporter)
-            stack.callback(bus.close)
-            logind = LogindMock(bus, reporter)
-            stack.callback(logind.stop)
-            root = make_daemon_root(directory)
-            args = make_luks_system(directory, root).daemon_args()
-            daemon = launch_daemon(bus, reporter, root, directory / "cryptlockd.log", *args)
-            stack.callback(daemon.stop)
-            wait_until(logind.our_inhibitors, message="inhibitor taken at start")
-            for call in CALLS:
-                for clients in client_counts:
-                    lat = sorted(asyncio.run(run_load(bus.address, call, clients, seconds)))
-                    rate = len(lat) / seconds
-                    rows.append(
-                        f"| {call} | {clients} | {rate:.0f} | "
-                        f"{statistics.median(lat) * 1000:.2f} | {percentile(lat, 99) * 1000:.2f} |"
-                    )
-                    print(rows[-1], flush=True)
-        except BaseException:
-            for p in reporter.processes:
-                print(f"--- log of {p.name} (pid {p.pid})\n{p.log()}", file=sys.stderr)
-            raise
+    with host_daemon(directory) as (bus, _logind):
+        for call in CALLS:
+            for clients in client_counts:
+                lat = sorted(asyncio.run(run_load(bus.address, call, clients, seconds)))
+                rate = len(lat) / seconds
+                rows.append(
+                    f"| {call} | {clients} | {rate:.0f} | "
+                    f"{statistics.median(lat) * 1000:.2f} | {percentile(lat, 99) * 1000:.2f} |"
+                )
+                print(rows[-1], flush=True)
     return rows
 
 

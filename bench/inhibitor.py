@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cryptlockd.defs import BUS_NAME, MANAGER_INTERFACE, OBJECT_PATH, PROPERTIES_INTERFACE
@@ -71,7 +71,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure(directory: Path, runs: int) -> list[float]:
+@contextlib.contextmanager
+def host_daemon(directory: Path) -> Iterator[tuple[SystemBus, LogindMock]]:
+    """What the host integration suite starts: a private bus, logind's mock, and the real
+    daemon (recording armer) on a fake LUKS2 machine, its inhibitor taken. The processes'
+    logs go to stderr when the body fails."""
     reporter = Reporter()
     with contextlib.ExitStack() as stack:
         try:
@@ -84,11 +88,16 @@ def measure(directory: Path, runs: int) -> list[float]:
             daemon = launch_daemon(bus, reporter, root, directory / "cryptlockd.log", *args)
             stack.callback(daemon.stop)
             wait_until(logind.our_inhibitors, message="inhibitor taken at start")
-            return [hold_once(bus, logind) for _ in range(runs)]
+            yield bus, logind
         except BaseException:
             for p in reporter.processes:
                 print(f"--- log of {p.name} (pid {p.pid})\n{p.log()}", file=sys.stderr)
             raise
+
+
+def measure(directory: Path, runs: int) -> list[float]:
+    with host_daemon(directory) as (bus, logind):
+        return [hold_once(bus, logind) for _ in range(runs)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
