@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from dbus_fast.aio import MessageBus
 
-from cryptlockd.daemon import checks, coverage, key_risks, sleep_report
+from cryptlockd.daemon import checks, coverage, key_risks, sleep_report, tokens
 from cryptlockd.daemon.armer import Armer, CycleRecord
 from cryptlockd.daemon.config import Config, load_config
 from cryptlockd.daemon.devices import LuksDevice, SystemPaths, apply_exclude, discover_devices
@@ -168,6 +168,8 @@ class Manager:
             # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
             # the last sleep's wipe was proven.
             *key_risks.check_key_risks(key_risks.crypto_facts(self.paths.crypttab)),
+            # Issue 14: which LUKS2 tokens the resume prompt uses, and which never.
+            *tokens.check_tokens_of(self.devices),
             *checks.check_last_cycle(self.last_cycle),
         ]
 

@@ -43,7 +43,8 @@ sys.path.insert(0, sys.argv[1])
 import runpy
 import cryptlockd.helper.main
 from cryptlockd.helper.libcryptsetup import Library
-Library()
+from cryptlockd.helper.token import load_tpm2
+load_tpm2(Library())
 modules = sorted({m.__file__ for m in list(sys.modules.values())
                   if getattr(m, "__file__", None)})
 libs = set()

@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 
-from cryptlockd.helper import protocol
+from cryptlockd.helper import protocol, token
 from cryptlockd.helper.libcryptsetup import Library
 from cryptlockd.helper.recover import recover, watch
 from cryptlockd.helper.secret import SecretBuffer
@@ -48,6 +48,7 @@ def self_test() -> int:
         "ok": not missing and secret.is_zero(),
         "missing_symbols": missing,
         "libcryptsetup": lib.version(),
+        "tpm2_token": token.load_tpm2(lib),
         "python": sys.version.split()[0],
         "modules": sorted(m for m in sys.modules if m.startswith("cryptlockd")),
     }

@@ -18,6 +18,7 @@ on the disk; it is removed once nothing holds it. The record names them.
 
 from __future__ import annotations
 
+from cryptlockd.helper import token
 from cryptlockd.helper.secret import SecretBuffer
 
 TYPE_CHECKING = False  # see cycle.py
@@ -209,7 +210,9 @@ class Resumer:
             return
         self.record.step("passphrase_entered")
         try:
-            took = self.try_passphrase(secret)
+            # As a TPM2 PIN first, then as a passphrase: token.py says why in that order.
+            took = token.try_pin(self, secret)
+            took = self.try_passphrase(secret) or took
         finally:
             secret.wipe()
         if took:

@@ -16,7 +16,7 @@ import signal
 import stat
 import time
 
-from cryptlockd.helper import cgroups, dm_ioctl, mappings, power, protocol, verify
+from cryptlockd.helper import cgroups, dm_ioctl, mappings, power, protocol, token, verify
 from cryptlockd.helper.cycle import late_plan
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
@@ -212,7 +212,7 @@ class SystemOps:
                 "Esc, then Enter: they are closed (what was written before the sleep stays "
                 "on the disk); open them again later.\n"
             )
-        t.write(f"Passphrase for {', '.join(devices)}: ")
+        t.write(f"{token.prompt_word(self.h.devices, devices)} for {', '.join(devices)}: ")
         if not self._hung_up and self.h.fault == "hangup-at-prompt":
             self._hung_up = True
             notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
@@ -233,6 +233,11 @@ class SystemOps:
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         return self.h.devices[device].resume_by_passphrase(
             ctypes.addressof(secret.buf), secret.length
+        )
+
+    def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None:
+        return token.resume_by_pin(
+            self.h.devices[device], ctypes.addressof(secret.buf), secret.length
         )
 
     def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None:

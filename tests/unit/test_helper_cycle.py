@@ -13,6 +13,7 @@ from cryptlockd.helper.cycle import (
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.resume import MAX_LOOP_PROBLEMS
 from cryptlockd.helper.secret import SecretBuffer
+from cryptlockd.helper.token import TokenFailed
 
 GOOD = b"right one"
 
@@ -47,6 +48,9 @@ class FakeOps:
         self.secrets: list[SecretBuffer] = []
         self.gone: set[str] = set()
         self.late: list[str] = []
+        # TPM2+PIN tokens (helper/token.py): device -> its PIN; a device absent has none.
+        self.pins: dict[str, bytes] = {}
+        self.token_broken = ""
 
     def freeze(self, frozen: list[str]) -> None:
         frozen.extend(["/system.slice", "/user.slice"])
@@ -126,6 +130,14 @@ class FakeOps:
         if ok:
             self.calls.append(f"resume:{device}")
         return ok
+
+    def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None:
+        if device not in self.pins:
+            return None
+        self.calls.append(f"pin:{device}")
+        if self.token_broken:
+            raise TokenFailed(self.token_broken)
+        return bytes(secret.buf[: secret.length]) == self.pins[device]
 
     def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None:
         if self.keyfile_fails:

@@ -1,0 +1,137 @@
+"""The LUKS2 tokens of the protected devices, for Check() (issue 14): which the resume prompt
+offers (TPM2 with a PIN, helper/token.py) and which it never uses. A TPM2 token without a
+PIN is named: the TPM would unseal for whoever opens the lid, since the PCRs do not change
+across S3, so the helper leaves it out and asks for the passphrase. Informational, never
+blocking: the keys are wiped either way.
+
+The header is read from the disk (or crypttab's header=) by hand: 4 KiB of binary header,
+then its JSON area. Only when the header's sequence id changed is the JSON read again."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+
+from cryptlockd.daemon.checks import CheckResult
+from cryptlockd.daemon.devices import LuksDevice
+from cryptlockd.helper import token
+
+__all__ = ["check_tokens", "check_tokens_of", "parse_tokens", "read_tokens"]
+
+LUKS2_MAGIC = b"LUKS\xba\xbe"
+BINARY_HEADER = 4096
+# LUKS2's largest header (metadata area) is 4 MiB.
+MAX_HEADER = 4 * 1024 * 1024
+
+_cache: dict[str, tuple[int, dict[int, str]]] = {}
+
+
+def parse_tokens(json_area: bytes) -> dict[int, str]:
+    """The JSON area of a LUKS2 header -> its tokens, id -> the token's JSON. Pure."""
+    text = json_area.split(b"\0", 1)[0]
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        return {}
+    tokens = meta.get("tokens") if isinstance(meta, dict) else None
+    if not isinstance(tokens, dict):
+        return {}
+    return {int(k): json.dumps(v) for k, v in tokens.items() if k.isdigit()}
+
+
+def read_tokens(path: str) -> dict[int, str]:
+    """The tokens of the LUKS2 header at `path` (a disk or a detached header); {} for
+    LUKS1, no header or an unreadable one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        binary = os.pread(fd, BINARY_HEADER, 0)
+        if len(binary) < 24 or binary[:6] != LUKS2_MAGIC:
+            return {}
+        version, hdr_size, seqid = struct.unpack(">HQQ", binary[6:24])
+        if version != 2 or not BINARY_HEADER < hdr_size <= MAX_HEADER:
+            return {}
+        cached = _cache.get(path)
+        if cached is not None and cached[0] == seqid:
+            return cached[1]
+        tokens = parse_tokens(os.pread(fd, hdr_size - BINARY_HEADER, BINARY_HEADER))
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    _cache[path] = (seqid, tokens)
+    return tokens
+
+
+def check_tokens(found: Mapping[str, Mapping[int, str]]) -> list[CheckResult]:
+    """device -> its tokens (id -> JSON) -> one line per kind of token that matters at the
+    prompt; nothing when no device has a TPM2 or FIDO2 token. Pure."""
+    offered: list[str] = []
+    no_pin: list[str] = []
+    fido2: list[str] = []
+    for name in sorted(found):
+        kinds: dict[str, list[str]] = {}
+        for token_id, text in sorted(found[name].items()):
+            kinds.setdefault(token.classify(text), []).append(str(token_id))
+        for kind, into in (
+            (token.PIN_TOKEN, offered),
+            (token.NO_PIN_TOKEN, no_pin),
+            (token.FIDO2_TOKEN, fido2),
+        ):
+            if kind in kinds:
+                into.append(f"{name} (token {', '.join(kinds[kind])})")
+    out = []
+    if offered:
+        out.append(
+            CheckResult(
+                "tpm2-pin-token",
+                True,
+                f"TPM2+PIN tokens of {'; '.join(offered)}: the resume prompt takes the "
+                "PIN (or the passphrase)",
+                blocking=False,
+            )
+        )
+    if no_pin:
+        out.append(
+            CheckResult(
+                "tpm2-token-without-pin",
+                False,
+                f"TPM2 tokens without a PIN on {'; '.join(no_pin)} are never used at "
+                "resume: the TPM would unseal them for anyone who opens the lid (the PCRs "
+                "do not change across suspend); the prompt asks for the passphrase. Enroll "
+                "one with systemd-cryptenroll --tpm2-device=auto --tpm2-with-pin=yes",
+                blocking=False,
+            )
+        )
+    if fido2:
+        out.append(
+            CheckResult(
+                "fido2-token",
+                False,
+                f"FIDO2 tokens on {'; '.join(fido2)} are not used at resume; the prompt "
+                "asks for the passphrase",
+                blocking=False,
+            )
+        )
+    return out
+
+
+def header_path(device: LuksDevice, by_uuid: str = "/dev/disk/by-uuid") -> str:
+    """Where the device's LUKS header is: crypttab's header=, else the block device udev
+    names by the LUKS UUID (an LV for LUKS on LVM, which backing_device is not), else
+    the backing device."""
+    if device.header:
+        return device.header
+    link = os.path.join(by_uuid, device.uuid)
+    return link if device.uuid and os.path.exists(link) else device.backing_device
+
+
+def check_tokens_of(devices: Sequence[LuksDevice]) -> list[CheckResult]:
+    """check_tokens on the system: each LUKS2 device's header, on its disk or detached."""
+    return check_tokens(
+        {d.name: read_tokens(header_path(d)) for d in devices if d.luks_type == "LUKS2"}
+    )
