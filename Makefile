@@ -32,7 +32,7 @@ XDG_AUTOSTARTDIR ?= $(SYSCONFDIR)/xdg/autostart
 HOST_DEBS = python3 python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev \
 	dbus python3-dbusmock python3-gi systemd umockdev gir1.2-umockdev-1.0 \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zstd cpio libcryptsetup12 \
-	mandoc zsh bash-completion xvfb dunst $(DEB_DEBS) rpmlint
+	mandoc zsh bash-completion xvfb dunst $(DEB_DEBS) rpmlint swtpm
 
 # What `make deb` needs to build and check the Debian package on a Debian 12 host.
 # (dpkg-buildpackage insists on build-essential, even for an arch-all package.)

@@ -195,6 +195,9 @@ class Guest:
     # A RAM/device state saved by save_state() from a guest on the backing disks of these
     # disks: start() resumes it instead of booting (seconds instead of a minute under TCG).
     incoming: Path | None = None
+    # More QEMU arguments, for a test's own device (tests/vm/swtpm.py's TPM): such a guest
+    # boots, since a saved state holds only the devices it was saved with.
+    extra_args: Sequence[str] = ()
     events: list[Event] = field(default_factory=list)
     boot_seconds: float | None = None
 
@@ -251,6 +254,7 @@ class Guest:
             "-device",
             f"virtserialport,chardev=agent,name={layout.AGENT_PORT}",
             *drives,
+            *self.extra_args,
             *(
                 ["-incoming", f"exec:cat {shlex.quote(str(self.incoming))}"]
                 if self.incoming

@@ -72,13 +72,27 @@ PACKAGES = [
 # their services stay off at boot (guest_files/customize). bookworm has weston for the
 # graphical session of tests/vm/test_desktop.py; nothing of it starts at boot.
 SUITE_PACKAGES = {
-    "bookworm": ["fuse3", "python3-pyfuse3", "nfs-kernel-server", "weston"],
+    "bookworm": [
+        "fuse3",
+        "python3-pyfuse3",
+        "nfs-kernel-server",
+        "weston",
+        # systemd-cryptenroll --tpm2-device and the TPM2 token plugin dlopen() these
+        # (tests/vm/test_tpm.py); libtss2-esys pulls in the TCTI for /dev/tpmrm0.
+        "libtss2-esys-3.0.2-0",
+        "libtss2-mu0",
+        "libtss2-rc0",
+    ],
     "trixie": [
         "systemd-cryptsetup",
         "python3-dbus-fast",
         "python3-pydantic",
         "python3-pyudev",
         "python3-prometheus-client",
+        # As bookworm's, under trixie's (t64) names (tests/vm/test_tpm.py).
+        "libtss2-esys-3.0.2-0t64",
+        "libtss2-mu-4.0.1-0t64",
+        "libtss2-rc0t64",
     ],
 }
 ROOT_DISK_SIZE = 2 * 1024**3
