@@ -109,9 +109,9 @@ def pin_token_ids(tokens: dict[int, str]) -> list[int]:
 
 def _bind(library: Library) -> bool:
     """Declares the token calls' types once; False without the token API (before 2.5)."""
-    lib = library.lib
     if not library.has("crypt_resume_by_token_pin"):
         return False
+    lib = library.lib
     if lib.crypt_resume_by_token_pin.argtypes is None:
         lib.crypt_token_status.argtypes = [
             ctypes.c_void_p,

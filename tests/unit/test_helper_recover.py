@@ -57,11 +57,15 @@ def test_the_reason_says_how_the_helper_died(env: dict[str, str], how: str) -> N
 class FakeLibrary:
     messages: ClassVar[list[str]] = []
 
+    def has(self, symbol: str) -> bool:
+        return False  # no token API: the prompt tries no TPM2 PIN (helper/token.py)
+
 
 class FakeDevice:
     resumed: ClassVar[list[str]] = []
 
     def __init__(self, library: FakeLibrary, name: str, header: str = "") -> None:
+        self.library = library
         self.name = name
         self.last_keyslot = -1
 
