@@ -25,6 +25,7 @@ The PIN is the prompt's SecretBuffer: libcryptsetup gets its address, never a co
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 
@@ -172,10 +173,23 @@ class TokenFailed(Exception):
     """A PIN token could not be used for another reason than a refused PIN."""
 
 
-# What libcryptsetup answers when the token's PIN is wrong: ENOANO (the plugin says the
-# PIN is wrong or missing), EPERM and ENOENT (libcryptsetup turns a plugin's EPERM into
-# ENOENT; systemd's plugin answers a refused authorisation so).
-_REFUSED = (-55, -1, -2)
+# What a refused PIN comes back as depends on systemd's version: ENOANO (PIN wrong or
+# missing), EPERM, ENOENT (libcryptsetup turns a plugin's EPERM into ENOENT), EACCES,
+# EILSEQ, ENOLCK (the TPM's dictionary-attack lockout), and ENOTRECOVERABLE, which is
+# how bookworm's systemd 252 passes on the TPM's TPM_RC_AUTH_FAIL (tests/vm/test_tpm.py).
+# Anything else means the token cannot work (no TPM, no plugin) and is worth a problem.
+_REFUSED = tuple(
+    -e
+    for e in (
+        errno.ENOANO,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EILSEQ,
+        errno.ENOLCK,
+        errno.ENOTRECOVERABLE,
+    )
+)
 
 
 def resume_by_pin(device: Device, address: int, length: int) -> bool | None:

@@ -155,6 +155,13 @@ async def test_tpm2_pin_token_resumes_and_a_token_without_pin_is_never_used(
             assert rec["wrong_passphrases"] == 1, rec
             assert f"token:{layout.ROOT_DM_NAME}" in rec["timeline_ms"], rec["timeline_ms"]
             assert not [p for p in rec["problems"] if "TPM2" in p], rec["problems"]
+            t = rec["timeline_ms"]
+            print(
+                "PIN cycle: wrong line refused after "
+                f"{t['passphrase_entered#2'] - t['passphrase_entered']:.0f} ms (prompt to prompt, "
+                f"with the back-off); the PIN opened root in "
+                f"{t['token:root'] - t['passphrase_entered#2']:.0f} ms"
+            )
 
             dump = await g.dump_memory("after-pin-resume")
             try:
