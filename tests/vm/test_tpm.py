@@ -157,10 +157,9 @@ async def test_tpm2_pin_token_resumes_and_a_token_without_pin_is_never_used(
             assert not [p for p in rec["problems"] if "TPM2" in p], rec["problems"]
             t = rec["timeline_ms"]
             print(
-                "PIN cycle: wrong line refused after "
-                f"{t['passphrase_entered#2'] - t['passphrase_entered']:.0f} ms (prompt to prompt, "
-                f"with the back-off); the PIN opened root in "
-                f"{t['token:root'] - t['passphrase_entered#2']:.0f} ms"
+                "PIN cycle: the wrong line refused (as PIN, then as passphrase) and the "
+                f"back-off: {t['prompt#2'] - t['passphrase_entered']:.0f} ms; the PIN "
+                f"opened root in {t['token:root'] - t['passphrase_entered#2']:.0f} ms"
             )
 
             dump = await g.dump_memory("after-pin-resume")
