@@ -5,6 +5,7 @@ strike per round at most; and the token JSON read from a real LUKS2 header."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 from pathlib import Path
@@ -164,3 +165,42 @@ def test_tokens_are_read_from_a_real_luks2_header(tmp_path: Path) -> None:
         assert token.prompt_word({"unit": device}, ["other"]) == "Passphrase"
     finally:
         lib.crypt_free(cd)
+
+
+def test_resume_by_pin_tries_each_pin_token_by_id_never_any_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[bytes, int, int, int]] = []
+    answers: list[int] = []
+
+    class FakeLib:
+        def crypt_resume_by_token_pin(
+            self, cd: object, name: bytes, kind: bytes, token_id: int, addr: int, n: int, u: None
+        ) -> int:
+            calls.append((kind, token_id, addr, n))
+            return answers.pop(0)
+
+    class FakeLibrary:
+        lib = FakeLib()
+        messages = ("TPM2 device not found.",)
+
+    dev = Device.__new__(Device)
+    dev.library, dev.name, dev.cd = FakeLibrary(), "root", None  # type: ignore[assignment]
+    tokens = {0: tpm2_token(False), 1: tpm2_token(True), 3: tpm2_token(True)}
+    monkeypatch.setattr(token, "read_tokens", lambda device: tokens)
+
+    answers[:] = [-errno.ENOTRECOVERABLE, 5]  # bookworm's refused PIN, then a keyslot
+    assert token.resume_by_pin(dev, 4096, 4) is True
+    # Token 0 has no PIN: never passed; never CRYPT_ANY_TOKEN (-1) either.
+    assert calls == [(b"systemd-tpm2", 1, 4096, 4), (b"systemd-tpm2", 3, 4096, 4)]
+
+    answers[:] = [-errno.ENOANO, -errno.EPERM]
+    assert token.resume_by_pin(dev, 4096, 4) is False
+
+    answers[:] = [-errno.ENODEV, -errno.ENOANO]
+    with pytest.raises(token.TokenFailed, match=r"token 1: No such device \(TPM2 device not"):
+        token.resume_by_pin(dev, 4096, 4)
+
+    monkeypatch.setattr(token, "read_tokens", lambda device: {0: tpm2_token(False)})
+    calls.clear()
+    assert token.resume_by_pin(dev, 4096, 4) is None and calls == []

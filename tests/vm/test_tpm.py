@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -69,6 +70,7 @@ async def tpm_boot(
 ) -> AsyncIterator[Guest]:
     """A fresh boot (no saved state: it has no TPM) with the TPM attached; the artifacts of
     a failure are kept as for any guest test."""
+    start = time.monotonic()
     tpm.start()
     guest = Guest(img, disks, workdir / name, accel, name=name, extra_args=tpm.qemu_args())
     ok = False
@@ -80,7 +82,9 @@ async def tpm_boot(
         yield guest
         ok = True
     finally:
-        TIMES.tests.append((f"{request.node.nodeid} [{name}]", accel, 0.0, guest.boot_seconds))
+        TIMES.tests.append(
+            (f"{request.node.nodeid} [{name}]", accel, time.monotonic() - start, guest.boot_seconds)
+        )
         if not ok:
             await _save_failure(guest, workdir / name)
             print(f"---- swtpm ----\n{tpm.log_tail()}")
