@@ -64,7 +64,8 @@ exec weston --config={RUN}/weston.ini --backend=drm-backend.so --use-pixman \\
     --log={RUN}/weston.log
 """
 # weston starts its shell client once it is up; this one first does a session manager's
-# part, then becomes weston's own shell client.
+# part, then becomes weston's own shell client. Not in /run: the initramfs mounts it noexec.
+SHELL_PATH = "/usr/local/libexec/desk-shell"
 SHELL_CLIENT = f"""#!/bin/sh
 systemctl --user import-environment WAYLAND_DISPLAY DBUS_SESSION_BUS_ADDRESS XDG_SESSION_ID
 systemctl --user --no-block start {USER}-session.target
@@ -88,7 +89,7 @@ require-input=false
 [shell]
 background-color=0xff336699
 locking=false
-client={RUN}/shell.sh
+client={SHELL_PATH}
 """
 AGENT = "cryptlockd-notify.service"
 USERCTL = f"runuser -u {USER} -- env XDG_RUNTIME_DIR=/run/user/$(id -u {USER}) systemctl --user"
@@ -138,8 +139,9 @@ async def active_vt(g: Guest) -> str:
 
 async def start_weston(g: Guest) -> int:
     await g.write_file(f"/etc/systemd/user/{USER}-session.target", SESSION_TARGET.encode(), 0o644)
-    files = {"weston.ini": WESTON_INI, "shell.sh": SHELL_CLIENT}
-    await start_vt_session(g, USER, VT, RUN, SESSION, files)
+    await g.run(f"mkdir -p {SHELL_PATH.rsplit('/', 1)[0]}")
+    await g.write_file(SHELL_PATH, SHELL_CLIENT.encode(), 0o755)
+    await start_vt_session(g, USER, VT, RUN, SESSION, {"weston.ini": WESTON_INI})
     await g.run(f"echo go > {RUN}/go")
     pid = await weston_pid(g)
     try:

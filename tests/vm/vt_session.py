@@ -21,7 +21,7 @@ async def start_vt_session(
     await g.run(f"useradd -m {user} && install -d -o {user} -m 0755 {run}")
     await g.write_file(f"{run}/session.sh", script.encode(), 0o644)
     for name, text in (files or {}).items():
-        await g.write_file(f"{run}/{name}", text.encode(), 0o755)
+        await g.write_file(f"{run}/{name}", text.encode(), 0o644)
     await g.run(
         f"systemd-run --unit={user}-session -p PAMName=login -p TTYPath=/dev/tty{vt} "
         f"-p StandardInput=tty -p StandardOutput=journal -p StandardError=journal "
