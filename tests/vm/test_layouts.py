@@ -249,6 +249,13 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
             f"dd if=/dev/urandom of=/mnt/{m}/after bs=4k count=16 oflag=direct status=none && "
             f"dd if=/mnt/{m}/after of=/dev/null bs=4k iflag=direct status=none"
         )
+    # lvm2 after the cycle: its tools read the resumed PVs, the LVs are active, and none of
+    # its units (lvm2-monitor, the udev rules' autoactivation, dmeventd) failed.
+    lvs = await g.run("timeout 60 lvs --noheadings -o vg_name,lv_name,lv_active vgl vgk")
+    assert sorted(lvs.stdout.split()) == sorted(["vgl", "mid", "vgk", "lvk", *["active"] * 2])
+    await g.run("systemctl is-active lvm2-monitor.service")
+    failed = await g.run("systemctl list-units --failed --plain --no-legend 'lvm*' 'dm-event*'")
+    assert failed.stdout.strip() == "", failed.stdout
     # The skipped disks are closed: their I/O fails at once instead of hanging for good.
     for name in (usb, "late"):
         info = await g.run(f"dmsetup info -c --noheadings -o suspended {name}", check=False)
