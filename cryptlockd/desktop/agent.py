@@ -81,6 +81,8 @@ class Notifier:
         return asyncio.get_running_loop().create_task(self._deliver())
 
     def show(self, notice: Notice) -> None:
+        # In the user's journal even when no server shows it (or one shows it late).
+        log.info("notice: %s", notice.summary)
         try:
             self.queue.put_nowait(notice)
         except asyncio.QueueFull:

@@ -63,6 +63,11 @@ PACKAGES = [
     "keyutils",
     "util-linux",
     "mawk",
+    # test_layouts.py: LUKS on a real LVM logical volume on LUKS (its udev rules,
+    # lvm2-monitor and dmeventd run as on a laptop, and are frozen with the rest).
+    "lvm2",
+    # A session bus in a user's logind session (test_desktop.py: cryptlockd-notify).
+    "dbus-user-session",
 ]
 # trixie split systemd-cryptsetup (the crypttab generator and unit) out of systemd. The
 # python3-* are the Debian package's dependencies (tests/vm/test_package.py installs it with

@@ -1,17 +1,29 @@
-"""A graphical session across a protected sleep (issue 15, acceptance 1): weston on DRM
-(the pixman renderer on the guest's bochs-drm) in a logind seat session on tty2. A protected
-`systemctl suspend` switches to the helper's prompt VT (the screendump shows the prompt, not
-the compositor), the passphrase resumes, tty2 is the active VT again, the same weston
-process owns it and the screen shows its output again.
+"""A graphical session across a protected sleep (issue 15): weston on DRM (the pixman
+renderer on the guest's bochs-drm) in a logind seat session on tty2.
+
+Acceptance 1: a protected `systemctl suspend` switches to the helper's prompt VT (the
+screendump shows the prompt, not the compositor), the passphrase resumes, tty2 is the
+active VT again, the same weston process owns it and the screen shows its output again.
+
+Acceptance 3: the session starts cryptlockd-notify by itself. Logging in starts the user's
+systemd manager (pam_systemd); once weston is up, the session does what a systemd-aware
+session manager does (gnome-session, startplasma, uwsm): it hands WAYLAND_DISPLAY and the
+session bus to the user manager and starts its session target, which binds
+graphical-session.target; `make install`'s link in /etc/systemd/user (`systemctl --global
+enable`) makes that target start the agent. Nobody starts the agent by hand. Then
+cryptlockd.service is restarted: the agent is the same process, it saw the daemon go and
+come back, and it reacts to the next cycle's CycleFinished (its journal; the guest has no
+notification server, which the agent waits for: acceptance 2 is tests/integration's, with
+dunst).
 
 bookworm only: weston is in bookworm's image (tests/vm/image.py), and trixie's suite is the
 longer one. What is exercised of the kernel and logind here (VT switching away from a
 session whose VT logind holds in VT_PROCESS mode for its controller) is also exercised on
-both releases by every cycle that starts from tty1.
+both releases by every cycle that starts from tty1, and the user manager's targets and
+--global links are the same on both.
 
-The session: a unit with PAMName=login on /dev/tty2 (pam_systemd registers it with logind),
-made active with chvt; its leader then execs weston, which takes the seat through logind
-(libseat).
+The session: tests/vm/vt_session.py's on tty2; its leader waits until its VT is the active
+one, then execs weston, which takes the seat through logind (libseat).
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptlockd.desktop.messages import WIPED_SUMMARY
 from tests.vm import layout
 from tests.vm.guest import Guest
 from tests.vm.sleepcycle import (
@@ -31,6 +44,7 @@ from tests.vm.sleepcycle import (
     last_cycle,
     suspend,
 )
+from tests.vm.vt_session import start_vt_session
 
 pytestmark = [
     pytest.mark.vm,
@@ -49,17 +63,37 @@ read -r x < go
 exec weston --config={RUN}/weston.ini --backend=drm-backend.so --use-pixman \\
     --log={RUN}/weston.log
 """
+# weston starts its shell client once it is up; this one first does a session manager's
+# part, then becomes weston's own shell client. Not in /run: the initramfs mounts it noexec.
+SHELL_PATH = "/usr/local/libexec/desk-shell"
+SHELL_CLIENT = f"""#!/bin/sh
+systemctl --user import-environment WAYLAND_DISPLAY DBUS_SESSION_BUS_ADDRESS XDG_SESSION_ID
+systemctl --user --no-block start {USER}-session.target
+exec /usr/lib/x86_64-linux-gnu/weston-desktop-shell
+"""
+# What a desktop environment ships for its sessions (systemd.special(7)).
+SESSION_TARGET = f"""[Unit]
+Description={USER}'s weston session
+BindsTo=graphical-session.target
+Before=graphical-session.target
+Wants=graphical-session-pre.target
+After=graphical-session-pre.target
+"""
 # A background of our own colour: a screendump that shows it shows weston. No screen lock
 # (idle-time), and no exit for want of an input device (the PS/2 keyboard and mouse are
 # there, but weston's output is what is under test).
 BACKGROUND = (0x33, 0x66, 0x99)
-WESTON_INI = """[core]
+WESTON_INI = f"""[core]
 idle-time=0
 require-input=false
 [shell]
 background-color=0xff336699
 locking=false
+client={SHELL_PATH}
 """
+AGENT = "cryptlockd-notify.service"
+USERCTL = f"runuser -u {USER} -- env XDG_RUNTIME_DIR=/run/user/$(id -u {USER}) systemctl --user"
+AGENT_LOG = f"journalctl -b -o cat --no-pager _SYSTEMD_USER_UNIT={AGENT}"
 
 
 def screen_colours(path: Path) -> Counter[tuple[int, int, int]]:
@@ -104,22 +138,10 @@ async def active_vt(g: Guest) -> str:
 
 
 async def start_weston(g: Guest) -> int:
-    await g.run(f"useradd -m {USER} && install -d -o {USER} -m 0755 {RUN}")
-    await g.write_file(f"{RUN}/session.sh", SESSION.encode(), 0o644)
-    await g.write_file(f"{RUN}/weston.ini", WESTON_INI.encode(), 0o644)
-    await g.run(
-        f"systemd-run --unit=desk-session -p PAMName=login -p TTYPath=/dev/tty{VT} "
-        f"-p StandardInput=tty -p StandardOutput=journal -p StandardError=journal "
-        f"-p User={USER} /bin/sh {RUN}/session.sh"
-    )
-    await g.wait_for_command(f"test -e {RUN}/ready", 60, "the session's leader runs")
-    await g.run(f"chvt {VT}")
-    await g.wait_for_command(
-        f"loginctl show-user {USER} -p State",
-        60,
-        f"{USER}'s session active on tty{VT}",
-        ok=lambda o: o.strip() == "State=active",
-    )
+    await g.write_file(f"/etc/systemd/user/{USER}-session.target", SESSION_TARGET.encode(), 0o644)
+    await g.run(f"mkdir -p {SHELL_PATH.rsplit('/', 1)[0]}")
+    await g.write_file(SHELL_PATH, SHELL_CLIENT.encode(), 0o755)
+    await start_vt_session(g, USER, VT, RUN, SESSION, {"weston.ini": WESTON_INI})
     await g.run(f"echo go > {RUN}/go")
     pid = await weston_pid(g)
     try:
@@ -130,11 +152,56 @@ async def start_weston(g: Guest) -> int:
     return pid
 
 
+async def agent_state(g: Guest) -> dict[str, str]:
+    props = "-p ActiveState -p MainPID -p NRestarts -p WantedBy"
+    out = (await g.run(f"{USERCTL} show {AGENT} {props}")).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+async def agent_logged(g: Guest, text: str, count: int = 1) -> str:
+    log = (await g.run(AGENT_LOG)).stdout
+    assert log.count(text) >= count, f"{text!r} not {count} time(s) in:\n{log[-2000:]}"
+    return log
+
+
+async def agent_started_by_the_session(g: Guest) -> str:
+    """The agent's MainPID, once the session has started it and it found the daemon."""
+
+    async def active() -> dict[str, str]:
+        state = await agent_state(g)
+        assert state.get("ActiveState") == "active", state
+        return state
+
+    state = await g.until(active, 120, "cryptlockd-notify started in the session")
+    assert "graphical-session.target" in state["WantedBy"].split(), state
+    target = await g.run(f"{USERCTL} is-active graphical-session.target {USER}-session.target")
+    assert target.stdout.split() == ["active", "active"], target.stdout
+    await g.until(
+        lambda: agent_logged(g, "cryptlockd is on the system bus"), 60, "the agent sees cryptlockd"
+    )
+    return state["MainPID"]
+
+
+async def daemon_restart_survived(g: Guest, agent: str) -> None:
+    await g.run("systemctl restart cryptlockd.service")
+    await g.until(
+        lambda: agent_logged(g, "cryptlockd is on the system bus", 2),
+        120,
+        "the agent sees the restarted cryptlockd",
+    )
+    await agent_logged(g, "cryptlockd left the system bus")
+    state = await agent_state(g)
+    assert (state["ActiveState"], state["MainPID"], state["NRestarts"]) == ("active", agent, "0")
+
+
 async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> None:
     g = installed_guest
     await armed_ready(g)
     pid = await start_weston(g)
     assert await active_vt(g) == f"tty{VT}"
+    agent = await agent_started_by_the_session(g)
+    await daemon_restart_survived(g, agent)
+    await armed_ready(g)
 
     since = await boottime(g)
     notices = g.console_count(PROMPT_NOTICE)
@@ -162,6 +229,11 @@ async def test_compositor_survives_a_protected_sleep(installed_guest: Guest) -> 
     await g.until(lambda: _showing(g, "after"), 120, "weston's desktop back on screen")
     log = (await g.run(f"cat {RUN}/weston.log")).stdout
     assert "fatal" not in log.lower(), log[-3000:]
+    # The same agent, after the daemon's restart, took the cycle's CycleFinished.
+    await g.until(
+        lambda: agent_logged(g, f"notice: {WIPED_SUMMARY}"), 60, "the agent's notice of the cycle"
+    )
+    assert (await agent_state(g))["MainPID"] == agent
 
 
 async def _showing(g: Guest, name: str) -> Counter[tuple[int, int, int]]:

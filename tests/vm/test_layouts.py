@@ -1,10 +1,11 @@
 """Disk layouts laptops really have (issue 11), built at test time on loop files on the
 encrypted root, all in one guest and one protected sleep:
 
-- `lower` (LUKS2) -> `mid` (dm-linear, what an LVM logical volume is in the kernel) ->
-  `upper` (LUKS2), both on the one passphrase (acceptance 1);
-- a keyfile chain: `kchain1` opened by a keyfile on root, `kchain2` by a keyfile on
-  kchain1's file system (acceptance 2);
+- `lower` (LUKS2) -> a real lvm2 volume group `vgl` with one logical volume `mid`
+  (dm name `vgl-mid`) -> `upper` (LUKS2), both on the one passphrase (acceptance 1);
+- `klow` (LUKS2, a keyfile on root, crypttab) -> LVM `vgk/lvk` -> `kup` (LUKS2, the
+  passphrase), and a keyfile chain: `kchain1` opened by a keyfile on root, `kchain2` by a
+  keyfile on kchain1's file system (acceptance 2);
 - every one of them on a loop device whose backing file lives on the encrypted root, so
   each must be suspended before root and resumed after it (acceptance 3);
 - `det`, LUKS2 with a detached header (crypttab header=) on root, and `det2`, whose header
@@ -15,8 +16,15 @@ encrypted root, all in one guest and one protected sleep:
 - `late`, opened by a system-sleep hook, after arming and before the freeze: suspended
   too (acceptance 7), and closed with the skipped disk, which it might sit on.
 
-Kernel-independent: bookworm only. PBKDF2 with 1000 iterations keeps the extra devices
-cheap; root still takes its Argon2 passphrase.
+lvm2 runs as on a laptop: its udev rules (pvscan, autoactivation), lvm2-monitor and
+dmeventd are there, and frozen with everything else during the cycle.
+
+Both releases: what is under test is the kernel's (device-mapper stacking and its sysfs
+holders and slaves, loop devices, dm-integrity, LUKS1 and detached headers in each
+release's libcryptsetup, virtio-blk hot-unplug while asleep) and udev's and lvm2's
+(the vg-lv nodes and what their rules do around a suspended PV), and each release has its
+own. PBKDF2 with 1000 iterations keeps the extra devices cheap; root still takes its
+Argon2 passphrase.
 """
 
 from __future__ import annotations
@@ -41,7 +49,6 @@ pytestmark = [
     pytest.mark.vm,
     pytest.mark.asyncio,
     pytest.mark.timeout(1200),
-    pytest.mark.vm_suites("bookworm"),
 ]
 
 # Every passphrase device but the skipped one takes the test passphrase: one prompt.
@@ -55,10 +62,20 @@ fmt() { printf %s "$P" | cryptsetup luksFormat -q $CHEAP --key-file=- "$@"; }
 opn() { printf %s "$P" | cryptsetup open --key-file=- "$@"; }
 img() { truncate -s "$2" /root/img/$1.img; losetup -f --show /root/img/$1.img; }
 fs() { mkfs.ext4 -q "/dev/mapper/$1"; mount "/dev/mapper/$1" "$2"; }
+# A volume group on one LUKS device, one logical volume filling it: /dev/VG/LV.
+lv() { pvcreate -qq "/dev/mapper/$1"; vgcreate -qq "$2" "/dev/mapper/$1"
+       lvcreate -qq -y -n "$3" -l 100%FREE "$2"; }
 
 L=$(img stack 96M); fmt --type luks2 "$L"; opn "$L" lower
-dmsetup create mid --table "0 $(blockdev --getsz /dev/mapper/lower) linear /dev/mapper/lower 0"
-fmt --type luks2 /dev/mapper/mid; opn /dev/mapper/mid upper; fs upper /mnt/upper
+lv lower vgl mid
+fmt --type luks2 /dev/vgl/mid; opn /dev/vgl/mid upper; fs upper /mnt/upper
+
+head -c 64 /dev/urandom > /etc/keys/klow.key
+KL=$(img klow 96M)
+cryptsetup luksFormat -q --type luks2 $CHEAP "$KL" /etc/keys/klow.key
+cryptsetup open --key-file /etc/keys/klow.key "$KL" klow
+lv klow vgk lvk
+fmt --type luks2 /dev/vgk/lvk; opn /dev/vgk/lvk kup; mkdir -p /mnt/kup; fs kup /mnt/kup
 
 head -c 64 /dev/urandom > /etc/keys/k1.key
 K1=$(img k1 40M)
@@ -96,23 +113,41 @@ EOF
 chmod 755 /etc/systemd/system-sleep/zz-open-late
 
 cat >> /etc/crypttab <<EOF
+klow $KL /etc/keys/klow.key luks
 kchain1 $K1 /etc/keys/k1.key luks
 kchain2 $K2 /mnt/k1/k2.key luks
 det $D none luks,header=/etc/hdr/det.hdr
 det2 $D2 none luks,header=/etc/hdr/det2.hdr
 EOF
 
-for m in upper k1 k2 old1 det usb; do
+for m in upper kup k1 k2 old1 det usb; do
     head -c 1M /dev/urandom > /mnt/$m/before
 done
 head -c 1M /dev/urandom | dd of=/dev/mapper/integ bs=1M oflag=direct status=none
 sync
 sha256sum /mnt/*/before > /run/layout-sums
 dd if=/dev/mapper/integ bs=1M count=1 iflag=direct status=none | sha256sum > /run/integ-sum
+echo "$L $KL"
 echo "$USB"
 """
 
-STACKED = ["lower", "upper", "kchain1", "kchain2", "old1", "det", "det2", "integ"]
+
+async def lvm_between(g: Guest, stacks: dict[str, tuple[str, str, str]]) -> None:
+    """Each `lower: (vg, lv, upper)` is real lvm2: the PV is the LUKS device `lower`, the
+    LV's dm device (named vg-lv, uuid LVM-...) is held by `upper` and holds on `lower`."""
+    for lower, (vg, lv, upper) in stacks.items():
+        pvs = await g.run(f"pvs --noheadings -o pv_name,vg_name /dev/mapper/{lower}")
+        assert pvs.stdout.split() == [f"/dev/mapper/{lower}", vg], pvs.stdout
+        info = await g.run(f"dmsetup info -c --noheadings -o name,uuid,blkdevname {vg}-{lv}")
+        name, uuid, kname = info.stdout.strip().split(":")
+        assert name == f"{vg}-{lv}" and uuid.startswith("LVM-"), info.stdout
+        holders = await g.run(
+            f"cat /sys/block/{kname}/holders/*/dm/name /sys/block/{kname}/slaves/*/dm/name"
+        )
+        assert holders.stdout.split() == [upper, lower], (kname, holders.stdout)
+
+
+STACKED = ["lower", "upper", "klow", "kup", "kchain1", "kchain2", "old1", "det", "det2", "integ"]
 
 
 def order(timeline: dict[str, float], *steps: str) -> bool:
@@ -123,8 +158,10 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     g = installed_guest
     await armed_ready(g)
     await g.write_file("/root/layouts.sh", SETUP.encode(), 0o755)
-    usb = (await g.run(["bash", "/root/layouts.sh", layout.PASSPHRASE], timeout=300)).stdout
-    usb = usb.splitlines()[-1]
+    out = (await g.run(["bash", "/root/layouts.sh", layout.PASSPHRASE], timeout=300)).stdout
+    *_, loops, usb = out.splitlines()
+    stack_loop, klow_loop = loops.split()
+    await lvm_between(g, {"lower": ("vgl", "mid", "upper"), "klow": ("vgk", "lvk", "kup")})
     # The daemon reads crypttab again on Reload; hotplug told it about the mappings.
     await g.run(f"busctl call {MANAGER} Reload")
     expected = {layout.ROOT_DM_NAME, layout.DATA_DM_NAME, usb, *STACKED}
@@ -135,6 +172,13 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
         ok=lambda o: {d["name"] for d in json.loads(o)} == expected,
     )
     await armed_ready(g)
+    # Through LVM's vg-lv mapping down to the loop device: the daemon's walk of the holders.
+    devices = {
+        d["name"]: d for d in json.loads((await g.run("cryptlockctl --json devices")).stdout)
+    }
+    backing = {n: devices[n]["backing_device"] for n in ("lower", "upper", "klow", "kup")}
+    assert backing == {"lower": stack_loop, "upper": stack_loop, "klow": klow_loop,
+                       "kup": klow_loop}, backing  # fmt: skip
     status = json.loads((await g.run("cryptlockctl --json status")).stdout)
     coverage = [p for p in status.get("Problems", []) if p.startswith("coverage")]
     assert len(coverage) == 1 and "det2 (its detached header" in coverage[0], status
@@ -182,6 +226,11 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
     assert order(t, "suspended:kchain2", "suspended:kchain1", f"suspended:{root}")
     assert order(t, "suspended:det", f"suspended:{root}")
     assert order(t, f"resumed:{root}", "resumed:lower", "resumed:upper")
+    # The passphrase device on LVM on a keyfile device: the keyfile device first.
+    assert order(t, "suspended:kup", "suspended:klow", f"suspended:{root}")
+    assert order(t, f"resumed:{root}", "resumed:klow", "resumed:kup")
+    # The logical volumes are no LUKS devices: never suspended, never named as devices.
+    assert not {"vgl-mid", "vgk-lvk"} & (set(rec["suspended"]) | set(rec["resumed"])), rec
     assert order(t, f"resumed:{root}", "resumed:kchain1", "resumed:kchain2")
     assert order(t, f"resumed:{root}", "resumed:det")
     assert order(t, "prompt#2", "skipped", "closed:late", f"closed:{usb}", "thawed")
@@ -195,11 +244,18 @@ async def test_many_layouts_one_sleep_one_prompt_and_a_skip(installed_guest: Gue
         "dd if=/dev/mapper/integ bs=1M count=1 iflag=direct status=none | sha256sum "
         "| cmp - /run/integ-sum"
     )
-    for m in ("upper", "k1", "k2", "old1", "det"):
+    for m in ("upper", "kup", "k1", "k2", "old1", "det"):
         await g.run(
             f"dd if=/dev/urandom of=/mnt/{m}/after bs=4k count=16 oflag=direct status=none && "
             f"dd if=/mnt/{m}/after of=/dev/null bs=4k iflag=direct status=none"
         )
+    # lvm2 after the cycle: its tools read the resumed PVs, the LVs are active, and none of
+    # its units (lvm2-monitor, the udev rules' autoactivation, dmeventd) failed.
+    lvs = await g.run("timeout 60 lvs --noheadings -o vg_name,lv_name,lv_active vgl vgk")
+    assert sorted(lvs.stdout.split()) == sorted(["vgl", "mid", "vgk", "lvk", *["active"] * 2])
+    await g.run("systemctl is-active lvm2-monitor.service")
+    failed = await g.run("systemctl list-units --failed --plain --no-legend 'lvm*' 'dm-event*'")
+    assert failed.stdout.strip() == "", failed.stdout
     # The skipped disks are closed: their I/O fails at once instead of hanging for good.
     for name in (usb, "late"):
         info = await g.run(f"dmsetup info -c --noheadings -o suspended {name}", check=False)

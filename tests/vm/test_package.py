@@ -64,6 +64,9 @@ PACKAGE_FILES = [
     "usr/share/zsh/vendor-completions/_cryptlockctl",
     "usr/libexec/cryptlockd/restart-when-idle",
     "etc/cryptlockd/cryptlockd.conf",
+    "usr/lib/systemd/user/cryptlockd-notify.service",
+    "etc/xdg/autostart/cryptlockd-notify.desktop",
+    "usr/bin/cryptlockd-notify",
     f"usr/lib/python3/dist-packages/cryptlockd-{__version__}.dist-info/METADATA",
 ]
 
@@ -100,6 +103,8 @@ def deb_contents(deb: Path) -> tuple[dict[str, tarfile.TarInfo], dict[str, bytes
 def test_package_files_and_dependencies(deb: Path) -> None:
     members, texts = deb_contents(deb)
     assert not [p for p in PACKAGE_FILES if p not in members], "missing from the package"
+    # The user unit's link is postinst's (dh_installsystemduser), not a file of the package.
+    assert not [p for p in members if p.startswith("etc/systemd/")], "a unit link shipped"
     # Every module of the checkout, as is (the package carries no build step).
     modules = sorted(
         str(p.relative_to(REPO))
@@ -165,12 +170,14 @@ async def daemon_pid(g: Guest) -> int:
     return int((await g.run("systemctl show -P MainPID cryptlockd.service")).stdout)
 
 
+# Made by postinst (deb-systemd-helper --user enable), removed by the purge.
+USER_WANTS = "/etc/systemd/user/graphical-session.target.wants/cryptlockd-notify.service"
 LEFTOVERS = (
     "ls -d /etc/cryptlockd /run/cryptlockd /usr/lib/python3/dist-packages/cryptlockd "
     "/usr/bin/cryptlockd /usr/lib/systemd/system/cryptlockd.service "
     "/usr/lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf "
     "/etc/systemd/system/multi-user.target.wants/cryptlockd.service "
-    f"{PROM_DIR}/cryptlockd.prom 2>/dev/null; "
+    f"{USER_WANTS} {PROM_DIR}/cryptlockd.prom 2>/dev/null; "
     "grep -E 'cryptlockd' /proc/self/mountinfo; true"
 )
 
@@ -187,6 +194,11 @@ async def test_package_installs_protects_upgrades_and_purges(deb: Path, guest: G
     await g.run("systemctl is-active cryptlockd.service")
     dropin = await g.run("systemctl cat systemd-suspend.service")
     assert "ExecStart=/usr/bin/python3 -I -m cryptlockd.sleep_entry" in dropin.stdout
+    # The desktop agent: enabled for every user's graphical session (systemctl --global).
+    enabled = await g.run("systemctl --global is-enabled cryptlockd-notify.service")
+    assert enabled.stdout.strip() == "enabled"
+    await g.run(f'test "$(readlink -e {USER_WANTS})" = '
+                '"$(readlink -e /usr/lib/systemd/user/cryptlockd-notify.service)"')  # fmt: skip
     # py3compile compiled the modules for the guest's python (3.13, not the builder's).
     await g.run("ls /usr/lib/python3/dist-packages/cryptlockd/__pycache__/*.cpython-313.pyc")
     # A Prometheus file, in a runtime drop-in (purge must remove both).

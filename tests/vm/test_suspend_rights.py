@@ -6,10 +6,9 @@ machine stays awake. Without the inhibitor the same call suspends, protected.
 trixie only: the rules mirrored are those of logind 257 (block inhibitors refuse outright);
 the daemon-side logic is the same on every release and is unit-tested.
 
-The user's session: a unit with PAMName=login on /dev/tty5 (pam_systemd registers it with
-logind), made active with chvt. polkit resolves the caller's bus name to its process and
-session, so the calls must come from inside that session: the session's leader runs each
-line written to a fifo.
+The user's session: tests/vm/vt_session.py's, on /dev/tty5. polkit resolves the caller's
+bus name to its process and session, so the calls must come from inside that session: the
+session's leader runs each line written to a fifo.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from tests.vm.sleepcycle import (
     suspend,
     wake,
 )
+from tests.vm.vt_session import start_vt_session
 
 pytestmark = [
     pytest.mark.vm,
@@ -61,30 +61,12 @@ async def in_session(g: Guest, n: int, command: str) -> tuple[int, str]:
     return int(rc.stdout), out.stdout.strip()
 
 
-async def start_active_session(g: Guest) -> None:
-    await g.run(f"useradd -m {USER} && install -d -o {USER} -m 0755 {RUN}")
-    await g.write_file(f"{RUN}/session.sh", SESSION.encode(), 0o644)
-    await g.run(
-        f"systemd-run --unit=tester-session -p PAMName=login -p TTYPath=/dev/tty{VT} "
-        f"-p StandardInput=tty -p StandardOutput=journal -p User={USER} "
-        f"/bin/sh {RUN}/session.sh"
-    )
-    await g.wait_for_command(f"test -e {RUN}/ready", 60, "the session's leader runs")
-    await g.run(f"chvt {VT}")
-    await g.wait_for_command(
-        f"loginctl show-user {USER} -p State",
-        60,
-        f"{USER}'s session active on tty{VT}",
-        ok=lambda o: o.strip() == "State=active",
-    )
-
-
 async def test_a_users_suspend_is_refused_while_an_inhibitor_blocks(
     installed_guest: Guest,
 ) -> None:
     g = installed_guest
     await armed_ready(g)
-    await start_active_session(g)
+    await start_vt_session(g, USER, VT, RUN, SESSION)
     # A package manager's lock, taken by another process (root's).
     pid = await g.spawn(
         f"exec systemd-inhibit --what=sleep --mode=block --who=upgrader --why='{WHY}' "
