@@ -61,6 +61,15 @@ class SleepCycle:
             "true" if start else "false",
             extra=event(MessageId.PREPARE_FOR_SLEEP, START=int(start)),
         )
+        if self.m.state == State.LOCKED:
+            # Lock() holds the helper (lock_cycle.py), and its record ends the lock: this
+            # sleep is not ours to arm for (the sleep entry finds no free helper).
+            log.warning("a sleep during a Lock(): not armed for")
+            if start:
+                self.m.logind.release_inhibitor("locked")
+            else:
+                await self.m.logind.ensure_inhibitor()
+            return
         if start:
             self.m.notifier.suspend_watchdog()
             await self._sleep_requested()

@@ -50,6 +50,7 @@ class RecordingArmer:
         self._cycle: tuple[CycleCallback, bool, dict[str, Any]] | None = None
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
+        self.sleeps: list[bool] = []
         self.configured: list[Config] = []
         self.on_status_change: Callable[[], None] | None = None
 
@@ -70,10 +71,14 @@ class RecordingArmer:
         while self.ready_file is not None and not Path(self.ready_file).exists():
             await asyncio.sleep(0.05)
 
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+    async def arm(
+        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+    ) -> None:
         if self.fail_file is not None and Path(self.fail_file).exists():
             raise CryptlockdError(Path(self.fail_file).read_text().strip())
         self.armed_with.append(tuple(d.name for d in devices))
+        self.sleeps.append(sleeps)
+        print(f"recording armer: armed with sleeps={sleeps}", file=sys.stderr, flush=True)
         if self.cycle_file is not None and Path(self.cycle_file).exists():
             cycle = json.loads(Path(self.cycle_file).read_text())
             self._cycle = (on_finished, bool(cycle["success"]), dict(cycle["record"]))
@@ -88,6 +93,28 @@ class RecordingArmer:
             asyncio.get_running_loop().call_soon(on_finished, success, record)
             return False
         return True
+
+    def entry(self) -> RecordingEntry:
+        return RecordingEntry(self)
+
+
+class RecordingEntry:
+    """Lock()'s cycle as the helper would run it: begins, then reports the cycle of
+    RECORDING_ARMER_CYCLE_FILE (if any) as the record of the lock."""
+
+    def __init__(self, armer: RecordingArmer) -> None:
+        self.armer = armer
+
+    async def begin(self, timeout: float) -> None:
+        pass
+
+    async def run(self, times: dict[str, float]) -> str:
+        if self.armer._cycle is None:
+            return "the recording armer has no cycle to report"
+        on_finished, success, record = self.armer._cycle
+        self.armer._cycle = None
+        on_finished(success, record)
+        return ""
 
 
 if __name__ == "__main__":
