@@ -158,12 +158,10 @@ async def test_page_cache_dropped_before_the_sleep(installed_guest: Guest) -> No
     found = sum(1 for n in counts if n)
     assert found > FILE_PAGES // 2, f"only {found} of {FILE_PAGES} pages found in the control"
 
-    await g.write_file(
-        "/etc/cryptlockd/cryptlockd.conf.d/page-cache.conf",
-        b"[cycle]\ndrop_page_cache = true\n",
-        0o644,
+    await g.run(
+        "mkdir -p /etc/cryptlockd/cryptlockd.conf.d && printf '[cycle]\\ndrop_page_cache = "
+        "true\\n' > /etc/cryptlockd/cryptlockd.conf.d/50-test.conf && cryptlockctl reload"
     )
-    await g.run("cryptlockctl reload")
     counts, rec = await sleep_with_file(g, "dropped")
     assert rec["success"] is True, rec
     steps = rec["timeline_ms"]
