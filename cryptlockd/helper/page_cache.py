@@ -2,8 +2,9 @@
 
 The page cache holds the plaintext of every file read lately, and the volume key's wipe
 does nothing about it (SPEC 4: not protected). Writing 1 to drop_caches frees the clean
-pages, but the kernel does not clear a page it frees (Debian's kernels clear on allocation,
-not on free), so their contents stay in RAM until the page is used again. So after the drop
+pages, but the kernel does not clear a page it frees (unless booted with init_on_free=1;
+Debian's kernels clear on allocation), so their contents stay in RAM until the page is used
+again. So after the drop
 the helper takes most of the free memory, which the kernel clears page by page as it hands
 it over, and gives it back at once. The kernel's free lists are last in, first out: the
 pages just freed are the first handed out. Each CPU keeps a short list of its own freed
