@@ -41,6 +41,7 @@ def daemon(
     monkeypatch.setenv("RECORDING_ARMER_PROTECTS", "1")
     monkeypatch.setenv("RECORDING_ARMER_CYCLE_FILE", str(cycle_file))
     monkeypatch.setenv("RECORDING_ARMER_FAIL_FILE", str(tmp_path / "fail"))
+    monkeypatch.setenv("RECORDING_ARMER_LOCK_HOLD_FILE", str(tmp_path / "hold"))
     return start_settled(start_daemon, logind, *luks_system.daemon_args())
 
 
@@ -148,3 +149,34 @@ async def test_a_lock_that_cannot_arm_fails_and_says_why(
     await manager.call_lock()  # type: ignore[attr-defined]
     await wait_until_async(lambda: len(seen) == 2, message="the second CycleFinished")
     assert seen[1][0] is True
+
+
+@pytest.mark.asyncio
+async def test_while_locked_sleeps_and_locks_are_not_armed_for(
+    daemon: Daemon,
+    logind: LogindMock,
+    polkit: PolkitMock,
+    manager: ProxyInterface,
+    client: MessageBus,
+    tmp_path: Path,
+) -> None:
+    await protected(client)
+    seen = await watch_cycle_finished(client)
+    (tmp_path / "hold").touch()  # the "helper" sits at its prompt
+    polkit.allow(POLKIT_ACTION_LOCK, POLKIT_ACTION_SUSPEND)
+    await manager.call_lock()  # type: ignore[attr-defined]
+    assert await state_is(client, "locked")
+    for call in (manager.call_lock, manager.call_suspend):  # type: ignore[attr-defined]
+        assert (await dbus_error(call())).type == "org.cryptlockd1.Error.Busy"
+    # A sleep logind begins meanwhile: not armed for, logind let go, the lock goes on.
+    logind.prepare_for_sleep(True)
+    await wait_until_async(lambda: not logind.our_inhibitors(), message="logind let go")
+    logind.prepare_for_sleep(False)
+    await wait_until_async(logind.our_inhibitors, message="the inhibitor taken again")
+    assert await state_is(client, "locked") and seen == []
+    assert "a sleep during a Lock(): not armed for" in daemon.log()
+    (tmp_path / "hold").unlink()
+    await wait_until_async(lambda: seen, message="CycleFinished")
+    assert seen[0][0] is True and seen[0][1]["action"] == "lock"
+    await wait_until_async(lambda: state_is(client, "idle"), message="State back to idle")
+    assert daemon.log().count("recording armer: armed with") == 1
