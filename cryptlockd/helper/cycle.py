@@ -202,10 +202,20 @@ def run_cycle(
             record.fail(f"abandoned before the sleep, staying awake: {e or type(e).__name__}")
             record.step("abandoned")
             return
-        if sleeps:
-            _sleep(ops, record)
+        if not sleeps:
+            record.step("locked")  # Lock(): straight to the prompt (wind_down)
+            return
+        record.step("sleep")
+        try:
+            ops.enter_sleep()
+        except SleepFailed as e:
+            record.fail(str(e))
+            record.step("sleep_failed")
+        except Exception as e:
+            record.fail(str(e) or type(e).__name__)
         else:
-            record.step("locked")
+            record.slept = True
+            record.step("woke")
     finally:
         wind_down(ops, devices, suspended, frozen, saved_sync, record, poweroff_after)
 
@@ -219,20 +229,6 @@ def _drop_page_cache(ops: Ops, record: CycleRecord) -> None:
         return
     record.step("page_cache_dropped")
     record.page_cache_cleared_mib = cleared >> 20
-
-
-def _sleep(ops: Ops, record: CycleRecord) -> None:
-    record.step("sleep")
-    try:
-        ops.enter_sleep()
-    except SleepFailed as e:
-        record.fail(str(e))
-        record.step("sleep_failed")
-    except Exception as e:
-        record.fail(str(e) or type(e).__name__)
-    else:
-        record.slept = True
-        record.step("woke")
 
 
 def opened_late(ops: Ops, devices: list[DevicePlan], record: CycleRecord) -> list[DevicePlan]:
