@@ -12,6 +12,7 @@ ERROR_PREFIX = "org.cryptlockd1.Error"
 
 POLKIT_ACTION_SUSPEND = "org.cryptlockd1.suspend"
 POLKIT_ACTION_CONFIGURE = "org.cryptlockd1.configure"
+POLKIT_ACTION_LOCK = "org.cryptlockd1.lock"
 
 LOGIND_BUS_NAME = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"
@@ -109,3 +110,5 @@ class State(StrEnum):
     IDLE = "idle"
     ARMING = "arming"
     ARMED = "armed"
+    # Lock(): the cycle without the sleep, from the arm until its record (lock_cycle.py).
+    LOCKED = "locked"

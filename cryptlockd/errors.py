@@ -32,11 +32,16 @@ class NoSuchDevice(CryptlockdError, error="NoSuchDevice"):
 
 
 class Busy(CryptlockdError, error="Busy"):
-    """Suspend() while a sleep is already in progress."""
+    """Suspend() or Lock() while a sleep or a lock is already in progress."""
 
 
 class NotProtected(CryptlockdError, error="NotProtected"):
-    """Suspend() when the next sleep would not wipe the keys."""
+    """Suspend() or Lock() when the cycle would not wipe the keys."""
+
+
+class LockFailed(CryptlockdError, error="LockFailed"):
+    """Lock() could not start the cycle (the helper did not arm or begin); the keys stay in
+    RAM, and LastCycle says why."""
 
 
 class Inhibited(CryptlockdError, error="Inhibited"):

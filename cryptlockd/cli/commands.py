@@ -57,6 +57,13 @@ async def cmd_suspend(client: Client, args: argparse.Namespace, out: Output) -> 
     return 0
 
 
+async def cmd_lock(client: Client, args: argparse.Namespace, out: Output) -> int:
+    # Returns once the helper runs the cycle; this process is frozen with everything else
+    # until the passphrase has brought the disks back.
+    await client.privileged("Lock")
+    return 0
+
+
 async def cmd_enable(client: Client, args: argparse.Namespace, out: Output) -> int:
     await client.privileged("SetEnabled", True)
     return 0
@@ -154,6 +161,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "devices": (cmd_devices, "list the active LUKS devices (or the ones named)"),
     "check": (cmd_check, "run the self-checks; exit status 1 if any fails"),
     "suspend": (cmd_suspend, "suspend now, wiping the disk keys"),
+    "lock": (cmd_lock, "lock the disks without suspending: wipe the keys, ask at the VT"),
     "enable": (cmd_enable, "turn protection on"),
     "disable": (cmd_disable, "turn protection off (suspend still works, unprotected)"),
     "reload": (cmd_reload, "re-read the configuration"),

@@ -78,6 +78,8 @@ def describe_cycle(record: dict[str, Any]) -> str:
         return "none yet"
     result = record.get("result") or ("success" if record.get("success") else "failed")
     parts = [str(result)]
+    if record.get("action") == "lock":
+        parts.insert(0, "lock:")
     if record.get("reason"):
         parts.append(f"({record['reason']})")
     devices = record.get("devices")

@@ -16,12 +16,25 @@ from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 
-__all__ = ["Armer", "CycleCallback", "CycleRecord"]
+__all__ = ["Armer", "CycleCallback", "CycleEntry", "CycleRecord"]
 
 # A cycle record: plain Python values (str, int, float, bool, lists and dicts of them).
 # The D-Bus layer turns it into a{sv}.
 CycleRecord = dict[str, Any]
 CycleCallback = Callable[[bool, CycleRecord], None]
+
+
+class CycleEntry(Protocol):
+    """What starts and follows an armed helper's cycle for Lock(), in the sleep entry's
+    stead (lock_entry.HelperEntry)."""
+
+    async def begin(self, timeout: float) -> None:
+        """Return once the cycle has begun (the helper is on its VT); raise LockFailed when
+        it does not."""
+
+    async def run(self, times: dict[str, float]) -> str:
+        """The cycle to its end (devices back, thawed): what went wrong, "" if nothing.
+        The record still comes to arm()'s `on_finished`."""
 
 
 class Armer(Protocol):
@@ -46,8 +59,11 @@ class Armer(Protocol):
         once it knows it cannot. The daemon tells systemd READY=1 after this, or after a
         bounded wait."""
 
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
-        """Return once the helper reports armed. Raise CryptlockdError when it cannot arm;
+    async def arm(
+        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+    ) -> None:
+        """Return once the helper reports armed (`sleeps` False: for Lock(), a cycle
+        without the sleep write, started through entry()). Raise CryptlockdError when it cannot arm;
         the sleep then goes ahead unprotected, and says so. The manager bounds it and may
         cancel it; it then calls disarm(), which must also stand down a helper that arms
         after all (or, should that helper run the cycle, pass its record on)."""
@@ -58,3 +74,6 @@ class Armer(Protocol):
         running a cycle. Returns within a second or two: True once no helper of ours is
         armed (a record that came meanwhile went to `on_finished` first); False when the
         helper is busy with a cycle, whose record will still go to `on_finished`."""
+
+    def entry(self) -> CycleEntry:
+        """For Lock(): what begins the armed helper's cycle and follows it to its end."""

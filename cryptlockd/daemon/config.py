@@ -120,6 +120,13 @@ class CycleSettings(BaseModel):
         at_most=3600,
         zero=False,
     )
+    drop_page_cache: bool = Field(
+        default=False,
+        description="Before the devices are suspended (after the sync and the freeze), drop "
+        "the clean page cache and clear the memory it freed, so that the plaintext of "
+        "recently read files is not left in RAM beside the wiped keys. The price: every "
+        "file is read from the disk again after resume, so the first minutes are slower.",
+    )
 
 
 class MetricsSettings(BaseModel):

@@ -28,6 +28,7 @@ from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
+from cryptlockd.daemon.lock_entry import HelperEntry
 from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.daemon.ramfs_keeper import RamfsKeeper
 from cryptlockd.daemon.repair import take_recovered_record
@@ -221,7 +222,9 @@ class HelperArmer:
 
     # -- arming ---------------------------------------------------------------------------
 
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+    async def arm(
+        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+    ) -> None:
         if self.unavailable is not None:
             raise HelperError(self.unavailable)
         t0, b0 = time.monotonic(), protocol.boottime()
@@ -239,7 +242,10 @@ class HelperArmer:
             )
         # A tree swap waits until we are armed and the cycle is over (self._conn).
         async with self._tree_lock:
-            await self._arm(devices, on_finished, t0, b0, deadline)
+            await self._arm(devices, on_finished, t0, b0, deadline, sleeps)
+
+    def entry(self) -> HelperEntry:
+        return HelperEntry(self.socket_path)
 
     async def _arm(
         self,
@@ -248,6 +254,7 @@ class HelperArmer:
         t0: float,
         b0: float,
         deadline: float,
+        sleeps: bool = True,
     ) -> None:
         await self._close()
         state, mem_sleep = await asyncio.to_thread(choose_sleep_state)
@@ -279,6 +286,8 @@ class HelperArmer:
             backoff_max=prompt.backoff_max_sec,
             poweroff_after=prompt.max_failures_before_poweroff,
             keyslots=self.keyslots,
+            sleeps=sleeps,
+            drop_page_cache=cycle.drop_page_cache,
         )
         writer.write(protocol.encode(msg))
         await writer.drain()

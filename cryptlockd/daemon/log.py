@@ -36,6 +36,7 @@ class MessageId(StrEnum):
     PROTECTION_CHANGED = "68995cdc211044b59a53848de36a91ae"
     DEVICES_CHANGED = "675b69aa668b419784b919525acd5fa0"
     SUSPEND_REQUESTED = "8ab8f72eb26a4d8d9c9a656f6293d870"
+    LOCK_REQUESTED = "5c4870b10e5c4662881ed6bf25e7d454"
 
 
 def event(message_id: MessageId, **fields: Any) -> dict[str, Any]:

@@ -266,9 +266,9 @@ class Manager:
     ) -> None:
         """Suspend(), once polkit has said yes to org.cryptlockd1.suspend. `caller_rights`
         checks the caller against logind's rules and returns SuspendWithFlags()' flags."""
-        self._may_suspend(sender)
+        self.may_sleep(sender)
         flags = await caller_rights()
-        self._may_suspend(sender)  # again: a polkit dialog may have taken a while
+        self.may_sleep(sender)  # again: a polkit dialog may have taken a while
         log.info(
             "suspend requested by %s",
             sender,
@@ -276,7 +276,7 @@ class Manager:
         )
         await self.logind.suspend(flags)
 
-    def _may_suspend(self, sender: str | None) -> None:
+    def may_sleep(self, sender: str | None) -> None:
         if self.sleep is not None:
             raise Busy(f"a sleep is already in progress ({self.state.value})")
         if not self.protected:

@@ -15,6 +15,7 @@ from cryptlockd.daemon import polkit, suspend_rights
 from cryptlockd.daemon.armer import CycleRecord
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.exported_object import ExportedObject, to_vardict
+from cryptlockd.daemon.lock_cycle import LockCycle
 from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.metrics import STATE_FILE, TextfileMetrics
 from cryptlockd.defs import (
@@ -23,6 +24,7 @@ from cryptlockd.defs import (
     INTROSPECTION_XML,
     OBJECT_PATH,
     POLKIT_ACTION_CONFIGURE,
+    POLKIT_ACTION_LOCK,
     POLKIT_ACTION_SUSPEND,
 )
 from cryptlockd.errors import NoSuchDevice
@@ -54,6 +56,7 @@ class Service:
             self.get_property,
             {
                 "Suspend": self.m_suspend,
+                "Lock": self.m_lock,
                 "SetEnabled": self.m_set_enabled,
                 "Reload": self.m_reload,
                 "Check": self.m_check,
@@ -61,6 +64,8 @@ class Service:
             },
         )
         manager.listener = self
+        # Lock(): a cycle without the sleep, ending in manager.back_to_idle() like a sleep.
+        self.lock_cycle = LockCycle(manager)
         self.metrics = TextfileMetrics(manager.root / STATE_FILE.relative_to("/"))
 
     def start(self) -> None:
@@ -127,6 +132,11 @@ class Service:
             )
 
         await self.manager.suspend(msg.sender, caller_rights)
+        return []
+
+    async def m_lock(self, msg: Message, args: list[Any]) -> list[Any]:
+        await self._authorize(msg, POLKIT_ACTION_LOCK)
+        await self.lock_cycle.lock(msg.sender)
         return []
 
     async def m_set_enabled(self, msg: Message, args: list[Any]) -> list[Any]:

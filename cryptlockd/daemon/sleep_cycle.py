@@ -61,6 +61,15 @@ class SleepCycle:
             "true" if start else "false",
             extra=event(MessageId.PREPARE_FOR_SLEEP, START=int(start)),
         )
+        if self.m.state == State.LOCKED:
+            # Lock() holds the helper (lock_cycle.py), and its record ends the lock: this
+            # sleep is not ours to arm for (the sleep entry finds no free helper).
+            log.warning("a sleep during a Lock(): not armed for")
+            if start:
+                self.m.logind.release_inhibitor("locked")
+            else:
+                await self.m.logind.ensure_inhibitor()
+            return
         if start:
             self.m.notifier.suspend_watchdog()
             await self._sleep_requested()
@@ -143,8 +152,8 @@ class SleepCycle:
     async def _end_sleep(self, why: str, sleep: SleepRequest | None) -> None:
         """`sleep` is over without its record: the helper stands down and the sleep is
         reported unprotected. Unless the helper is busy with its cycle: its record ends it."""
-        if sleep is None or self.sleep is not sleep:
-            return
+        if sleep is None or self.sleep is not sleep or self.m.state == State.LOCKED:
+            return  # over already, or a Lock(): its own ends (lock_cycle.py)
         if not await self._disarm():
             log.info("the helper is still busy with this sleep: its record will end it")
             self._start_deadline(sleep)

@@ -20,6 +20,9 @@ __all__ = [
 
 WIPED_SUMMARY = "Disk keys were wiped while asleep (verified)"
 NOT_PROTECTED_SUMMARY = "This sleep was NOT protected: {reason}"
+# The same for Lock()'s cycle (its record's "action" is "lock").
+LOCK_WIPED_SUMMARY = "Disk keys were wiped while locked (verified)"
+LOCK_NOT_PROTECTED_SUMMARY = "This lock did NOT wipe the disk keys: {reason}"
 NEXT_SLEEP_SUMMARY = "The next sleep will NOT wipe the disk keys"
 UNKNOWN_REASON = "no reason given"
 # The daemon's strings end up in a one-line summary: keep a reason readable there.
@@ -62,17 +65,19 @@ def cycle_notice(success: bool, record: Mapping[str, Any]) -> Notice:
     when the wipe of every device was verified (SPEC 4: an unverified wipe is a failed
     protection), so success is what "verified" rests on."""
     problems = [one_line(p) for p in record.get("problems") or () if str(p).strip()]
+    lock = record.get("action") == "lock"
     if success:
         devices = _devices(record, "suspended") or _devices(record, "devices")
         lines = [f"Devices: {', '.join(devices)}" if devices else "", *problems]
-        return Notice(WIPED_SUMMARY, _body(lines), Urgency.NORMAL)
+        return Notice(LOCK_WIPED_SUMMARY if lock else WIPED_SUMMARY, _body(lines), Urgency.NORMAL)
     reason = one_line(record.get("reason") or "")
     if not reason:
         reason = problems.pop(0) if problems else UNKNOWN_REASON
     lines = [p for p in problems if p != reason]
     if record.get("recovered"):
         lines.append("The sleep-cycle helper died and was recovered.")
-    return Notice(NOT_PROTECTED_SUMMARY.format(reason=reason), _body(lines), Urgency.CRITICAL)
+    summary = LOCK_NOT_PROTECTED_SUMMARY if lock else NOT_PROTECTED_SUMMARY
+    return Notice(summary.format(reason=reason), _body(lines), Urgency.CRITICAL)
 
 
 def unprotected_notice(problems: Sequence[str]) -> Notice:

@@ -120,6 +120,8 @@ if TYPE_CHECKING:
         def suspend(self, device: str) -> None: ...
         def verify(self, device: str) -> dict[str, str]: ...
         def enter_sleep(self) -> None: ...
+        # Returns the bytes of freed memory it cleared (page_cache.py).
+        def drop_page_cache(self) -> int: ...
         def release_reserve(self) -> None: ...
         def refresh_header(self, device: str) -> None: ...
         # False: nothing typed (a device in `vanishing` went away meanwhile).
@@ -144,9 +146,16 @@ if TYPE_CHECKING:
 
 
 def run_cycle(
-    ops: Ops, devices: list[DevicePlan], record: CycleRecord, poweroff_after: int = 0
+    ops: Ops,
+    devices: list[DevicePlan],
+    record: CycleRecord,
+    poweroff_after: int = 0,
+    *,
+    sleeps: bool = True,
+    drop_page_cache: bool = False,
 ) -> None:
-    """devices in suspend order: upper layers first.
+    """devices in suspend order: upper layers first. `sleeps`: False for Lock(), the same
+    cycle without the sleep write (the prompt comes right after the verification).
 
     Before the sleep, nothing may block without a deadline (SPEC 2.8): the sync, the freeze
     and each syncfs have one (the Ops raise past it). Whatever goes wrong before the sleep
@@ -173,6 +182,8 @@ def run_cycle(
             if saved_sync not in (None, "0"):
                 ops.set_sync_on_suspend("0")
             record.step("sync_on_suspend_off")
+            if drop_page_cache:
+                _drop_page_cache(ops, record)
             devices = opened_late(ops, devices, record) + devices
             for dev in devices:
                 try:
@@ -193,6 +204,9 @@ def run_cycle(
             record.fail(f"abandoned before the sleep, staying awake: {e or type(e).__name__}")
             record.step("abandoned")
             return
+        if not sleeps:
+            record.step("locked")  # Lock(): straight to the prompt (wind_down)
+            return
         record.step("sleep")
         try:
             ops.enter_sleep()
@@ -206,6 +220,17 @@ def run_cycle(
             record.step("woke")
     finally:
         wind_down(ops, devices, suspended, frozen, saved_sync, record, poweroff_after)
+
+
+def _drop_page_cache(ops: Ops, record: CycleRecord) -> None:
+    # Asked for, but no reason to give up the cycle: the keys are what it protects.
+    try:
+        cleared = ops.drop_page_cache()
+    except Exception as e:
+        record.problems.append(f"dropping the page cache: {e}")
+        return
+    record.step("page_cache_dropped")
+    record.page_cache_cleared_mib = cleared >> 20
 
 
 def opened_late(ops: Ops, devices: list[DevicePlan], record: CycleRecord) -> list[DevicePlan]:

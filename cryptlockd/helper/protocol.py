@@ -60,6 +60,11 @@ if TYPE_CHECKING:
         poweroff_after: int
         # dm name -> the keyslot that took the passphrase last time: tried first.
         keyslots: dict[str, int]
+        # False for Lock(): the whole cycle but the sleep write. Absent: True.
+        sleeps: bool
+        # Drop the clean page cache (and scrub the freed pages) before the suspend.
+        # Absent: False.
+        drop_page_cache: bool
 
     class ArmedMessage(TypedDict):
         op: Literal["armed"]
@@ -292,6 +297,8 @@ def arm_message(
     backoff_max: float,
     poweroff_after: int,
     keyslots: dict[str, int],
+    sleeps: bool = True,
+    drop_page_cache: bool = False,
 ) -> ArmMessage:
     return {
         "op": OP_ARM,
@@ -306,6 +313,8 @@ def arm_message(
         "backoff_max": backoff_max,
         "poweroff_after": poweroff_after,
         "keyslots": dict(keyslots),
+        "sleeps": sleeps,
+        "drop_page_cache": drop_page_cache,
     }
 
 

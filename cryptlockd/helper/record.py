@@ -39,6 +39,10 @@ class CycleRecord:
         self.problems: list[str] = []
         self.hardening: dict[str, str] = {}
         self.keyslots: dict[str, int] = {}
+        # "suspend", or "lock" for Lock(): the same cycle without the sleep write.
+        self.action = "suspend"
+        # The freed memory cleared after the page cache was dropped; -1: not asked to.
+        self.page_cache_cleared_mib = -1
 
     def step(self, name: str, at: float | None = None) -> None:
         # A repeated step (a second prompt, say) keeps its first time and gets a numbered twin.
@@ -64,7 +68,9 @@ class CycleRecord:
     def finish(self) -> None:
         all_suspended = set(self.suspended) == set(self.devices)
         all_resumed = set(self.resumed) | set(self.skipped) >= set(self.suspended)
-        if self.slept and all_suspended and not self.verified():
+        # A lock has no sleep to go through: reaching the prompt is its whole point.
+        went = self.slept or (self.action == "lock" and "locked" in self.timeline)
+        if went and all_suspended and not self.verified():
             self.fail("the wipe could not be verified for every device")
         for d in self.unverified():
             v = self.verification.get(d, {})
@@ -73,7 +79,7 @@ class CycleRecord:
                 f"keyring {v.get('keyring', 'not checked')}"
             )
         self.success = (
-            self.slept and all_suspended and all_resumed and self.verified() and not self.reason
+            went and all_suspended and all_resumed and self.verified() and not self.reason
         )
         self.step("finished")
 
@@ -97,4 +103,6 @@ class CycleRecord:
             "verification": {d: dict(v) for d, v in self.verification.items()},
             "helper": dict(self.hardening),
             "keyslots": dict(self.keyslots),
+            "action": self.action,
+            "page_cache_cleared_mib": self.page_cache_cleared_mib,
         }

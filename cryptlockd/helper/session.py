@@ -53,6 +53,9 @@ class Helper:
         self.backoff_initial = protocol.DEFAULT_BACKOFF_INITIAL
         self.backoff_max = protocol.DEFAULT_BACKOFF_MAX
         self.poweroff_after = protocol.DEFAULT_POWEROFF_AFTER
+        # False for Lock(): no sleep write (prompt's Esc has no sleep to go back to).
+        self.sleeps = True
+        self.drop_page_cache = False
         self.record = CycleRecord([])
         self.daemon: protocol.Channel | None = None
         # The test hook's step (system_ops.read_fault_hook), or "".
@@ -152,6 +155,10 @@ class Helper:
         self.backoff_initial = float(msg["backoff_initial"])
         self.backoff_max = float(msg["backoff_max"])
         self.poweroff_after = int(msg["poweroff_after"])
+        self.sleeps = bool(msg.get("sleeps", True))
+        self.drop_page_cache = bool(msg.get("drop_page_cache", False))
+        if not self.sleeps:
+            self.record.action = "lock"
         kib = reserve_kib(max((d.pbkdf_memory_kib() for d in self.devices.values()), default=0))
         if kib != self.reserve.kib:
             self.reserve.release()
@@ -179,7 +186,8 @@ class Helper:
             self.terminal.switch_to()
         except Exception as e:
             self.record.problems.append(f"VT switch: {e}")
-        self.terminal.write("\033[H\033[2Jcryptlockd: locking the disks and going to sleep.\n")
+        then = " and going to sleep" if self.sleeps else ""
+        self.terminal.write(f"\033[H\033[2Jcryptlockd: locking the disks{then}.\n")
         self.record.step("vt_switched")
         return {"op": protocol.OP_READY}
 
@@ -190,7 +198,14 @@ class Helper:
 
     def sleep(self, msg: SleepMessage) -> ResumedMessage:
         self._entry_steps(msg["times"])
-        run_cycle(SystemOps(self), self.plan, self.record, self.poweroff_after)
+        run_cycle(
+            SystemOps(self),
+            self.plan,
+            self.record,
+            self.poweroff_after,
+            sleeps=self.sleeps,
+            drop_page_cache=self.drop_page_cache,
+        )
         return {
             "op": protocol.OP_RESUMED,
             "slept": self.record.slept,

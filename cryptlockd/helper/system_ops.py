@@ -16,7 +16,16 @@ import signal
 import stat
 import time
 
-from cryptlockd.helper import cgroups, dm_ioctl, mappings, power, protocol, token, verify
+from cryptlockd.helper import (
+    cgroups,
+    dm_ioctl,
+    mappings,
+    page_cache,
+    power,
+    protocol,
+    token,
+    verify,
+)
 from cryptlockd.helper.cycle import late_plan
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
@@ -157,6 +166,9 @@ class SystemOps:
     def enter_sleep(self) -> None:
         self.h.record.step("sleep_write")
         power.enter_sleep(self.h.sleep_state, self.h.mem_sleep)
+
+    def drop_page_cache(self) -> int:
+        return page_cache.drop_page_cache()
 
     def release_reserve(self) -> None:
         self.h.reserve.release()

@@ -14,7 +14,7 @@ _cryptlockctl()
     local cur prev words cword
     _init_completion || return
 
-    local commands="status devices check suspend enable disable reload monitor"
+    local commands="status devices check suspend lock enable disable reload monitor"
     local options="--json --timeout --help --version"
 
     if [[ $prev == --timeout ]]; then

@@ -6,7 +6,8 @@ that file exists; RECORDING_ARMER_PROTECTS=1: its helper line says yes;
 RECORDING_ARMER_CYCLE_FILE: when that file exists at an arming, its JSON
 {"success": bool, "record": {...}} is reported as the cycle once the daemon asks it to stand
 down (at PrepareForSleep(false)), as a helper that ran the cycle; RECORDING_ARMER_FAIL_FILE: while
-that file exists, arm() fails with its content as the reason."""
+that file exists, arm() fails with its content as the reason; RECORDING_ARMER_LOCK_HOLD_FILE:
+a Lock()'s cycle runs (State locked) while that file exists, as a helper at its prompt."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class RecordingArmer:
         protects: bool = False,
         cycle_file: str | None = None,
         fail_file: str | None = None,
+        lock_hold_file: str | None = None,
     ) -> None:
         # When set, ready() waits until this file exists (a slow first build, say).
         self.ready_file = ready_file
@@ -47,9 +49,11 @@ class RecordingArmer:
         # PrepareForSleep(false): the daemon then emits CycleFinished.
         self.cycle_file = cycle_file
         self.fail_file = fail_file
+        self.lock_hold_file = lock_hold_file
         self._cycle: tuple[CycleCallback, bool, dict[str, Any]] | None = None
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
+        self.sleeps: list[bool] = []
         self.configured: list[Config] = []
         self.on_status_change: Callable[[], None] | None = None
 
@@ -70,10 +74,14 @@ class RecordingArmer:
         while self.ready_file is not None and not Path(self.ready_file).exists():
             await asyncio.sleep(0.05)
 
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+    async def arm(
+        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+    ) -> None:
         if self.fail_file is not None and Path(self.fail_file).exists():
             raise CryptlockdError(Path(self.fail_file).read_text().strip())
         self.armed_with.append(tuple(d.name for d in devices))
+        self.sleeps.append(sleeps)
+        print(f"recording armer: armed with sleeps={sleeps}", file=sys.stderr, flush=True)
         if self.cycle_file is not None and Path(self.cycle_file).exists():
             cycle = json.loads(Path(self.cycle_file).read_text())
             self._cycle = (on_finished, bool(cycle["success"]), dict(cycle["record"]))
@@ -89,6 +97,31 @@ class RecordingArmer:
             return False
         return True
 
+    def entry(self) -> RecordingEntry:
+        return RecordingEntry(self)
+
+
+class RecordingEntry:
+    """Lock()'s cycle as the helper would run it: begins, then reports the cycle of
+    RECORDING_ARMER_CYCLE_FILE (if any) as the record of the lock."""
+
+    def __init__(self, armer: RecordingArmer) -> None:
+        self.armer = armer
+
+    async def begin(self, timeout: float) -> None:
+        pass
+
+    async def run(self, times: dict[str, float]) -> str:
+        hold = self.armer.lock_hold_file
+        while hold is not None and Path(hold).exists():
+            await asyncio.sleep(0.05)
+        if self.armer._cycle is None:
+            return "the recording armer has no cycle to report"
+        on_finished, success, record = self.armer._cycle
+        self.armer._cycle = None
+        on_finished(success, record)
+        return ""
+
 
 if __name__ == "__main__":
     armer = RecordingArmer(
@@ -96,5 +129,6 @@ if __name__ == "__main__":
         protects=os.environ.get("RECORDING_ARMER_PROTECTS") == "1",
         cycle_file=os.environ.get("RECORDING_ARMER_CYCLE_FILE"),
         fail_file=os.environ.get("RECORDING_ARMER_FAIL_FILE"),
+        lock_hold_file=os.environ.get("RECORDING_ARMER_LOCK_HOLD_FILE"),
     )
     sys.exit(main(sys.argv[1:], armer=armer))

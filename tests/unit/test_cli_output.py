@@ -71,6 +71,8 @@ def test_status_text() -> None:
     )
     assert describe_cycle({}) == "none yet"
     assert describe_cycle({"success": True}) == "success"
+    lock = {"result": "success", "action": "lock", "devices": ["root"]}
+    assert describe_cycle(lock) == "lock: success [root]"
 
 
 def test_devices_and_check_text() -> None:

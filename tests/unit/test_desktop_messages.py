@@ -20,6 +20,15 @@ def test_verified_cycle() -> None:
     assert notice.urgency == Urgency.NORMAL
 
 
+def test_a_lock_is_called_a_lock() -> None:
+    record = {"result": "success", "action": "lock", "suspended": ["root"]}
+    assert cycle_notice(True, record).summary == "Disk keys were wiped while locked (verified)"
+    failed = {"result": "failed", "action": "lock", "reason": "cannot lock: no helper"}
+    notice = cycle_notice(False, failed)
+    assert notice.summary == "This lock did NOT wipe the disk keys: cannot lock: no helper"
+    assert notice.urgency == Urgency.CRITICAL
+
+
 def test_failed_cycle_names_its_reason() -> None:
     record = {"result": "failed", "reason": "freezing timed out", "problems": ["x was busy"]}
     notice = cycle_notice(False, record)

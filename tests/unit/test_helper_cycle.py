@@ -34,8 +34,10 @@ class FakeOps:
         syncfs_hangs: bool = False,
         suspend_fails: str = "",
         keyfile_fails: bool = False,
+        drop_fails: bool = False,
     ) -> None:
         self.calls: list[str] = []
+        self.drop_fails = drop_fails
         self.typed = list(typed)
         self.sleep_fails = sleep_fails
         self.freeze_fails = freeze_fails
@@ -95,6 +97,12 @@ class FakeOps:
 
     def release_reserve(self) -> None:
         self.calls.append("release_reserve")
+
+    def drop_page_cache(self) -> int:
+        self.calls.append("drop_page_cache")
+        if self.drop_fails:
+            raise OSError("Permission denied: /proc/sys/vm/drop_caches")
+        return 300 << 20
 
     def prompt(
         self,
@@ -552,3 +560,82 @@ def test_a_failing_look_for_late_devices_is_a_problem_not_an_end() -> None:
     ops.late_devices = broken  # type: ignore[method-assign]
     rec = cycle(ops)
     assert rec.success and "looking for devices opened after arming: EIO" in rec.problems
+
+
+# -- Lock() and the page cache (issue 14) ---------------------------------------------------
+
+
+def lock(ops: FakeOps, **kw: bool) -> CycleRecord:
+    rec = CycleRecord([d.name for d in DEVICES])
+    rec.action = "lock"
+    run_cycle(ops, DEVICES, rec, sleeps=False, **kw)
+    rec.finish()
+    return rec
+
+
+def test_a_lock_is_the_cycle_without_the_sleep_write() -> None:
+    ops = FakeOps([GOOD])
+    rec = lock(ops)
+    assert "sleep" not in ops.calls
+    assert ops.calls[:7] == [
+        "sync",
+        "freeze",
+        "syncfs",
+        "sync_on_suspend=0",
+        "suspend:nested",
+        "suspend:root",
+        "suspend:data",
+    ]
+    assert ops.calls[-1] == "thaw:/user.slice,/system.slice"
+    assert rec.success and not rec.slept and rec.reason == ""
+    d = rec.as_dict()
+    assert d["action"] == "lock" and d["result"] == "success"
+    steps = list(d["timeline_ms"])
+    assert steps.index("verified") < steps.index("locked") < steps.index("prompt")
+
+
+def test_a_lock_abandoned_before_the_prompt_fails() -> None:
+    ops = FakeOps([GOOD], freeze_fails=True)
+    rec = lock(ops)
+    assert not rec.success and "abandoned before the sleep" in rec.reason
+    assert "locked" not in rec.timeline and not [c for c in ops.calls if c.startswith("prompt")]
+
+
+def test_a_sleep_that_never_slept_does_not_pass_for_a_lock() -> None:
+    ops = FakeOps([GOOD], sleep_fails=True)
+    rec = CycleRecord([d.name for d in DEVICES])
+    run_cycle(ops, DEVICES, rec)
+    rec.finish()
+    assert not rec.success and rec.as_dict()["action"] == "suspend"
+
+
+def test_page_cache_dropped_after_the_sync_before_the_suspend() -> None:
+    ops = FakeOps([GOOD])
+    rec = CycleRecord([d.name for d in DEVICES])
+    run_cycle(ops, DEVICES, rec, drop_page_cache=True)
+    rec.finish()
+    assert ops.calls[:6] == [
+        "sync",
+        "freeze",
+        "syncfs",
+        "sync_on_suspend=0",
+        "drop_page_cache",
+        "suspend:nested",
+    ]
+    assert rec.success and rec.page_cache_cleared_mib == 300
+    steps = list(rec.as_dict()["timeline_ms"])
+    assert steps.index("filesystems_synced") < steps.index("page_cache_dropped")
+    assert steps.index("page_cache_dropped") < steps.index("suspended:nested")
+
+
+def test_page_cache_off_by_default_and_a_failed_drop_costs_no_protection() -> None:
+    ops = FakeOps([GOOD])
+    cycle(ops)
+    assert "drop_page_cache" not in ops.calls
+    ops = FakeOps([GOOD], drop_fails=True)
+    rec = CycleRecord([d.name for d in DEVICES])
+    run_cycle(ops, DEVICES, rec, drop_page_cache=True)
+    rec.finish()
+    assert rec.success and rec.page_cache_cleared_mib == -1
+    assert rec.problems == ["dropping the page cache: Permission denied: /proc/sys/vm/drop_caches"]
+    assert "suspend:root" in ops.calls
