@@ -165,10 +165,7 @@ class Manager:
             *self.armer.status(),
             checks.check_config(self.config_error),
             *checks.check_ready(self.not_ready),
-            # Issue 5: what this kernel and libcryptsetup risk for the keys, and whether
-            # the last sleep's wipe was proven.
             *key_risks.check_key_risks(key_risks.crypto_facts(self.paths.crypttab)),
-            # Issue 14: which LUKS2 tokens the resume prompt uses, and which never.
             *tokens.check_tokens_of(self.devices),
             *checks.check_last_cycle(self.last_cycle),
         ]
