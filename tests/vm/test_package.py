@@ -121,7 +121,9 @@ def test_package_files_and_dependencies(deb: Path) -> None:
         assert members[f"usr/bin/{prog}"].mode & 0o111
         assert f'exec /usr/bin/python3 -I -m {module} "$@"' in texts[f"usr/bin/{prog}"].decode()
     dropin = texts["usr/lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf"].decode()
-    assert "ExecStart=/usr/bin/python3 -I -m cryptlockd.sleep_entry\n" in dropin
+    assert (
+        "ExecStart=/usr/bin/python3 -I -S -B -c " in dropin and "cryptlockd.sleep_entry" in dropin
+    )
     assert (
         "ExecStart=/usr/bin/cryptlockd\n"
         in texts["usr/lib/systemd/system/cryptlockd.service"].decode()
@@ -186,7 +188,7 @@ async def test_package_installs_protects_upgrades_and_purges(deb: Path, guest: G
     assert (await g.run("systemctl is-enabled cryptlockd.service")).stdout.strip() == "enabled"
     await g.run("systemctl is-active cryptlockd.service")
     dropin = await g.run("systemctl cat systemd-suspend.service")
-    assert "ExecStart=/usr/bin/python3 -I -m cryptlockd.sleep_entry" in dropin.stdout
+    assert "ExecStart=/usr/bin/python3 -I -S -B -c " in dropin.stdout
     # py3compile compiled the modules for the guest's python (3.13, not the builder's).
     await g.run("ls /usr/lib/python3/dist-packages/cryptlockd/__pycache__/*.cpython-313.pyc")
     # A Prometheus file, in a runtime drop-in (purge must remove both).
