@@ -18,6 +18,7 @@ import time
 
 from cryptlockd.helper import cgroups, dm_ioctl, mappings, power, protocol, verify
 from cryptlockd.helper.cycle import late_plan
+from cryptlockd.helper.kdf import KdfBudget
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
 
@@ -159,6 +160,8 @@ class SystemOps:
         power.enter_sleep(self.h.sleep_state, self.h.mem_sleep)
 
     def release_reserve(self) -> None:
+        # The KDFs of devices resumed at once may now take what it held (kdf.py).
+        self.h.kdf_budget = KdfBudget(self.h.reserve.kib)
         self.h.reserve.release()
 
     def refresh_header(self, device: str) -> None:
@@ -232,7 +235,7 @@ class SystemOps:
 
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         return self.h.devices[device].resume_by_passphrase(
-            ctypes.addressof(secret.buf), secret.length
+            ctypes.addressof(secret.buf), secret.length, self.h.kdf_budget
         )
 
     def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None:
