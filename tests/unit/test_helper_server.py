@@ -33,7 +33,7 @@ class FakeHelper:
 
     def take_reserve(self) -> None:
         self.calls.append("reserve")
-        self.reserve_error = self.reserve_fails
+        self.reserve_error = ""
 
     def begin(self) -> protocol.ReadyMessage:
         self.calls.append("begin")
