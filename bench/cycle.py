@@ -124,6 +124,9 @@ async def run_cryptlockd(
         ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
         facts["ramfs"] = f"{int(ramfs) / 1024:.1f} MiB"
         await cycles(g, runs.cryptlockd_cycle, n, results)
+        # For the time between `thawed` and direct I/O answering: who ran after the thaw.
+        journal = await g.run("journalctl -b -o short-monotonic --no-pager -n 400", check=False)
+        (workdir / "cryptlockd-journal.txt").write_text(journal.stdout)
         await argon2_cases(g, max(3, n - 2), results)
     except Exception as exc:
         notes.append(f"cryptlockd: the run stopped: {exc!r}")
