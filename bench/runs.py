@@ -89,7 +89,7 @@ async def cryptlockd_cycle(g: Guest, mode: str, cycle: int) -> CycleResult:
     await usable
     host["usable"] = time.monotonic() - start
     rec = await last_cycle(g, since)
-    assert_complete(rec)
+    assert_complete(rec, shared=mode == "shared")
     return CycleResult("cryptlockd", mode, host, rec)
 
 

@@ -254,7 +254,7 @@ async def test_shared_passphrase_one_prompt(installed_guest: Guest) -> None:
     notices = g.console_count(PROMPT_NOTICE)
     cycle = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
     rec = await last_cycle(g, cycle.since)
-    assert_complete(rec)
+    assert_complete(rec, shared=True)
     assert g.console_count(PROMPT_NOTICE) == notices + 1, "more than one prompt"
     t = rec["timeline_ms"]
     assert t["resumed:data"] < t["thawed"]
