@@ -133,8 +133,11 @@ class SleepCycle:
             if self.sleep is sleep:
                 m.set_state(State.IDLE)
             return
-        m.set_state(State.ARMED)
+        # logind first: set_state runs the self-checks and announces the change, which
+        # under a slow CPU cost tenths of a second that logind would wait (issue 12). No
+        # await in between, so nothing (a record) can come before ARMED is set.
         m.logind.release_inhibitor("armed")
+        m.set_state(State.ARMED)
         seconds = time.monotonic() - t0
         log.info(
             "armed in %.3f s", seconds, extra=event(MessageId.ARMED, ARM_SECONDS=f"{seconds:.3f}")
