@@ -12,6 +12,7 @@ bench/timeline.png.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench import debian, idle, runs, timeline
-from bench.figures import CycleResult, record_intervals, side_by_side
+from bench.figures import DATA, ROOT, CycleResult, argon2_table, record_intervals, side_by_side
 from tests.vm import image as image_mod
 from tests.vm import layout, machine
 from tests.vm.guest import DiskSet, Guest, artifacts_dir
@@ -42,6 +43,7 @@ async def cycles(g: Guest, run: Runner, n: int, out: list[CycleResult]) -> None:
             await start_writer(g)
         for i in range(n):
             result = await run(g, mode, i)
+            result.index = i
             out.append(result)
             figs = ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in result.figures().items())
             print(f"  {result.system} {mode} {i + 1}: {figs}", flush=True)
@@ -122,6 +124,10 @@ async def run_cryptlockd(
         ramfs = (await g.run("du -sk /run/cryptlockd/ramfs | cut -f1")).stdout.strip()
         facts["ramfs"] = f"{int(ramfs) / 1024:.1f} MiB"
         await cycles(g, runs.cryptlockd_cycle, n, results)
+        # For the time between `thawed` and direct I/O answering: who ran after the thaw.
+        journal = await g.run("journalctl -b -o short-monotonic --no-pager -n 400", check=False)
+        (workdir / "cryptlockd-journal.txt").write_text(journal.stdout)
+        await argon2_cases(g, max(3, n - 2), results)
     except Exception as exc:
         notes.append(f"cryptlockd: the run stopped: {exc!r}")
         traceback.print_exc()
@@ -129,6 +135,42 @@ async def run_cryptlockd(
     finally:
         await g.close()
     return idle_cost
+
+
+async def argon2_cases(g: Guest, n: int, out: list[CycleResult]) -> None:
+    """The Argon2id cases, in the cryptlockd boot after its quiet and busy cycles: n cycles
+    with the keyslot forgotten (the daemon, which remembers it, restarted before each), then
+    n with data on the passphrase too (crypttab `none`), so that one Enter opens both."""
+    for i in range(n):
+        await g.run("systemctl restart cryptlockd.service")
+        result = await runs.cryptlockd_cycle(g, "forgotten", i)
+        result.index = i
+        out.append(result)
+        print(f"  cryptlockd forgotten {i + 1}: {argon2_line(result)}", flush=True)
+    await g.run(
+        "sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab && "
+        "busctl call org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager Reload"
+    )
+    await g.wait_for_command(
+        "cryptlockctl devices --json",
+        60,
+        "data takes the passphrase",
+        ok=lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get(DATA) == "passphrase",
+    )
+    for i in range(n):
+        result = await runs.cryptlockd_cycle(g, "shared", i)
+        result.index = i
+        out.append(result)
+        print(f"  cryptlockd shared {i + 1}: {argon2_line(result)}", flush=True)
+
+
+def argon2_line(result: CycleResult) -> str:
+    t = result.record.get("timeline_ms", {})
+    return ", ".join(
+        f"Enter -> {step} {(t[step] - t['passphrase_entered']) / 1000:.2f}"
+        for step in (f"resumed:{ROOT}", f"resumed:{DATA}")
+        if step in t and "passphrase_entered" in t
+    )
 
 
 async def run_debian(
@@ -196,6 +238,8 @@ def report(
     for mode in ("quiet", "busy"):
         print(f"\n### cryptlockd's cycle record, {mode} (intervals between steps)\n")
         print(record_intervals(results, mode))
+    print("\n### cryptlockd, Argon2id keyslots (Enter -> resumed, from the cycle record)\n")
+    print(argon2_table(results))
     deb = [r for r in results if r.system == "debian"]
     if deb:
         retyped = sum(1 for r in deb if r.host.get("attempts", 1) > 1)

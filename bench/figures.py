@@ -44,9 +44,13 @@ INTERVALS = [
     ("arm request -> helper starts arming", "arm_requested", "helper_arm"),
     ("  mlockall + not dumpable", "helper_arm", "helper_hardened"),
     ("  crypt_init_by_name of each device", "helper_hardened", "helper_devices_loaded"),
-    ("  KDF reserve faulted in", "helper_devices_loaded", "helper_kdf_reserved"),
-    ("  VT open", "helper_kdf_reserved", "helper_armed"),
+    ("  VT open", "helper_devices_loaded", "helper_armed"),
     ("helper armed -> delay lock closed", "helper_armed", "armed"),
+    (
+        "  (KDF reserve faulted in, after armed: overlaps logind)",
+        "helper_armed",
+        "helper_kdf_reserved",
+    ),
     ("delay lock closed -> sleep entry begins", "armed", "begin"),
     ("begin -> synced (sync, nothing frozen yet)", "begin", "synced"),
     ("synced -> cgroups frozen", "synced", "frozen"),
@@ -70,6 +74,7 @@ class CycleResult:
     mode: str  # "quiet" or "busy"
     host: dict[str, float]
     record: dict[str, Any] = field(default_factory=dict)
+    index: int = 0  # the cycle's number within its system and mode, from 0
 
     def figures(self) -> dict[str, float]:
         h, out = self.host, {}
@@ -155,3 +160,72 @@ def record_steps_on_host_axis(result: CycleResult) -> dict[str, float]:
     return {
         step: (before if ms <= t["sleep_write"] else after) + ms / 1000 for step, ms in t.items()
     }
+
+
+# The Argon2id cases (issue 12, acceptance 3): cryptlockd only, keyslots argon2id
+# (layout.ARGON2_*), passphrase in keyslot 1 (slot 0 holds the boot keyfile).
+def _enter_to(rec: Mapping[str, Any], steps: Sequence[str]) -> float | None:
+    t = rec.get("timeline_ms", {})
+    if "passphrase_entered" not in t or not all(s in t for s in steps):
+        return None
+    return float(max(t[s] for s in steps) - t["passphrase_entered"]) / 1000
+
+
+def argon2_rows(results: Sequence[CycleResult]) -> list[tuple[str, list[float]]]:
+    """(label, values in s) for each case; the first is the one-KDF reference."""
+    root, both = [f"resumed:{ROOT}"], [f"resumed:{ROOT}", f"resumed:{DATA}"]
+
+    def of(mode: str, steps: list[str], first: bool | None = None) -> list[float]:
+        out = []
+        for r in results:
+            if r.system != "cryptlockd" or r.mode != mode:
+                continue
+            if first is not None and (r.index == 0) != first:
+                continue
+            v = _enter_to(r.record, steps)
+            if v is not None:
+                out.append(v)
+        return out
+
+    gaps = [
+        (r.record["timeline_ms"][f"resumed:{DATA}"] - r.record["timeline_ms"][f"resumed:{ROOT}"])
+        / 1000
+        for r in results
+        if r.system == "cryptlockd" and r.mode == "quiet" and r.index > 0
+    ]
+    return [
+        (
+            "one KDF: Enter -> root resumed, keyslot 1 remembered (quiet cycles 2..n)",
+            of("quiet", root, first=False),
+        ),
+        (
+            "passphrase in keyslot 1, not remembered (daemon restarted before each cycle): "
+            "Enter -> root resumed",
+            of("forgotten", root),
+        ),
+        ("same, first cycle after boot (quiet cycle 1)", of("quiet", root, first=True)),
+        (
+            "root and data share the passphrase, both keyslots remembered: Enter -> all resumed",
+            of("shared", both, first=False),
+        ),
+        (
+            "same, first shared cycle (data's keyslot not yet remembered: two KDFs for data)",
+            of("shared", both, first=True),
+        ),
+        ("data by keyfile on root: root resumed -> data resumed (quiet cycles 2..n)", gaps),
+    ]
+
+
+def argon2_table(results: Sequence[CycleResult]) -> str:
+    rows = argon2_rows(results)
+    one = stats(rows[0][1])
+    lines = [
+        "| case | n | median (min-max) s | median / one KDF |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, values in rows:
+        s = stats(values)
+        ratio = f"{s[0] / one[0]:.2f}" if s and one and one[0] > 0 else "-"
+        text = "-" if s is None else f"{s[0]:.2f} ({s[1]:.2f}-{s[2]:.2f})"
+        lines.append(f"| {label} | {len(values)} | {text} | {ratio} |")
+    return "\n".join(lines)

@@ -32,6 +32,10 @@ TRIGGER = "systemctl suspend"
 # A prompt counts as shown once this many pixels differ from the screen at SUSPEND (a text
 # line of ~25 characters lights several hundred; a blinking cursor about 16).
 PROMPT_PIXELS = 300
+PROMPT_STABLE = 1.5  # seconds without a change larger than the cursor's blink
+CURSOR_PIXELS = 50
+# Typed and nothing came back in this time: the prompt was not reading yet; type again.
+RETYPE_AFTER = 20.0
 
 
 def usable_command(cycle: int) -> str:
@@ -85,7 +89,7 @@ async def cryptlockd_cycle(g: Guest, mode: str, cycle: int) -> CycleResult:
     await usable
     host["usable"] = time.monotonic() - start
     rec = await last_cycle(g, since)
-    assert_complete(rec)
+    assert_complete(rec, shared=mode == "shared")
     return CycleResult("cryptlockd", mode, host, rec)
 
 
@@ -105,6 +109,27 @@ def changed_pixels(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.count_nonzero((a != b).any(axis=1)))
 
 
+async def _prompt_shown(g: Guest, asleep: np.ndarray, workdir: Path, cycle: int) -> float:
+    """When the prompt appeared (host monotonic): the screen differs from the one at
+    SUSPEND and then stays as it is for PROMPT_STABLE seconds (the prompt waits; what the
+    resume prints before it does not), dated at its last change. The first change alone
+    was too early: typing then went nowhere."""
+    deadline = time.monotonic() + 120
+    last, changed_at = await _frame(g, workdir / "now.ppm"), time.monotonic()
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no prompt on VT {VT} after wake (cycle {cycle})")
+        await asyncio.sleep(0.1)
+        now = await _frame(g, workdir / "now.ppm")
+        if changed_pixels(now, last) > CURSOR_PIXELS:
+            last, changed_at = now, time.monotonic()
+        elif (
+            changed_pixels(now, asleep) >= PROMPT_PIXELS
+            and time.monotonic() - changed_at >= PROMPT_STABLE
+        ):
+            return changed_at
+
+
 async def debian_cycle(g: Guest, mode: str, cycle: int, workdir: Path) -> CycleResult:
     """The askpass prompt of cryptsetup-suspend shows on VT 8 only (not on the serial
     console), so it is found by polling the screen (QMP screendump, about every 0.2 s) until
@@ -113,18 +138,13 @@ async def debian_cycle(g: Guest, mode: str, cycle: int, workdir: Path) -> CycleR
     start = await _sleep(g, host)
     asleep = await _frame(g, workdir / "asleep.ppm")
     usable = await _wake(g, host, start, cycle)
-    deadline = time.monotonic() + 120
-    while changed_pixels(await _frame(g, workdir / "now.ppm"), asleep) < PROMPT_PIXELS:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no prompt on VT {VT} after wake (cycle {cycle})")
-        await asyncio.sleep(0.1)
-    host["prompt"] = time.monotonic() - start
+    host["prompt"] = await _prompt_shown(g, asleep, workdir, cycle) - start
     attempts = 0
     while attempts < 3:
         attempts += 1
         await g.type_text(layout.PASSPHRASE)
         host["enter"] = time.monotonic() - start
-        done, _ = await asyncio.wait([usable], timeout=60)
+        done, _ = await asyncio.wait([usable], timeout=RETYPE_AFTER)
         if done:
             break
         # Typed before askpass flushed its input: the prompt still waits.

@@ -1,5 +1,10 @@
 """ExecStart= of systemd-suspend.service (our drop-in): hand the sleep to the armed helper.
 
+It runs between logind closing the delay lock and the sleep, so its start is on the critical
+path: the drop-in starts it with `python3 -I -S -B` (no site import, no .pth files), and it
+imports only the standard library, `searchpath` and the helper's `protocol` and `journal`
+(tests/unit/test_sleep_entry_closure.py keeps it so).
+
 The helper sleeps only when told `sleep`. Before that message is sent, falling back to the
 stock systemd-sleep is safe; after it, never (the machine must not sleep twice for one
 request). The system-sleep hooks live on the root filesystem, so this process, not the
@@ -8,20 +13,19 @@ helper, runs them: `pre` before the helper freezes anything, `post` after it has
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
 
 from cryptlockd.helper import journal, protocol
 from cryptlockd.helper.journal import CRIT, ERR, INFO, WARNING
 from cryptlockd.helper.protocol import boottime
-from cryptlockd.run import run
 from cryptlockd.searchpath import merged_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cryptlockd.helper.protocol import Message
 
 # Highest precedence first (searchpath.py).
@@ -53,7 +57,14 @@ def hook_programs(dirs: Sequence[str] = HOOK_DIRS) -> list[str]:
 
 
 def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:
-    for hook in hook_programs(dirs):
+    hooks = hook_programs(dirs)
+    if not hooks:
+        return
+    # Imported here: the subprocess wrapper brings logging and subprocess, which cost the
+    # entry's start (under TCG, tenths of a second) and most machines have no hooks at all.
+    from cryptlockd.run import run
+
+    for hook in hooks:
         proc = run(
             [hook, phase, "suspend"],
             check=False,
@@ -139,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         log(CRIT, "the helper went away during the cycle")
         return 1
-    with contextlib.suppress(OSError):
+    try:
         chan.send({"op": protocol.OP_FINISH, "times": post})
+    except OSError as e:
+        # Its answer (or its absence) below says how the cycle ended.
+        log(WARNING, f"could not tell the helper the post hooks ran: {e}")
     done = _receive(chan, DONE_TIMEOUT)
     if result["op"] != protocol.OP_RESUMED or not result["slept"]:
         log(ERR, f"the protected sleep failed: {_why(result)}")

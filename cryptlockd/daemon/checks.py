@@ -127,7 +127,8 @@ def find_sleep_dropin(root: Path) -> Path | None:
     return Path(found) if found else None
 
 
-# How our sleep entry shows in systemd-suspend.service's ExecStart= (the drop-in's line).
+# How our sleep entry shows in systemd-suspend.service's ExecStart= (the drop-in's line):
+# inside the `-c` bootstrap of `python3 -I -S`, so in one of the arguments, not one itself.
 SLEEP_ENTRY_MODULE = "cryptlockd.sleep_entry"
 
 
@@ -150,7 +151,7 @@ def check_sleep_dropin(
         return CheckResult(
             "sleep-drop-in", True, f"{found} installed (systemd not asked for the effective one)"
         )
-    ours = [argv for argv in exec_start if SLEEP_ENTRY_MODULE in argv]
+    ours = [argv for argv in exec_start if any(SLEEP_ENTRY_MODULE in a for a in argv)]
     if ours and len(ours) == len(exec_start):
         return CheckResult("sleep-drop-in", True, f"{found} installed and in effect")
     shown = "; ".join(" ".join(argv) for argv in exec_start) or "nothing"

@@ -13,14 +13,15 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, write_to_textfile
+from typing import TYPE_CHECKING, Any
 
 from cryptlockd import __version__
 from cryptlockd.defs import RUNTIME_DIR
 from cryptlockd.helper.protocol import boottime
 from cryptlockd.helper.record import device_verified
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["MetricsState", "TextfileMetrics", "render_registry", "sleep_was_protected"]
 
@@ -94,6 +95,10 @@ class MetricsState:
 
 def render_registry(properties: Mapping[str, Any], state: MetricsState) -> CollectorRegistry:
     """The figures, from the D-Bus properties (plain values) and the state. Pure."""
+    # Imported only when a metrics file is asked for: prometheus_client (with the http and
+    # ssl modules it brings) is several MiB of the daemon's RSS (issue 12, idle cost).
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
     reg = CollectorRegistry()
     Info("cryptlockd", "cryptlockd's version", registry=reg).info({"version": __version__})
     Gauge(
@@ -153,6 +158,8 @@ class TextfileMetrics:
         fleet's view must never get in the way of a sleep."""
         if not path:
             return
+        from prometheus_client import write_to_textfile  # as in render_registry
+
         try:
             write_to_textfile(path, render_registry(properties, self.state))
         except OSError as e:

@@ -116,17 +116,18 @@ class SleepCycle:
             # fails is logged there, and the sleep entry falls back to a plain sleep.
             log.warning("arming although checks fail: %s", "; ".join(m.problems))
         m.set_state(State.ARMING)
-        # Before logind may go on, so PID 1 cannot kill a frozen service during a long
-        # prompt; and here rather than once armed, where an await would let a record in
-        # between ARMED and the inhibitor's release. back_to_idle() restores it either way.
+        # Service watchdogs off before logind may go on, so PID 1 cannot kill a frozen
+        # service during a long prompt; back_to_idle() restores them either way. Switched
+        # while the helper arms (logind waits for both; issue 12) and awaited on every path
+        # before the lock goes (no record can come before that: nothing sleeps yet).
         # Bounded, so that with the arm's own bound it stays inside logind's 5 s delay: a
         # systemd too slow to answer costs the watchdog switch, never the protection.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(m.service_watchdogs.disable(), WATCHDOGS_SWITCH_TIMEOUT)
+        switch = asyncio.ensure_future(self._watchdogs_off())
         timeout = m.arm_timeout
         try:
             await asyncio.wait_for(m.armer.arm(list(m.devices), m.cycle_finished), timeout)
         except Exception as e:
+            await switch
             why = f"arming timed out after {timeout} s" if isinstance(e, TimeoutError) else str(e)
             sleep.unprotected = f"cannot arm the helper: {why}"
             log.critical(
@@ -142,12 +143,20 @@ class SleepCycle:
             if self.sleep is sleep:
                 m.set_state(State.IDLE)
             return
-        m.set_state(State.ARMED)
+        await switch
+        # logind first: set_state runs the self-checks and announces the change, which
+        # under a slow CPU cost tenths of a second that logind would wait (issue 12). No
+        # await in between, so nothing (a record) can come before ARMED is set.
         m.logind.release_inhibitor("armed")
+        m.set_state(State.ARMED)
         seconds = time.monotonic() - t0
         log.info(
             "armed in %.3f s", seconds, extra=event(MessageId.ARMED, ARM_SECONDS=f"{seconds:.3f}")
         )
+
+    async def _watchdogs_off(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.m.service_watchdogs.disable(), WATCHDOGS_SWITCH_TIMEOUT)
 
     async def _end_sleep(self, why: str, sleep: SleepRequest | None) -> None:
         """`sleep` is over without its record: the helper stands down and the sleep is

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from cryptlockd.helper.kdf import DM_LOCK, KdfBudget, keyslot_order
+
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
     from typing import Any
@@ -73,6 +75,22 @@ class Library:
             ctypes.c_void_p,
             ctypes.c_size_t,
         ]
+        lib.crypt_get_volume_key_size.argtypes = [ctypes.c_void_p]
+        if self.has("crypt_resume_by_volume_key"):
+            lib.crypt_volume_key_get.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+            ]
+            lib.crypt_resume_by_volume_key.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+            ]
         lib.crypt_get_type.argtypes = [ctypes.c_void_p]
         lib.crypt_get_type.restype = ctypes.c_char_p
         lib.crypt_keyslot_status.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -181,14 +199,65 @@ class Device:
         active = (CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST)
         return [s for s in range(MAX_KEYSLOTS) if lib.crypt_keyslot_status(self.cd, s) in active]
 
-    def resume_by_passphrase(self, address: int, length: int) -> bool:
+    def resume_by_passphrase(
+        self, address: int, length: int, budget: KdfBudget | None = None
+    ) -> bool:
         """address: of the passphrase bytes (a SecretBuffer), so nothing is copied. True
         when a keyslot took it, False for a wrong passphrase; raises on other errors. The
-        keyslot that worked last time is tried first: each try costs a full KDF run."""
+        keyslot that worked last time is tried first: each try costs a full KDF run.
+
+        Safe to call from several threads at once for different devices (kdf.py): the KDF
+        runs outside `DM_LOCK`, within `budget`, and only the resume takes the lock."""
+        slots = keyslot_order(self.slots or [CRYPT_ANY_SLOT], self.last_keyslot)
+        if not self.library.has("crypt_resume_by_volume_key"):
+            with DM_LOCK:
+                return self._resume_by_passphrase_in_one(address, length, slots)
+        size = self.library.lib.crypt_get_volume_key_size(self.cd)
+        # A ctypes buffer, locked like all of the helper's memory, wiped below.
+        key = (ctypes.c_char * max(size, 1))()
+        try:
+            slot = self._derive(key, address, length, slots, budget or KdfBudget(0))
+            if slot < 0:
+                return False
+            with DM_LOCK:
+                rc = self.library.lib.crypt_resume_by_volume_key(self.cd, self._bname, key, size)
+            self.library._check("crypt_resume_by_volume_key", self.name, rc)
+            self.last_keyslot = slot
+            return True
+        finally:
+            ctypes.memset(key, 0, ctypes.sizeof(key))
+
+    def _derive(
+        self,
+        key: ctypes.Array[ctypes.c_char],
+        address: int,
+        length: int,
+        slots: list[int],
+        budget: KdfBudget,
+    ) -> int:
+        """The volume key into `key` from the first of `slots` the passphrase opens: that
+        keyslot, or -1 when none does."""
         lib = self.library.lib
-        slots = self.slots or [CRYPT_ANY_SLOT]
-        if self.last_keyslot in slots:
-            slots = [self.last_keyslot] + [s for s in slots if s != self.last_keyslot]
+        kib = self.pbkdf_memory_kib()
+        budget.acquire(kib)
+        try:
+            for slot in slots:
+                size = ctypes.c_size_t(ctypes.sizeof(key))
+                rc = lib.crypt_volume_key_get(
+                    self.cd, slot, key, ctypes.byref(size), address, length
+                )
+                if rc >= 0:
+                    return int(rc)
+                if rc not in (-1, -2):  # EPERM: wrong passphrase; ENOENT: slot not usable
+                    self.library._check("crypt_volume_key_get", self.name, rc)
+            return -1
+        finally:
+            budget.release(kib)
+
+    def _resume_by_passphrase_in_one(self, address: int, length: int, slots: list[int]) -> bool:
+        """An older libcryptsetup without crypt_resume_by_volume_key: KDF and resume in one
+        call, so under `DM_LOCK`, one device at a time."""
+        lib = self.library.lib
         for slot in slots:
             rc = lib.crypt_resume_by_passphrase(self.cd, self._bname, slot, address, length)
             if rc >= 0:

@@ -19,6 +19,7 @@ on the disk; it is removed once nothing holds it. The record names them.
 from __future__ import annotations
 
 from cryptlockd.helper import token
+from cryptlockd.helper.kdf import attempt_all, reraise
 from cryptlockd.helper.secret import SecretBuffer
 
 TYPE_CHECKING = False  # see cycle.py
@@ -93,10 +94,10 @@ class Resumer:
     def essential_left(self) -> bool:
         return any(d.essential for d in self.pending)
 
-    def _resumed(self, dev: DevicePlan) -> None:
+    def _resumed(self, dev: DevicePlan, at: float | None = None) -> None:
         self.pending.remove(dev)
         self.record.resumed.append(dev.name)
-        self.record.step(f"resumed:{dev.name}")
+        self.record.step(f"resumed:{dev.name}", at)
 
     def drop(self, dev: DevicePlan, why: str) -> None:
         """Leave `dev` out, and everything that needs it: they cannot come back now."""
@@ -176,14 +177,18 @@ class Resumer:
             for dev in fresh:
                 tried.add(dev.name)
                 self.refresh(dev)
-                try:
-                    ok = self.ops.resume_passphrase(dev.name, secret)
-                except Exception as e:
-                    self.record.problems.append(f"resuming {dev.name}: {e}")
-                    continue
-                if ok:
+            # At once, so devices that share the passphrase cost one KDF, not the sum (kdf.py).
+            outcomes = attempt_all(
+                [d.name for d in fresh], lambda name: self.ops.resume_passphrase(name, secret)
+            )
+            for dev, out in zip(fresh, outcomes, strict=True):
+                if out.error is not None:
+                    if isinstance(out.error, Exception):
+                        self.record.problems.append(f"resuming {dev.name}: {out.error}")
+                elif out.ok:
                     took = True
-                    self._resumed(dev)
+                    self._resumed(dev, out.at)
+            reraise(outcomes)
             self.resume_keyfiles()
 
     # -- a round --------------------------------------------------------------------------

@@ -82,6 +82,7 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 _refuse(conn, f"arming failed: {e}")
                 continue
             conn.send(reply)
+            helper.take_reserve()
             if not helper.watchdog:
                 # Armed, nothing frozen or suspended yet: the watchdog must need nobody
                 # (not even PID 1) should we die mid-cycle (recover.py).
@@ -98,6 +99,9 @@ def serve(helper: Helper, listener: socket.socket) -> int:
         elif msg["op"] == protocol.OP_BEGIN:
             if armed_at is None:
                 _refuse(conn, "not armed")
+                continue
+            if helper.reserve_error:
+                _refuse(conn, helper.reserve_error)
                 continue
             return drive_cycle(helper, conn)
         else:

@@ -15,6 +15,7 @@ from cryptlockd.helper import mappings, power, protocol
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
 from cryptlockd.helper.hardening import Reserve, harden, hardening_status, reserve_kib
 from cryptlockd.helper.journal import INFO, WARNING, log
+from cryptlockd.helper.kdf import KdfBudget, kdf_memory_at_once
 from cryptlockd.helper.libcryptsetup import Device, Library, UnsupportedDevice
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.system_ops import SystemOps, freeze_plan, read_fault_hook
@@ -45,6 +46,10 @@ class Helper:
         self.armed_mappings: set[str] = set()
         self._terminal: Terminal | None = None
         self.reserve = Reserve(0)
+        # What the KDFs may hold at once after the wake: the reserve, once handed back.
+        self.kdf_budget = KdfBudget(0)
+        self.reserve_wanted = 0
+        self.reserve_error = ""
         self.sleep_state = "mem"
         self.mem_sleep: str | None = None
         self.freeze_timeout = protocol.DEFAULT_FREEZE_TIMEOUT
@@ -159,11 +164,10 @@ class Helper:
         self.drop_page_cache = bool(msg.get("drop_page_cache", False))
         if not self.sleeps:
             self.record.action = "lock"
-        kib = reserve_kib(max((d.pbkdf_memory_kib() for d in self.devices.values()), default=0))
-        if kib != self.reserve.kib:
-            self.reserve.release()
-            self.reserve = Reserve(kib)
-        self.record.step("helper_kdf_reserved")
+        memory = {name: dev.pbkdf_memory_kib() for name, dev in self.devices.items()}
+        asking = [p.name for p in self.plan if p.keyfile is None]
+        kib = reserve_kib(kdf_memory_at_once(memory, asking))
+        self.reserve_wanted = kib
         if self._terminal is None:
             self._terminal = Terminal(int(msg["vt"]))
         self.fault = read_fault_hook()
@@ -177,6 +181,22 @@ class Helper:
             "reserve_kib": kib,
             "pid": os.getpid(),
         }
+
+    def take_reserve(self) -> None:
+        """The KDF reserve, taken (and faulted in) right after `armed`: while logind starts
+        the sleep entry, not while it waits for our delay lock. Should it fail, `begin` is
+        refused (reserve_error) and the sleep entry falls back to the stock sleep."""
+        self.reserve_error = ""
+        kib = self.reserve_wanted
+        if kib != self.reserve.kib:
+            self.reserve.release()
+            try:
+                self.reserve = Reserve(kib)
+            except (OSError, MemoryError, ValueError) as e:
+                self.reserve = Reserve(0)
+                self.reserve_error = f"cannot hold {kib} KiB for the KDF: {e or type(e).__name__}"
+                log(WARNING, self.reserve_error)
+        self.record.step("helper_kdf_reserved")
 
     # -- the cycle ------------------------------------------------------------------------
 

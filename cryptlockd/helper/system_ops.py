@@ -27,6 +27,7 @@ from cryptlockd.helper import (
     verify,
 )
 from cryptlockd.helper.cycle import late_plan
+from cryptlockd.helper.kdf import KdfBudget
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.vt import VtError
 
@@ -171,6 +172,8 @@ class SystemOps:
         return page_cache.drop_page_cache()
 
     def release_reserve(self) -> None:
+        # The KDFs of devices resumed at once may now take what it held (kdf.py).
+        self.h.kdf_budget = KdfBudget(self.h.reserve.kib)
         self.h.reserve.release()
 
     def refresh_header(self, device: str) -> None:
@@ -244,7 +247,7 @@ class SystemOps:
 
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         return self.h.devices[device].resume_by_passphrase(
-            ctypes.addressof(secret.buf), secret.length
+            ctypes.addressof(secret.buf), secret.length, self.h.kdf_budget
         )
 
     def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None:

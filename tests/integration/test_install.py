@@ -5,6 +5,7 @@ the daemon's code."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -136,9 +137,17 @@ def test_installed_entry_points_ignore_a_planted_package(
     exec_start = [
         line for line in dropin.read_text().splitlines() if line.startswith("ExecStart=/")
     ]
-    assert exec_start == [
-        f"ExecStart={prefix_install}/lib/cryptlockd/venv/bin/python -I -m cryptlockd.sleep_entry"
-    ]
+    [line] = exec_start
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    python = f"{prefix_install}/lib/cryptlockd/venv/bin/python"
+    assert argv[:5] == [python, "-I", "-S", "-B", "-c"] and len(argv) == 6
+    # The bootstrap (no site import) finds the installed package, not the planted one.
+    code = argv[5].replace("sys.exit(main())", "print(sys.modules['cryptlockd'].__file__)")
+    proc = subprocess.run(
+        [*argv[:5], code], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(f"{prefix_install}/lib/cryptlockd/venv/lib/")
 
 
 def test_wrappers_point_into_the_installed_venv(destdir: Path) -> None:

@@ -118,7 +118,8 @@ def test_sleep_dropin_must_be_in_effect(tmp_path: Path) -> None:
     f = tmp_path / "etc/systemd/system" / checks.SLEEP_DROPIN
     f.parent.mkdir(parents=True)
     f.write_text("[Service]\n")
-    ours = ["/opt/venv/bin/python", "-I", "-m", "cryptlockd.sleep_entry"]
+    bootstrap = "import sys; from cryptlockd.sleep_entry import main; sys.exit(main())"
+    ours = ["/opt/venv/bin/python", "-I", "-S", "-B", "-c", bootstrap]
     assert checks.check_sleep_dropin(tmp_path, [ours]).ok
     assert "not asked" in checks.check_sleep_dropin(tmp_path, None).detail
     # A later drop-in reset ExecStart= to the stock one: the file alone would lie.

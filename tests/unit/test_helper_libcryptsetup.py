@@ -2,8 +2,9 @@
 
 Its ctypes mirror of struct crypt_pbkdf_type, against the real libcryptsetup: a LUKS2
 header is formatted into a plain file (no device-mapper needed), with an Argon2id keyslot
-of known cost, and read back through Device.pbkdf_memory_kib(). And the keyslot that took
-the passphrase last time is tried first."""
+of known cost, and read back through Device.pbkdf_memory_kib(); the volume key derived
+from the keyslot that takes the passphrase. And the keyslot that took the passphrase last
+time is tried first."""
 
 from __future__ import annotations
 
@@ -86,32 +87,111 @@ def test_keyslot_argon2_memory_is_read_at_the_right_offset(tmp_path: Path) -> No
         library.lib.crypt_free(cd)
 
 
-def test_last_keyslot_is_tried_first() -> None:
-    from cryptlockd.helper import libcryptsetup
+class FakeLib:
+    """The calls of a passphrase resume, each KDF run (a keyslot tried) noted."""
 
-    tried: list[int] = []
+    def __init__(self, good_slot: int) -> None:
+        self.good_slot = good_slot
+        self.tried: list[int] = []
+        self.resumed: list[bytes] = []
 
-    class FakeLib:
-        def crypt_resume_by_passphrase(
-            self, cd: object, name: bytes, slot: int, addr: int, length: int
-        ) -> int:
-            tried.append(slot)
-            return slot if slot == 3 else -1
+    def crypt_get_volume_key_size(self, cd: object) -> int:
+        return 64
 
-    class FakeLibrary:
-        lib = FakeLib()
-        messages: tuple[str, ...] = ()
+    def crypt_volume_key_get(
+        self, cd: object, slot: int, key: object, size: object, addr: int, length: int
+    ) -> int:
+        self.tried.append(slot)
+        if slot != self.good_slot:
+            return -1
+        ctypes.memset(key, 0x5A, 64)  # type: ignore[call-overload]
+        return slot
 
-    dev = libcryptsetup.Device.__new__(libcryptsetup.Device)
-    dev.library = FakeLibrary()  # type: ignore[assignment]
-    dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, [0, 1, 3]  # type: ignore[assignment]
+    def crypt_resume_by_volume_key(self, cd: object, name: bytes, key: object, n: int) -> int:
+        self.resumed.append(name)
+        return 0
+
+    def crypt_resume_by_passphrase(
+        self, cd: object, name: bytes, slot: int, addr: int, length: int
+    ) -> int:
+        self.tried.append(slot)
+        return slot if slot == self.good_slot else -1
+
+
+class FakeLibrary:
+    def __init__(self, lib: FakeLib, with_volume_key: bool = True) -> None:
+        self.lib = lib
+        self.with_volume_key = with_volume_key
+        self.messages: list[str] = []
+
+    def has(self, symbol: str) -> bool:
+        return self.with_volume_key and symbol == "crypt_resume_by_volume_key"
+
+    def _check(self, call: str, name: str, rc: int) -> int:
+        if rc < 0:
+            raise lcs.CryptError(call, name, rc, self.messages)
+        return rc
+
+
+def _fake_device(lib: FakeLib, slots: list[int], with_volume_key: bool = True) -> lcs.Device:
+    dev = lcs.Device.__new__(lcs.Device)
+    dev.library = FakeLibrary(lib, with_volume_key)  # type: ignore[assignment]
+    dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, slots  # type: ignore[assignment]
     dev.last_keyslot = -1
-    assert dev.resume_by_passphrase(0, 4) and tried == [0, 1, 3]
-    tried.clear()
-    assert dev.resume_by_passphrase(0, 4) and tried == [3]
-    dev.last_keyslot = 1
-    tried.clear()
-    assert dev.resume_by_passphrase(0, 4) and tried == [1, 0, 3]
+    return dev
+
+
+@pytest.mark.parametrize("with_volume_key", [True, False])
+def test_a_passphrase_in_a_later_keyslot_costs_two_kdfs_then_one(with_volume_key: bool) -> None:
+    lib = FakeLib(good_slot=1)
+    dev = _fake_device(lib, [0, 1], with_volume_key)
+    assert dev.resume_by_passphrase(0, 4) and lib.tried == [0, 1]
+    assert dev.last_keyslot == 1  # the daemon gets it in the record, and sends it back
+    lib.tried.clear()
+    assert dev.resume_by_passphrase(0, 4) and lib.tried == [1]
+    # A remembered keyslot that no longer takes it: the others after it, once each.
+    lib.good_slot, dev.slots, dev.last_keyslot = 3, [0, 1, 3], 1
+    lib.tried.clear()
+    assert dev.resume_by_passphrase(0, 4) and lib.tried == [1, 0, 3]
+    lib.good_slot = 7
+    lib.tried.clear()
+    assert not dev.resume_by_passphrase(0, 4) and lib.tried == [3, 0, 1]
+
+
+def test_the_volume_key_path_resumes_by_the_derived_key() -> None:
+    lib = FakeLib(good_slot=0)
+    dev = _fake_device(lib, [0])
+    assert dev.resume_by_passphrase(0, 4) and lib.resumed == [b"root"]
+    lib.good_slot, lib.resumed = 5, []
+    assert not dev.resume_by_passphrase(0, 4) and lib.resumed == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="libcryptsetup locks under /run/cryptsetup")
+def test_the_key_is_derived_from_the_keyslot_that_takes_the_passphrase(tmp_path: Path) -> None:
+    # The real crypt_volume_key_get through the binding's argtypes: slot 1 holds another
+    # passphrase, slot 3 this one.
+    library = _library()
+    if not library.has("crypt_resume_by_volume_key"):
+        pytest.skip("this libcryptsetup has no crypt_resume_by_volume_key")
+    image = tmp_path / "luks2.img"
+    with image.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    cd = _format(library, image)
+    try:
+        assert library.lib.crypt_keyslot_add_by_volume_key(cd, 1, None, 0, b"other", 5) == 1
+        device = lcs.Device.__new__(lcs.Device)
+        device.library, device.name, device.cd = library, "unit", cd
+        device.slots = device.active_keyslots()
+        assert device.slots == [1, 3]
+        phrase = ctypes.create_string_buffer(b"unit", 4)
+        key = (ctypes.c_char * library.lib.crypt_get_volume_key_size(cd))()
+        budget = lcs.KdfBudget(MEMORY_KIB)
+        assert device._derive(key, ctypes.addressof(phrase), 4, [1, 3], budget) == 3
+        assert any(key.raw)
+        wrong = ctypes.create_string_buffer(b"nope", 4)
+        assert device._derive(key, ctypes.addressof(wrong), 4, [1, 3], budget) == -1
+    finally:
+        library.lib.crypt_free(cd)
 
 
 def test_a_mapping_that_cannot_be_opened_with_its_header_is_unsupported(tmp_path: Path) -> None:

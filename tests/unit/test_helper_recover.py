@@ -72,7 +72,7 @@ class FakeDevice:
     def reload(self) -> None:
         pass
 
-    def resume_by_passphrase(self, address: int, length: int) -> bool:
+    def resume_by_passphrase(self, address: int, length: int, budget: object = None) -> bool:
         if ctypes.string_at(address, length) != GOOD:
             return False
         FakeDevice.resumed.append(self.name)

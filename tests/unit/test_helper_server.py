@@ -25,10 +25,15 @@ class FakeHelper:
         self.daemon: protocol.Channel | None = None
         self.record = CycleRecord(["root"])
         self.watchdog = 1  # as if forked: the tests fork no watchdog
+        self.reserve_error = ""
 
     def arm(self, msg: protocol.ArmMessage) -> protocol.ArmedMessage:
         self.calls.append("arm")
         return {"op": protocol.OP_ARMED, "vt": 7, "reserve_kib": 64, "pid": 1}
+
+    def take_reserve(self) -> None:
+        self.calls.append("reserve")
+        self.reserve_error = ""
 
     def begin(self) -> protocol.ReadyMessage:
         self.calls.append("begin")
@@ -148,7 +153,14 @@ def test_a_whole_cycle_in_order_with_the_record_on_the_daemons_connection(
 
     rc, helper = run_serve(client)
     assert rc == 0
-    assert helper.calls == ["arm", "begin", "sleep ['hooks_pre_end']", "finish", "report"]
+    assert helper.calls == [
+        "arm",
+        "reserve",
+        "begin",
+        "sleep ['hooks_pre_end']",
+        "finish",
+        "report",
+    ]
     assert [m["op"] if m else None for m in got] == ["armed", "ready", "resumed", "done", "record"]
 
 
@@ -161,5 +173,30 @@ def test_the_entry_leaving_before_the_sleep_fails_the_cycle_without_sleeping(
 
     rc, helper = run_serve(client)
     assert rc == 0 and helper.daemon is None
-    assert helper.calls == ["arm", "begin", "finish without message", "report"]
+    assert helper.calls == ["arm", "reserve", "begin", "finish without message", "report"]
     assert helper.record.reason == "the sleep entry went away before the sleep"
+
+
+def test_the_reserve_is_taken_after_armed_and_without_it_begin_is_refused(
+    run_serve: Callable[[Client], tuple[int, FakeHelper]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken once `armed` is out (the daemon closes logind's delay lock on it): its cost
+    # overlaps logind starting the sleep entry. Without it the entry gets an error and
+    # sleeps the stock way, reported unprotected.
+    monkeypatch.setattr(FakeHelper, "take_reserve", _failing_reserve)
+
+    def client(path: str) -> None:
+        daemon = protocol.connect(path, timeout=5.0)
+        assert daemon is not None
+        daemon.sock.sendall(ARM)
+        assert (m := daemon.receive(5.0)) is not None and m["op"] == "armed"
+        assert talk(path, b'{"op":"begin"}\n') == [{"op": "error", "reason": "no memory"}]
+        daemon.sock.sendall(b'{"op":"disarm"}\n')
+
+    rc, helper = run_serve(client)
+    assert rc == 0 and helper.calls == ["arm", "reserve"]
+
+
+def _failing_reserve(self: FakeHelper) -> None:
+    self.calls.append("reserve")
+    self.reserve_error = "no memory"

@@ -126,7 +126,9 @@ def test_package_files_and_dependencies(deb: Path) -> None:
         assert members[f"usr/bin/{prog}"].mode & 0o111
         assert f'exec /usr/bin/python3 -I -m {module} "$@"' in texts[f"usr/bin/{prog}"].decode()
     dropin = texts["usr/lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf"].decode()
-    assert "ExecStart=/usr/bin/python3 -I -m cryptlockd.sleep_entry\n" in dropin
+    assert (
+        "ExecStart=/usr/bin/python3 -I -S -B -c " in dropin and "cryptlockd.sleep_entry" in dropin
+    )
     assert (
         "ExecStart=/usr/bin/cryptlockd\n"
         in texts["usr/lib/systemd/system/cryptlockd.service"].decode()
@@ -193,7 +195,7 @@ async def test_package_installs_protects_upgrades_and_purges(deb: Path, guest: G
     assert (await g.run("systemctl is-enabled cryptlockd.service")).stdout.strip() == "enabled"
     await g.run("systemctl is-active cryptlockd.service")
     dropin = await g.run("systemctl cat systemd-suspend.service")
-    assert "ExecStart=/usr/bin/python3 -I -m cryptlockd.sleep_entry" in dropin.stdout
+    assert "ExecStart=/usr/bin/python3 -I -S -B -c " in dropin.stdout
     # The desktop agent: enabled for every user's graphical session (systemctl --global).
     enabled = await g.run("systemctl --global is-enabled cryptlockd-notify.service")
     assert enabled.stdout.strip() == "enabled"

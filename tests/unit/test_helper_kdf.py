@@ -1,0 +1,128 @@
+"""How the passphrase's KDF runs are spent (cryptlockd/helper/kdf.py): the keyslot that
+worked last first, devices that may share the passphrase at once within the memory budget,
+and the resume loop using it (devices asked together derive in parallel)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cryptlockd.helper.cycle import DevicePlan, run_cycle
+from cryptlockd.helper.kdf import (
+    KdfBudget,
+    attempt_all,
+    kdf_memory_at_once,
+    keyslot_order,
+    reraise,
+)
+from cryptlockd.helper.record import CycleRecord
+from cryptlockd.helper.secret import SecretBuffer
+from tests.unit.test_helper_cycle import GOOD, FakeOps
+
+BOUND = 10.0  # seconds; only reached when the attempts do not overlap (the failure)
+
+
+def test_the_keyslot_that_worked_last_goes_first() -> None:
+    assert keyslot_order([0, 1, 2], 2) == [2, 0, 1]
+    assert keyslot_order([0, 1, 2], -1) == [0, 1, 2]
+    # A remembered keyslot that is gone (removed since): the active ones, in order.
+    assert keyslot_order([0, 2], 1) == [0, 2]
+    assert keyslot_order([], 3) == []
+
+
+def test_the_reserve_covers_every_device_that_asks_at_once() -> None:
+    memory = {"root": 65536, "data": 65536, "swap": 1048}
+    assert kdf_memory_at_once(memory, ["root", "data"]) == 131072
+    # A keyfile device's KDF runs alone: the largest one alone may exceed the asking ones.
+    assert kdf_memory_at_once({"root": 1000, "big": 9000}, ["root"]) == 9000
+    assert kdf_memory_at_once({}, []) == 0
+
+
+def test_the_budget_runs_what_fits_together_and_a_big_one_alone() -> None:
+    budget = KdfBudget(100)
+    budget.acquire(60)
+    budget.acquire(40)  # fits: 100
+    entered = threading.Event()
+
+    def third() -> None:
+        budget.acquire(10)
+        entered.set()
+        budget.release(10)
+
+    t = threading.Thread(target=third, daemon=True)
+    t.start()
+    assert not entered.wait(0.2)  # over the budget: it waits
+    budget.release(60)
+    assert entered.wait(BOUND)
+    t.join(BOUND)
+    budget.release(40)
+    # Larger than the whole budget: it runs, alone.
+    budget.acquire(500)
+    budget.release(500)
+
+
+def test_attempts_run_at_once_and_come_back_in_order() -> None:
+    # Each attempt waits for all the others: only a parallel run gets through the barrier.
+    names = ["root", "data", "home"]
+    barrier = threading.Barrier(len(names), timeout=BOUND)
+
+    def attempt(name: str) -> bool:
+        barrier.wait()
+        if name == "home":
+            raise OSError("EIO")
+        return name == "root"
+
+    outcomes = attempt_all(names, attempt)
+    assert [o.ok for o in outcomes] == [True, False, False]
+    assert isinstance(outcomes[2].error, OSError) and outcomes[0].error is None
+    assert all(o.at > 0 for o in outcomes)
+    reraise(outcomes)  # an Exception is the caller's to report, not to raise
+
+
+def test_an_interrupt_in_a_thread_is_raised_in_the_caller() -> None:
+    def attempt(name: str) -> bool:
+        if name == "data":
+            raise KeyboardInterrupt
+        return True
+
+    outcomes = attempt_all(["root", "data"], attempt)
+    assert outcomes[0].ok
+    with pytest.raises(KeyboardInterrupt):
+        reraise(outcomes)
+
+
+class ParallelOps(FakeOps):
+    """resume_passphrase waits until every device sharing the passphrase is inside it."""
+
+    def __init__(self, typed: list[bytes], together: int) -> None:
+        super().__init__(typed)
+        self.barrier = threading.Barrier(together, timeout=BOUND)
+        self.inside: list[str] = []
+
+    def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
+        self.inside.append(device)
+        self.barrier.wait()
+        return super().resume_passphrase(device, secret)
+
+
+def test_devices_that_share_the_passphrase_resume_at_once() -> None:
+    # root and home are independent passphrase devices; data's keyfile is on root.
+    plan = [
+        DevicePlan("data", "keyfile:/etc/keys/data.key", after=["root"]),
+        DevicePlan("home", "passphrase"),
+        DevicePlan("root", "passphrase"),
+    ]
+    ops = ParallelOps([GOOD], together=2)
+    rec = CycleRecord([d.name for d in plan])
+    run_cycle(ops, plan, rec)
+    rec.finish()
+    assert sorted(ops.inside) == ["home", "root"]
+    assert sorted(rec.resumed[:2]) == ["home", "root"] and rec.resumed[2] == "data"
+    assert rec.success, rec.reason
+    # One prompt; the keyfile device right after the one holding its keyfile.
+    assert sum(c.startswith("prompt") for c in ops.calls) == 1
+    calls = [c for c in ops.calls if c.startswith(("resume", "keyfile"))]
+    assert calls[-1] == "keyfile:data:/etc/keys/data.key"
+    timeline = rec.timeline
+    assert timeline["resumed:data"] >= max(timeline["resumed:root"], timeline["resumed:home"])
