@@ -11,6 +11,7 @@ the resumes themselves go one at a time (`DM_LOCK`).
 
 from __future__ import annotations
 
+import socket
 import threading
 
 from cryptlockd.helper.protocol import boottime
@@ -21,6 +22,27 @@ if TYPE_CHECKING:
 
 # Held around every libcryptsetup call that talks to device-mapper while threads derive keys.
 DM_LOCK = threading.Lock()
+
+
+def kernel_skcipher_name(spec: str) -> str | None:
+    """The kernel's name for a keyslot's cipher spec ("aes-xts-plain64" -> "xts(aes)"),
+    None for one it has no plain name for."""
+    cipher, _, mode = spec.partition("-")
+    mode = mode.split("-")[0].split(":")[0]
+    if not cipher or not mode or cipher.startswith("capi"):
+        return None
+    return f"{mode}({cipher})"
+
+
+def kernel_skcipher_usable(name: str) -> bool:
+    """Whether this process can use the kernel cipher through an AF_ALG socket, as
+    libcryptsetup does to decrypt a keyslot."""
+    try:
+        with socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0) as s:
+            s.bind(("skcipher", name))
+    except OSError:
+        return False
+    return True
 
 
 def keyslot_order(active: Sequence[int], last: int) -> list[int]:

@@ -5,10 +5,17 @@ Features are detected by symbol: libcryptsetup 2.6.1 (Debian 12) has no crypt_ge
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
-from cryptlockd.helper.kdf import DM_LOCK, KdfBudget, keyslot_order
+from cryptlockd.helper.kdf import (
+    DM_LOCK,
+    KdfBudget,
+    kernel_skcipher_name,
+    kernel_skcipher_usable,
+    keyslot_order,
+)
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
@@ -103,6 +110,10 @@ class Library:
                 ctypes.c_size_t,
                 ctypes.c_uint64,
             ]
+        if self.has("crypt_keyslot_get_encryption"):
+            fn = lib.crypt_keyslot_get_encryption
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t)]
+            fn.restype = ctypes.c_char_p
         if self.has("crypt_keyslot_get_pbkdf"):
             lib.crypt_keyslot_get_pbkdf.argtypes = [
                 ctypes.c_void_p,
@@ -143,6 +154,24 @@ class Device:
         self.cd = self._open()
         self.last_keyslot = CRYPT_ANY_SLOT
         self.slots = self.active_keyslots()
+        # Probed now, with root up: a probe after the wake could make the kernel load a
+        # module from the suspended root.
+        self.derives_alone = not self._keyslots_in_kernel()
+
+    def _keyslots_in_kernel(self) -> bool:
+        """Whether libcryptsetup decrypts every keyslot through the kernel's AF_ALG
+        socket. Where it cannot, it falls back to temporary dm-crypt mappings, that is to
+        libdevmapper, which is not thread-safe: such a device derives under `DM_LOCK`."""
+        lib = self.library.lib
+        if not self.library.has("crypt_keyslot_get_encryption"):
+            return False
+        for slot in self.slots:
+            size = ctypes.c_size_t()
+            spec = lib.crypt_keyslot_get_encryption(self.cd, slot, ctypes.byref(size))
+            name = kernel_skcipher_name(spec.decode() if spec else "")
+            if name is None or not kernel_skcipher_usable(name):
+                return False
+        return True
 
     def _open(self) -> ctypes.c_void_p:
         """A context with the LUKS header loaded. A detached header without `header`
@@ -240,17 +269,19 @@ class Device:
         lib = self.library.lib
         kib = self.pbkdf_memory_kib()
         budget.acquire(kib)
+        alone = DM_LOCK if self.derives_alone else contextlib.nullcontext()
         try:
-            for slot in slots:
-                size = ctypes.c_size_t(ctypes.sizeof(key))
-                rc = lib.crypt_volume_key_get(
-                    self.cd, slot, key, ctypes.byref(size), address, length
-                )
-                if rc >= 0:
-                    return int(rc)
-                if rc not in (-1, -2):  # EPERM: wrong passphrase; ENOENT: slot not usable
-                    self.library._check("crypt_volume_key_get", self.name, rc)
-            return -1
+            with alone:
+                for slot in slots:
+                    size = ctypes.c_size_t(ctypes.sizeof(key))
+                    rc = lib.crypt_volume_key_get(
+                        self.cd, slot, key, ctypes.byref(size), address, length
+                    )
+                    if rc >= 0:
+                        return int(rc)
+                    if rc not in (-1, -2):  # EPERM: wrong passphrase; ENOENT: slot not usable
+                        self.library._check("crypt_volume_key_get", self.name, rc)
+                return -1
         finally:
             budget.release(kib)
 

@@ -13,6 +13,8 @@ from cryptlockd.helper.kdf import (
     KdfBudget,
     attempt_all,
     kdf_memory_at_once,
+    kernel_skcipher_name,
+    kernel_skcipher_usable,
     keyslot_order,
     reraise,
 )
@@ -126,3 +128,16 @@ def test_devices_that_share_the_passphrase_resume_at_once() -> None:
     assert calls[-1] == "keyfile:data:/etc/keys/data.key"
     timeline = rec.timeline
     assert timeline["resumed:data"] >= max(timeline["resumed:root"], timeline["resumed:home"])
+
+
+def test_the_kernel_name_of_a_keyslot_cipher() -> None:
+    assert kernel_skcipher_name("aes-xts-plain64") == "xts(aes)"
+    assert kernel_skcipher_name("aes-cbc-essiv:sha256") == "cbc(aes)"
+    assert kernel_skcipher_name("serpent-xts-plain") == "xts(serpent)"
+    assert kernel_skcipher_name("capi:xts(aes)-plain64") is None
+    assert kernel_skcipher_name("") is None
+    assert kernel_skcipher_name("aes") is None
+
+
+def test_a_cipher_the_kernel_does_not_have_is_not_usable() -> None:
+    assert not kernel_skcipher_usable("nosuchmode(nosuchcipher)")

@@ -94,6 +94,7 @@ class FakeLib:
         self.good_slot = good_slot
         self.tried: list[int] = []
         self.resumed: list[bytes] = []
+        self.locked_while_deriving: list[bool] = []
 
     def crypt_get_volume_key_size(self, cd: object) -> int:
         return 64
@@ -102,6 +103,7 @@ class FakeLib:
         self, cd: object, slot: int, key: object, size: object, addr: int, length: int
     ) -> int:
         self.tried.append(slot)
+        self.locked_while_deriving.append(lcs.DM_LOCK.locked())
         if slot != self.good_slot:
             return -1
         ctypes.memset(key, 0x5A, 64)  # type: ignore[call-overload]
@@ -138,6 +140,7 @@ def _fake_device(lib: FakeLib, slots: list[int], with_volume_key: bool = True) -
     dev.library = FakeLibrary(lib, with_volume_key)  # type: ignore[assignment]
     dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, slots  # type: ignore[assignment]
     dev.last_keyslot = -1
+    dev.derives_alone = False
     return dev
 
 
@@ -166,6 +169,16 @@ def test_the_volume_key_path_resumes_by_the_derived_key() -> None:
     assert not dev.resume_by_passphrase(0, 4) and lib.resumed == []
 
 
+def test_a_device_whose_keyslots_the_kernel_cannot_decrypt_derives_under_the_dm_lock() -> None:
+    # libcryptsetup would fall back to a temporary dm-crypt mapping (libdevmapper, not
+    # thread-safe): that derivation must not run beside another device's resume.
+    lib = FakeLib(good_slot=0)
+    dev = _fake_device(lib, [0])
+    assert dev.resume_by_passphrase(0, 4) and lib.locked_while_deriving == [False]
+    dev.derives_alone, lib.locked_while_deriving = True, []
+    assert dev.resume_by_passphrase(0, 4) and lib.locked_while_deriving == [True]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="libcryptsetup locks under /run/cryptsetup")
 def test_the_key_is_derived_from_the_keyslot_that_takes_the_passphrase(tmp_path: Path) -> None:
     # The real crypt_volume_key_get through the binding's argtypes: slot 1 holds another
@@ -183,6 +196,11 @@ def test_the_key_is_derived_from_the_keyslot_that_takes_the_passphrase(tmp_path:
         device.library, device.name, device.cd = library, "unit", cd
         device.slots = device.active_keyslots()
         assert device.slots == [1, 3]
+        # The probe reads each keyslot's cipher; whether AF_ALG takes it is this kernel's.
+        spec = library.lib.crypt_keyslot_get_encryption(cd, 3, ctypes.byref(ctypes.c_size_t()))
+        assert lcs.kernel_skcipher_name(spec.decode()) == "xts(aes)"
+        assert device._keyslots_in_kernel() == lcs.kernel_skcipher_usable("xts(aes)")
+        device.derives_alone = False
         phrase = ctypes.create_string_buffer(b"unit", 4)
         key = (ctypes.c_char * library.lib.crypt_get_volume_key_size(cd))()
         budget = lcs.KdfBudget(MEMORY_KIB)
