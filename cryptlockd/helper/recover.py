@@ -194,6 +194,12 @@ def _helper_for(left: Leftovers, record: CycleRecord) -> Helper:
     h.backoff_initial = float(st.get("backoff_initial", protocol.DEFAULT_BACKOFF_INITIAL))
     h.backoff_max = float(st.get("backoff_max", protocol.DEFAULT_BACKOFF_MAX))
     h.poweroff_after = int(st.get("poweroff_after", protocol.DEFAULT_POWEROFF_AFTER))
+    h.poweroff_locked_after = float(
+        st.get("poweroff_locked_after", protocol.DEFAULT_POWEROFF_LOCKED_AFTER)
+    )
+    h.unanswered_wake_after = float(
+        st.get("unanswered_wake_after", protocol.DEFAULT_UNANSWERED_WAKE_AFTER)
+    )
     if left.suspended:
         h.library = Library()
         slots = st.get("keyslots", {})

@@ -53,6 +53,8 @@ class Helper:
         self.backoff_initial = protocol.DEFAULT_BACKOFF_INITIAL
         self.backoff_max = protocol.DEFAULT_BACKOFF_MAX
         self.poweroff_after = protocol.DEFAULT_POWEROFF_AFTER
+        self.poweroff_locked_after = protocol.DEFAULT_POWEROFF_LOCKED_AFTER
+        self.unanswered_wake_after = protocol.DEFAULT_UNANSWERED_WAKE_AFTER
         self.record = CycleRecord([])
         self.daemon: protocol.Channel | None = None
         # The test hook's step (system_ops.read_fault_hook), or "".
@@ -152,6 +154,12 @@ class Helper:
         self.backoff_initial = float(msg["backoff_initial"])
         self.backoff_max = float(msg["backoff_max"])
         self.poweroff_after = int(msg["poweroff_after"])
+        self.poweroff_locked_after = float(
+            msg.get("poweroff_locked_after", protocol.DEFAULT_POWEROFF_LOCKED_AFTER)
+        )
+        self.unanswered_wake_after = float(
+            msg.get("unanswered_wake_after", protocol.DEFAULT_UNANSWERED_WAKE_AFTER)
+        )
         kib = reserve_kib(max((d.pbkdf_memory_kib() for d in self.devices.values()), default=0))
         if kib != self.reserve.kib:
             self.reserve.release()

@@ -10,8 +10,9 @@ from cryptlockd.helper.cycle import (
     run_cycle,
     wind_down,
 )
+from cryptlockd.helper.prompt_screen import PromptInfo
 from cryptlockd.helper.record import CycleRecord
-from cryptlockd.helper.resume import MAX_LOOP_PROBLEMS
+from cryptlockd.helper.resume import LINE, MAX_LOOP_PROBLEMS
 from cryptlockd.helper.secret import SecretBuffer
 
 GOOD = b"right one"
@@ -25,7 +26,7 @@ class OutOfInput(BaseException):
 class FakeOps:
     def __init__(
         self,
-        typed: list[bytes],
+        typed: list[bytes | str],
         *,
         sleep_fails: bool = False,
         freeze_fails: bool = False,
@@ -47,6 +48,8 @@ class FakeOps:
         self.secrets: list[SecretBuffer] = []
         self.gone: set[str] = set()
         self.late: list[str] = []
+        self.infos: list[PromptInfo] = []
+        self.power_off_why = ""
 
     def freeze(self, frozen: list[str]) -> None:
         frozen.extend(["/system.slice", "/user.slice"])
@@ -92,22 +95,20 @@ class FakeOps:
     def release_reserve(self) -> None:
         self.calls.append("release_reserve")
 
-    def prompt(
-        self,
-        secret: SecretBuffer,
-        devices: list[str],
-        failures: int,
-        skippable: bool = False,
-        vanishing: list[str] | None = None,
-    ) -> bool:
-        self.calls.append(f"prompt:{','.join(devices)}" + (" (skip?)" if skippable else ""))
+    def prompt(self, secret: SecretBuffer, info: PromptInfo) -> str:
+        self.calls.append(
+            f"prompt:{','.join(info.asking)}" + (" (skip?)" if info.skippable else "")
+        )
         self.secrets.append(secret)
+        self.infos.append(info)
         if not self.typed:
-            raise OutOfInput(f"a prompt for {devices} with nothing left to type")
+            raise OutOfInput(f"a prompt for {info.asking} with nothing left to type")
         phrase = self.typed.pop(0)
+        if isinstance(phrase, str):  # a wake_watch reason, or resume.REDRAW
+            return phrase
         secret.view()[: len(phrase)] = phrase
         secret.length = len(phrase)
-        return True
+        return LINE
 
     def refresh_header(self, device: str) -> None:
         self.calls.append(f"refresh:{device}")
@@ -140,8 +141,9 @@ class FakeOps:
     def reopen_terminal(self) -> None:
         self.calls.append("reopen")
 
-    def power_off(self) -> None:
+    def power_off(self, why: str) -> None:
         self.calls.append("power_off")
+        self.power_off_why = why
 
 
 # Suspend order: the upper layer (nested, on root) first; data takes a keyfile on root.
@@ -387,12 +389,10 @@ def fail_prompt(ops: FakeOps, errors: list[OSError]) -> None:
     """The prompt raises each of `errors` in turn (as a hung-up VT does), then answers."""
     real = ops.prompt
 
-    def flaky(
-        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
-    ) -> bool:
+    def flaky(secret: SecretBuffer, info: PromptInfo) -> str:
         if errors:
             raise errors.pop()
-        return real(secret, devices, n, skippable, vanishing)
+        return real(secret, info)
 
     ops.prompt = flaky  # type: ignore[method-assign]
 
@@ -434,7 +434,7 @@ def test_the_same_error_again_and_again_is_recorded_once() -> None:
 def test_a_failing_power_off_keeps_prompting() -> None:
     ops = FakeOps([b"a", GOOD])
 
-    def power_off() -> None:
+    def power_off(why: str) -> None:
         ops.calls.append("power_off")
         raise OSError("EPERM")
 
@@ -463,9 +463,7 @@ def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
     # (the unit's ExecStopPost=) takes over.
     ops = FakeOps([])
 
-    def interrupted(
-        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
-    ) -> bool:
+    def interrupted(secret: SecretBuffer, info: PromptInfo) -> str:
         raise KeyboardInterrupt
 
     ops.prompt = interrupted  # type: ignore[method-assign]
