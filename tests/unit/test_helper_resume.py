@@ -3,8 +3,9 @@ devices, keyfile chains, headers read just in time, skipping, devices gone while
 
 from __future__ import annotations
 
+from cryptlockd.helper import wake_watch
 from cryptlockd.helper.cycle import DevicePlan, run_cycle, wind_down
-from cryptlockd.helper.prompt_screen import SKIP_KEY, PromptInfo
+from cryptlockd.helper.prompt_screen import SKIP_KEY, SLEEP_KEY, PromptInfo
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.resume import REDRAW
 from cryptlockd.helper.secret import SecretBuffer
@@ -219,3 +220,57 @@ def test_a_device_that_vanishes_during_the_prompt_ends_it_and_is_not_asked_again
         "prompt:root",
     ]
     assert rec.skipped == ["usb"] and rec.wrong_passphrases == 0 and rec.success
+
+
+# -- issue 14: back to sleep from the prompt, the give-up ---------------------------------
+
+ESC = bytes([SLEEP_KEY])
+
+
+def test_esc_the_lid_and_an_unanswered_wake_sleep_again_with_the_devices_suspended() -> None:
+    ops = FakeOps([ESC, wake_watch.LID, wake_watch.UNANSWERED, b"wrong", GOOD])
+    rec = run(ops, USB_PLAN[1:])
+    after = after_sleep(ops)
+    # Each sleeps again from the prompt, nothing resumed in between; the next wake prompts.
+    assert after[:7] == [
+        "prompt:root",
+        "sleep",
+        "prompt:root",
+        "sleep",
+        "prompt:root",
+        "sleep",
+        "prompt:root",
+    ]
+    assert rec.slept_again == ["esc", "lid", "unanswered"] and rec.success
+    # Esc is not a wrong passphrase; the failure count reaches the screen.
+    assert rec.wrong_passphrases == 1 and [i.failures for i in ops.infos] == [0, 0, 0, 0, 1]
+    assert all(i.sleep_again for i in ops.infos) and ops.infos[0].waiting == ["data"]
+    assert "sleep_again:lid" in rec.timeline and "woke#4" in rec.timeline
+    assert all(s.is_zero() for s in ops.secrets)
+
+
+def test_without_a_sleep_to_go_back_to_the_prompt_just_comes_again() -> None:
+    # A lock without sleep (resume_all's sleep_again=False): Esc does nothing.
+    ops = FakeOps([ESC, GOOD])
+    rec = CycleRecord(["root"])
+    wind_down(ops, [DevicePlan("root", "passphrase")], ["root"], [], None, rec, sleep_again=False)
+    assert ops.calls.count("sleep") == 0 and rec.slept_again == [] and rec.wrong_passphrases == 0
+    assert [i.sleep_again for i in ops.infos] == [False, False]
+
+
+def test_a_refused_sleep_again_leaves_the_prompt_waiting() -> None:
+    ops = FakeOps([ESC, GOOD])
+    ops.sleep_fails = True
+    rec = CycleRecord(["root"])
+    wind_down(ops, [DevicePlan("root", "passphrase")], ["root"], [], None, rec)
+    assert any(p.startswith("sleeping again (esc): writing 'mem'") for p in rec.problems)
+    assert "resume:root" in ops.calls
+
+
+def test_nobody_unlocking_in_time_powers_off() -> None:
+    ops = FakeOps([wake_watch.GIVE_UP, GOOD])
+    rec = run(ops, USB_PLAN[1:])
+    assert after_sleep(ops)[:2] == ["prompt:root", "power_off"]
+    assert ops.power_off_why.startswith("Nobody unlocked the disks in time")
+    # Should the power-off not happen, the prompt goes on.
+    assert rec.success
