@@ -204,7 +204,11 @@ async def test_esc_lid_and_an_unanswered_wake_sleep_again_and_the_screen(
     screen = "\n".join(r for r in rows if r)
     print(f"the prompt screen on VT {vt}:\n{screen}")
     assert rows[0].startswith(f"{hostname} is locked"), screen
-    disk_rows = {r.split()[1]: r.split()[0] for r in rows if r.split()[1:2] in (["root"], ["data"])}
+    disk_rows = {
+        r.split()[1]: r.split()[0].rstrip(",")
+        for r in rows
+        if r.split()[1:2] in (["root"], ["data"])
+    }
     assert disk_rows == {layout.ROOT_DM_NAME: "/", layout.DATA_DM_NAME: "/data"}, screen
     for text in ("Enter", "Esc", "back to sleep", "1 failed attempt", "Passphrase for root:"):
         assert text in screen, f"{text!r} not on the prompt screen:\n{screen}"
