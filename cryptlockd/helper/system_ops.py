@@ -227,17 +227,20 @@ class SystemOps:
             self.inputs = Inputs()
         inputs = self.inputs
         skip = f"; {prompt_screen.SKIP_KEY_NAME} skips them" if info.skippable else ""
-        notice_console(
-            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} for "
-            f"{', '.join(info.asking)} (attempt {info.failures + 1}){skip}"
-        )
         mounts = {p.name: p.mounts for p in self.h.plan}
-        t.write(prompt_screen.render(info, os.uname().nodename, mounts))
-        if not self._hung_up and self.h.fault == "hangup-at-prompt":
-            self._hung_up = True
-            notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
-            t.hang_up()
-        self._fault("at-prompt")
+
+        def ready() -> None:
+            t.write(prompt_screen.render(info, os.uname().nodename, mounts))
+            notice_console(
+                f"cryptlockd: disks locked; passphrase prompt on VT {t.number} for "
+                f"{', '.join(info.asking)} (attempt {info.failures + 1}){skip}"
+            )
+            if not self._hung_up and self.h.fault == "hangup-at-prompt":
+                self._hung_up = True
+                notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
+                t.hang_up()
+            self._fault("at-prompt")
+
         why = ""
 
         def stop() -> bool:
@@ -251,7 +254,7 @@ class SystemOps:
             return bool(why)
 
         with kernel_messages_off():
-            got = t.read_secret(secret, stop)
+            got = t.read_secret(secret, stop, ready)
         if got is None:
             t.write("\n")
             return why

@@ -132,10 +132,16 @@ class Terminal:
         termios.tcflush(self.fd, termios.TCIFLUSH)
 
     def read_secret(
-        self, secret: SecretBuffer, give_up: Callable[[], bool] | None = None
+        self,
+        secret: SecretBuffer,
+        give_up: Callable[[], bool] | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> bool | None:
         """One line with echo off, straight into `secret`. False at end of file. With
         `give_up`, asked every second until a line is there: when it says so, None.
+        `ready` draws the prompt and announces it: called once the terminal is set, which
+        discards what was typed before (TCSAFLUSH), so that a key pressed after the
+        announcement is never lost.
 
         Besides Enter, the prompt's keys end a line at once (prompt_screen: Esc as VEOL,
         Ctrl+S as VEOL2, which needs IEXTEN; IXON off, or Ctrl+S would stop the output)."""
@@ -149,6 +155,8 @@ class Terminal:
         new[6] = cc
         termios.tcsetattr(self.fd, termios.TCSAFLUSH, new)
         try:
+            if ready is not None:
+                ready()
             # Canonical mode: the VT reads as ready once a whole line is there.
             while give_up is not None and not select.select([self.fd], [], [], 1.0)[0]:
                 if give_up():

@@ -65,3 +65,14 @@ def test_kernel_messages_are_kept_off_while_the_prompt_waits(tmp_path: Path) -> 
     # No /proc to write: the prompt goes on without the quiet.
     with kernel_messages_off(str(tmp_path / "absent")):
         pass
+
+
+def test_a_key_pressed_once_the_prompt_is_announced_is_never_flushed() -> None:
+    # The announcement (ready) comes after the flush of what was typed ahead: a test, or a
+    # person, reacting to it at once loses nothing.
+    t, master = pty_terminal()
+    with SecretBuffer() as secret:
+        assert t.read_secret(secret, None, lambda: os.write(master, b"x\n") and None) is True
+        assert bytes(secret.buf[: secret.length]) == b"x"
+    os.close(master)
+    os.close(t.fd)

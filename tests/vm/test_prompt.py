@@ -147,6 +147,7 @@ async def test_esc_lid_and_an_unanswered_wake_sleep_again_and_the_screen(
     mark = g.event_mark()
     await g.wakeup()
     await wait_prompt(g, notices, "first wake")
+    await g.screendump("first-prompt")
     await g.send_keys("esc")
     await g.wait_event("SUSPEND", 60, since=mark)
     assert await g.status() == "suspended"
