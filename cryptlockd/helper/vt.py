@@ -36,10 +36,11 @@ class VtError(Exception):
 
 
 @contextlib.contextmanager
-def kernel_messages_off(path: str = PRINTK) -> Iterator[None]:
+def kernel_messages_off(path: str | None = None) -> Iterator[None]:
     """Keeps the kernel's messages off the consoles while the prompt waits (they would
     scroll through the prompt screen), and puts the console loglevel back after. A
     /proc that cannot be written costs the quiet, never the prompt."""
+    path = path or PRINTK
     try:
         with open(path) as f:
             saved = f.read().split()[0]

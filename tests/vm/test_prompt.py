@@ -122,8 +122,13 @@ async def start_lid(g: Guest) -> None:
         )
     ).stdout
     assert "keyboards 0" not in log, f"no keyboard in the guest to drive the lid with: {log}"
-    pid = (await g.run("pgrep -f /root/lid.py")).stdout.split()[0]
-    await g.run(f"echo {pid} > {HELPER_CGROUP}/cgroup.procs")
+    # The interpreter and the shell that started it: each process moves on its own.
+    await g.run(
+        f"for p in $(pgrep -f /root/lid.py); do echo $p > {HELPER_CGROUP}/cgroup.procs; done"
+    )
+    procs = (await g.run(f"cat {HELPER_CGROUP}/cgroup.procs")).stdout.split()
+    lid = (await g.run("pgrep -f 'python3 /root/lid.py'")).stdout.split()
+    assert lid and set(lid) <= set(procs), (lid, procs)
 
 
 async def wait_prompt(g: Guest, notices: int, what: str) -> None:
