@@ -122,12 +122,12 @@ async def start_lid(g: Guest) -> None:
         )
     ).stdout
     assert "keyboards 0" not in log, f"no keyboard in the guest to drive the lid with: {log}"
-    # The interpreter and the shell that started it: each process moves on its own.
-    await g.run(
-        f"for p in $(pgrep -f /root/lid.py); do echo $p > {HELPER_CGROUP}/cgroup.procs; done"
-    )
+    # The interpreter and the shell that started it: each process moves on its own. pgrep's
+    # pattern is one its own shell's command line does not match.
+    find = "pgrep -f '^python3 /root/[l]id.py|^sh -c python3 /root/[l]id.py'"
+    await g.run(f"for p in $({find}); do echo $p > {HELPER_CGROUP}/cgroup.procs; done")
     procs = (await g.run(f"cat {HELPER_CGROUP}/cgroup.procs")).stdout.split()
-    lid = (await g.run("pgrep -f 'python3 /root/lid.py'")).stdout.split()
+    lid = (await g.run(find)).stdout.split()
     assert lid and set(lid) <= set(procs), (lid, procs)
 
 
