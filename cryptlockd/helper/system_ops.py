@@ -226,6 +226,9 @@ class SystemOps:
         if self.inputs is None:
             self.inputs = Inputs()
         inputs = self.inputs
+        # The lid as the prompt appears: closed within its first second, it still counts
+        # as closed again, not as shut since the wake.
+        watch.check(time.monotonic(), inputs.lid_closed(), False)
         skip = f"; {prompt_screen.SKIP_KEY_NAME} skips them" if info.skippable else ""
         mounts = {p.name: p.mounts for p in self.h.plan}
 
