@@ -184,10 +184,11 @@ async def test_esc_lid_and_an_unanswered_wake_sleep_again_and_the_screen(
     mark = g.event_mark()
     await g.wakeup()
     await g.wait_event("WAKEUP", 60, since=mark)
+    # Only once the prompt is up: a key pressed while the kernel resumes may be lost.
+    await wait_prompt(g, notices + 3, "woken by the host")
     opens = g.console_count("test lid: opened")
     await press(g, "ctrl_r")
     await g.wait_console("test lid: opened", 30, after=opens)
-    await wait_prompt(g, notices + 3, "lid opened")
     await g.type_text("not the passphrase")
     await wait_prompt(g, notices + 4, "after a wrong passphrase")
     shot = await g.screendump("prompt-screen")
