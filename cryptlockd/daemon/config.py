@@ -68,6 +68,20 @@ class PromptSettings(BaseModel):
         "The wait doubles after each further wrong passphrase, up to this.",
         at_most=3600,
     )
+    poweroff_after_wake_sec: float = _seconds(
+        protocol.DEFAULT_POWEROFF_LOCKED_AFTER,
+        "Power the machine off when the disks are still locked this long after a wake: "
+        "the keys are gone already, and then the rest of RAM decays too. Whatever was not "
+        "saved is lost. 0 never powers off; 1800 (30 minutes) is a sensible value.",
+        at_most=7 * 24 * 3600,
+    )
+    unanswered_wake_sleep_sec: float = _seconds(
+        protocol.DEFAULT_UNANSWERED_WAKE_AFTER,
+        "Go back to sleep, the disks still locked, when a wake finds the lid shut and no "
+        "key is pressed for this long (an RTC alarm, a spurious wake in a bag). 0 stays "
+        "awake at the prompt.",
+        at_most=3600,
+    )
     vt: int = Field(
         default=protocol.DEFAULT_VT,
         ge=0,

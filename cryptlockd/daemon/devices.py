@@ -63,6 +63,9 @@ class LuksDevice:
     # False when the keyfile cannot be read at resume (it lives on the device itself or
     # behind it): the helper asks for the passphrase instead.
     keyfile_usable: bool = True
+    # Where its file systems are mounted, directly or through layers above (LVM): the
+    # resume prompt names the disk by them.
+    mounts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,17 @@ def _locator(
     return locate
 
 
+def _mounts_by_kname(
+    nodes: dict[str, BlockNode], points: dict[str, tuple[str, str]] | None, dev: Path
+) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for point, fs in (points or {}).items():
+        kname = _root_kname(nodes, fs, dev)
+        if kname is not None:
+            out.setdefault(kname, []).append(point)
+    return out
+
+
 def build_devices(
     nodes: dict[str, BlockNode],
     root: tuple[str, str] | None,
@@ -284,6 +298,7 @@ def build_devices(
         else [k for fs in essential if (k := _root_kname(nodes, fs, dev)) is not None]
     )
     graph = device_graph.build_graph(nodes, wants, locate, essential_knames)
+    mounted = _mounts_by_kname(nodes, points, dev)
     out: list[LuksDevice] = []
     for node, luks_type, uuid in found:
         assert node.dm_name is not None
@@ -307,6 +322,7 @@ def build_devices(
                 needs=tuple(sorted(graph.needs.get(node.dm_name, ()))),
                 header=(entry.header or "") if entry else "",
                 keyfile_usable=node.dm_name not in graph.keyfile_unusable,
+                mounts=tuple(sorted({m for k in (node.kname, *above) for m in mounted.get(k, ())})),
             )
         )
     return sorted(out, key=lambda d: d.name)

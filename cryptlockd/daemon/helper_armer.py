@@ -285,6 +285,8 @@ class HelperArmer:
             backoff_initial=prompt.backoff_initial_sec,
             backoff_max=prompt.backoff_max_sec,
             poweroff_after=prompt.max_failures_before_poweroff,
+            poweroff_locked_after=prompt.poweroff_after_wake_sec,
+            unanswered_wake_after=prompt.unanswered_wake_sleep_sec,
             keyslots=self.keyslots,
             sleeps=sleeps,
             drop_page_cache=cycle.drop_page_cache,

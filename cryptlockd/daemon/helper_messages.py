@@ -56,6 +56,7 @@ def device_plan(devices: Sequence[LuksDevice]) -> list[DevicePlanEntry]:
                 "essential": d.holds_root or d.essential,
                 "after": [n for n in d.needs if n in names],
                 "header": d.header,
+                "mounts": list(d.mounts),
             }
         )
     return plan

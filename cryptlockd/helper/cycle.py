@@ -23,6 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol
 
+    from cryptlockd.helper.prompt_screen import PromptInfo
     from cryptlockd.helper.secret import SecretBuffer
 
 
@@ -34,6 +35,7 @@ class DevicePlan:
         "key_source",
         "keyfile_offset",
         "keyfile_size",
+        "mounts",
         "name",
     )
 
@@ -46,6 +48,7 @@ class DevicePlan:
         essential: bool = True,
         after: list[str] | None = None,
         header: str = "",
+        mounts: list[str] | None = None,
     ) -> None:
         self.name = name
         self.key_source = key_source  # "passphrase" or "keyfile:<path>"
@@ -61,6 +64,9 @@ class DevicePlan:
         self.after = list(after or [])
         # crypttab's header=, a path on the real root; "": the header is on the device.
         self.header = header
+        # Where its file systems are mounted (through any layers above), for the prompt
+        # screen: the disk the way its user knows it.
+        self.mounts = list(mounts or [])
 
     def __repr__(self) -> str:
         return (
@@ -78,6 +84,7 @@ class DevicePlan:
             "essential": self.essential,
             "after": list(self.after),
             "header": self.header,
+            "mounts": list(self.mounts),
         }
 
     @classmethod
@@ -90,6 +97,7 @@ class DevicePlan:
             bool(d.get("essential", True)),
             [str(a) for a in d.get("after", [])],
             str(d.get("header", "")),
+            [str(m) for m in d.get("mounts", [])],
         )
 
     @property
@@ -124,15 +132,10 @@ if TYPE_CHECKING:
         def drop_page_cache(self) -> int: ...
         def release_reserve(self) -> None: ...
         def refresh_header(self, device: str) -> None: ...
-        # False: nothing typed (a device in `vanishing` went away meanwhile).
-        def prompt(
-            self,
-            secret: SecretBuffer,
-            devices: list[str],
-            failures: int,
-            skippable: bool,
-            vanishing: list[str],
-        ) -> bool: ...
+        # resume.LINE: a line is in `secret`; resume.REDRAW: nothing typed (a device in
+        # info.vanishing went away meanwhile); or a wake_watch reason (GIVE_UP, LID,
+        # UNANSWERED) to stop waiting.
+        def prompt(self, secret: SecretBuffer, info: PromptInfo) -> str: ...
         def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool: ...
         # None: no TPM2+PIN token on the device (token.py); raises token.TokenFailed.
         def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None: ...
@@ -142,7 +145,7 @@ if TYPE_CHECKING:
         def deactivate(self, device: str) -> None: ...
         def backoff(self, failures: int) -> None: ...
         def reopen_terminal(self) -> None: ...
-        def power_off(self) -> None: ...
+        def power_off(self, why: str) -> None: ...
 
 
 def run_cycle(
@@ -219,7 +222,9 @@ def run_cycle(
             record.slept = True
             record.step("woke")
     finally:
-        wind_down(ops, devices, suspended, frozen, saved_sync, record, poweroff_after)
+        wind_down(
+            ops, devices, suspended, frozen, saved_sync, record, poweroff_after, sleep_again=sleeps
+        )
 
 
 def _drop_page_cache(ops: Ops, record: CycleRecord) -> None:
@@ -268,6 +273,8 @@ def wind_down(
     saved_sync: str | None,
     record: CycleRecord,
     poweroff_after: int = 0,
+    *,
+    sleep_again: bool = True,
 ) -> None:
     """The second half of the cycle: resume what is suspended, restore sync_on_suspend, thaw.
     Shared by the cycle and the recovery of a dead helper (recover.py). Never thaws while an
@@ -275,7 +282,7 @@ def wind_down(
     the process ends with the system frozen for the recovery to take over."""
     try:
         if suspended:
-            resume_all(ops, devices, suspended, record, poweroff_after)
+            resume_all(ops, devices, suspended, record, poweroff_after, sleep_again=sleep_again)
     finally:
         left = essential_suspended(devices, suspended, record.resumed)
         if left:

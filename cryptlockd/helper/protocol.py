@@ -43,6 +43,9 @@ if TYPE_CHECKING:
         after: list[str]
         # crypttab's header=: a detached header, a path on the real root; "" for none.
         header: str
+        # Its mount points, through any layers above it: the prompt screen names the disk
+        # by them. Absent (an older daemon): none shown.
+        mounts: list[str]
 
     class ArmMessage(TypedDict):
         op: Literal["arm"]
@@ -58,6 +61,11 @@ if TYPE_CHECKING:
         backoff_initial: float
         backoff_max: float
         poweroff_after: int
+        # Seconds after a wake: power off when still locked (0: never); go back to sleep
+        # when the lid stayed shut and no key was touched (0: never). Not in
+        # REQUIRED_KEYS: an older daemon's arm message gets the defaults.
+        poweroff_locked_after: float
+        unanswered_wake_after: float
         # dm name -> the keyslot that took the passphrase last time: tried first.
         keyslots: dict[str, int]
         # False for Lock(): the whole cycle but the sleep write. Absent: True.
@@ -179,6 +187,12 @@ DEFAULT_SYNCFS_TIMEOUT = 20.0
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 30.0
 DEFAULT_POWEROFF_AFTER = 0  # 0: never
+# Off by default: a machine that powers itself off loses whatever was not saved. 1800 s
+# (30 min) is the value the docs suggest.
+DEFAULT_POWEROFF_LOCKED_AFTER = 0.0
+# Long enough to find the keyboard after opening the lid, short enough that a laptop woken
+# in a bag (an RTC alarm, a spurious wake) does not stay awake for long.
+DEFAULT_UNANSWERED_WAKE_AFTER = 60.0
 
 # -- the RAM filesystem -----------------------------------------------------------------
 
@@ -296,6 +310,8 @@ def arm_message(
     backoff_initial: float,
     backoff_max: float,
     poweroff_after: int,
+    poweroff_locked_after: float = DEFAULT_POWEROFF_LOCKED_AFTER,
+    unanswered_wake_after: float = DEFAULT_UNANSWERED_WAKE_AFTER,
     keyslots: dict[str, int],
     sleeps: bool = True,
     drop_page_cache: bool = False,
@@ -312,6 +328,8 @@ def arm_message(
         "backoff_initial": backoff_initial,
         "backoff_max": backoff_max,
         "poweroff_after": poweroff_after,
+        "poweroff_locked_after": poweroff_locked_after,
+        "unanswered_wake_after": unanswered_wake_after,
         "keyslots": dict(keyslots),
         "sleeps": sleeps,
         "drop_page_cache": drop_page_cache,

@@ -34,6 +34,9 @@ class CycleRecord:
         self.resumed: list[str] = []
         # Left out at the prompt, or gone while asleep, and closed (resume.py).
         self.skipped: list[str] = []
+        # Each time the prompt put the machine back to sleep, why (wake_watch: "esc",
+        # "lid", "unanswered").
+        self.slept_again: list[str] = []
         # per device: {"dm_table_key": "zeroed"|"present"|"error: ...", "keyring": ...}
         self.verification: dict[str, dict[str, str]] = {}
         self.problems: list[str] = []
@@ -94,6 +97,7 @@ class CycleRecord:
             "suspended": list(self.suspended),
             "resumed": list(self.resumed),
             "skipped": list(self.skipped),
+            "slept_again": list(self.slept_again),
             "slept": self.slept,
             "sleep_state": self.sleep_state,
             "wrong_passphrases": self.wrong_passphrases,

@@ -194,6 +194,14 @@ def _helper_for(left: Leftovers, record: CycleRecord) -> Helper:
     h.backoff_initial = float(st.get("backoff_initial", protocol.DEFAULT_BACKOFF_INITIAL))
     h.backoff_max = float(st.get("backoff_max", protocol.DEFAULT_BACKOFF_MAX))
     h.poweroff_after = int(st.get("poweroff_after", protocol.DEFAULT_POWEROFF_AFTER))
+    h.poweroff_locked_after = float(
+        st.get("poweroff_locked_after", protocol.DEFAULT_POWEROFF_LOCKED_AFTER)
+    )
+    h.unanswered_wake_after = float(
+        st.get("unanswered_wake_after", protocol.DEFAULT_UNANSWERED_WAKE_AFTER)
+    )
+    # A lock's recovery has no sleep to go back to either.
+    h.sleeps = bool(st.get("sleeps", True))
     if left.suspended:
         h.library = Library()
         slots = st.get("keyslots", {})
@@ -292,7 +300,16 @@ def _recover_locked(env: dict[str, str]) -> int:
     h = _helper_for(left, record)
     ops = RecoveryOps(h, record)
     plan = [p for p in left.plan if p.name in left.suspended]
-    wind_down(ops, plan, left.suspended, left.frozen, left.saved_sync, record, h.poweroff_after)
+    wind_down(
+        ops,
+        plan,
+        left.suspended,
+        left.frozen,
+        left.saved_sync,
+        record,
+        h.poweroff_after,
+        sleep_again=h.sleeps,
+    )
     # Thawed: the journal may be written to again, and the desktop have its VT back.
     if h._terminal is not None:
         with contextlib.suppress(Exception):

@@ -9,17 +9,24 @@ as soon as they can be, passphrase devices whenever a prompt is answered; one pa
 is tried on every device it may serve, including those it has just made ready (LUKS on
 LVM on LUKS with one passphrase: one prompt).
 
-Once every essential device is back, the prompt offers to skip the rest (SKIP_KEY). A
-skipped device, and a device that vanished while asleep (a USB disk unplugged), is closed
-(dm_ioctl.py): its table becomes dm's error target, so whatever touches it gets EIO at
-once instead of hanging for good, and what the cycle synced before the sleep is what stays
-on the disk; it is removed once nothing holds it. The record names them.
+Once every essential device is back, the prompt offers to skip the rest
+(prompt_screen.SKIP_KEY, Ctrl+S). A skipped device, and a device that vanished while
+asleep (a USB disk unplugged), is closed (dm_ioctl.py): its table becomes dm's error
+target, so whatever touches it gets EIO at once instead of hanging for good, and what the
+cycle synced before the sleep is what stays on the disk; it is removed once nothing holds
+it. The record names them.
+
+The prompt may also stop without a passphrase (issue 14): Esc, the lid closed again or a
+wake nobody answers put the machine back to sleep from here, the devices still suspended
+and everything else still frozen (the helper is the one process that runs), and the next
+wake prompts again; nobody unlocking in time after a wake powers it off (wake_watch.py).
 """
 
 from __future__ import annotations
 
-from cryptlockd.helper import token
+from cryptlockd.helper import prompt_screen, token, wake_watch
 from cryptlockd.helper.kdf import attempt_all, reraise
+from cryptlockd.helper.prompt_screen import PromptInfo
 from cryptlockd.helper.secret import SecretBuffer
 
 TYPE_CHECKING = False  # see cycle.py
@@ -31,16 +38,10 @@ if TYPE_CHECKING:
 # failing must not grow it without bound while the user takes their time.
 MAX_LOOP_PROBLEMS = 20
 
-# The line that skips the devices left, once the essential ones are back: Esc, then Enter.
-# Not an empty line, which a stray Enter would send.
-SKIP_KEY = 0x1B
-
-
-def is_skip(secret: SecretBuffer) -> bool:
-    if secret.length != 1:
-        return False
-    with secret.view() as view:
-        return view[0] == SKIP_KEY
+# What Ops.prompt returns besides wake_watch's reasons: a line was typed, or nothing
+# was (draw the prompt again).
+LINE = "line"
+REDRAW = "redraw"
 
 
 def _note(record: CycleRecord, problem: str, counted: list[int]) -> None:
@@ -69,9 +70,18 @@ class Resumer:
     """The state of one resume: what is pending, back, dropped; which headers were read."""
 
     def __init__(
-        self, ops: Ops, devices: list[DevicePlan], suspended: list[str], record: CycleRecord
+        self,
+        ops: Ops,
+        devices: list[DevicePlan],
+        suspended: list[str],
+        record: CycleRecord,
+        *,
+        sleep_again: bool = True,
     ) -> None:
         self.ops = ops
+        # Whether Esc, the lid and an unanswered wake may put the machine back to sleep:
+        # False where there is no sleep to go back to (a lock without sleep).
+        self.sleep_again = sleep_again
         self.record = record
         # In resume order: the plan comes in suspend order, which the graph made.
         self.pending = [d for d in reversed(devices) if d.name in suspended]
@@ -203,12 +213,30 @@ class Resumer:
         skippable = not self.essential_left()
         self.record.step("prompt")
         names = [d.name for d in asking]
-        vanishing = [d.name for d in asking if not d.essential]
-        if not self.ops.prompt(secret, names, self.failures, skippable, vanishing):
+        info = PromptInfo(
+            names,
+            waiting=[d.name for d in self.pending if d.name not in names],
+            failures=self.failures,
+            skippable=skippable,
+            vanishing=[d.name for d in asking if not d.essential],
+            sleep_again=self.sleep_again,
+        )
+        outcome = self.ops.prompt(secret, info)
+        kind = prompt_screen.line_kind(secret) if outcome == LINE else ""
+        if outcome != LINE or kind != prompt_screen.PASSPHRASE:
             secret.wipe()
+        if kind == prompt_screen.SLEEP:
+            outcome = wake_watch.ESC
+        if outcome == wake_watch.GIVE_UP:
+            self.ops.power_off("Nobody unlocked the disks in time after the wake: powering off.")
             return
-        if skippable and is_skip(secret):
-            secret.wipe()
+        if outcome in wake_watch.SLEEP_REASONS:
+            if self.sleep_again:
+                self.sleep_once_more(outcome)
+            return
+        if outcome != LINE or (kind == prompt_screen.SKIP and not skippable):
+            return  # nothing typed, or the skip key where nothing may be skipped
+        if kind == prompt_screen.SKIP:
             self.record.step("skipped")
             for dev in list(self.pending):
                 self.drop(dev, "skipped at the prompt")
@@ -226,8 +254,21 @@ class Resumer:
         self.failures += 1
         self.record.wrong_passphrases += 1
         if poweroff_after and self.failures >= poweroff_after:
-            self.ops.power_off()
+            self.ops.power_off("Too many wrong passphrases: powering off.")
         self.ops.backoff(self.failures)
+
+    def sleep_once_more(self, why: str) -> None:
+        """The same sleep again, from the prompt: the devices stay suspended, everything
+        else stays frozen, and the next wake prompts again. A refused sleep write leaves
+        the machine awake at the prompt, as it was."""
+        self.record.step(f"sleep_again:{why}")
+        self.record.slept_again.append(why)
+        try:
+            self.ops.enter_sleep()
+        except Exception as e:  # cycle.SleepFailed, mostly
+            self.record.problems.append(f"sleeping again ({why}): {e or type(e).__name__}")
+            return
+        self.record.step("woke")
 
 
 def resume_all(
@@ -236,11 +277,13 @@ def resume_all(
     suspended: list[str],
     record: CycleRecord,
     poweroff_after: int = 0,
+    *,
+    sleep_again: bool = True,
 ) -> None:
     """Returns only when every device is back, skipped or gone: any Exception in a round
     (the VT, the back-off, libcryptsetup) goes into the record, the VT is opened again, and
     the next round prompts again."""
-    resumer = Resumer(ops, devices, suspended, record)
+    resumer = Resumer(ops, devices, suspended, record, sleep_again=sleep_again)
     counted = [0]
     try:
         ops.release_reserve()

@@ -61,6 +61,8 @@ class Helper:
         # False for Lock(): no sleep write (prompt's Esc has no sleep to go back to).
         self.sleeps = True
         self.drop_page_cache = False
+        self.poweroff_locked_after = protocol.DEFAULT_POWEROFF_LOCKED_AFTER
+        self.unanswered_wake_after = protocol.DEFAULT_UNANSWERED_WAKE_AFTER
         self.record = CycleRecord([])
         self.daemon: protocol.Channel | None = None
         # The test hook's step (system_ops.read_fault_hook), or "".
@@ -164,6 +166,12 @@ class Helper:
         self.drop_page_cache = bool(msg.get("drop_page_cache", False))
         if not self.sleeps:
             self.record.action = "lock"
+        self.poweroff_locked_after = float(
+            msg.get("poweroff_locked_after", protocol.DEFAULT_POWEROFF_LOCKED_AFTER)
+        )
+        self.unanswered_wake_after = float(
+            msg.get("unanswered_wake_after", protocol.DEFAULT_UNANSWERED_WAKE_AFTER)
+        )
         memory = {name: dev.pbkdf_memory_kib() for name, dev in self.devices.items()}
         asking = [p.name for p in self.plan if p.keyfile is None]
         kib = reserve_kib(kdf_memory_at_once(memory, asking))

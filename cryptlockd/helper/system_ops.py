@@ -22,18 +22,23 @@ from cryptlockd.helper import (
     mappings,
     page_cache,
     power,
+    prompt_screen,
     protocol,
     token,
     verify,
 )
 from cryptlockd.helper.cycle import late_plan
+from cryptlockd.helper.inputs import Inputs
 from cryptlockd.helper.kdf import KdfBudget
 from cryptlockd.helper.libcryptsetup import Device
-from cryptlockd.helper.vt import VtError
+from cryptlockd.helper.resume import LINE, REDRAW
+from cryptlockd.helper.vt import VtError, kernel_messages_off
+from cryptlockd.helper.wake_watch import WakeWatch
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
     from cryptlockd.helper.cycle import DevicePlan, Ops
+    from cryptlockd.helper.prompt_screen import PromptInfo
     from cryptlockd.helper.secret import SecretBuffer
     from cryptlockd.helper.session import Helper
 
@@ -89,6 +94,9 @@ class SystemOps:
         # The devices that may be suspended: each is noted before its crypt_suspend.
         self.suspending: list[str] = []
         self._hung_up = False
+        # The current wake's watch and input devices (prompt, woke).
+        self.watch: WakeWatch | None = None
+        self.inputs: Inputs | None = None
 
     def _fault(self, step: str) -> None:
         """The test hook (FAULT_HOOK): die for real at `step`, as a crash would."""
@@ -109,6 +117,9 @@ class SystemOps:
                 "backoff_initial": self.h.backoff_initial,
                 "backoff_max": self.h.backoff_max,
                 "poweroff_after": self.h.poweroff_after,
+                "poweroff_locked_after": self.h.poweroff_locked_after,
+                "unanswered_wake_after": self.h.unanswered_wake_after,
+                "sleeps": self.h.sleeps,
                 "keyslots": {
                     n: d.last_keyslot for n, d in self.h.devices.items() if d.last_keyslot >= 0
                 },
@@ -165,8 +176,11 @@ class SystemOps:
         return verify.verify_device(device)
 
     def enter_sleep(self) -> None:
+        if self.watch is not None:  # again, from the prompt (resume.Resumer.sleep_once_more)
+            self.h.terminal.write("\nGoing back to sleep; the disks stay locked.\n")
         self.h.record.step("sleep_write")
         power.enter_sleep(self.h.sleep_state, self.h.mem_sleep)
+        self.woke()
 
     def drop_page_cache(self) -> int:
         return page_cache.drop_page_cache()
@@ -204,46 +218,74 @@ class SystemOps:
         if device in mappings.suspended_mappings():
             raise RuntimeError("still suspended after the forced deactivation")
 
-    def prompt(
-        self,
-        secret: SecretBuffer,
-        devices: list[str],
-        failures: int,
-        skippable: bool,
-        vanishing: list[str],
-    ) -> bool:
-        t = self.h.terminal
-        skip = "; Esc, Enter skips them" if skippable else ""
-        notice_console(
-            f"cryptlockd: disks locked; passphrase prompt on VT {t.number} for "
-            f"{', '.join(devices)} (attempt {failures + 1}){skip}"
+    def _watch(self) -> WakeWatch:
+        """This wake's watch (wake_watch.py) and input devices: from the wake on, or from
+        the first prompt of a recovery or a cycle without sleep."""
+        if self.watch is None:
+            self.woke()
+        assert self.watch is not None
+        return self.watch
+
+    def woke(self) -> None:
+        if self.inputs is not None:
+            self.inputs.close()
+        self.inputs = None
+        self.watch = WakeWatch(
+            time.monotonic(),
+            give_up_after=self.h.poweroff_locked_after,
+            unanswered_after=self.h.unanswered_wake_after,
         )
-        if failures:
-            t.write("Sorry, that passphrase did not unlock the disks.\n")
-        t.write("\ncryptlockd: the disks were locked while the machine slept.\n")
-        if skippable:
-            t.write(
-                f"The system disks are back. To skip {', '.join(devices)} instead, press "
-                "Esc, then Enter: they are closed (what was written before the sleep stays "
-                "on the disk); open them again later.\n"
+
+    def prompt(self, secret: SecretBuffer, info: PromptInfo) -> str:
+        t = self.h.terminal
+        watch = self._watch()
+        watch.sleep_again = info.sleep_again
+        if self.inputs is None:
+            self.inputs = Inputs()
+        inputs = self.inputs
+        # The lid as the prompt appears: closed within its first second, it still counts
+        # as closed again, not as shut since the wake.
+        watch.check(time.monotonic(), inputs.lid_closed(), False)
+        skip = f"; {prompt_screen.SKIP_KEY_NAME} skips them" if info.skippable else ""
+        mounts = {p.name: p.mounts for p in self.h.plan}
+        word = token.prompt_word(self.h.devices, info.asking)
+
+        def ready() -> None:
+            t.write(prompt_screen.render(info, os.uname().nodename, mounts, word))
+            notice_console(
+                f"cryptlockd: disks locked; passphrase prompt on VT {t.number} for "
+                f"{', '.join(info.asking)} (attempt {info.failures + 1}){skip}"
             )
-        t.write(f"{token.prompt_word(self.h.devices, devices)} for {', '.join(devices)}: ")
-        if not self._hung_up and self.h.fault == "hangup-at-prompt":
-            self._hung_up = True
-            notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
-            t.hang_up()
-        self._fault("at-prompt")
-        # A disk unplugged while asleep may go only now, as the kernel handles the
-        # hotplug after the wake: the prompt is drawn again without it.
-        got = t.read_secret(secret, lambda: any(not mappings.backing_present(d) for d in vanishing))
+            if not self._hung_up and self.h.fault == "hangup-at-prompt":
+                self._hung_up = True
+                notice_console(f"cryptlockd: test hook: hanging up VT {t.number}")
+                t.hang_up()
+            self._fault("at-prompt")
+
+        why = ""
+
+        def stop() -> bool:
+            nonlocal why
+            # A disk unplugged while asleep may go only now, as the kernel handles the
+            # hotplug after the wake: the prompt is drawn again without it.
+            if any(not mappings.backing_present(d) for d in info.vanishing):
+                why = REDRAW
+            else:
+                why = watch.check(time.monotonic(), inputs.lid_closed(), inputs.touched())
+            return bool(why)
+
+        with kernel_messages_off():
+            got = t.read_secret(secret, stop, ready)
         if got is None:
             t.write("\n")
-            return False
+            return why
         if not got:
             # A hung-up VT reads end of file for good: the loop opens it again.
             raise VtError(f"end of file on VT {t.number}")
-        t.write("Unlocking...\n")
-        return True
+        watch.touched = True
+        if prompt_screen.line_kind(secret) == prompt_screen.PASSPHRASE:
+            t.write("Unlocking...\n")
+        return LINE
 
     def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool:
         return self.h.devices[device].resume_by_passphrase(
@@ -268,8 +310,9 @@ class SystemOps:
     def reopen_terminal(self) -> None:
         self.h.terminal.reopen()
 
-    def power_off(self) -> None:
-        self.h.terminal.write("Too many wrong passphrases: powering off.\n")
+    def power_off(self, why: str) -> None:
+        self.h.terminal.write(f"\n{why}\n")
+        notice_console(f"cryptlockd: {why}")
         power.power_off()
 
 

@@ -11,11 +11,12 @@ import signal
 import struct
 import termios
 
+from cryptlockd.helper.prompt_screen import SKIP_KEY, SLEEP_KEY
 from cryptlockd.helper.secret import SecretBuffer
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from types import FrameType
 
 VT_OPENQRY = 0x5600
@@ -24,8 +25,35 @@ VT_ACTIVATE = 0x5606
 VT_WAITACTIVE = 0x5607
 
 
+# The console loglevel: messages of a lower level reach the consoles, this VT included.
+PRINTK = "/proc/sys/kernel/printk"
+# Only KERN_EMERG while the prompt waits: a panic still shows.
+QUIET_LOGLEVEL = "1"
+
+
 class VtError(Exception):
     pass
+
+
+@contextlib.contextmanager
+def kernel_messages_off(path: str | None = None) -> Iterator[None]:
+    """Keeps the kernel's messages off the consoles while the prompt waits (they would
+    scroll through the prompt screen), and puts the console loglevel back after. A
+    /proc that cannot be written costs the quiet, never the prompt."""
+    path = path or PRINTK
+    try:
+        with open(path) as f:
+            saved = f.read().split()[0]
+        with open(path, "w") as f:
+            f.write(QUIET_LOGLEVEL)
+    except (OSError, IndexError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            f.write(saved)
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:
@@ -105,15 +133,31 @@ class Terminal:
         termios.tcflush(self.fd, termios.TCIFLUSH)
 
     def read_secret(
-        self, secret: SecretBuffer, give_up: Callable[[], bool] | None = None
+        self,
+        secret: SecretBuffer,
+        give_up: Callable[[], bool] | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> bool | None:
         """One line with echo off, straight into `secret`. False at end of file. With
-        `give_up`, asked every second until a line is there: when it says so, None."""
+        `give_up`, asked every second until a line is there: when it says so, None.
+        `ready` draws the prompt and announces it: called once the terminal is set, which
+        discards what was typed before (TCSAFLUSH), so that a key pressed after the
+        announcement is never lost.
+
+        Besides Enter, the prompt's keys end a line at once (prompt_screen: Esc as VEOL,
+        Ctrl+S as VEOL2, which needs IEXTEN; IXON off, or Ctrl+S would stop the output)."""
         old = termios.tcgetattr(self.fd)
         new = list(old)
-        new[3] = (new[3] & ~termios.ECHO) | termios.ICANON | termios.ECHONL
+        new[0] = new[0] & ~termios.IXON
+        new[3] = (new[3] & ~termios.ECHO) | termios.ICANON | termios.ECHONL | termios.IEXTEN
+        cc = list(new[6])
+        cc[termios.VEOL] = bytes([SLEEP_KEY])
+        cc[termios.VEOL2] = bytes([SKIP_KEY])
+        new[6] = cc
         termios.tcsetattr(self.fd, termios.TCSAFLUSH, new)
         try:
+            if ready is not None:
+                ready()
             # Canonical mode: the VT reads as ready once a whole line is there.
             while give_up is not None and not select.select([self.fd], [], [], 1.0)[0]:
                 if give_up():

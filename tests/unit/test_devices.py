@@ -48,6 +48,7 @@ def test_plain_luks2(fs: FakeSystem) -> None:
             suspended=False,
             key_source="passphrase",
             holders=(),
+            mounts=("/",),
         )
     ]
 
@@ -59,6 +60,8 @@ def test_lvm_on_luks(fs: FakeSystem) -> None:
     assert dev.backing_device == "/dev/nvme0n1p3"
     assert dev.holders == ("vg0-root", "vg0-swap", "vg0-home")
     assert dev.holds_root is True  # through the vg0-root LV
+    # The prompt names the disk by what is mounted on its LVs.
+    assert dev.mounts == ("/", "/home")
 
 
 def test_two_disks_one_keyfile(fs: FakeSystem) -> None:

@@ -10,8 +10,9 @@ from cryptlockd.helper.cycle import (
     run_cycle,
     wind_down,
 )
+from cryptlockd.helper.prompt_screen import PromptInfo
 from cryptlockd.helper.record import CycleRecord
-from cryptlockd.helper.resume import MAX_LOOP_PROBLEMS
+from cryptlockd.helper.resume import LINE, MAX_LOOP_PROBLEMS
 from cryptlockd.helper.secret import SecretBuffer
 from cryptlockd.helper.token import TokenFailed
 
@@ -26,7 +27,7 @@ class OutOfInput(BaseException):
 class FakeOps:
     def __init__(
         self,
-        typed: list[bytes],
+        typed: list[bytes | str],
         *,
         sleep_fails: bool = False,
         freeze_fails: bool = False,
@@ -53,6 +54,8 @@ class FakeOps:
         # TPM2+PIN tokens (helper/token.py): device -> its PIN; a device absent has none.
         self.pins: dict[str, bytes] = {}
         self.token_broken = ""
+        self.infos: list[PromptInfo] = []
+        self.power_off_why = ""
 
     def freeze(self, frozen: list[str]) -> None:
         frozen.extend(["/system.slice", "/user.slice"])
@@ -104,22 +107,20 @@ class FakeOps:
             raise OSError("Permission denied: /proc/sys/vm/drop_caches")
         return 300 << 20
 
-    def prompt(
-        self,
-        secret: SecretBuffer,
-        devices: list[str],
-        failures: int,
-        skippable: bool = False,
-        vanishing: list[str] | None = None,
-    ) -> bool:
-        self.calls.append(f"prompt:{','.join(devices)}" + (" (skip?)" if skippable else ""))
+    def prompt(self, secret: SecretBuffer, info: PromptInfo) -> str:
+        self.calls.append(
+            f"prompt:{','.join(info.asking)}" + (" (skip?)" if info.skippable else "")
+        )
         self.secrets.append(secret)
+        self.infos.append(info)
         if not self.typed:
-            raise OutOfInput(f"a prompt for {devices} with nothing left to type")
+            raise OutOfInput(f"a prompt for {info.asking} with nothing left to type")
         phrase = self.typed.pop(0)
+        if isinstance(phrase, str):  # a wake_watch reason, or resume.REDRAW
+            return phrase
         secret.view()[: len(phrase)] = phrase
         secret.length = len(phrase)
-        return True
+        return LINE
 
     def refresh_header(self, device: str) -> None:
         self.calls.append(f"refresh:{device}")
@@ -160,8 +161,9 @@ class FakeOps:
     def reopen_terminal(self) -> None:
         self.calls.append("reopen")
 
-    def power_off(self) -> None:
+    def power_off(self, why: str) -> None:
         self.calls.append("power_off")
+        self.power_off_why = why
 
 
 # Suspend order: the upper layer (nested, on root) first; data takes a keyfile on root.
@@ -407,12 +409,10 @@ def fail_prompt(ops: FakeOps, errors: list[OSError]) -> None:
     """The prompt raises each of `errors` in turn (as a hung-up VT does), then answers."""
     real = ops.prompt
 
-    def flaky(
-        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
-    ) -> bool:
+    def flaky(secret: SecretBuffer, info: PromptInfo) -> str:
         if errors:
             raise errors.pop()
-        return real(secret, devices, n, skippable, vanishing)
+        return real(secret, info)
 
     ops.prompt = flaky  # type: ignore[method-assign]
 
@@ -454,7 +454,7 @@ def test_the_same_error_again_and_again_is_recorded_once() -> None:
 def test_a_failing_power_off_keeps_prompting() -> None:
     ops = FakeOps([b"a", GOOD])
 
-    def power_off() -> None:
+    def power_off(why: str) -> None:
         ops.calls.append("power_off")
         raise OSError("EPERM")
 
@@ -483,9 +483,7 @@ def test_nothing_is_thawed_while_an_essential_device_is_suspended() -> None:
     # (the unit's ExecStopPost=) takes over.
     ops = FakeOps([])
 
-    def interrupted(
-        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
-    ) -> bool:
+    def interrupted(secret: SecretBuffer, info: PromptInfo) -> str:
         raise KeyboardInterrupt
 
     ops.prompt = interrupted  # type: ignore[method-assign]
@@ -639,3 +637,12 @@ def test_page_cache_off_by_default_and_a_failed_drop_costs_no_protection() -> No
     assert rec.success and rec.page_cache_cleared_mib == -1
     assert rec.problems == ["dropping the page cache: Permission denied: /proc/sys/vm/drop_caches"]
     assert "suspend:root" in ops.calls
+
+
+def test_a_lock_has_no_sleep_to_go_back_to() -> None:
+    # Esc, the lid and an unanswered wake put a sleeping machine back to sleep; in a lock
+    # the prompt just stays, and Esc is not offered on its screen.
+    ops = FakeOps([bytes([0x1B]), "lid", "unanswered", GOOD])
+    rec = lock(ops)
+    assert "sleep" not in ops.calls and rec.slept_again == []
+    assert rec.success and all(not info.sleep_again for info in ops.infos)

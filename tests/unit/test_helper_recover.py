@@ -9,12 +9,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from cryptlockd.helper import cgroups, mappings, power, protocol, recover, system_ops
+from cryptlockd.helper import cgroups, mappings, power, protocol, recover, system_ops, vt
 from cryptlockd.helper.cycle import DevicePlan
 from cryptlockd.helper.recover import Leftovers, death_reason
 from cryptlockd.helper.secret import SecretBuffer
@@ -93,7 +94,11 @@ class FakeTerminal:
     def write(self, text: str) -> None:
         FakeTerminal.shown.append(text)
 
-    def read_secret(self, secret: SecretBuffer, give_up: object = None) -> bool:
+    def read_secret(
+        self, secret: SecretBuffer, give_up: object = None, ready: Callable[[], None] | None = None
+    ) -> bool:
+        if ready is not None:
+            ready()
         phrase = FakeTerminal.typed.pop(0)
         secret.view()[: len(phrase)] = phrase
         secret.length = len(phrase)
@@ -131,6 +136,9 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(cgroups, "CGROUP_ROOT", str(cg))
     (tmp_path / "sync").write_text("0")
     monkeypatch.setattr(power, "SYNC_ON_SUSPEND", str(tmp_path / "sync"))
+    # The prompt lowers the console loglevel while it waits: not the host's.
+    (tmp_path / "printk").write_text("7\t4\t1\t7\n")
+    monkeypatch.setattr(vt, "PRINTK", str(tmp_path / "printk"))
     monkeypatch.setattr(mappings, "suspended_mappings", lambda: {"root", "data"})
     monkeypatch.setattr(mappings, "backing_present", lambda name: True)
     # Not in the test process: its children (the daemon under test) would inherit it.

@@ -3,13 +3,15 @@ devices, keyfile chains, headers read just in time, skipping, devices gone while
 
 from __future__ import annotations
 
+from cryptlockd.helper import wake_watch
 from cryptlockd.helper.cycle import DevicePlan, run_cycle, wind_down
+from cryptlockd.helper.prompt_screen import SKIP_KEY, SLEEP_KEY, PromptInfo
 from cryptlockd.helper.record import CycleRecord
-from cryptlockd.helper.resume import SKIP_KEY, is_skip
+from cryptlockd.helper.resume import REDRAW
 from cryptlockd.helper.secret import SecretBuffer
 from tests.unit.test_helper_cycle import GOOD, FakeOps
 
-ESC = bytes([SKIP_KEY])
+SKIP = bytes([SKIP_KEY])
 
 
 def run(ops: FakeOps, plan: list[DevicePlan]) -> CycleRecord:
@@ -106,7 +108,7 @@ def usb_wants_another_passphrase(ops: FakeOps) -> None:
 
 
 def test_once_the_essential_devices_are_back_the_rest_can_be_skipped() -> None:
-    ops = FakeOps([GOOD, ESC])
+    ops = FakeOps([GOOD, SKIP])
     usb_wants_another_passphrase(ops)
     rec = run(ops, USB_PLAN)
     prompts = [c for c in ops.calls if c.startswith("prompt")]
@@ -120,12 +122,15 @@ def test_once_the_essential_devices_are_back_the_rest_can_be_skipped() -> None:
     assert rec.wrong_passphrases == 0 and rec.success
 
 
-def test_the_skip_key_is_only_a_passphrase_while_an_essential_device_waits() -> None:
-    # Esc at root's prompt is tried as a passphrase (and fails): root cannot be skipped.
-    ops = FakeOps([ESC, GOOD, ESC])
+def test_the_skip_key_does_nothing_while_an_essential_device_waits() -> None:
+    # Ctrl+S at root's prompt: root cannot be skipped, and the key is never a passphrase
+    # (not tried, not a failure): the prompt comes again.
+    ops = FakeOps([b"typed then " + SKIP, GOOD, SKIP])
     usb_wants_another_passphrase(ops)
     rec = run(ops, USB_PLAN)
-    assert rec.wrong_passphrases == 1 and rec.skipped == ["usb"] and "resume:root" in ops.calls
+    prompts = [c for c in ops.calls if c.startswith("prompt")]
+    assert prompts == ["prompt:root,usb", "prompt:root,usb", "prompt:usb (skip?)"]
+    assert rec.wrong_passphrases == 0 and rec.skipped == ["usb"] and "resume:root" in ops.calls
 
 
 def test_a_device_skipped_takes_what_needs_it_along_upper_layers_closed_first() -> None:
@@ -134,7 +139,7 @@ def test_a_device_skipped_takes_what_needs_it_along_upper_layers_closed_first() 
         DevicePlan("usb", "passphrase", essential=False),
         DevicePlan("root", "passphrase"),
     ]
-    ops = FakeOps([GOOD, ESC])
+    ops = FakeOps([GOOD, SKIP])
     usb_wants_another_passphrase(ops)
     rec = run(ops, plan)
     assert rec.skipped == ["usb", "usb-home"]
@@ -186,17 +191,6 @@ def test_the_recovery_resumes_in_graph_order_too() -> None:
     ]
 
 
-def test_is_skip() -> None:
-    with SecretBuffer() as s:
-        assert not is_skip(s)
-        s.view()[:1] = ESC
-        s.length = 1
-        assert is_skip(s)
-        s.view()[:2] = ESC + b"x"
-        s.length = 2
-        assert not is_skip(s)
-
-
 def test_plan_entries_carry_after_and_header() -> None:
     p = DevicePlan.from_dict(
         {"name": "d", "key_source": "passphrase", "after": ["r"], "header": "/etc/h"}
@@ -211,15 +205,13 @@ def test_a_device_that_vanishes_during_the_prompt_ends_it_and_is_not_asked_again
     ops = FakeOps([GOOD])
     real = ops.prompt
 
-    def prompt(
-        secret: SecretBuffer, devices: list[str], n: int, skippable: bool, vanishing: list[str]
-    ) -> bool:
-        if "usb" in devices:
-            ops.calls.append(f"prompt:{','.join(devices)} gave up")
-            assert vanishing == ["usb"]
+    def prompt(secret: SecretBuffer, info: PromptInfo) -> str:
+        if "usb" in info.asking:
+            ops.calls.append(f"prompt:{','.join(info.asking)} gave up")
+            assert info.vanishing == ["usb"]
             ops.gone.add("usb")
-            return False
-        return real(secret, devices, n, skippable, vanishing)
+            return REDRAW
+        return real(secret, info)
 
     ops.prompt = prompt  # type: ignore[method-assign]
     rec = run(ops, USB_PLAN)
@@ -228,3 +220,57 @@ def test_a_device_that_vanishes_during_the_prompt_ends_it_and_is_not_asked_again
         "prompt:root",
     ]
     assert rec.skipped == ["usb"] and rec.wrong_passphrases == 0 and rec.success
+
+
+# -- issue 14: back to sleep from the prompt, the give-up ---------------------------------
+
+ESC = bytes([SLEEP_KEY])
+
+
+def test_esc_the_lid_and_an_unanswered_wake_sleep_again_with_the_devices_suspended() -> None:
+    ops = FakeOps([ESC, wake_watch.LID, wake_watch.UNANSWERED, b"wrong", GOOD])
+    rec = run(ops, USB_PLAN[1:])
+    after = after_sleep(ops)
+    # Each sleeps again from the prompt, nothing resumed in between; the next wake prompts.
+    assert after[:7] == [
+        "prompt:root",
+        "sleep",
+        "prompt:root",
+        "sleep",
+        "prompt:root",
+        "sleep",
+        "prompt:root",
+    ]
+    assert rec.slept_again == ["esc", "lid", "unanswered"] and rec.success
+    # Esc is not a wrong passphrase; the failure count reaches the screen.
+    assert rec.wrong_passphrases == 1 and [i.failures for i in ops.infos] == [0, 0, 0, 0, 1]
+    assert all(i.sleep_again for i in ops.infos) and ops.infos[0].waiting == ["data"]
+    assert "sleep_again:lid" in rec.timeline and "woke#4" in rec.timeline
+    assert all(s.is_zero() for s in ops.secrets)
+
+
+def test_without_a_sleep_to_go_back_to_the_prompt_just_comes_again() -> None:
+    # A lock without sleep (resume_all's sleep_again=False): Esc does nothing.
+    ops = FakeOps([ESC, GOOD])
+    rec = CycleRecord(["root"])
+    wind_down(ops, [DevicePlan("root", "passphrase")], ["root"], [], None, rec, sleep_again=False)
+    assert ops.calls.count("sleep") == 0 and rec.slept_again == [] and rec.wrong_passphrases == 0
+    assert [i.sleep_again for i in ops.infos] == [False, False]
+
+
+def test_a_refused_sleep_again_leaves_the_prompt_waiting() -> None:
+    ops = FakeOps([ESC, GOOD])
+    ops.sleep_fails = True
+    rec = CycleRecord(["root"])
+    wind_down(ops, [DevicePlan("root", "passphrase")], ["root"], [], None, rec)
+    assert any(p.startswith("sleeping again (esc): writing 'mem'") for p in rec.problems)
+    assert "resume:root" in ops.calls
+
+
+def test_nobody_unlocking_in_time_powers_off() -> None:
+    ops = FakeOps([wake_watch.GIVE_UP, GOOD])
+    rec = run(ops, USB_PLAN[1:])
+    assert after_sleep(ops)[:2] == ["prompt:root", "power_off"]
+    assert ops.power_off_why.startswith("Nobody unlocked the disks in time")
+    # Should the power-off not happen, the prompt goes on.
+    assert rec.success

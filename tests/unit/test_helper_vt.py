@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import termios
+from pathlib import Path
 
+from cryptlockd.helper.prompt_screen import SKIP_KEY, SLEEP_KEY
 from cryptlockd.helper.secret import SecretBuffer
-from cryptlockd.helper.vt import Terminal
+from cryptlockd.helper.vt import QUIET_LOGLEVEL, Terminal, kernel_messages_off
 
 
 def pty_terminal() -> tuple[Terminal, int]:
@@ -30,5 +33,46 @@ def test_the_read_gives_up_when_asked_and_reads_a_line_otherwise() -> None:
 
         assert t.read_secret(secret, type_it) is True
         assert bytes(secret.buf[: secret.length]) == b"typed"
+    os.close(master)
+    os.close(t.fd)
+
+
+def test_esc_and_ctrl_s_end_the_line_at_once_and_the_terminal_is_restored() -> None:
+    # Line ends of the prompt's own (VEOL, VEOL2): no Enter needed, and Ctrl+S reaches the
+    # prompt instead of stopping the output (IXON off while it reads).
+    t, master = pty_terminal()
+    before = termios.tcgetattr(t.fd)
+    with SecretBuffer() as secret:
+        for key in (SLEEP_KEY, SKIP_KEY):
+
+            def type_it(key: int = key) -> bool:
+                os.write(master, b"abc" + bytes([key]))
+                return False
+
+            assert t.read_secret(secret, type_it) is True
+            assert secret.length == 4 and secret.view()[3] == key
+    assert termios.tcgetattr(t.fd) == before
+    os.close(master)
+    os.close(t.fd)
+
+
+def test_kernel_messages_are_kept_off_while_the_prompt_waits(tmp_path: Path) -> None:
+    printk = tmp_path / "printk"
+    printk.write_text("7\t4\t1\t7\n")
+    with kernel_messages_off(str(printk)):
+        assert printk.read_text() == QUIET_LOGLEVEL
+    assert printk.read_text() == "7"
+    # No /proc to write: the prompt goes on without the quiet.
+    with kernel_messages_off(str(tmp_path / "absent")):
+        pass
+
+
+def test_a_key_pressed_once_the_prompt_is_announced_is_never_flushed() -> None:
+    # The announcement (ready) comes after the flush of what was typed ahead: a test, or a
+    # person, reacting to it at once loses nothing.
+    t, master = pty_terminal()
+    with SecretBuffer() as secret:
+        assert t.read_secret(secret, None, lambda: os.write(master, b"x\n") and None) is True
+        assert bytes(secret.buf[: secret.length]) == b"x"
     os.close(master)
     os.close(t.fd)
