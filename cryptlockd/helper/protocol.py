@@ -217,6 +217,9 @@ RECOVERED_RECORD_IN_RAMFS = "/state/recovered.json"
 # Held by whichever recovery runs (the helper's watchdog, the unit's ExecStopPost=), so
 # the other waits and then finds nothing left to do.
 RECOVERY_LOCK_IN_RAMFS = "/state/recovery.lock"
+# The console loglevel the prompt found (vt.kernel_messages_off), while it has it lowered:
+# a recovery after a helper that died at the prompt puts that one back, not the lowered.
+LOGLEVEL_STATE_IN_RAMFS = "/state/console_loglevel"
 # Test hook, root-only, on the real root's /run (the helper reads it through /proc/1/root
 # when armed, and removes it: one cycle only). Names the step at which the helper SIGKILLs
 # itself ("after-freeze", "after-first-suspend", "at-prompt") or hangs up its VT

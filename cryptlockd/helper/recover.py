@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 
-from cryptlockd.helper import cgroups, mappings, power, protocol
+from cryptlockd.helper import cgroups, mappings, power, protocol, vt
 from cryptlockd.helper.cycle import DevicePlan, essential_suspended, wind_down
 from cryptlockd.helper.hardening import harden, hardening_status
 from cryptlockd.helper.journal import INFO, WARNING, log
@@ -310,6 +310,8 @@ def _recover_locked(env: dict[str, str]) -> int:
         h.poweroff_after,
         sleep_again=h.sleeps,
     )
+    # A helper that died at the prompt left the kernel's messages off the consoles.
+    vt.restore_console_loglevel()
     # Thawed: the journal may be written to again, and the desktop have its VT back.
     if h._terminal is not None:
         with contextlib.suppress(Exception):

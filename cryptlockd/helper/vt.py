@@ -11,6 +11,7 @@ import signal
 import struct
 import termios
 
+from cryptlockd.helper import protocol
 from cryptlockd.helper.prompt_screen import SKIP_KEY, SLEEP_KEY
 from cryptlockd.helper.secret import SecretBuffer
 
@@ -39,11 +40,16 @@ class VtError(Exception):
 def kernel_messages_off(path: str | None = None) -> Iterator[None]:
     """Keeps the kernel's messages off the consoles while the prompt waits (they would
     scroll through the prompt screen), and puts the console loglevel back after. A
-    /proc that cannot be written costs the quiet, never the prompt."""
+    /proc that cannot be written costs the quiet, never the prompt. The level found is
+    kept in the RAM filesystem meanwhile: should the helper die at the prompt, the
+    recovery's prompt (or its end) restores that one, not the lowered one it would find."""
     path = path or PRINTK
     try:
         with open(path) as f:
-            saved = f.read().split()[0]
+            current = f.read().split()[0]
+        saved = _saved_loglevel() or current
+        with contextlib.suppress(OSError), open(protocol.LOGLEVEL_STATE_IN_RAMFS, "w") as f:
+            f.write(saved)
         with open(path, "w") as f:
             f.write(QUIET_LOGLEVEL)
     except (OSError, IndexError):
@@ -52,8 +58,25 @@ def kernel_messages_off(path: str | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(OSError), open(path, "w") as f:
-            f.write(saved)
+        restore_console_loglevel(path, saved)
+
+
+def _saved_loglevel() -> str:
+    try:
+        with open(protocol.LOGLEVEL_STATE_IN_RAMFS) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def restore_console_loglevel(path: str | None = None, level: str = "") -> None:
+    """Puts back the level a prompt lowered (`level`, or the one it kept), if any."""
+    level = level or _saved_loglevel()
+    if level:
+        with contextlib.suppress(OSError), open(path or PRINTK, "w") as f:
+            f.write(level)
+    with contextlib.suppress(OSError):
+        os.unlink(protocol.LOGLEVEL_STATE_IN_RAMFS)
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:

@@ -127,6 +127,7 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("SYNC_STATE_IN_RAMFS", "sync_on_suspend"),
         ("RECOVERED_RECORD_IN_RAMFS", "recovered.json"),
         ("RECOVERY_LOCK_IN_RAMFS", "recovery.lock"),
+        ("LOGLEVEL_STATE_IN_RAMFS", "console_loglevel"),
     ):
         monkeypatch.setattr(protocol, name, str(state / path))
     cg = tmp_path / "cg"

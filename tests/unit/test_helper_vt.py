@@ -6,9 +6,17 @@ import os
 import termios
 from pathlib import Path
 
+import pytest
+
+from cryptlockd.helper import protocol
 from cryptlockd.helper.prompt_screen import SKIP_KEY, SLEEP_KEY
 from cryptlockd.helper.secret import SecretBuffer
-from cryptlockd.helper.vt import QUIET_LOGLEVEL, Terminal, kernel_messages_off
+from cryptlockd.helper.vt import (
+    QUIET_LOGLEVEL,
+    Terminal,
+    kernel_messages_off,
+    restore_console_loglevel,
+)
 
 
 def pty_terminal() -> tuple[Terminal, int]:
@@ -65,6 +73,26 @@ def test_kernel_messages_are_kept_off_while_the_prompt_waits(tmp_path: Path) -> 
     # No /proc to write: the prompt goes on without the quiet.
     with kernel_messages_off(str(tmp_path / "absent")):
         pass
+
+
+def test_a_prompt_that_died_quiet_gets_its_loglevel_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The helper killed at the prompt: the level stays lowered; the recovery's own prompt,
+    # or its end, must put back the one the dead prompt found, not the lowered one.
+    printk, kept = tmp_path / "printk", tmp_path / "console_loglevel"
+    monkeypatch.setattr(protocol, "LOGLEVEL_STATE_IN_RAMFS", str(kept))
+    printk.write_text("7\t4\t1\t7\n")
+    quiet = kernel_messages_off(str(printk))
+    quiet.__enter__()  # and never left: the process died
+    assert printk.read_text() == QUIET_LOGLEVEL and kept.read_text() == "7"
+    with kernel_messages_off(str(printk)):
+        assert printk.read_text() == QUIET_LOGLEVEL
+    assert printk.read_text() == "7" and not kept.exists()
+    quiet = kernel_messages_off(str(printk))
+    quiet.__enter__()
+    restore_console_loglevel(str(printk))
+    assert printk.read_text() == "7" and not kept.exists()
 
 
 def test_a_key_pressed_once_the_prompt_is_announced_is_never_flushed() -> None:
