@@ -31,6 +31,8 @@ from cryptlockd.helper.secret import SecretBuffer
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from cryptlockd.helper.cycle import DevicePlan, Ops
     from cryptlockd.helper.record import CycleRecord
 
@@ -175,18 +177,21 @@ class Resumer:
     def asking(self) -> list[DevicePlan]:
         return [d for d in self.ready() if d.keyfile is None or d.name in self.keyfile_failed]
 
+    def batches(self) -> Iterator[list[DevicePlan]]:
+        """For one line typed: the devices that ask now, then those that the ones before
+        made ready, each device once, each header re-read just before (refresh)."""
+        tried: set[str] = set()
+        while fresh := [d for d in self.asking() if d.name not in tried]:
+            for dev in fresh:
+                tried.add(dev.name)
+                self.refresh(dev)
+            yield fresh
+
     def try_passphrase(self, secret: SecretBuffer) -> bool:
         """The passphrase on every ready device that asks, and again on those its
         successes make ready. True when it opened at least one."""
         took = False
-        tried: set[str] = set()
-        while True:
-            fresh = [d for d in self.asking() if d.name not in tried]
-            if not fresh:
-                return took
-            for dev in fresh:
-                tried.add(dev.name)
-                self.refresh(dev)
+        for fresh in self.batches():
             # At once, so devices that share the passphrase cost one KDF, not the sum (kdf.py).
             outcomes = attempt_all(
                 [d.name for d in fresh], lambda name: self.ops.resume_passphrase(name, secret)
@@ -200,6 +205,7 @@ class Resumer:
                     self._resumed(dev, out.at)
             reraise(outcomes)
             self.resume_keyfiles()
+        return took
 
     # -- a round --------------------------------------------------------------------------
 

@@ -223,14 +223,8 @@ def try_pin(resumer: Resumer, secret: SecretBuffer) -> bool:
     successes make ready; stops at the first refusal (each one is a TPM strike). True when
     it opened at least one device."""
     took = False
-    tried: set[str] = set()
-    while True:
-        fresh = [d for d in resumer.asking() if d.name not in tried]
-        if not fresh:
-            return took
+    for fresh in resumer.batches():
         for dev in fresh:
-            tried.add(dev.name)
-            resumer.refresh(dev)
             try:
                 opened = resumer.ops.resume_pin(dev.name, secret)
             except Exception as e:
@@ -246,3 +240,4 @@ def try_pin(resumer: Resumer, secret: SecretBuffer) -> bool:
             resumer.record.step(f"token:{dev.name}")
             resumer._resumed(dev)
         resumer.resume_keyfiles()
+    return took
