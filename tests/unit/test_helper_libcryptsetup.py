@@ -8,8 +8,10 @@ time is tried first."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,24 +69,41 @@ def _format(library: lcs.Library, path: Path) -> ctypes.c_void_p:
     return cd
 
 
+IMAGE = "luks2.img"
+
+
+@contextlib.contextmanager
+def luks2_image(tmp_path: Path, needs: str = "") -> Iterator[tuple[lcs.Library, ctypes.c_void_p]]:
+    """A LUKS2 image file (tmp_path / IMAGE) formatted by the real libcryptsetup, and its
+    context; the test is skipped where the library lacks `needs`."""
+    library = _library()
+    if needs and not library.has(needs):
+        pytest.skip(f"this libcryptsetup has no {needs}")
+    with (tmp_path / IMAGE).open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    cd = _format(library, tmp_path / IMAGE)
+    try:
+        yield library, cd
+    finally:
+        library.lib.crypt_free(cd)
+
+
+def header_device(library: lcs.Library, cd: ctypes.c_void_p) -> lcs.Device:
+    """A Device on a context loaded from a header, without an active mapping (the host has
+    no device-mapper)."""
+    device = lcs.Device.__new__(lcs.Device)
+    device.library, device.name, device.cd = library, "unit", cd
+    device.slots = device.active_keyslots()
+    return device
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="libcryptsetup locks under /run/cryptsetup")
 def test_keyslot_argon2_memory_is_read_at_the_right_offset(tmp_path: Path) -> None:
-    library = _library()
-    if not library.has("crypt_keyslot_get_pbkdf"):
-        pytest.skip("this libcryptsetup predates crypt_keyslot_get_pbkdf (2.0)")
-    image = tmp_path / "luks2.img"
-    with image.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    cd = _format(library, image)
-    try:
-        device = lcs.Device.__new__(lcs.Device)
-        device.library, device.name, device.cd = library, "unit", cd
-        device.slots = device.active_keyslots()
+    with luks2_image(tmp_path, "crypt_keyslot_get_pbkdf") as (library, cd):
+        device = header_device(library, cd)
         assert device.slots == [3]
         # Were a field of the struct missing, this would read the iteration count (4).
         assert device.pbkdf_memory_kib() == MEMORY_KIB
-    finally:
-        library.lib.crypt_free(cd)
 
 
 class FakeLib:
@@ -183,18 +202,9 @@ def test_a_device_whose_keyslots_the_kernel_cannot_decrypt_derives_under_the_dm_
 def test_the_key_is_derived_from_the_keyslot_that_takes_the_passphrase(tmp_path: Path) -> None:
     # The real crypt_volume_key_get through the binding's argtypes: slot 1 holds another
     # passphrase, slot 3 this one.
-    library = _library()
-    if not library.has("crypt_resume_by_volume_key"):
-        pytest.skip("this libcryptsetup has no crypt_resume_by_volume_key")
-    image = tmp_path / "luks2.img"
-    with image.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    cd = _format(library, image)
-    try:
+    with luks2_image(tmp_path, "crypt_resume_by_volume_key") as (library, cd):
         assert library.lib.crypt_keyslot_add_by_volume_key(cd, 1, None, 0, b"other", 5) == 1
-        device = lcs.Device.__new__(lcs.Device)
-        device.library, device.name, device.cd = library, "unit", cd
-        device.slots = device.active_keyslots()
+        device = header_device(library, cd)
         assert device.slots == [1, 3]
         # The probe reads each keyslot's cipher; whether AF_ALG takes it is this kernel's.
         spec = library.lib.crypt_keyslot_get_encryption(cd, 3, ctypes.byref(ctypes.c_size_t()))
@@ -208,8 +218,6 @@ def test_the_key_is_derived_from_the_keyslot_that_takes_the_passphrase(tmp_path:
         assert any(key.raw)
         wrong = ctypes.create_string_buffer(b"nope", 4)
         assert device._derive(key, ctypes.addressof(wrong), 4, [1, 3], budget) == -1
-    finally:
-        library.lib.crypt_free(cd)
 
 
 def test_a_mapping_that_cannot_be_opened_with_its_header_is_unsupported(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from cryptlockd.helper.cycle import DevicePlan, run_cycle
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.record import CycleRecord
 from tests.unit.test_helper_cycle import GOOD, FakeOps
-from tests.unit.test_helper_libcryptsetup import _format, _library
+from tests.unit.test_helper_libcryptsetup import header_device, luks2_image
 
 PIN = b"2468"
 
@@ -142,29 +142,19 @@ def test_the_pin_buffer_is_wiped_after_each_try() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="libcryptsetup locks under /run/cryptsetup")
 def test_tokens_are_read_from_a_real_luks2_header(tmp_path: Path) -> None:
-    library = _library()
-    if not library.has("crypt_resume_by_token_pin"):
-        pytest.skip("this libcryptsetup predates the token PIN API (2.5)")
-    image = tmp_path / "luks2.img"
-    with image.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    cd = _format(library, image)
-    lib = library.lib
-    lib.crypt_token_json_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
-    try:
+    with luks2_image(tmp_path, "crypt_resume_by_token_pin") as (library, cd):
+        lib = library.lib
+        lib.crypt_token_json_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
         for token_id, pin in ((1, False), (4, True)):
             rc = lib.crypt_token_json_set(cd, token_id, tpm2_token(pin).encode())
             assert rc == token_id, library.messages
-        device = Device.__new__(Device)
-        device.library, device.name, device.cd = library, "unit", cd
+        device = header_device(library, cd)
         tokens = token.read_tokens(device)
         assert sorted(tokens) == [1, 4]
         assert token.pin_token_ids(tokens) == [4]
         assert token.has_pin_token(device)
         assert token.prompt_word({"unit": device}, ["unit"]) == "TPM2 PIN or passphrase"
         assert token.prompt_word({"unit": device}, ["other"]) == "Passphrase"
-    finally:
-        lib.crypt_free(cd)
 
 
 def test_resume_by_pin_tries_each_pin_token_by_id_never_any_token(

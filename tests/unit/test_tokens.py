@@ -13,7 +13,7 @@ import pytest
 
 from cryptlockd.daemon import tokens
 from cryptlockd.daemon.devices import LuksDevice
-from tests.unit.test_helper_libcryptsetup import _format, _library
+from tests.unit.test_helper_libcryptsetup import IMAGE, luks2_image
 from tests.unit.test_helper_token import tpm2_token
 
 
@@ -57,14 +57,10 @@ def test_header_path(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="libcryptsetup locks under /run/cryptsetup")
 def test_tokens_are_read_from_a_real_header_and_again_when_it_changes(tmp_path: Path) -> None:
-    library = _library()
-    image = tmp_path / "luks2.img"
-    with image.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    cd = _format(library, image)
-    lib = library.lib
-    lib.crypt_token_json_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
-    try:
+    image = tmp_path / IMAGE
+    with luks2_image(tmp_path) as (library, cd):
+        lib = library.lib
+        lib.crypt_token_json_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
         assert tokens.read_tokens(str(image)) == {}
         assert lib.crypt_token_json_set(cd, 0, tpm2_token(False).encode()) == 0
         found = tokens.read_tokens(str(image))
@@ -72,8 +68,6 @@ def test_tokens_are_read_from_a_real_header_and_again_when_it_changes(tmp_path: 
         assert json.loads(found[0])["type"] == "systemd-tpm2"
         assert lib.crypt_token_json_set(cd, 3, tpm2_token(True).encode()) == 3
         assert sorted(tokens.read_tokens(str(image))) == [0, 3]
-    finally:
-        lib.crypt_free(cd)
     plain = tmp_path / "plain.img"
     plain.write_bytes(b"\0" * 8192)
     assert tokens.read_tokens(str(plain)) == {}
