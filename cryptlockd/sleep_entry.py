@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "no cryptlockd helper is armed (is cryptlockd running, and protecting any LUKS device?)"
         )
     try:
-        chan.send({"op": protocol.OP_BEGIN})
+        chan.send({"op": protocol.OP_BEGIN, "lock": False})
     except OSError as e:
         return stock_sleep(f"the helper went away: {e}")
     reply = _receive(chan, BEGIN_TIMEOUT)

@@ -42,7 +42,7 @@ class HelperEntry:
                 self._reader, self._writer = await asyncio.open_unix_connection(
                     self.socket_path, limit=protocol.MAX_LINE
                 )
-                reply = await self._exchange({"op": protocol.OP_BEGIN})
+                reply = await self._exchange({"op": protocol.OP_BEGIN, "lock": True})
         except (OSError, TimeoutError, protocol.ProtocolError) as e:
             self.close()
             raise LockFailed(f"the helper did not begin the cycle: {e or 'timed out'}") from e

@@ -90,6 +90,10 @@ if TYPE_CHECKING:
 
     class BeginMessage(TypedDict):
         op: Literal["begin"]
+        # True from the daemon's lock entry (daemon/lock_entry.py), which alone may begin a
+        # cycle armed without the sleep write; a sleep entry may begin only one with it.
+        # Absent: False.
+        lock: bool
 
     class ReadyMessage(TypedDict):
         op: Literal["ready"]

@@ -36,6 +36,17 @@ def _refuse(conn: protocol.Channel, reason: str) -> None:
     conn.close()
 
 
+def begin_mismatch(sleeps: bool, lock: bool) -> str:
+    """Why this `begin` may not start the cycle armed, or "". A sleep entry that comes
+    while the helper is armed for a lock (logind's sleep raced the daemon's Lock()) must
+    not start the lock's cycle, nor the daemon's lock entry a sleep's."""
+    if lock and sleeps:
+        return "armed for a sleep, not a lock"
+    if not lock and not sleeps:
+        return "armed for a lock, not a sleep"
+    return ""
+
+
 def serve(helper: Helper, listener: socket.socket) -> int:
     daemon: protocol.Channel | None = None
     armed_at: float | None = None
@@ -102,6 +113,10 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 continue
             if helper.reserve_error:
                 _refuse(conn, helper.reserve_error)
+                continue
+            mismatch = begin_mismatch(helper.sleeps, bool(msg.get("lock", False)))
+            if mismatch:
+                _refuse(conn, mismatch)
                 continue
             return drive_cycle(helper, conn)
         else:

@@ -26,9 +26,11 @@ class FakeHelper:
         self.record = CycleRecord(["root"])
         self.watchdog = 1  # as if forked: the tests fork no watchdog
         self.reserve_error = ""
+        self.sleeps = True
 
     def arm(self, msg: protocol.ArmMessage) -> protocol.ArmedMessage:
         self.calls.append("arm")
+        self.sleeps = bool(msg.get("sleeps", True))
         return {"op": protocol.OP_ARMED, "vt": 7, "reserve_kib": 64, "pid": 1}
 
     def take_reserve(self) -> None:
@@ -128,6 +130,32 @@ def test_begin_before_arm_is_refused_and_disarm_stands_down(
 
     rc, helper = run_serve(client)
     assert rc == 0 and helper.calls == []
+
+
+def test_a_lock_is_begun_only_by_the_daemons_lock_entry_and_a_sleep_only_by_a_sleep_entry(
+    run_serve: Callable[[Client], tuple[int, FakeHelper]],
+) -> None:
+    # logind's sleep racing the daemon's Lock(): the sleep entry must not start the lock's
+    # cycle (nor the lock entry a sleep's); each is refused and the helper stays armed.
+    lock_arm = ARM.replace(b'"sleeps":true', b'"sleeps":false')
+    assert lock_arm != ARM
+
+    def client(path: str) -> None:
+        daemon = protocol.connect(path, timeout=5.0)
+        assert daemon is not None
+        daemon.sock.sendall(lock_arm)
+        assert daemon.receive(5.0) == {"op": "armed", "vt": 7, "reserve_kib": 64, "pid": 1}
+        assert talk(path, b'{"op":"begin"}\n') == [
+            {"op": "error", "reason": "armed for a lock, not a sleep"}
+        ]
+        daemon.close()
+        talk(path, b'{"op":"disarm"}\n')
+
+    rc, helper = run_serve(client)
+    assert rc == 0 and helper.calls == ["arm", "reserve"] and not helper.sleeps
+    assert server.begin_mismatch(sleeps=True, lock=True) == "armed for a sleep, not a lock"
+    assert server.begin_mismatch(sleeps=True, lock=False) == ""
+    assert server.begin_mismatch(sleeps=False, lock=True) == ""
 
 
 def test_a_whole_cycle_in_order_with_the_record_on_the_daemons_connection(
