@@ -90,6 +90,7 @@ class Manager:
         self.last_cycle: CycleRecord = {}
         # PrepareForSleep and the ends of a sleep; back_to_idle() is here.
         self.cycle = SleepCycle(self, sleep_deadline)
+        self.tokens = tokens.TokenWatch(self.refresh)
         # The sleep entry's trace of a stock sleep (under --root, like the unit files).
         self.stock_trace = root / protocol.STOCK_SLEEP_TRACE.lstrip("/")
         # systemd-suspend.service's effective ExecStart= (None: systemd not asked).
@@ -166,7 +167,7 @@ class Manager:
             checks.check_config(self.config_error),
             *checks.check_ready(self.not_ready),
             *key_risks.check_key_risks(key_risks.crypto_facts(self.paths.crypttab)),
-            *tokens.check_tokens_of(self.devices),
+            *self.tokens.check(self.devices),
             *checks.check_last_cycle(self.last_cycle),
         ]
 

@@ -5,20 +5,24 @@ across S3, so the helper leaves it out and asks for the passphrase. Informationa
 blocking: the keys are wiped either way.
 
 The header is read from the disk (or crypttab's header=) by hand: 4 KiB of binary header,
-then its JSON area. Only when the header's sequence id changed is the JSON read again."""
+then its JSON area. Only when the header's sequence id changed is the JSON read again.
+Never on the event loop (TokenWatch): a read from a disk that died while asleep, or that
+is going away, can wait in D state for good, and the daemon must go on answering."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.helper import token
 
-__all__ = ["check_tokens", "check_tokens_of", "parse_tokens", "read_tokens"]
+__all__ = ["TokenWatch", "check_tokens", "parse_tokens", "read_tokens"]
 
 LUKS2_MAGIC = b"LUKS\xba\xbe"
 BINARY_HEADER = 4096
@@ -130,8 +134,41 @@ def header_path(device: LuksDevice, by_uuid: str = "/dev/disk/by-uuid") -> str:
     return link if device.uuid and os.path.exists(link) else device.backing_device
 
 
-def check_tokens_of(devices: Sequence[LuksDevice]) -> list[CheckResult]:
-    """check_tokens on the system: each LUKS2 device's header, on its disk or detached."""
-    return check_tokens(
-        {d.name: read_tokens(header_path(d)) for d in devices if d.luks_type == "LUKS2"}
-    )
+class TokenWatch:
+    """The tokens Check() shows: each header is read in a thread of its own, and Check()
+    uses what the last read found. A read that never returns costs that device's token
+    lines (and a thread), never the daemon: it is not started again while it hangs."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self._changed = changed  # called on the loop when a read found something new
+        self.found: dict[str, dict[int, str]] = {}
+        self._reading: set[str] = set()
+
+    def check(self, devices: Sequence[LuksDevice]) -> list[CheckResult]:
+        """check_tokens on what was read, and a fresh read of each LUKS2 device's header."""
+        luks2 = {d.name: header_path(d) for d in devices if d.luks_type == "LUKS2"}
+        self.found = {n: t for n, t in self.found.items() if n in luks2}
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # no loop (a one-shot caller): read here
+        for name, path in luks2.items():
+            if loop is None:
+                self.found[name] = read_tokens(path)
+            elif name not in self._reading:
+                self._reading.add(name)
+                threading.Thread(
+                    target=self._read, args=(loop, name, path), daemon=True, name=f"tokens {name}"
+                ).start()
+        return check_tokens(self.found)
+
+    def _read(self, loop: asyncio.AbstractEventLoop, name: str, path: str) -> None:
+        tokens = read_tokens(path)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._done, name, tokens)
+
+    def _done(self, name: str, tokens: dict[int, str]) -> None:
+        self._reading.discard(name)
+        if self.found.get(name) != tokens:
+            self.found[name] = tokens
+            self._changed()

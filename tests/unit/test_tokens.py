@@ -15,6 +15,7 @@ from cryptlockd.daemon import tokens
 from cryptlockd.daemon.devices import LuksDevice
 from tests.unit.test_helper_libcryptsetup import IMAGE, luks2_image
 from tests.unit.test_helper_token import tpm2_token
+from tests.wait import wait_until_async
 
 
 def test_a_tpm2_token_without_a_pin_is_named_and_not_blocking() -> None:
@@ -72,3 +73,23 @@ def test_tokens_are_read_from_a_real_header_and_again_when_it_changes(tmp_path: 
     plain.write_bytes(b"\0" * 8192)
     assert tokens.read_tokens(str(plain)) == {}
     assert tokens.read_tokens(str(tmp_path / "absent")) == {}
+
+
+@pytest.mark.asyncio
+async def test_a_header_read_that_hangs_never_blocks_check(tmp_path: Path) -> None:
+    # A FIFO with no writer: open() waits, as a read from a disk that died while asleep
+    # waits in D state. Check() must answer meanwhile, and pick the tokens up once it ends.
+    fifo = tmp_path / "header"
+    os.mkfifo(fifo)
+    changed: list[bool] = []
+    watch = tokens.TokenWatch(lambda: changed.append(True))
+    dev = LuksDevice("stick", "", "LUKS2", "/dev/x", False, False, "passphrase", header=str(fifo))
+    assert watch.check([dev]) == []  # returned although the read waits
+    assert watch.check([dev]) == [] and watch._reading == {"stick"}  # not read twice
+    assert not changed
+    fd = os.open(fifo, os.O_WRONLY)  # the read goes on: no LUKS header there
+    os.close(fd)
+    await wait_until_async(lambda: changed, message="the read's end reported")
+    assert watch.found == {"stick": {}} and watch._reading == set()
+    # A device gone is forgotten; without a loop (a one-shot caller) the read is inline.
+    assert watch.check([]) == [] and watch.found == {}
