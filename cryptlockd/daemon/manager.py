@@ -167,7 +167,7 @@ class Manager:
             checks.check_config(self.config_error),
             *checks.check_ready(self.not_ready),
             *key_risks.check_key_risks(key_risks.crypto_facts(self.paths.crypttab)),
-            *self.tokens.check(self.devices),
+            *self.tokens.check(self.devices, read=not sleeping),
             *checks.check_last_cycle(self.last_cycle),
         ]
 

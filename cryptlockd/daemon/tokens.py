@@ -144,15 +144,16 @@ class TokenWatch:
         self.found: dict[str, dict[int, str]] = {}
         self._reading: set[str] = set()
 
-    def check(self, devices: Sequence[LuksDevice]) -> list[CheckResult]:
-        """check_tokens on what was read, and a fresh read of each LUKS2 device's header."""
+    def check(self, devices: Sequence[LuksDevice], read: bool = True) -> list[CheckResult]:
+        """check_tokens on what was read, and a fresh read of each LUKS2 device's header
+        unless `read` is false (a sleep in progress: no disk I/O of ours on its path)."""
         luks2 = {d.name: header_path(d) for d in devices if d.luks_type == "LUKS2"}
         self.found = {n: t for n, t in self.found.items() if n in luks2}
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None  # no loop (a one-shot caller): read here
-        for name, path in luks2.items():
+        for name, path in luks2.items() if read else ():
             if loop is None:
                 self.found[name] = read_tokens(path)
             elif name not in self._reading:

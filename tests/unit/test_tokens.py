@@ -91,5 +91,7 @@ async def test_a_header_read_that_hangs_never_blocks_check(tmp_path: Path) -> No
     os.close(fd)
     await wait_until_async(lambda: changed, message="the read's end reported")
     assert watch.found == {"stick": {}} and watch._reading == set()
-    # A device gone is forgotten; without a loop (a one-shot caller) the read is inline.
+    # While a sleep is in progress nothing is read: what was found stands.
+    assert watch.check([dev], read=False) == [] and watch._reading == set()
+    # A device gone is forgotten.
     assert watch.check([]) == [] and watch.found == {}
