@@ -2,8 +2,9 @@
 
 It runs between logind closing the delay lock and the sleep, so its start is on the critical
 path: the drop-in starts it with `python3 -I -S -B` (no site import, no .pth files), and it
-imports only the standard library, `searchpath` and the helper's `protocol` and `journal`
-(tests/unit/test_sleep_entry_closure.py keeps it so).
+imports only C parts of the standard library (not even `json` or `socket`: under TCG their
+imports cost a third of a second), `searchpath` and the helper's `protocol`, `jsonline` and
+`journal` (tests/unit/test_sleep_entry_closure.py keeps it so).
 
 The helper sleeps only when told `sleep`. Before that message is sent, falling back to the
 stock systemd-sleep is safe; after it, never (the machine must not sleep twice for one
@@ -13,11 +14,10 @@ helper, runs them: `pre` before the helper freezes anything, `post` after it has
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from cryptlockd.helper import journal, protocol
+from cryptlockd.helper import journal, jsonline, protocol
 from cryptlockd.helper.journal import CRIT, ERR, INFO, WARNING
 from cryptlockd.helper.protocol import boottime
 from cryptlockd.searchpath import merged_dir
@@ -85,7 +85,7 @@ def leave_trace(why: str, path: str = protocol.STOCK_SLEEP_TRACE) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(trace, f)
+            f.write(jsonline.dumps(trace))
         os.replace(tmp, path)
     except OSError as e:
         # The sleep goes ahead all the same; only the report is lost.

@@ -19,10 +19,11 @@ Conversations:
 
 from __future__ import annotations
 
-import json
+import _socket
 import select
-import socket
 import time
+
+from cryptlockd.helper import jsonline
 
 TYPE_CHECKING = False  # typing stays out of the helper's closure; see cycle.py
 if TYPE_CHECKING:
@@ -264,12 +265,15 @@ class ProtocolError(Exception):
 def encode(msg: Message) -> bytes:
     if not isinstance(msg.get("op"), str):
         raise ProtocolError("a message needs a string 'op'")
-    return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    try:
+        return jsonline.dumps(msg).encode() + b"\n"
+    except TypeError as e:
+        raise ProtocolError(f"cannot encode {msg['op'][:40]!r}: {e}") from e
 
 
 def decode(line: bytes) -> Message:
     try:
-        msg = json.loads(line)
+        msg = jsonline.loads(line.decode())
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"not a JSON line: {e}") from e
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -349,7 +353,9 @@ def arm_message(
 class Channel:
     """One connection, message by message. The daemon's side is asyncio (LineBuffer)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    # _socket's type: the sleep entry connects without the socket module (connect below),
+    # the helper accepts with it (socket.socket is a subclass).
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self._buffer = LineBuffer()
         self._pending: list[Message] = []
@@ -382,7 +388,8 @@ class Channel:
 
 def connect(path: str = SOCKET_PATH, timeout: float = 2.0) -> Channel | None:
     """A channel to the helper's socket; None when nothing listens there."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # _socket, not socket: the sleep entry's start does without the module's enums.
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(path)

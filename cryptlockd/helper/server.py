@@ -20,6 +20,7 @@ from cryptlockd.helper.recover import start_watchdog
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
+    import _socket
     import socket
 
     from cryptlockd.helper.protocol import Message
@@ -51,7 +52,7 @@ def serve(helper: Helper, listener: socket.socket) -> int:
     daemon: protocol.Channel | None = None
     armed_at: float | None = None
     while True:
-        watch: list[socket.socket] = [listener] + ([daemon.sock] if daemon else [])
+        watch: list[_socket.socket] = [listener] + ([daemon.sock] if daemon else [])
         timeout = (
             None if armed_at is None else max(0.0, armed_at + ARMED_IDLE_TIMEOUT - time.monotonic())
         )
