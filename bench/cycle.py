@@ -24,8 +24,16 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import debian, idle, runs, timeline
-from bench.figures import DATA, ROOT, CycleResult, argon2_table, record_intervals, side_by_side
+from bench import debian, idle, keyslots, runs, timeline
+from bench.figures import (
+    DATA,
+    ROOT,
+    CycleResult,
+    argon2_table,
+    forgotten_over_remembered,
+    record_intervals,
+    side_by_side,
+)
 from tests.vm import image as image_mod
 from tests.vm import layout, machine
 from tests.vm.guest import DiskSet, Guest, artifacts_dir
@@ -127,7 +135,7 @@ async def run_cryptlockd(
         # For the time between `thawed` and direct I/O answering: who ran after the thaw.
         journal = await g.run("journalctl -b -o short-monotonic --no-pager -n 400", check=False)
         (workdir / "cryptlockd-journal.txt").write_text(journal.stdout)
-        await argon2_cases(g, max(3, n - 2), results)
+        await argon2_cases(g, max(3, n - 2), results, facts)
     except Exception as exc:
         notes.append(f"cryptlockd: the run stopped: {exc!r}")
         traceback.print_exc()
@@ -137,16 +145,24 @@ async def run_cryptlockd(
     return idle_cost
 
 
-async def argon2_cases(g: Guest, n: int, out: list[CycleResult]) -> None:
-    """The Argon2id cases, in the cryptlockd boot after its quiet and busy cycles: n cycles
-    with the keyslot forgotten (the daemon, which remembers it, restarted before each), then
-    n with data on the passphrase too (crypttab `none`), so that one Enter opens both."""
+async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str, str]) -> None:
+    """The Argon2id cases, in the cryptlockd boot after its quiet and busy cycles, with a
+    decoy argon2id keyslot in front of the passphrase's (bench/keyslots.py): n cycles with
+    the keyslot forgotten (the daemon, which remembers it, restarted before each: two KDFs),
+    n with it remembered (no restart: one KDF), then n with data on the passphrase too
+    (crypttab `none`), so that one Enter opens both."""
+    kdfs = await keyslots.rearrange(g)
+    facts["keyslots"] = keyslots.describe(kdfs)
+    print(f"  root's keyslots: {facts['keyslots']}", flush=True)
+    one = await keyslots.one_kdf_seconds(g)
+    facts["one_kdf"] = ", ".join(f"{v:.2f}" for v in one)
+    print(f"  one KDF (cryptsetup --test-passphrase, awake guest): {facts['one_kdf']} s")
     for i in range(n):
         await g.run("systemctl restart cryptlockd.service")
-        result = await runs.cryptlockd_cycle(g, "forgotten", i)
-        result.index = i
-        out.append(result)
-        print(f"  cryptlockd forgotten {i + 1}: {argon2_line(result)}", flush=True)
+        await argon2_cycle(g, "forgotten", i, out)
+    # The last forgotten cycle's keyslot is remembered from here on.
+    for i in range(n):
+        await argon2_cycle(g, "remembered", i, out)
     await g.run(
         "sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab && "
         "busctl call org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager Reload"
@@ -158,19 +174,28 @@ async def argon2_cases(g: Guest, n: int, out: list[CycleResult]) -> None:
         ok=lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get(DATA) == "passphrase",
     )
     for i in range(n):
-        result = await runs.cryptlockd_cycle(g, "shared", i)
-        result.index = i
-        out.append(result)
-        print(f"  cryptlockd shared {i + 1}: {argon2_line(result)}", flush=True)
+        await argon2_cycle(g, "shared", i, out)
+
+
+async def argon2_cycle(g: Guest, mode: str, i: int, out: list[CycleResult]) -> None:
+    result = await runs.cryptlockd_cycle(g, mode, i)
+    result.index = i
+    out.append(result)
+    print(f"  cryptlockd {mode} {i + 1}: {argon2_line(result)}", flush=True)
 
 
 def argon2_line(result: CycleResult) -> str:
+    """Enter -> each device resumed, and the keyslot that opened each (cycle record)."""
     t = result.record.get("timeline_ms", {})
-    return ", ".join(
+    times = [
         f"Enter -> {step} {(t[step] - t['passphrase_entered']) / 1000:.2f}"
         for step in (f"resumed:{ROOT}", f"resumed:{DATA}")
         if step in t and "passphrase_entered" in t
-    )
+    ]
+    slots = result.record.get("keyslots", {})
+    used = ", ".join(f"{name} keyslot {slot}" for name, slot in sorted(slots.items()))
+    wrong = result.record.get("wrong_passphrases", 0)
+    return ", ".join(times) + f" ({used or 'no keyslot recorded'}; wrong passphrases {wrong})"
 
 
 async def run_debian(
@@ -240,6 +265,14 @@ def report(
         print(record_intervals(results, mode))
     print("\n### cryptlockd, Argon2id keyslots (Enter -> resumed, from the cycle record)\n")
     print(argon2_table(results))
+    if "keyslots" in facts:
+        ratio = forgotten_over_remembered(results)
+        print(
+            f"\nRoot's keyslots in these cases: {facts['keyslots']}. Forgotten over remembered "
+            f"(medians): {'-' if ratio is None else f'{ratio:.2f}'}. One KDF of slot "
+            f"{keyslots.PASSPHRASE_SLOT} by `cryptsetup open --test-passphrase` in the awake "
+            f"guest: {facts['one_kdf']} s."
+        )
     deb = [r for r in results if r.system == "debian"]
     if deb:
         retyped = sum(1 for r in deb if r.host.get("attempts", 1) > 1)
