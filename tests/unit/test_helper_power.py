@@ -110,3 +110,17 @@ def test_the_kdf_reserve_is_not_in_the_child() -> None:
         assert power.run_with_deadline([("maps", mapped)], 10) == []
     finally:
         reserve.release()
+
+
+def test_the_kdf_reserve_is_resident_once_taken() -> None:
+    # Faulted in when taken, while the system is healthy: not at the KDF after the wake.
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    before = rss_kib()
+    reserve = Reserve(32 * 1024)
+    try:
+        assert rss_kib() - before >= 31 * 1024
+    finally:
+        reserve.release()
