@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -114,23 +114,28 @@ class Manager:
         self._started = False
         self._retaking_inhibitor = False
         self._changing = 0
+        self._check_after = False
         self._status_sent = ""
 
     # --- changes ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
+    def changing(self, evaluate: bool = True) -> Iterator[None]:
         """Around every change of state: afterwards (even when the change raised), the
-        checks run again and the properties that changed are announced, once. Nested uses
-        announce with the outermost."""
+        checks run again (unless no level asked for them) and the properties that changed
+        are announced, once. Nested uses announce with the outermost."""
         before = self.listener.snapshot() if self._changing == 0 else {}
         self._changing += 1
+        self._check_after = self._check_after or evaluate
         try:
             yield
         finally:
             self._changing -= 1
             if self._changing == 0:
-                self._evaluate()
+                if self._check_after:
+                    self._evaluate()
+                self._check_after = False
+                self._send_status()
                 after = self.listener.snapshot()
                 changed = [n for n in after if after[n] != before.get(n)]
                 if changed and self._started:
@@ -141,8 +146,11 @@ class Manager:
         with self.changing():
             pass
 
-    def set_state(self, state: State) -> None:
-        with self.changing():
+    def set_state(self, state: State, *, evaluate: bool = True) -> None:
+        """evaluate=False, for the sleep's own steps: nothing the checks read changes
+        while a sleep is being armed, and under a slow CPU the checks cost logind tenths
+        of a second on the way to the sleep (issue 12); the cycle's end evaluates."""
+        with self.changing(evaluate):
             self.state = state
 
     # --- evaluation ------------------------------------------------------------------
@@ -187,6 +195,8 @@ class Manager:
                 extra=event(MessageId.PROTECTION_CHANGED, PROTECTED=int(protected)),
             )
         self.protected, self.problems = protected, problems
+
+    def _send_status(self) -> None:
         status = self.status_line()
         if self._started and status != self._status_sent:
             self._status_sent = status
@@ -258,21 +268,6 @@ class Manager:
         return next((d for d in self.devices if d.name == name), None)
 
     # --- the sleep cycle -------------------------------------------------------------
-
-    async def suspend(
-        self, sender: str | None, caller_rights: Callable[[], Awaitable[int]]
-    ) -> None:
-        """Suspend(), once polkit has said yes to org.cryptlockd1.suspend. `caller_rights`
-        checks the caller against logind's rules and returns SuspendWithFlags()' flags."""
-        self.may_sleep(sender)
-        flags = await caller_rights()
-        self.may_sleep(sender)  # again: a polkit dialog may have taken a while
-        log.info(
-            "suspend requested by %s",
-            sender,
-            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=sender or ""),
-        )
-        await self.logind.suspend(flags)
 
     def may_sleep(self, sender: str | None) -> None:
         if self.sleep is not None:

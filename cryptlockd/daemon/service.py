@@ -131,7 +131,7 @@ class Service:
                 self.bus, msg.sender, DBUS_CALL_TIMEOUT, self.polkit_timeout
             )
 
-        await self.manager.suspend(msg.sender, caller_rights)
+        await self.manager.cycle.suspend(msg.sender, caller_rights)
         return []
 
     async def m_lock(self, msg: Message, args: list[Any]) -> list[Any]:

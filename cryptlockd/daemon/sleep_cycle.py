@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from cryptlockd.daemon import sleep_report
@@ -54,6 +55,21 @@ class SleepCycle:
         """Called by Manager.back_to_idle() only."""
         self._cancel_deadline()
         self.sleep = None
+
+    async def suspend(
+        self, sender: str | None, caller_rights: Callable[[], Awaitable[int]]
+    ) -> None:
+        """Suspend(), once polkit has said yes to org.cryptlockd1.suspend. `caller_rights`
+        checks the caller against logind's rules and returns SuspendWithFlags()' flags."""
+        self.m.may_sleep(sender)
+        flags = await caller_rights()
+        self.m.may_sleep(sender)  # again: a polkit dialog may have taken a while
+        log.info(
+            "suspend requested by %s",
+            sender,
+            extra=event(MessageId.SUSPEND_REQUESTED, SENDER=sender or ""),
+        )
+        await self.m.logind.suspend(flags)
 
     async def prepare_for_sleep(self, start: bool) -> None:
         log.info(
@@ -115,7 +131,7 @@ class SleepCycle:
             # Arm anyway: the armer may still manage (or records, under test); whatever
             # fails is logged there, and the sleep entry falls back to a plain sleep.
             log.warning("arming although checks fail: %s", "; ".join(m.problems))
-        m.set_state(State.ARMING)
+        m.set_state(State.ARMING, evaluate=False)
         # Service watchdogs off before logind may go on, so PID 1 cannot kill a frozen
         # service during a long prompt; back_to_idle() restores them either way. Switched
         # while the helper arms (logind waits for both; issue 12) and awaited on every path
@@ -144,11 +160,11 @@ class SleepCycle:
                 m.set_state(State.IDLE)
             return
         await switch
-        # logind first: set_state runs the self-checks and announces the change, which
-        # under a slow CPU cost tenths of a second that logind would wait (issue 12). No
+        # logind first, then the announcement (without the self-checks: set_state), which
+        # now takes CPU from the way to the sleep, not from logind's wait (issue 12). No
         # await in between, so nothing (a record) can come before ARMED is set.
         m.logind.release_inhibitor("armed")
-        m.set_state(State.ARMED)
+        m.set_state(State.ARMED, evaluate=False)
         seconds = time.monotonic() - t0
         log.info(
             "armed in %.3f s", seconds, extra=event(MessageId.ARMED, ARM_SECONDS=f"{seconds:.3f}")

@@ -14,7 +14,7 @@ VALUES: list[Any] = [
     {},
     [],
     {"op": "sleep", "times": {"sleep_entry": 12.345678, "hooks_pre_start": 1e-07}},
-    {"op": "record", "record": {"a": [1, -2, 3.5, True, False, None, "", "é\n\"\\\x00☃"]}},
+    {"op": "record", "record": {"a": [1, -2, 3.5, True, False, None, "", 'é\n"\\\x00☃']}},
     {"nested": [[{"x": [[]]}]], "big": 10**30, "neg": -0.0, "e": 1e100, "t": (1, 2)},
     "just a string",
     42,

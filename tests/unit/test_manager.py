@@ -197,6 +197,30 @@ def test_changing_announces_even_when_the_change_raises(tmp_path: Path) -> None:
     assert changed_names(bus) == [["Enabled", "Problems"]]
 
 
+def test_the_sleeps_own_states_are_announced_without_running_the_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, bus = make_manager(tmp_path, RecordingArmer())
+    m._started = True
+    m.refresh()
+    runs: list[int] = []
+    real = m.run_checks
+    monkeypatch.setattr(m, "run_checks", lambda: runs.append(1) or real())
+    m.set_state(State.ARMING, evaluate=False)
+    m.set_state(State.ARMED, evaluate=False)
+    assert runs == []  # what they read cannot change while a sleep is armed
+    assert [sig.body[1]["State"] for sig in bus.signals("PropertiesChanged")] == [
+        Variant("s", "arming"),
+        Variant("s", "armed"),
+    ]
+    # A nested change that asks for the checks gets them, and the next one runs them.
+    with m.changing(evaluate=False), m.changing():
+        m.enabled = False
+    assert runs == [1] and "Enabled" in changed_names(bus)[-1]
+    m.set_state(State.IDLE)
+    assert runs == [1, 1]
+
+
 def test_nothing_is_announced_before_start(tmp_path: Path) -> None:
     m, bus = make_manager(tmp_path, RecordingArmer())
     m.set_state(State.ARMING)

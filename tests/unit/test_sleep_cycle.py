@@ -238,7 +238,7 @@ async def test_a_second_prepare_for_sleep_while_armed_arms_again(tmp_path: Path)
         return 0
 
     with pytest.raises(Busy):
-        await m.suspend(":1.9", rights)
+        await m.cycle.suspend(":1.9", rights)
     assert rights_asked == []  # refused before logind's rules are even asked
 
 
