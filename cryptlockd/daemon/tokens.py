@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from cryptlockd.daemon.checks import CheckResult
@@ -134,15 +135,24 @@ def header_path(device: LuksDevice, by_uuid: str = "/dev/disk/by-uuid") -> str:
     return link if device.uuid and os.path.exists(link) else device.backing_device
 
 
+# A header is read again at most this often, however often Check() is called: a thread and
+# a disk read for each call cost a busy client's Check() a third of its rate (bench/bus.py).
+MIN_READ_INTERVAL = 1.0
+
+
 class TokenWatch:
     """The tokens Check() shows: each header is read in a thread of its own, and Check()
     uses what the last read found. A read that never returns costs that device's token
     lines (and a thread), never the daemon: it is not started again while it hangs."""
 
-    def __init__(self, changed: Callable[[], None]) -> None:
+    def __init__(
+        self, changed: Callable[[], None], min_interval: float = MIN_READ_INTERVAL
+    ) -> None:
         self._changed = changed  # called on the loop when a read found something new
         self.found: dict[str, dict[int, str]] = {}
         self._reading: set[str] = set()
+        self._min_interval = min_interval
+        self._started: dict[str, float] = {}  # device -> when its last read began
 
     def check(self, devices: Sequence[LuksDevice], read: bool = True) -> list[CheckResult]:
         """check_tokens on what was read, and a fresh read of each LUKS2 device's header
@@ -156,12 +166,17 @@ class TokenWatch:
         for name, path in luks2.items() if read else ():
             if loop is None:
                 self.found[name] = read_tokens(path)
-            elif name not in self._reading:
+            elif name not in self._reading and not self._recent(name):
                 self._reading.add(name)
+                self._started[name] = time.monotonic()
                 threading.Thread(
                     target=self._read, args=(loop, name, path), daemon=True, name=f"tokens {name}"
                 ).start()
         return check_tokens(self.found)
+
+    def _recent(self, name: str) -> bool:
+        started = self._started.get(name)
+        return started is not None and time.monotonic() - started < self._min_interval
 
     def _read(self, loop: asyncio.AbstractEventLoop, name: str, path: str) -> None:
         tokens = read_tokens(path)

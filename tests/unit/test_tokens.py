@@ -95,3 +95,22 @@ async def test_a_header_read_that_hangs_never_blocks_check(tmp_path: Path) -> No
     assert watch.check([dev], read=False) == [] and watch._reading == set()
     # A device gone is forgotten.
     assert watch.check([]) == [] and watch.found == {}
+
+
+@pytest.mark.asyncio
+async def test_a_header_is_read_again_at_most_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    header = tmp_path / "header"
+    header.write_bytes(b"\0" * 4096)
+    reads: list[str] = []
+    real = tokens.read_tokens
+    monkeypatch.setattr(tokens, "read_tokens", lambda p: reads.append(p) or real(p))
+    dev = LuksDevice("d", "", "LUKS2", "/dev/x", False, False, "passphrase", header=str(header))
+    for interval, expected in ((60.0, 1), (0.0, 3)):
+        reads.clear()
+        watch = tokens.TokenWatch(lambda: None, min_interval=interval)
+        for _ in range(3):
+            watch.check([dev])
+            await wait_until_async(lambda w=watch: not w._reading, message="the read ended")
+        assert len(reads) == expected, interval
