@@ -22,7 +22,8 @@ pytestmark = [
     pytest.mark.vm,
     pytest.mark.asyncio,
     pytest.mark.timeout(900),
-    pytest.mark.vm_suites("bookworm"),
+    # Both releases: s2idle is the kernel's own suspend path (6.1 and 6.12 differ there).
+    pytest.mark.vm_suites("bookworm", "trixie"),
 ]
 
 ENTRY = "PM: suspend entry (s2idle)"
