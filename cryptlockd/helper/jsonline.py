@@ -46,6 +46,11 @@ def loads(text: str) -> object:
         value, end = _scan(text, start)
     except StopIteration as e:
         raise ValueError(f"expecting a JSON value at character {e.value}") from None
+    except SystemError:
+        # Python 3.11's scanner raises its errors inside a value through json.decoder's
+        # JSONDecodeError, which it looks up in sys.modules only: in a process that never
+        # imported json (the sleep entry, the helper) it fails without an exception set.
+        raise ValueError("not JSON") from None
     if text[end:].strip(_WHITESPACE):
         raise ValueError(f"extra data at character {end}")
     return value

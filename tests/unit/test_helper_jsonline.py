@@ -4,11 +4,16 @@ json does, so the daemon, the helper and the sleep entry keep understanding each
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cryptlockd.helper import jsonline
+
+REPO = str(Path(__file__).resolve().parents[2])
 
 VALUES: list[Any] = [
     {},
@@ -51,3 +56,27 @@ def test_dumps_refuses_nan_and_infinities(value: Any) -> None:
 def test_dumps_refuses_what_json_cannot_hold_as_is(value: Any) -> None:
     with pytest.raises(TypeError):
         jsonline.dumps(value)
+
+
+def test_loads_refuses_bad_json_in_a_process_that_never_imported_json() -> None:
+    """The sleep entry and the helper never import json; Python 3.11's scanner then fails
+    inside a value without an exception (SystemError), which loads must turn into the
+    ValueError its callers handle."""
+    bad = ['{"op": "ready"', '{"op": "ready",}', '{"a": [1 2]}', '{"a": tru}']
+    code = (
+        "import sys; from cryptlockd.helper import jsonline\n"
+        f"for text in {bad!r}:\n"
+        "    try:\n"
+        "        jsonline.loads(text)\n"
+        "    except ValueError:\n"
+        "        print('refused')\n"
+        "assert 'json' not in sys.modules, 'json was imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {REPO!r})\n{code}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["refused"] * len(bad)
