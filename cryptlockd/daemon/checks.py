@@ -6,6 +6,7 @@ reach them with a fake tree. None of them changes anything.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,16 @@ def find_sleep_dropin(root: Path) -> Path | None:
 
 
 # How our sleep entry shows in systemd-suspend.service's ExecStart= (the drop-in's line):
-# inside the `-c` bootstrap of `python3 -I -S`, so in one of the arguments, not one itself.
+# the program $(LIBEXECDIR)/cryptlockd-sleep, C or Python (Makefile, SLEEP_ENTRY); or, from
+# a drop-in of an older install, the module inside a `python3 -I -S -c` bootstrap.
+SLEEP_ENTRY_PROGRAM = "cryptlockd-sleep"
 SLEEP_ENTRY_MODULE = "cryptlockd.sleep_entry"
+
+
+def is_sleep_entry(argv: Sequence[str]) -> bool:
+    if argv and os.path.basename(argv[0]) == SLEEP_ENTRY_PROGRAM:
+        return True
+    return any(SLEEP_ENTRY_MODULE in a for a in argv)
 
 
 def check_sleep_dropin(
@@ -151,7 +160,7 @@ def check_sleep_dropin(
         return CheckResult(
             "sleep-drop-in", True, f"{found} installed (systemd not asked for the effective one)"
         )
-    ours = [argv for argv in exec_start if any(SLEEP_ENTRY_MODULE in a for a in argv)]
+    ours = [argv for argv in exec_start if is_sleep_entry(argv)]
     if ours and len(ours) == len(exec_start):
         return CheckResult("sleep-drop-in", True, f"{found} installed and in effect")
     shown = "; ".join(" ".join(argv) for argv in exec_start) or "nothing"

@@ -5,7 +5,6 @@ the daemon's code."""
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -133,21 +132,69 @@ def test_installed_entry_points_ignore_a_planted_package(
         )
         assert "PLANTED" not in proc.stdout + proc.stderr, prog
         assert proc.returncode == 0 and proc.stdout.strip(), (prog, proc.stderr)
+    # The sleep entry: the C program, with a compiler at hand (make deps installs gcc).
     dropin = prefix_install / "lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf"
     exec_start = [
         line for line in dropin.read_text().splitlines() if line.startswith("ExecStart=/")
     ]
-    [line] = exec_start
-    argv = shlex.split(line.removeprefix("ExecStart="))
-    python = f"{prefix_install}/lib/cryptlockd/venv/bin/python"
-    assert argv[:5] == [python, "-I", "-S", "-B", "-c"] and len(argv) == 6
-    # The bootstrap (no site import) finds the installed package, not the planted one.
-    code = argv[5].replace("sys.exit(main())", "print(sys.modules['cryptlockd'].__file__)")
-    proc = subprocess.run(
-        [*argv[:5], code], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    entry = prefix_install / "libexec/cryptlockd/cryptlockd-sleep"
+    assert exec_start == [f"ExecStart={entry}"]
+    assert entry.read_bytes()[:4] == b"\x7fELF" and os.access(entry, os.X_OK)
+
+
+def install_sleep_entry(
+    dest: Path, prefix: Path, *variables: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "make",
+            "-C",
+            str(REPO),
+            "install-sleep-entry",
+            f"DESTDIR={dest}",
+            "LIBEXECDIR=/libexec",
+            f"RUN_PYTHON={prefix}/lib/cryptlockd/venv/bin/python",
+            *variables,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+
+
+def test_without_a_compiler_the_python_sleep_entry_is_installed_and_finds_the_package(
+    prefix_install: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    proc = install_sleep_entry(dest, prefix_install, "CC=/nonexistent/cc", f"BUILDDIR={tmp_path}/b")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith(f"{prefix_install}/lib/cryptlockd/venv/lib/")
+    assert "warning: /nonexistent/cc could not build the sleep entry" in proc.stderr
+    script = dest / "libexec/cryptlockd-sleep"
+    python = f"{prefix_install}/lib/cryptlockd/venv/bin/python"
+    assert script.read_text().startswith(f"#!{python} -ISB\n") and os.access(script, os.X_OK)
+    # Started as systemd starts it, it imports the installed package, not a planted one: a
+    # bad argument reaches its main(), which refuses it without touching anything.
+    planted = tmp_path / "plant"
+    (planted / "cryptlockd").mkdir(parents=True)
+    (planted / "cryptlockd" / "__init__.py").write_text("raise SystemExit('PLANTED CODE RAN')\n")
+    env = {**os.environ, "PYTHONPATH": str(planted)}
+    run = subprocess.run(
+        [str(script), "--bogus"], capture_output=True, text=True, timeout=60, cwd=planted, env=env
+    )
+    assert (run.returncode, run.stderr) == (2, "usage: cryptlockd-sleep [--root=DIR]\n")
+
+
+def test_a_sleep_entry_that_must_be_native_fails_without_a_compiler(
+    prefix_install: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    proc = install_sleep_entry(
+        dest, prefix_install, "SLEEP_ENTRY=native", "CC=/nonexistent/cc", f"BUILDDIR={tmp_path}/b"
+    )
+    assert proc.returncode != 0 and not (dest / "libexec/cryptlockd-sleep").exists()
+    bad = install_sleep_entry(dest, prefix_install, "SLEEP_ENTRY=fast")
+    assert bad.returncode != 0
+    assert "error: SLEEP_ENTRY must be native, python or auto, not 'fast'" in bad.stderr
 
 
 def test_wrappers_point_into_the_installed_venv(destdir: Path) -> None:

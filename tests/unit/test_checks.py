@@ -118,9 +118,13 @@ def test_sleep_dropin_must_be_in_effect(tmp_path: Path) -> None:
     f = tmp_path / "etc/systemd/system" / checks.SLEEP_DROPIN
     f.parent.mkdir(parents=True)
     f.write_text("[Service]\n")
-    bootstrap = "import sys; from cryptlockd.sleep_entry import main; sys.exit(main())"
-    ours = ["/opt/venv/bin/python", "-I", "-S", "-B", "-c", bootstrap]
+    ours = ["/usr/local/libexec/cryptlockd/cryptlockd-sleep"]
     assert checks.check_sleep_dropin(tmp_path, [ours]).ok
+    # The drop-in of an older install ran the module through python3 -I -S -c.
+    bootstrap = "import sys; from cryptlockd.sleep_entry import main; sys.exit(main())"
+    legacy = ["/opt/venv/bin/python", "-I", "-S", "-B", "-c", bootstrap]
+    assert checks.check_sleep_dropin(tmp_path, [legacy]).ok
+    assert not checks.check_sleep_dropin(tmp_path, [["/usr/bin/not-cryptlockd-sleep"]]).ok
     assert "not asked" in checks.check_sleep_dropin(tmp_path, None).detail
     # A later drop-in reset ExecStart= to the stock one: the file alone would lie.
     stock = ["/usr/lib/systemd/systemd-sleep", "suspend"]

@@ -240,6 +240,14 @@ def test_pkgbuild_parses_and_depends_on_every_dependency() -> None:
     assert {"python", "cryptsetup", "systemd", "polkit", "dbus"} <= set(depends)
 
 
+def assert_native_sleep_entry(root: Path, path: str) -> None:
+    """Packages build the C sleep entry (SLEEP_ENTRY=native), and the drop-in runs it."""
+    entry = root / path.lstrip("/")
+    assert entry.read_bytes()[:4] == b"\x7fELF" and os.access(entry, os.X_OK)
+    dropin = root / "usr/lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf"
+    assert f"\nExecStart={path}\n" in dropin.read_text()
+
+
 def installed_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
 
@@ -258,6 +266,7 @@ def test_pkgbuild_package_installs_every_file(tmp_path: Path) -> None:
     files = installed_files(pkgdir)
     assert [f for f in PACKAGE_FILES if f not in files] == []
     assert "usr/lib/cryptlockd/restart-when-idle" in files
+    assert_native_sleep_entry(pkgdir, "/usr/lib/cryptlockd/cryptlockd-sleep")
     backup = bash(f"source {PKGBUILD}; printf '%s\\n' \"${{backup[@]}}\"").split()
     assert backup and all(b in files for b in backup)
     assert (
@@ -349,3 +358,4 @@ def test_spec_files_cover_every_installed_file(tmp_path: Path) -> None:
     unmatched = [p for p, d in entries if not matches(p, d)]
     assert unmatched == [], "in %files but not installed"
     assert os.access(buildroot / "usr/libexec/cryptlockd/restart-when-idle", os.X_OK)
+    assert_native_sleep_entry(buildroot, "/usr/libexec/cryptlockd/cryptlockd-sleep")

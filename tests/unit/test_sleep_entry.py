@@ -1,140 +1,368 @@
-"""The sleep entry's hand-over rules against a scripted helper on a real unix socket:
-fall back to the stock sleep only before the helper was told to sleep, never after."""
+"""The sleep entry's hand-over rules, for both of its versions (the C program that installs
+build, and the Python one they fall back to without a compiler), run as the processes they
+are against a scripted helper on a real unix socket: fall back to the stock sleep only before
+the helper was told to sleep, never after; run the hooks around the sleep; leave the trace."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from cryptlockd import sleep_entry
 from cryptlockd.helper import protocol
 
+REPO = Path(__file__).resolve().parents[2]
 Script = Callable[[protocol.Channel], None]
 
-
-@pytest.fixture
-def entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
-    calls: dict[str, object] = {"stock": [], "hooks": []}
-    path = str(tmp_path / "helper.sock")
-    monkeypatch.setattr(protocol, "SOCKET_PATH", path)
-    monkeypatch.setattr(sleep_entry, "stock_sleep", lambda why: calls["stock"].append(why) or 0)  # type: ignore[attr-defined]
-    monkeypatch.setattr(sleep_entry, "run_hooks", lambda phase: calls["hooks"].append(phase))  # type: ignore[attr-defined]
-    calls["path"] = path
-    yield calls
+PYTHON_ENTRY = (
+    f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+    "from cryptlockd.sleep_entry import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
-def serve(path: str, script: Script) -> threading.Thread:
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(1)
-
-    def run() -> None:
-        conn, _ = srv.accept()
-        try:
-            script(protocol.Channel(conn))
-        finally:
-            conn.close()
-            srv.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+@pytest.fixture(scope="session")
+def native_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built by the Makefile's own rule, as `make install` builds it."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler to build the sleep entry with (make deps installs gcc)")
+    build = tmp_path_factory.mktemp("sleep-entry")
+    subprocess.run(
+        ["make", "-s", "-C", str(REPO), "sleep-entry", f"BUILDDIR={build}"],
+        check=True,
+        capture_output=True,
+    )
+    return build / "cryptlockd-sleep"
 
 
-def test_no_helper_means_stock_sleep(entry: dict[str, object]) -> None:
-    assert sleep_entry.main() == 0
-    assert entry["stock"] and "no cryptlockd helper" in entry["stock"][0]  # type: ignore[index]
+@dataclass
+class Entry:
+    argv: list[str]
+    root: Path
+    errors: list[BaseException] = field(default_factory=list)
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.root) + protocol.SOCKET_PATH
+
+    def serve(self, script: Script) -> threading.Thread:
+        path = Path(self.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(str(path))
+        srv.listen(1)
+
+        def run() -> None:
+            conn, _ = srv.accept()
+            try:
+                script(protocol.Channel(conn))
+            except BaseException as e:  # raised in the test's thread by done()
+                self.errors.append(e)
+            finally:
+                conn.close()
+                srv.close()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    def done(self, t: threading.Thread) -> None:
+        t.join(10)
+        assert not t.is_alive(), "the scripted helper is still waiting"
+        if self.errors:
+            raise self.errors[0]
+
+    def hook(self, directory: str, name: str, exit_code: int = 0) -> Path:
+        path = self.root / directory.lstrip("/") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "#!/bin/sh\n"
+            f'echo "{name} $1 $2 $SYSTEMD_SLEEP_ACTION ${{NOTIFY_SOCKET-unset}}" '
+            f">> {self.root}/hooks.log\nexit {exit_code}\n"
+        )
+        path.chmod(0o755)
+        return path
+
+    def run(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, NOTIFY_SOCKET="/run/systemd/notify")
+        return subprocess.run(
+            [*self.argv, f"--root={self.root}", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    @property
+    def hooks_ran(self) -> list[str]:
+        log = self.root / "hooks.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    @property
+    def stock_ran(self) -> str | None:
+        marker = self.root / "stock-ran"
+        return marker.read_text().strip() if marker.exists() else None
+
+    @property
+    def trace(self) -> dict[str, object] | None:
+        path = Path(str(self.root) + protocol.STOCK_SLEEP_TRACE)
+        if not path.exists():
+            return None
+        trace: dict[str, object] = json.loads(path.read_text())
+        return trace
 
 
-def test_not_armed_means_stock_sleep(entry: dict[str, object]) -> None:
+@pytest.fixture(params=["native", "python"])
+def entry(request: pytest.FixtureRequest) -> Iterator[Entry]:
+    if request.param == "native":
+        argv = [str(request.getfixturevalue("native_entry"))]
+    else:
+        argv = [sys.executable, "-I", "-S", "-B", "-c", PYTHON_ENTRY]
+    # Short: the helper's socket path must fit a sockaddr_un.
+    root = Path(tempfile.mkdtemp(prefix="cse", dir="/tmp"))
+    stock = root / "usr/lib/systemd/systemd-sleep"
+    stock.parent.mkdir(parents=True)
+    stock.write_text(f'#!/bin/sh\necho "$@" > {root}/stock-ran\n')
+    stock.chmod(0o755)
+    yield Entry(argv, root)
+    shutil.rmtree(root)
+
+
+def ready_then(rest: Script) -> Script:
     def script(ch: protocol.Channel) -> None:
-        assert ch.receive(5)["op"] == protocol.OP_BEGIN  # type: ignore[index]
+        msg = ch.receive(10)
+        assert msg is not None and msg["op"] == protocol.OP_BEGIN and msg["lock"] is False
+        ch.send({"op": protocol.OP_READY})
+        rest(ch)
+
+    return script
+
+
+def test_no_helper_means_the_stock_sleep_and_a_trace(entry: Entry) -> None:
+    proc = entry.run()
+    assert proc.returncode == 0 and entry.stock_ran == "suspend"
+    why = "no cryptlockd helper is armed (is cryptlockd running, and protecting any LUKS device?)"
+    assert (
+        f"<2>cryptlockd-sleep: this sleep is UNPROTECTED, the LUKS keys stay in RAM: {why}\n"
+        in (proc.stdout)
+    )
+    trace = entry.trace
+    assert trace is not None and trace["reason"] == why
+    assert isinstance(trace["boottime"], float) and trace["boottime"] > 0
+    tracefile = Path(str(entry.root) + protocol.STOCK_SLEEP_TRACE)
+    assert tracefile.stat().st_mode & 0o777 == 0o600
+    assert tracefile.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_not_armed_means_the_stock_sleep_without_hooks(entry: Entry) -> None:
+    entry.hook("/usr/lib/systemd/system-sleep", "a")
+
+    def script(ch: protocol.Channel) -> None:
+        assert ch.receive(10)["op"] == protocol.OP_BEGIN  # type: ignore[index]
         ch.send({"op": protocol.OP_ERROR, "reason": "not armed"})
 
-    t = serve(str(entry["path"]), script)
-    assert sleep_entry.main() == 0
-    t.join(5)
-    assert "not armed" in entry["stock"][0]  # type: ignore[index]
-    assert entry["hooks"] == []
+    t = entry.serve(script)
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 0 and entry.stock_ran == "suspend"
+    assert entry.trace is not None and entry.trace["reason"] == "the helper is not armed: not armed"
+    assert entry.hooks_ran == []
 
 
-def test_full_hand_over_runs_hooks_around_the_sleep(entry: dict[str, object]) -> None:
-    seen: list[str] = []
+def test_the_full_hand_over_runs_the_hooks_around_the_sleep(entry: Entry) -> None:
+    entry.hook("/usr/lib/systemd/system-sleep", "b")
+    entry.hook("/usr/lib/systemd/system-sleep", "a")
+    seen: list[protocol.Message] = []
+    hooks_before_sleep: list[str] = []
 
-    def script(ch: protocol.Channel) -> None:
-        seen.append(ch.receive(5)["op"])  # type: ignore[index]
-        ch.send({"op": protocol.OP_READY})
-        msg = ch.receive(5)
-        assert msg is not None and msg["op"] == protocol.OP_SLEEP
-        assert "hooks_pre_end" in msg["times"]
-        seen.append(msg["op"])
+    def rest(ch: protocol.Channel) -> None:
+        msg = ch.receive(10)
+        assert msg is not None
+        seen.append(msg)
+        hooks_before_sleep.extend(entry.hooks_ran)
         ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
-        seen.append(ch.receive(5)["op"])  # type: ignore[index]
+        finish = ch.receive(10)
+        assert finish is not None
+        seen.append(finish)
         ch.send({"op": protocol.OP_DONE, "success": True})
 
-    t = serve(str(entry["path"]), script)
-    assert sleep_entry.main() == 0
-    t.join(5)
-    assert seen == ["begin", "sleep", "finish"]
-    assert entry["hooks"] == ["pre", "post"] and entry["stock"] == []
+    t = entry.serve(ready_then(rest))
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [m["op"] for m in seen] == ["sleep", "finish"]
+    assert hooks_before_sleep == ["a pre suspend suspend unset", "b pre suspend suspend unset"]
+    sleep_times = seen[0]["times"]  # type: ignore[typeddict-item]
+    assert set(sleep_times) == {"sleep_entry", "hooks_pre_start", "hooks_pre_end"}
+    assert (
+        sleep_times["sleep_entry"] <= sleep_times["hooks_pre_start"] <= sleep_times["hooks_pre_end"]
+    )
+    post_times = seen[1]["times"]  # type: ignore[typeddict-item]
+    assert (
+        sleep_times["hooks_pre_end"]
+        <= post_times["hooks_post_start"]
+        <= post_times["hooks_post_end"]
+    )
+    assert entry.hooks_ran[2:] == ["a post suspend suspend unset", "b post suspend suspend unset"]
+    assert "<6>cryptlockd-sleep: protected sleep done\n" in proc.stdout
+    assert entry.stock_ran is None and entry.trace is None
 
 
-def test_helper_lost_after_sleep_never_sleeps_again(entry: dict[str, object]) -> None:
+def test_hooks_are_masked_by_name_and_a_failing_one_does_not_stop_the_sleep(entry: Entry) -> None:
+    lib, local, etc = (
+        "/usr/lib/systemd/system-sleep",
+        "/usr/local/lib/systemd/system-sleep",
+        "/etc/systemd/system-sleep",
+    )
+    entry.hook(lib, "b")
+    entry.hook(etc, "b", exit_code=3)  # masks lib's b
+    entry.hook(lib, "a")
+    (entry.root / etc.lstrip("/") / "a").symlink_to("/dev/null")  # masks lib's a
+    entry.hook(local, "c")
+    entry.hook(lib, ".hidden")
+    entry.hook(lib, "noexec").chmod(0o644)
+
+    def rest(ch: protocol.Channel) -> None:
+        ch.receive(10)
+        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
+        ch.receive(10)
+        ch.send({"op": protocol.OP_DONE, "success": True})
+
+    t = entry.serve(ready_then(rest))
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 0
+    assert [line.split()[:2] for line in entry.hooks_ran] == [
+        ["b", "pre"],
+        ["c", "pre"],
+        ["b", "post"],
+        ["c", "post"],
+    ]
+    failed = f"<4>cryptlockd-sleep: hook {entry.root}{etc}/b pre failed (3)"
+    assert failed in proc.stdout
+
+
+def test_a_helper_lost_after_the_sleep_order_never_means_a_second_sleep(entry: Entry) -> None:
+    entry.hook("/usr/lib/systemd/system-sleep", "a")
+
+    def rest(ch: protocol.Channel) -> None:
+        ch.receive(10)  # the sleep order, then the helper vanishes
+
+    t = entry.serve(ready_then(rest))
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 1
+    assert "<2>cryptlockd-sleep: the helper went away during the cycle\n" in proc.stdout
+    assert entry.stock_ran is None and entry.trace is None
+    assert [h.split()[1] for h in entry.hooks_ran] == ["pre", "post"]
+
+
+def test_a_bad_answer_to_begin_means_the_stock_sleep(entry: Entry) -> None:
     def script(ch: protocol.Channel) -> None:
-        ch.receive(5)
-        ch.send({"op": protocol.OP_READY})
-        ch.receive(5)  # the sleep order, then the helper vanishes
-
-    t = serve(str(entry["path"]), script)
-    assert sleep_entry.main() == 1
-    t.join(5)
-    assert entry["stock"] == [] and entry["hooks"] == ["pre", "post"]
-
-
-def test_hook_programs_mask_and_order(tmp_path: Path) -> None:
-    lib, etc = tmp_path / "lib", tmp_path / "etc"
-    lib.mkdir()
-    etc.mkdir()
-    for d, name in ((lib, "b"), (lib, "a"), (etc, "b"), (lib, "noexec")):
-        p = d / name
-        p.write_text("#!/bin/sh\n")
-        if name != "noexec":
-            p.chmod(0o755)
-    os.symlink("/dev/null", etc / "a")
-    assert sleep_entry.hook_programs([str(etc), str(lib)]) == [str(etc / "b")]
-
-
-def test_a_bad_answer_to_begin_means_stock_sleep(entry: dict[str, object]) -> None:
-    def script(ch: protocol.Channel) -> None:
-        ch.receive(5)
+        ch.receive(10)
         ch.sock.sendall(b'{"op": "ready"\n')  # not JSON
 
-    t = serve(str(entry["path"]), script)
-    assert sleep_entry.main() == 0
-    t.join(5)
-    assert "the helper is not armed: no answer" in entry["stock"][0]  # type: ignore[index]
-    assert entry["hooks"] == []
+    t = entry.serve(script)
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 0 and entry.stock_ran == "suspend"
+    assert "<3>cryptlockd-sleep: a bad message from the helper: " in proc.stdout
+    assert entry.trace is not None and entry.trace["reason"] == "the helper is not armed: no answer"
 
 
-def test_a_failed_protected_sleep_is_logged_and_not_repeated(
-    entry: dict[str, object], capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b'{"op": "bogus"}', "unknown message 'bogus'"),
+        (b'{"op": 3}', "a message must be an object with a string 'op'"),
+        (b'["ready"]', "a message must be an object with a string 'op'"),
+        (b'{"op": "error"}', "'error' message without reason"),
+        (b'{"op": "ready"} x', "not a JSON line"),
+        (b'{"op": "ready", "x": [1, 2.5e3, {"y": null}], }', "not a JSON line"),
+        (b'{"op": "r\xe9ady"}', "not a JSON line"),
+    ],
+)
+def test_what_is_not_a_message_is_refused(entry: Entry, line: bytes, why: str) -> None:
     def script(ch: protocol.Channel) -> None:
-        ch.receive(5)
-        ch.send({"op": protocol.OP_READY})
-        ch.receive(5)
+        ch.receive(10)
+        ch.sock.sendall(line + b"\n")
+
+    t = entry.serve(script)
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 0 and entry.stock_ran == "suspend"
+    assert f"<3>cryptlockd-sleep: a bad message from the helper: {why}" in proc.stdout
+
+
+def test_the_helpers_reason_is_decoded_and_kept_whole_in_the_trace(entry: Entry) -> None:
+    reason = 'caf\u00e9 "quoted" \\ back\nsecond line \U0001f512 \t tab'
+
+    def script(ch: protocol.Channel) -> None:
+        ch.receive(10)
+        # Blank lines are skipped; unknown keys and nested values are read past.
+        ch.sock.sendall(b"\n  \n")
+        ch.send({"op": protocol.OP_ERROR, "reason": reason, "extra": [{"a": [None, True]}]})  # type: ignore[typeddict-unknown-key]
+
+    t = entry.serve(script)
+    proc = entry.run()
+    entry.done(t)
+    assert entry.trace is not None and entry.trace["reason"] == f"the helper is not armed: {reason}"
+    # One journal line per line of text, each with its priority.
+    assert "<2>cryptlockd-sleep: second line \U0001f512 \t tab\n" in proc.stdout
+
+
+def test_a_failed_protected_sleep_is_logged_and_not_repeated(entry: Entry) -> None:
+    def rest(ch: protocol.Channel) -> None:
+        ch.receive(10)
         ch.send({"op": protocol.OP_RESUMED, "slept": False, "reason": "freezing timed out"})
-        ch.receive(5)
+        ch.receive(10)
         ch.send({"op": protocol.OP_DONE, "success": False})
 
-    t = serve(str(entry["path"]), script)
-    assert sleep_entry.main() == 1
-    t.join(5)
-    assert entry["stock"] == [] and entry["hooks"] == ["pre", "post"]
-    out = capsys.readouterr().out
-    assert "<3>cryptlockd-sleep: the protected sleep failed: freezing timed out\n" in out
+    t = entry.serve(ready_then(rest))
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 1 and entry.stock_ran is None
+    assert "<3>cryptlockd-sleep: the protected sleep failed: freezing timed out\n" in proc.stdout
+
+
+def test_a_cycle_that_ended_with_problems_is_logged_as_a_warning(entry: Entry) -> None:
+    def rest(ch: protocol.Channel) -> None:
+        ch.receive(10)
+        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": "data: wrong passphrase"})
+        ch.receive(10)
+        ch.send({"op": protocol.OP_DONE, "success": False})
+
+    t = entry.serve(ready_then(rest))
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 0 and entry.stock_ran is None
+    assert "<4>cryptlockd-sleep: protected sleep done: data: wrong passphrase\n" in proc.stdout
+
+
+def test_a_resumed_without_its_fields_counts_as_a_lost_helper(entry: Entry) -> None:
+    def rest(ch: protocol.Channel) -> None:
+        ch.receive(10)
+        ch.sock.sendall(b'{"op":"resumed","slept":true}\n')
+
+    t = entry.serve(ready_then(rest))
+    proc = entry.run()
+    entry.done(t)
+    assert proc.returncode == 1 and entry.stock_ran is None
+    assert "'resumed' message without reason" in proc.stdout
+    assert "the helper went away during the cycle" in proc.stdout
+
+
+def test_an_unknown_argument_is_refused_and_changes_nothing(entry: Entry) -> None:
+    proc = entry.run("--bogus")
+    assert proc.returncode == 2
+    assert proc.stderr == "usage: cryptlockd-sleep [--root=DIR]\n"
+    assert entry.stock_ran is None and entry.trace is None

@@ -155,7 +155,7 @@ class FakeSleepServiceBus(FakeSystemdBus):
 
 @pytest.mark.asyncio
 async def test_the_effective_exec_start_is_each_commands_argv() -> None:
-    entry = ["/venv/bin/python", "-I", "-m", "cryptlockd.sleep_entry"]
+    entry = ["/usr/libexec/cryptlockd/cryptlockd-sleep"]
     bus: Any = FakeSleepServiceBus([entry])
     assert await SystemdUnit(bus, "systemd-suspend.service").exec_start() == [entry]
     assert bus.calls == ["LoadUnit", "Get"]

@@ -76,8 +76,13 @@ PACKAGES = [
 # file system in writeback-cache mode and an NFS hard mount to the guest's own kernel nfsd;
 # their services stay off at boot (guest_files/customize). bookworm has weston for the
 # graphical session of tests/vm/test_desktop.py; nothing of it starts at boot.
+# `make install` builds the C sleep entry where a compiler is at hand and installs the Python
+# one where none is: bookworm's guest has gcc, trixie's has not, so the suites run each
+# (tests/vm/test_installed.py checks which). trixie's package has the C one.
 SUITE_PACKAGES = {
     "bookworm": [
+        "gcc",
+        "libc6-dev",
         "fuse3",
         "python3-pyfuse3",
         "nfs-kernel-server",

@@ -10,6 +10,7 @@ import pytest
 
 from tests.vm import layout
 from tests.vm.guest import Guest
+from tests.vm.image import TestbedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(1500)]
 
@@ -57,6 +58,23 @@ async def test_daemon_runs_with_delay_lock_and_lists_devices(installed_guest: Gu
     assert all(d["luks_type"] == "LUKS2" and not d["suspended"] for d in found)
     text = (await g.run("cryptlockctl devices")).stdout
     assert layout.ROOT_DM_NAME in text and layout.DATA_DM_NAME in text
+
+
+async def test_make_install_picks_the_sleep_entry_the_compiler_allows(
+    installed_guest: Guest, vm_image: TestbedImage
+) -> None:
+    """bookworm's guest has gcc: the C entry. trixie's has none: the Python one, after a
+    warning (tests/vm/image.py). Either is what systemd-suspend.service runs."""
+    g = installed_guest
+    entry = "/usr/local/libexec/cryptlockd/cryptlockd-sleep"
+    exec_start = (await g.run("systemctl show -P ExecStart systemd-suspend.service")).stdout
+    assert f"path={entry} ;" in exec_start and "systemd-sleep" not in exec_start, exec_start
+    head = (await g.run(f"head -c 4 {entry} | od -An -c")).stdout.split()
+    has_gcc = (await g.run("command -v gcc", check=False)).rc == 0
+    assert has_gcc == (vm_image.suite == "bookworm")
+    assert head == (["177", "E", "L", "F"] if has_gcc else ["#", "!", "/", "u"]), head
+    checks = (await g.run("cryptlockctl check", check=False)).stdout
+    assert "sleep-drop-in" in checks and "installed and in effect" in checks, checks
 
 
 async def test_hotplugged_luks_device_appears_and_goes(installed_guest: Guest) -> None:

@@ -41,7 +41,11 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-DEB_NAME = f"cryptlockd_{__version__}_all.deb"
+# Architecture: any (the C sleep entry): the host's architecture, which is the guest's.
+DEB_ARCH = subprocess.run(
+    ["dpkg", "--print-architecture"], capture_output=True, text=True, check=False
+).stdout.strip()
+DEB_NAME = f"cryptlockd_{__version__}_{DEB_ARCH}.deb"
 GUEST_DEB = f"/root/{DEB_NAME}"
 APT = "DEBIAN_FRONTEND=noninteractive apt-get -y -q"
 PROM_DIR = "/var/lib/prometheus/node-exporter"
@@ -63,6 +67,7 @@ PACKAGE_FILES = [
     "usr/share/bash-completion/completions/cryptlockctl",
     "usr/share/zsh/vendor-completions/_cryptlockctl",
     "usr/libexec/cryptlockd/restart-when-idle",
+    "usr/libexec/cryptlockd/cryptlockd-sleep",
     "etc/cryptlockd/cryptlockd.conf",
     "usr/lib/systemd/user/cryptlockd-notify.service",
     "etc/xdg/autostart/cryptlockd-notify.desktop",
@@ -121,14 +126,14 @@ def test_package_files_and_dependencies(deb: Path) -> None:
         if m.issym():
             target = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
             assert target.lstrip("/") in members, (name, m.linkname)
-    # The entry points and the sleep entry run the system's python3, isolated (-I).
+    # The entry points run the system's python3, isolated (-I); the sleep entry is the C one.
     for prog, module in (("cryptlockd", "cryptlockd.daemon"), ("cryptlockctl", "cryptlockd.cli")):
         assert members[f"usr/bin/{prog}"].mode & 0o111
         assert f'exec /usr/bin/python3 -I -m {module} "$@"' in texts[f"usr/bin/{prog}"].decode()
     dropin = texts["usr/lib/systemd/system/systemd-suspend.service.d/cryptlockd.conf"].decode()
-    assert (
-        "ExecStart=/usr/bin/python3 -I -S -B -c " in dropin and "cryptlockd.sleep_entry" in dropin
-    )
+    assert "\nExecStart=/usr/libexec/cryptlockd/cryptlockd-sleep\n" in dropin
+    assert texts["usr/libexec/cryptlockd/cryptlockd-sleep"][:4] == b"\x7fELF"
+    assert members["usr/libexec/cryptlockd/cryptlockd-sleep"].mode & 0o111
     assert (
         "ExecStart=/usr/bin/cryptlockd\n"
         in texts["usr/lib/systemd/system/cryptlockd.service"].decode()
@@ -151,6 +156,7 @@ def test_package_files_and_dependencies(deb: Path) -> None:
         "libcryptsetup12",
         "polkitd",
         "systemd",
+        "libc6",  # ${shlibs:Depends}: the C sleep entry
     ):
         assert dep in fields, (dep, fields)
     conffiles = subprocess.run(
@@ -195,7 +201,7 @@ async def test_package_installs_protects_upgrades_and_purges(deb: Path, guest: G
     assert (await g.run("systemctl is-enabled cryptlockd.service")).stdout.strip() == "enabled"
     await g.run("systemctl is-active cryptlockd.service")
     dropin = await g.run("systemctl cat systemd-suspend.service")
-    assert "ExecStart=/usr/bin/python3 -I -S -B -c " in dropin.stdout
+    assert "ExecStart=/usr/libexec/cryptlockd/cryptlockd-sleep\n" in dropin.stdout
     # The desktop agent: enabled for every user's graphical session (systemctl --global).
     enabled = await g.run("systemctl --global is-enabled cryptlockd-notify.service")
     assert enabled.stdout.strip() == "enabled"
