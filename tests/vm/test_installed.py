@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.vm import image as image_mod
 from tests.vm import layout
 from tests.vm.guest import Guest
-from tests.vm.image import TestbedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(1500)]
 
@@ -61,7 +61,7 @@ async def test_daemon_runs_with_delay_lock_and_lists_devices(installed_guest: Gu
 
 
 async def test_make_install_picks_the_sleep_entry_the_compiler_allows(
-    installed_guest: Guest, vm_image: TestbedImage
+    installed_guest: Guest, vm_image: image_mod.TestbedImage
 ) -> None:
     """bookworm's guest has gcc: the C entry. trixie's has none: the Python one, after a
     warning (tests/vm/image.py). Either is what systemd-suspend.service runs."""
