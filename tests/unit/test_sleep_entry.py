@@ -75,6 +75,13 @@ class Entry:
         t.start()
         return t
 
+    def converse(self, script: Script) -> subprocess.CompletedProcess[str]:
+        """Runs the entry against `script` as the helper."""
+        t = self.serve(script)
+        proc = self.run()
+        self.done(t)
+        return proc
+
     def done(self, t: threading.Thread) -> None:
         t.join(10)
         assert not t.is_alive(), "the scripted helper is still waiting"
@@ -170,9 +177,7 @@ def test_not_armed_means_the_stock_sleep_without_hooks(entry: Entry) -> None:
         assert ch.receive(10)["op"] == protocol.OP_BEGIN  # type: ignore[index]
         ch.send({"op": protocol.OP_ERROR, "reason": "not armed"})
 
-    t = entry.serve(script)
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(script)
     assert proc.returncode == 0 and entry.stock_ran == "suspend"
     assert entry.trace is not None and entry.trace["reason"] == "the helper is not armed: not armed"
     assert entry.hooks_ran == []
@@ -195,9 +200,7 @@ def test_the_full_hand_over_runs_the_hooks_around_the_sleep(entry: Entry) -> Non
         seen.append(finish)
         ch.send({"op": protocol.OP_DONE, "success": True})
 
-    t = entry.serve(ready_then(rest))
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(ready_then(rest))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [m["op"] for m in seen] == ["sleep", "finish"]
     assert hooks_before_sleep == ["a pre suspend suspend unset", "b pre suspend suspend unset"]
@@ -237,9 +240,7 @@ def test_hooks_are_masked_by_name_and_a_failing_one_does_not_stop_the_sleep(entr
         ch.receive(10)
         ch.send({"op": protocol.OP_DONE, "success": True})
 
-    t = entry.serve(ready_then(rest))
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(ready_then(rest))
     assert proc.returncode == 0
     assert [line.split()[:2] for line in entry.hooks_ran] == [
         ["b", "pre"],
@@ -257,9 +258,7 @@ def test_a_helper_lost_after_the_sleep_order_never_means_a_second_sleep(entry: E
     def rest(ch: protocol.Channel) -> None:
         ch.receive(10)  # the sleep order, then the helper vanishes
 
-    t = entry.serve(ready_then(rest))
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(ready_then(rest))
     assert proc.returncode == 1
     assert "<2>cryptlockd-sleep: the helper went away during the cycle\n" in proc.stdout
     assert entry.stock_ran is None and entry.trace is None
@@ -271,9 +270,7 @@ def test_a_bad_answer_to_begin_means_the_stock_sleep(entry: Entry) -> None:
         ch.receive(10)
         ch.sock.sendall(b'{"op": "ready"\n')  # not JSON
 
-    t = entry.serve(script)
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(script)
     assert proc.returncode == 0 and entry.stock_ran == "suspend"
     assert "<3>cryptlockd-sleep: a bad message from the helper: " in proc.stdout
     assert entry.trace is not None and entry.trace["reason"] == "the helper is not armed: no answer"
@@ -296,9 +293,7 @@ def test_what_is_not_a_message_is_refused(entry: Entry, line: bytes, why: str) -
         ch.receive(10)
         ch.sock.sendall(line + b"\n")
 
-    t = entry.serve(script)
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(script)
     assert proc.returncode == 0 and entry.stock_ran == "suspend"
     assert f"<3>cryptlockd-sleep: a bad message from the helper: {why}" in proc.stdout
 
@@ -312,40 +307,33 @@ def test_the_helpers_reason_is_decoded_and_kept_whole_in_the_trace(entry: Entry)
         ch.sock.sendall(b"\n  \n")
         ch.send({"op": protocol.OP_ERROR, "reason": reason, "extra": [{"a": [None, True]}]})  # type: ignore[typeddict-unknown-key]
 
-    t = entry.serve(script)
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(script)
     assert entry.trace is not None and entry.trace["reason"] == f"the helper is not armed: {reason}"
     # One journal line per line of text, each with its priority.
     assert "<2>cryptlockd-sleep: second line \U0001f512 \t tab\n" in proc.stdout
 
 
-def test_a_failed_protected_sleep_is_logged_and_not_repeated(entry: Entry) -> None:
+@pytest.mark.parametrize(
+    ("slept", "reason", "rc", "line"),
+    [
+        # Not slept: the failure is logged, and no second sleep follows.
+        (False, "freezing timed out", 1, "<3>cryptlockd-sleep: the protected sleep failed: "),
+        # Slept, but the cycle ended with problems: a warning.
+        (True, "data: wrong passphrase", 0, "<4>cryptlockd-sleep: protected sleep done: "),
+    ],
+)
+def test_how_the_cycle_ended_is_logged_and_never_repeated(
+    entry: Entry, slept: bool, reason: str, rc: int, line: str
+) -> None:
     def rest(ch: protocol.Channel) -> None:
         ch.receive(10)
-        ch.send({"op": protocol.OP_RESUMED, "slept": False, "reason": "freezing timed out"})
+        ch.send({"op": protocol.OP_RESUMED, "slept": slept, "reason": reason})
         ch.receive(10)
         ch.send({"op": protocol.OP_DONE, "success": False})
 
-    t = entry.serve(ready_then(rest))
-    proc = entry.run()
-    entry.done(t)
-    assert proc.returncode == 1 and entry.stock_ran is None
-    assert "<3>cryptlockd-sleep: the protected sleep failed: freezing timed out\n" in proc.stdout
-
-
-def test_a_cycle_that_ended_with_problems_is_logged_as_a_warning(entry: Entry) -> None:
-    def rest(ch: protocol.Channel) -> None:
-        ch.receive(10)
-        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": "data: wrong passphrase"})
-        ch.receive(10)
-        ch.send({"op": protocol.OP_DONE, "success": False})
-
-    t = entry.serve(ready_then(rest))
-    proc = entry.run()
-    entry.done(t)
-    assert proc.returncode == 0 and entry.stock_ran is None
-    assert "<4>cryptlockd-sleep: protected sleep done: data: wrong passphrase\n" in proc.stdout
+    proc = entry.converse(ready_then(rest))
+    assert proc.returncode == rc and entry.stock_ran is None
+    assert f"{line}{reason}\n" in proc.stdout
 
 
 def test_a_resumed_without_its_fields_counts_as_a_lost_helper(entry: Entry) -> None:
@@ -353,9 +341,7 @@ def test_a_resumed_without_its_fields_counts_as_a_lost_helper(entry: Entry) -> N
         ch.receive(10)
         ch.sock.sendall(b'{"op":"resumed","slept":true}\n')
 
-    t = entry.serve(ready_then(rest))
-    proc = entry.run()
-    entry.done(t)
+    proc = entry.converse(ready_then(rest))
     assert proc.returncode == 1 and entry.stock_ran is None
     assert "'resumed' message without reason" in proc.stdout
     assert "the helper went away during the cycle" in proc.stdout
