@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,3 +353,25 @@ def test_an_unknown_argument_is_refused_and_changes_nothing(entry: Entry) -> Non
     assert proc.returncode == 2
     assert proc.stderr == "usage: cryptlockd-sleep [--root=DIR]\n"
     assert entry.stock_ran is None and entry.trace is None
+
+
+def test_a_helper_that_never_answers_begin_means_the_stock_sleep_after_its_deadline(
+    entry: Entry,
+) -> None:
+    """A helper that took the connection and hangs: the sleep still happens (unprotected,
+    said and traced) once BEGIN_TIMEOUT (10 s) has passed, and nothing waits for ever."""
+    release = threading.Event()
+
+    def script(ch: protocol.Channel) -> None:
+        ch.receive(10)
+        release.wait(30)  # holds the connection open, answering nothing
+
+    t = entry.serve(script)
+    start = time.monotonic()
+    proc = entry.run()
+    took = time.monotonic() - start
+    release.set()
+    entry.done(t)
+    assert proc.returncode == 0 and entry.stock_ran == "suspend"
+    assert entry.trace is not None and entry.trace["reason"] == "the helper is not armed: no answer"
+    assert 9.5 < took < 30, took
