@@ -57,7 +57,6 @@ SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@VENVD
 # when $(CC) can build it, else python, with a warning. Packages build native.
 SLEEP_ENTRY ?= auto
 BUILDDIR ?= build
-CC ?= cc
 CFLAGS ?= -O2 -g
 SLEEP_CFLAGS = -std=gnu11 -Wall -Wextra
 
