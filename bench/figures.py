@@ -21,7 +21,7 @@ ROOT, DATA = layout.ROOT_DM_NAME, layout.DATA_DM_NAME
 # Figures of the side-by-side table, in order (seconds). Host figures are measured on the
 # host with time.monotonic and QMP events; record figures are intervals of the cycle record.
 REQUEST_TO_SUSPEND = "request -> QMP SUSPEND (host)"
-DELAY_LOCK = "delay-lock hold (arm_seconds)"
+DELAY_LOCK = "delay-lock hold (record: PrepareForSleep -> released)"
 WAKE_TO_PROMPT = "wake -> prompt (host: WAKEUP to prompt seen)"
 ENTER_ROOT = f"Enter -> {ROOT} resumed"
 ENTER_DATA = f"Enter -> {DATA} resumed"
@@ -41,19 +41,29 @@ FIGURES = [
 
 # cryptlockd's own steps, kept from the earlier bench (intervals of the cycle record).
 INTERVALS = [
-    ("arm request -> helper starts arming", "arm_requested", "helper_arm"),
+    ("PrepareForSleep -> arm request (daemon)", "prepare_for_sleep", "arm_requested"),
+    ("arm request -> arm sent (daemon: sleep state, connect)", "arm_requested", "arm_sent"),
+    ("arm sent -> helper starts arming", "arm_sent", "helper_arm"),
     ("  mlockall + not dumpable", "helper_arm", "helper_hardened"),
     ("  crypt_init_by_name of each device", "helper_hardened", "helper_devices_loaded"),
     ("  VT open", "helper_devices_loaded", "helper_armed"),
-    ("helper armed -> delay lock closed", "helper_armed", "armed"),
+    ("helper armed -> the daemon reads it", "helper_armed", "armed"),
+    ("the daemon reads armed -> delay lock released", "armed", "delay_lock_released"),
     (
         "  (KDF reserve faulted in, after armed: overlaps logind)",
         "helper_armed",
         "helper_kdf_reserved",
     ),
-    ("delay lock closed -> sleep entry begins", "armed", "begin"),
-    ("begin -> synced (sync, nothing frozen yet)", "begin", "synced"),
-    ("synced -> cgroups frozen", "synced", "frozen"),
+    (
+        "  (service watchdogs off, after the release: overlaps logind)",
+        "delay_lock_released",
+        "watchdogs_switched",
+    ),
+    ("delay lock released -> sleep entry begins", "delay_lock_released", "begin"),
+    ("begin -> synced (VT switch asked for; sync, nothing frozen yet)", "begin", "synced"),
+    ("synced -> VT switched (what is left of the switch)", "synced", "vt_switched"),
+    ("VT switched -> the daemon's word on the watchdogs", "vt_switched", "watchdogs_off"),
+    ("watchdogs off -> cgroups frozen", "watchdogs_off", "frozen"),
     ("frozen -> file systems synced (syncfs)", "frozen", "filesystems_synced"),
     ("file systems synced -> devices suspended and verified", "filesystems_synced", "verified"),
     ("verified -> sleep write", "verified", "sleep_write"),

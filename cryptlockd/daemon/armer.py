@@ -60,13 +60,30 @@ class Armer(Protocol):
         bounded wait."""
 
     async def arm(
-        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
     ) -> None:
         """Return once the helper reports armed (`sleeps` False: for Lock(), a cycle
-        without the sleep write, started through entry()). Raise CryptlockdError when it cannot arm;
-        the sleep then goes ahead unprotected, and says so. The manager bounds it and may
-        cancel it; it then calls disarm(), which must also stand down a helper that arms
-        after all (or, should that helper run the cycle, pass its record on)."""
+        without the sleep write, started through entry()). `steps`: the caller's own
+        moments (boottime), kept by reference and put on the record's timeline with the
+        armer's, including those added after arm() returns. `watchdogs_pending`: the
+        helper freezes nothing until watchdogs_off() (or a few seconds have passed).
+        `on_armed`: called the moment the helper says armed, before arm() returns (an
+        armer may also never call it).
+        Raise CryptlockdError when it cannot arm; the sleep then goes ahead unprotected,
+        and says so. The manager bounds it and may cancel it; it then calls disarm(),
+        which must also stand down a helper that arms after all (or, should that helper
+        run the cycle, pass its record on)."""
+
+    async def watchdogs_off(self) -> None:
+        """Tell the armed helper that PID 1's service watchdogs are off (or that they
+        could not be switched): its cycle may freeze. Never raises."""
 
     async def disarm(self) -> bool:
         """The sleep is over without a record (PrepareForSleep(false) without a cycle,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,27 +204,27 @@ class HelperArmer:
                     f"{self.unit.name} is still {state} although its helper has exited"
                 )
 
-    async def _connect(self, deadline: float) -> Connection:
+    async def _connect(self, deadline: float) -> socket.socket:
         # The helper creates its socket once it runs; a stale socket file refuses.
-        errors: list[OSError] = []
+        async def attempt() -> socket.socket | None:
+            return helper_socket.connect(self.socket_path)
 
-        async def attempt() -> Connection | None:
-            try:
-                return await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
-            except OSError as e:
-                errors.append(e)
-                return None
-
-        conn = await helper_socket.poll_until(attempt, deadline, every=0.01)
-        if conn is None:
-            last = errors[-1] if errors else None
-            raise HelperError(f"the helper did not open {self.socket_path}: {last}")
-        return conn
+        sock = await helper_socket.poll_until(attempt, deadline, every=0.01)
+        if sock is None:
+            raise HelperError(f"the helper did not open {self.socket_path}")
+        return sock
 
     # -- arming ---------------------------------------------------------------------------
 
     async def arm(
-        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
     ) -> None:
         if self.unavailable is not None:
             raise HelperError(self.unavailable)
@@ -242,7 +243,18 @@ class HelperArmer:
             )
         # A tree swap waits until we are armed and the cycle is over (self._conn).
         async with self._tree_lock:
-            await self._arm(devices, on_finished, t0, b0, deadline, sleeps)
+            daemon_steps = steps if steps is not None else {}
+            daemon_steps["arm_requested"] = b0
+            await self._arm(
+                devices,
+                on_finished,
+                t0,
+                deadline,
+                daemon_steps,
+                sleeps,
+                watchdogs_pending,
+                on_armed,
+            )
 
     def entry(self) -> HelperEntry:
         return HelperEntry(self.socket_path)
@@ -252,27 +264,21 @@ class HelperArmer:
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
         t0: float,
-        b0: float,
         deadline: float,
+        daemon_steps: dict[str, float],
         sleeps: bool = True,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
     ) -> None:
         await self._close()
-        state, mem_sleep = await asyncio.to_thread(choose_sleep_state)
-        if not helper_socket.alive(self.socket_path):
+        # Nothing yields from here until the arm is out: logind waits for it, and each
+        # turn of the event loop around a sleep cost milliseconds under TCG (issue 12).
+        # The sleep state is read for each sleep, as systemd-sleep does (small files).
+        state, mem_sleep = choose_sleep_state()
+        sock = helper_socket.connect(self.socket_path)
+        if sock is None:  # no idle helper: start one
             await self._start_unit(deadline)
-        reader, writer = await self._connect(deadline)
-        # The connection is ours from here until the helper ends it, and one reader takes
-        # all it says. Should this arm be cancelled (the manager's timeout) after the
-        # helper read it, disarm() still finds the connection, and the reader passes on
-        # whatever the helper says after all (issue 10, defect 7).
-        self._conn = (reader, writer)
-        loop = asyncio.get_running_loop()
-        armed: asyncio.Future[ArmedMessage] = loop.create_future()
-        armed.add_done_callback(_retrieve)
-        daemon_steps = {"arm_requested": b0}
-        self._reader_task = loop.create_task(
-            self._read_helper(reader, writer, on_finished, daemon_steps, armed)
-        )
+            sock = await self._connect(deadline)
         prompt, cycle = self.config.prompt, self.config.cycle
         msg = protocol.arm_message(
             device_plan(devices),
@@ -290,9 +296,32 @@ class HelperArmer:
             keyslots=self.keyslots,
             sleeps=sleeps,
             drop_page_cache=cycle.drop_page_cache,
+            watchdogs_pending=watchdogs_pending,
         )
-        writer.write(protocol.encode(msg))
-        await writer.drain()
+        try:
+            sock.sendall(protocol.encode(msg))
+            daemon_steps["arm_sent"] = protocol.boottime()
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        except BaseException:
+            # The helper may have the arm, and nothing would read its answer: it must not
+            # stay armed for a sleep given up (issue 10, defect 7).
+            with contextlib.suppress(OSError):
+                sock.settimeout(1.0)
+                sock.sendall(protocol.encode({"op": protocol.OP_DISARM}))
+            sock.close()
+            raise
+        # The connection is ours from here until the helper ends it, and one reader takes
+        # all it says. Should this arm be cancelled (the manager's timeout) after the
+        # helper read it, disarm() still finds the connection, and the reader passes on
+        # whatever the helper says after all (issue 10, defect 7).
+        self._conn = (reader, writer)
+        loop = asyncio.get_running_loop()
+        armed: asyncio.Future[ArmedMessage] = loop.create_future()
+        armed.add_done_callback(_retrieve)
+        self._reader_task = loop.create_task(
+            self._read_helper(reader, writer, on_finished, daemon_steps, armed, on_armed)
+        )
         reply = await asyncio.wait_for(asyncio.shield(armed), max(0.1, deadline - time.monotonic()))
         log.info(
             "helper armed in %.3f s (VT %s, KDF reserve %s KiB, pid %s)",
@@ -309,6 +338,7 @@ class HelperArmer:
         on_finished: CycleCallback,
         daemon_steps: dict[str, float],
         armed: asyncio.Future[ArmedMessage],
+        on_armed: Callable[[], None] | None = None,
     ) -> None:
         """All the helper says on the arm connection: `armed` (or `error`), then the
         record. Once it has ended the connection: a record the recovery left if it died
@@ -326,6 +356,10 @@ class HelperArmer:
                             log.warning("the helper armed after the arm was given up")
                         else:
                             armed.set_result(msg)
+                            if on_armed is not None:
+                                # At once, not once the arm's coroutine gets its turn
+                                # (logind's wait, issue 12).
+                                on_armed()
                     elif msg["op"] == protocol.OP_ERROR and not armed.done():
                         armed.set_exception(HelperError(msg["reason"]))
                     elif msg["op"] == protocol.OP_RECORD:
@@ -365,6 +399,17 @@ class HelperArmer:
         if self._conn is not None and self._conn[1] is writer:
             self._conn, self._reader_task = None, None
         self._after_helper = asyncio.get_running_loop().create_task(self._helper_gone())
+
+    async def watchdogs_off(self) -> None:
+        if self._conn is None:
+            return  # the helper is gone already (its record, a disarm)
+        writer = self._conn[1]
+        try:
+            writer.write(protocol.encode({"op": protocol.OP_WATCHDOGS_OFF}))
+            await writer.drain()
+        except OSError as e:
+            # It then waits its few seconds (protocol.WATCHDOGS_WAIT) and freezes anyway.
+            log.warning("could not tell the helper that the service watchdogs are off: %s", e)
 
     async def disarm(self) -> bool:
         if self.unavailable is not None:

@@ -65,7 +65,8 @@ def device_plan(devices: Sequence[LuksDevice]) -> list[DevicePlanEntry]:
 def merge_record(
     record: dict[str, Any], daemon_steps: dict[str, float], armed: ArmedMessage | None
 ) -> dict[str, Any]:
-    """Put the daemon's steps (PrepareForSleep, armed) on the helper's timeline. `armed`:
+    """Put the daemon's steps (PrepareForSleep, the arm, the delay lock's release) on the
+    helper's timeline. `armed`:
     the helper's reply, None if it never came (a record all the same: defect 7)."""
     out = dict(record)
     helper_start = float(record.get("started_boottime", 0.0))
@@ -78,8 +79,13 @@ def merge_record(
     for name, t in daemon_steps.items():
         timeline[name] = round((t - start) * 1000.0, 1)
     out["timeline_ms"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))
-    if "armed" in daemon_steps and "arm_requested" in daemon_steps:
-        out["arm_seconds"] = round(daemon_steps["armed"] - daemon_steps["arm_requested"], 3)
+    # How long logind waited for us: PrepareForSleep(true) to the delay lock's release
+    # (a Lock(), with no delay lock: the arm request to `armed`).
+    held = ("prepare_for_sleep", "delay_lock_released")
+    if not all(k in daemon_steps for k in held):
+        held = ("arm_requested", "armed")
+    if all(k in daemon_steps for k in held):
+        out["arm_seconds"] = round(daemon_steps[held[1]] - daemon_steps[held[0]], 3)
     if armed is not None:
         out["kdf_reserve_kib"] = armed["reserve_kib"]
         out["vt"] = armed["vt"]

@@ -13,9 +13,22 @@ from typing import TypeVar
 
 from cryptlockd.helper import protocol
 
-__all__ = ["alive", "poll_until", "stop_idle"]
+__all__ = ["alive", "connect", "poll_until", "stop_idle"]
 
 T = TypeVar("T")
+
+
+def connect(socket_path: str, timeout: float = 1.0) -> socket.socket | None:
+    """A blocking connection to the helper, or None when nothing listens. A unix socket's
+    connect() is done at once while the listener has room in its backlog."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(socket_path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def alive(socket_path: str) -> bool:

@@ -136,7 +136,9 @@ class Logind:
         os.set_inheritable(fd, False)
         return fd
 
-    def release_inhibitor(self, why: str) -> None:
+    def release_inhibitor(self, why: str, *, refresh: bool = True) -> None:
+        """refresh=False: no re-evaluation of the self-checks (the caller announces the
+        change itself): at the arm, they would take the CPU the sleep needs (issue 12)."""
         fd, self.inhibitor_fd = self.inhibitor_fd, None
         if fd is None:
             return
@@ -149,7 +151,8 @@ class Logind:
             why,
             extra=event(MessageId.INHIBITOR_RELEASED, REASON=why),
         )
-        self._on_change()
+        if refresh:
+            self._on_change()
 
     async def _read_delay_max(self) -> None:
         try:

@@ -14,8 +14,9 @@ init.scope, which is never frozen.
 Why the daemon owns the knob and not the helper: the helper runs stdlib-only from a RAM
 filesystem and has no D-Bus client, and mid-cycle dbus-daemon is frozen, so it could set
 nothing before the freeze that the daemon cannot set at arm time, on the connection it
-already has. The daemon turns it off once the helper is armed, before it releases its
-delay lock, and back when the cycle is over (back to idle). The value it replaced is noted
+already has. The daemon turns it off while the helper arms; logind does not wait for
+that, but the helper freezes nothing before the daemon's `watchdogs_off` (issue 12). It
+is turned back when the cycle is over (back to idle). The value it replaced is noted
 in a file under /run/cryptlockd before it is changed, so that a daemon that died mid-cycle
 restores it when it starts again (SPEC 2.7). Only the noted value is put back: a user who
 had switched service watchdogs off finds them off.

@@ -117,6 +117,8 @@ class SleepCycle:
                 await self._end_sleep("another sleep began before it ended", self.sleep)
         t0 = time.monotonic()
         sleep = self.sleep = SleepRequest(protocol.boottime(), m.device_names())
+        # The record's daemon steps (helper_messages.merge_record).
+        steps = {"prepare_for_sleep": sleep.started}
         self._start_deadline(sleep)
         if not m.enabled or not m.devices:
             sleep.unprotected = "protection disabled" if not m.enabled else "no LUKS device"
@@ -131,44 +133,86 @@ class SleepCycle:
             # Arm anyway: the armer may still manage (or records, under test); whatever
             # fails is logged there, and the sleep entry falls back to a plain sleep.
             log.warning("arming although checks fail: %s", "; ".join(m.problems))
-        m.set_state(State.ARMING, evaluate=False)
-        # Service watchdogs off before logind may go on, so PID 1 cannot kill a frozen
+        released = given_up = False
+
+        def armed() -> None:
+            # The moment the helper says `armed` (the armer calls this from its reader):
+            # logind goes on at once, not once the event loop, busy with the bus around a
+            # sleep, gets back to this coroutine (26-69 ms under TCG, issue 12). The
+            # announcement comes after, and with it: no record can come before ARMED.
+            nonlocal released
+            if given_up or released:
+                return
+            released = True
+            m.logind.release_inhibitor("armed", refresh=False)
+            steps["delay_lock_released"] = protocol.boottime()
+            m.set_state(State.ARMED, evaluate=False)
+
+        arming = asyncio.ensure_future(
+            m.armer.arm(
+                list(m.devices),
+                m.cycle_finished,
+                steps=steps,
+                watchdogs_pending=True,
+                on_armed=armed,
+            )
+        )
+        # Service watchdogs off before anything is frozen, so PID 1 cannot kill a frozen
         # service during a long prompt; back_to_idle() restores them either way. Switched
-        # while the helper arms (logind waits for both; issue 12) and awaited on every path
-        # before the lock goes (no record can come before that: nothing sleeps yet).
-        # Bounded, so that with the arm's own bound it stays inside logind's 5 s delay: a
+        # while the helper arms (started after the arm, which goes first), but logind does
+        # not wait for it: two calls to a PID 1 busy with the sleep took 30-130 ms past
+        # the arm under TCG (issue 12). The helper freezes nothing before our
+        # watchdogs_off() (or a few seconds), sent once the switch is over. Bounded: a
         # systemd too slow to answer costs the watchdog switch, never the protection.
+        # Awaited here, in logind's serial order, so the restore that back_to_idle()
+        # queues always comes after it.
+        # One turn of the loop: the arm goes out (the armer sends it before its first
+        # wait), then the announcement, which is not on logind's way (issue 12). `armed`
+        # needs the helper's answer, so it can only come after this.
+        await asyncio.sleep(0)
+        m.set_state(State.ARMING, evaluate=False)
         switch = asyncio.ensure_future(self._watchdogs_off())
         timeout = m.arm_timeout
         try:
-            await asyncio.wait_for(m.armer.arm(list(m.devices), m.cycle_finished), timeout)
+            await asyncio.wait_for(arming, timeout)
         except Exception as e:
-            await switch
-            why = f"arming timed out after {timeout} s" if isinstance(e, TimeoutError) else str(e)
-            sleep.unprotected = f"cannot arm the helper: {why}"
-            log.critical(
-                "this sleep is NOT protected, the LUKS keys stay in RAM: %s",
-                sleep.unprotected,
-                extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why),
-            )
-            # Before logind may go on: a helper that armed just too late must not take
-            # this sleep while we say it is unprotected (issue 10, defect 7). Should it
-            # not confirm, it stands down once armed, or its record tells the truth.
-            await self._disarm()
-            m.logind.release_inhibitor("arming failed")
-            if self.sleep is sleep:
-                m.set_state(State.IDLE)
-            return
-        await switch
-        # logind first, then the announcement (without the self-checks: set_state), which
-        # now takes CPU from the way to the sleep, not from logind's wait (issue 12). No
-        # await in between, so nothing (a record) can come before ARMED is set.
-        m.logind.release_inhibitor("armed")
-        m.set_state(State.ARMED, evaluate=False)
+            if not released:
+                given_up = True  # before any await: a late `armed` must not release
+                await self._arm_failed(sleep, e, timeout, switch)
+                return
+            # `armed` came just as the arm timed out: armed it is.
+        armed()  # when the armer did not call it
         seconds = time.monotonic() - t0
         log.info(
             "armed in %.3f s", seconds, extra=event(MessageId.ARMED, ARM_SECONDS=f"{seconds:.3f}")
         )
+        await switch
+        steps["watchdogs_switched"] = protocol.boottime()
+        await m.armer.watchdogs_off()
+
+    async def _arm_failed(
+        self,
+        sleep: SleepRequest,
+        e: Exception,
+        timeout: float,
+        switch: asyncio.Future[None],
+    ) -> None:
+        m = self.m
+        await switch
+        why = f"arming timed out after {timeout} s" if isinstance(e, TimeoutError) else str(e)
+        sleep.unprotected = f"cannot arm the helper: {why}"
+        log.critical(
+            "this sleep is NOT protected, the LUKS keys stay in RAM: %s",
+            sleep.unprotected,
+            extra=event(MessageId.UNPROTECTED_SLEEP, REASON=why),
+        )
+        # Before logind may go on: a helper that armed just too late must not take this
+        # sleep while we say it is unprotected (issue 10, defect 7). Should it not
+        # confirm, it stands down once armed, or its record tells the truth.
+        await self._disarm()
+        m.logind.release_inhibitor("arming failed")
+        if self.sleep is sleep:
+            m.set_state(State.IDLE)
 
     async def _watchdogs_off(self) -> None:
         with contextlib.suppress(TimeoutError):

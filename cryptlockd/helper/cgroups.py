@@ -11,7 +11,9 @@ user.slice freeze as whole subtrees and nothing started later escapes.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import time
 
 TYPE_CHECKING = False  # see cycle.py
@@ -87,12 +89,16 @@ def _write(path: str, value: str) -> None:
         os.close(fd)
 
 
-def is_frozen(root: str, rel: str) -> bool:
-    for line in _read(_path(root, rel, "cgroup.events")).splitlines():
+def _frozen_in(events: str) -> bool:
+    for line in events.splitlines():
         key, _, value = line.partition(" ")
         if key == "frozen":
             return value.strip() == "1"
     return False
+
+
+# The longest wait between two looks at a cgroup.events the kernel did not say changed.
+LOOK_AGAIN = 0.05
 
 
 def freeze(root: str, cgroups: Iterable[str], timeout: float, frozen: list[str]) -> None:
@@ -107,22 +113,44 @@ def freeze(root: str, cgroups: Iterable[str], timeout: float, frozen: list[str])
         except FileNotFoundError:
             continue  # the cgroup went away meanwhile
         frozen.append(rel)
-    deadline = time.monotonic() + timeout
-    waiting = list(frozen)
-    while waiting:
-        still = []
+    _wait_frozen(root, list(frozen), time.monotonic() + timeout, timeout)
+
+
+def _wait_frozen(root: str, waiting: list[str], deadline: float, timeout: float) -> None:
+    """Until every cgroup in `waiting` says `frozen 1` (or is gone). cgroup.events wakes a
+    poll() with POLLPRI when it changes, so the freeze is seen as it happens, not at the
+    next look (issue 12); the looks every LOOK_AGAIN are a safety net."""
+    files: dict[str, int] = {}
+    poller = select.poll()
+    try:
         for rel in waiting:
             try:
-                if not is_frozen(root, rel):
-                    still.append(rel)
+                fd = os.open(_path(root, rel, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                pass
-        waiting = still
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            raise FreezeError(f"not frozen after {timeout:g} s: {', '.join(waiting)}")
-        time.sleep(0.005)
+                continue  # the cgroup went away meanwhile
+            files[rel] = fd
+            poller.register(fd, select.POLLPRI)
+        while files:
+            for rel, fd in list(files.items()):
+                try:
+                    # Reading it again is what re-arms its POLLPRI.
+                    done = _frozen_in(os.pread(fd, 4096, 0).decode(errors="replace"))
+                except OSError as e:
+                    if e.errno not in (errno.ENODEV, errno.ENOENT):
+                        raise
+                    done = True  # the cgroup was removed meanwhile
+                if done:
+                    poller.unregister(fd)
+                    os.close(files.pop(rel))
+            if not files:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FreezeError(f"not frozen after {timeout:g} s: {', '.join(files)}")
+            poller.poll(min(left, LOOK_AGAIN) * 1000)
+    finally:
+        for fd in files.values():
+            os.close(fd)
 
 
 def thaw(root: str, frozen: list[str]) -> list[str]:

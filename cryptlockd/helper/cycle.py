@@ -122,6 +122,11 @@ if TYPE_CHECKING:
         def freeze(self, frozen: list[str]) -> None: ...
         def thaw(self, frozen: list[str]) -> list[str]: ...
         def sync(self) -> None: ...
+        # The switch to our VT, started at `begin`, done: a display server that is frozen
+        # can no longer let go of its VT.
+        def wait_vt(self) -> None: ...
+        # The daemon's word that PID 1's service watchdogs are off (Helper.wait_watchdogs).
+        def wait_watchdogs(self) -> None: ...
         def syncfs(self) -> list[str]: ...
         def get_sync_on_suspend(self) -> str | None: ...
         def set_sync_on_suspend(self, value: str) -> None: ...
@@ -173,6 +178,20 @@ def run_cycle(
             record.step("sync_start")
             ops.sync()
             record.step("synced")
+            try:
+                ops.wait_vt()
+            except Exception as e:
+                # The prompt then shows on whatever VT is in front, or on none: the user
+                # can still switch to it; no reason to keep the keys in RAM.
+                record.problems.append(f"VT switch: {e}")
+            record.step("vt_switched")
+            try:
+                ops.wait_watchdogs()
+                record.step("watchdogs_off")
+            except Exception as e:
+                # Frozen services may be killed by PID 1 during a long prompt (SPEC 2.4);
+                # the keys still go.
+                record.problems.append(f"service watchdogs: {e}")
             record.step("freeze_start")
             ops.freeze(frozen)
             record.step("frozen")

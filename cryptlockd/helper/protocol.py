@@ -74,6 +74,10 @@ if TYPE_CHECKING:
         # Drop the clean page cache (and scrub the freed pages) before the suspend.
         # Absent: False.
         drop_page_cache: bool
+        # The daemon is still turning PID 1's service watchdogs off (it lets logind go
+        # on without waiting for that): nothing is frozen before its `watchdogs_off`, or
+        # WATCHDOGS_WAIT. Absent: False.
+        watchdogs_pending: bool
 
     class ArmedMessage(TypedDict):
         op: Literal["armed"]
@@ -88,6 +92,11 @@ if TYPE_CHECKING:
 
     class DisarmMessage(TypedDict):
         op: Literal["disarm"]
+
+    class WatchdogsOffMessage(TypedDict):
+        # The daemon is done with PID 1's service watchdogs (off, or it could not): the
+        # helper may freeze.
+        op: Literal["watchdogs_off"]
 
     class BeginMessage(TypedDict):
         op: Literal["begin"]
@@ -132,6 +141,7 @@ if TYPE_CHECKING:
         | ArmedMessage
         | RecordMessage
         | DisarmMessage
+        | WatchdogsOffMessage
         | BeginMessage
         | ReadyMessage
         | SleepMessage
@@ -147,6 +157,7 @@ OP_ARM: Final = "arm"
 OP_ARMED: Final = "armed"
 OP_RECORD: Final = "record"
 OP_DISARM: Final = "disarm"
+OP_WATCHDOGS_OFF: Final = "watchdogs_off"
 OP_BEGIN: Final = "begin"
 OP_READY: Final = "ready"
 OP_SLEEP: Final = "sleep"
@@ -172,6 +183,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     OP_ARMED: ("vt", "reserve_kib", "pid"),
     OP_RECORD: ("success", "record"),
     OP_DISARM: (),
+    OP_WATCHDOGS_OFF: (),
     OP_BEGIN: (),
     OP_READY: (),
     OP_SLEEP: ("times",),
@@ -198,6 +210,9 @@ DEFAULT_POWEROFF_LOCKED_AFTER = 0.0
 # Long enough to find the keyboard after opening the lid, short enough that a laptop woken
 # in a bag (an RTC alarm, a spurious wake) does not stay awake for long.
 DEFAULT_UNANSWERED_WAKE_AFTER = 60.0
+# How long the helper waits for the daemon's `watchdogs_off` before it freezes all the
+# same: the daemon gives the switch 1 s (sleep_cycle.WATCHDOGS_SWITCH_TIMEOUT).
+WATCHDOGS_WAIT = 3.0
 
 # -- the RAM filesystem -----------------------------------------------------------------
 
@@ -326,6 +341,7 @@ def arm_message(
     keyslots: dict[str, int],
     sleeps: bool = True,
     drop_page_cache: bool = False,
+    watchdogs_pending: bool = False,
 ) -> ArmMessage:
     return {
         "op": OP_ARM,
@@ -344,6 +360,7 @@ def arm_message(
         "keyslots": dict(keyslots),
         "sleeps": sleeps,
         "drop_page_cache": drop_page_cache,
+        "watchdogs_pending": watchdogs_pending,
     }
 
 

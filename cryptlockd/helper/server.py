@@ -75,6 +75,8 @@ def serve(helper: Helper, listener: socket.socket) -> int:
             elif msg["op"] == protocol.OP_DISARM:
                 log(INFO, "disarmed")
                 return 0
+            elif msg["op"] == protocol.OP_WATCHDOGS_OFF:
+                helper.watchdogs_pending = False
             continue
         sock, _ = listener.accept()
         conn = protocol.Channel(sock)

@@ -1,7 +1,7 @@
 """The helper's state from arm to report, and what each message makes it do.
 
 `arm`: lock itself in memory, open the devices and its VT, reserve the KDF memory.
-`begin`: switch to the VT. `sleep`: run the cycle (cycle.run_cycle with SystemOps).
+`begin`: start the switch to the VT. `sleep`: run the cycle (cycle.run_cycle with SystemOps).
 `finish`: switch the VT back and close the record, which goes to the journal (stderr) and to
 the daemon. Who may send which message, and when, is server.py's business.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from cryptlockd.helper import mappings, power, protocol
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
@@ -45,6 +46,10 @@ class Helper:
         # after arming (SystemOps.late_devices).
         self.armed_mappings: set[str] = set()
         self._terminal: Terminal | None = None
+        # begin() asked for the switch to our VT, and nobody has waited for it yet.
+        self.vt_switching = False
+        # The daemon's `watchdogs_off` is still to come (ArmMessage.watchdogs_pending).
+        self.watchdogs_pending = False
         self.reserve = Reserve(0)
         # What the KDFs may hold at once after the wake: the reserve, once handed back.
         self.kdf_budget = KdfBudget(0)
@@ -164,6 +169,7 @@ class Helper:
         self.poweroff_after = int(msg["poweroff_after"])
         self.sleeps = bool(msg.get("sleeps", True))
         self.drop_page_cache = bool(msg.get("drop_page_cache", False))
+        self.watchdogs_pending = bool(msg.get("watchdogs_pending", False))
         if not self.sleeps:
             self.record.action = "lock"
         self.poweroff_locked_after = float(
@@ -182,7 +188,6 @@ class Helper:
         if self.fault:
             log(WARNING, f"test hook {protocol.FAULT_HOOK}: this cycle fails at {self.fault}")
         self.record.step("helper_armed")
-        self.record.hardening = hardening_status()
         return {
             "op": protocol.OP_ARMED,
             "vt": self.terminal.number,
@@ -205,19 +210,56 @@ class Helper:
                 self.reserve_error = f"cannot hold {kib} KiB for the KDF: {e or type(e).__name__}"
                 log(WARNING, self.reserve_error)
         self.record.step("helper_kdf_reserved")
+        # Here, not before `armed`: logind waits for that (issue 12).
+        self.record.hardening = hardening_status()
 
     # -- the cycle ------------------------------------------------------------------------
 
     def begin(self) -> ReadyMessage:
+        """Starts the switch to our VT and answers at once: the display server lets go of
+        its VT while the sleep entry runs its hooks and we sync (issue 12); the cycle
+        waits for the switch before it freezes anything (SystemOps.wait_vt)."""
         self.record.step("begin")
-        try:
-            self.terminal.switch_to()
-        except Exception as e:
-            self.record.problems.append(f"VT switch: {e}")
+        self.vt_switching = False
+        # Written first: a write to a VT blocks while the console switches.
         then = " and going to sleep" if self.sleeps else ""
         self.terminal.write(f"\033[H\033[2Jcryptlockd: locking the disks{then}.\n")
-        self.record.step("vt_switched")
+        try:
+            self.terminal.start_activate(self.terminal.number)
+            self.vt_switching = True
+        except Exception as e:
+            self.record.problems.append(f"VT switch: {e}")
         return {"op": protocol.OP_READY}
+
+    def wait_vt(self) -> None:
+        """The end of the switch begin() started (nothing when it could not start)."""
+        if self.vt_switching:
+            self.vt_switching = False
+            self.terminal.wait_active(self.terminal.number)
+
+    def wait_watchdogs(self) -> None:
+        """Until the daemon says PID 1's service watchdogs are off (it let logind go on
+        before that, issue 12): a frozen service must not be killed by PID 1 during a
+        long prompt (SPEC 2.4). Raises TimeoutError after WATCHDOGS_WAIT, when the daemon
+        never says it; a daemon that went away cannot say it any more."""
+        deadline = time.monotonic() + protocol.WATCHDOGS_WAIT
+        while self.watchdogs_pending and self.daemon is not None:
+            try:
+                msg = self.daemon.receive(max(0.0, deadline - time.monotonic()))
+            except protocol.ProtocolError as e:
+                raise RuntimeError(f"a bad message from the daemon: {e}") from e
+            if msg is None:
+                if time.monotonic() >= deadline:
+                    self.watchdogs_pending = False  # one wait per cycle
+                    raise TimeoutError(
+                        f"the daemon did not say within {protocol.WATCHDOGS_WAIT:g} s that "
+                        "PID 1's service watchdogs are off"
+                    )
+                self.daemon = None  # it went away
+            elif msg["op"] == protocol.OP_WATCHDOGS_OFF:
+                self.watchdogs_pending = False
+            # Anything else (a late `disarm`) has no say mid-cycle.
+        self.watchdogs_pending = False
 
     def _entry_steps(self, times: dict[str, float]) -> None:
         # The sleep entry's own steps (hooks), on the same clock, into our timeline.

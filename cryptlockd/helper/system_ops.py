@@ -148,6 +148,12 @@ class SystemOps:
     def sync(self) -> None:
         power.sync(self.h.sync_timeout)
 
+    def wait_vt(self) -> None:
+        self.h.wait_vt()
+
+    def wait_watchdogs(self) -> None:
+        self.h.wait_watchdogs()
+
     def syncfs(self) -> list[str]:
         return power.syncfs_block_mounts(self.h.syncfs_timeout)
 

@@ -24,6 +24,8 @@ VT_OPENQRY = 0x5600
 VT_GETSTATE = 0x5603
 VT_ACTIVATE = 0x5606
 VT_WAITACTIVE = 0x5607
+# How long a display server may take to let go of its VT.
+SWITCH_TIMEOUT = 5.0
 
 
 # The console loglevel: messages of a lower level reach the consoles, this VT included.
@@ -125,13 +127,24 @@ class Terminal:
                 os._exit(0)
         os.waitpid(pid, 0)
 
-    def activate(self, number: int, timeout: float = 5.0) -> None:
+    def activate(self, number: int, timeout: float = SWITCH_TIMEOUT) -> None:
+        self.start_activate(number)
+        self.wait_active(number, timeout)
+
+    def start_activate(self, number: int) -> None:
+        """Asks for the switch and returns at once: the display server lets go of its VT
+        meanwhile (VT_PROCESS mode), while the caller gets on with other work."""
+        try:
+            fcntl.ioctl(self.fd, VT_ACTIVATE, number)
+        except OSError as e:
+            raise VtError(f"switching to VT {number}: {e}") from e
+
+    def wait_active(self, number: int, timeout: float = SWITCH_TIMEOUT) -> None:
         # VT_WAITACTIVE blocks for good if a display server in VT_PROCESS mode never lets
         # go; an alarm turns that into an error.
         old = signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            fcntl.ioctl(self.fd, VT_ACTIVATE, number)
             fcntl.ioctl(self.fd, VT_WAITACTIVE, number)
         except OSError as e:
             raise VtError(f"switching to VT {number}: {e}") from e

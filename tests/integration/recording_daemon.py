@@ -53,6 +53,8 @@ class RecordingArmer:
         self._cycle: tuple[CycleCallback, bool, dict[str, Any]] | None = None
         self.armed_with: list[tuple[str, ...]] = []
         self.disarmed = 0
+        # watchdogs_off() calls: the daemon's word that the helper may freeze.
+        self.watchdogs_told = 0
         self.sleeps: list[bool] = []
         self.configured: list[Config] = []
         self.on_status_change: Callable[[], None] | None = None
@@ -75,7 +77,14 @@ class RecordingArmer:
             await asyncio.sleep(0.05)
 
     async def arm(
-        self, devices: Sequence[LuksDevice], on_finished: CycleCallback, *, sleeps: bool = True
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
     ) -> None:
         if self.fail_file is not None and Path(self.fail_file).exists():
             raise CryptlockdError(Path(self.fail_file).read_text().strip())
@@ -85,6 +94,9 @@ class RecordingArmer:
         if self.cycle_file is not None and Path(self.cycle_file).exists():
             cycle = json.loads(Path(self.cycle_file).read_text())
             self._cycle = (on_finished, bool(cycle["success"]), dict(cycle["record"]))
+
+    async def watchdogs_off(self) -> None:
+        self.watchdogs_told += 1
 
     async def disarm(self) -> bool:
         """As the real helper answers once it has run the sleep's cycle: busy, and its

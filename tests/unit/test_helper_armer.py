@@ -257,7 +257,13 @@ async def arm_given_up(
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(
-            a._arm([], lambda ok, rec: got.append((ok, rec)), t0, protocol.boottime(), t0 + 30),
+            a._arm(
+                [],
+                lambda ok, rec: got.append((ok, rec)),
+                t0,
+                t0 + 30,
+                {"arm_requested": protocol.boottime()},
+            ),
             0.2,
         )
     return a, got
@@ -306,3 +312,52 @@ async def test_disarm_without_a_connection_is_at_once_true(
     a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
     assert await a.disarm() is True
     assert a.unit.calls == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_arm_starts_a_helper_when_none_listens_and_keeps_the_callers_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens: the first connection fails, the unit is started (here: the scripted
+    # helper starts listening when StartUnit comes), and the arm goes through. The
+    # caller's steps, one of them added after arm() returned, reach the record's timeline.
+    helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.0, busy=True)
+    fake = FakeUnit(["inactive"])
+    a = armer(tmp_path, fake, monkeypatch)
+    a.ramfs.size = 1
+    a.keeper.tree_ready.set()
+    monkeypatch.setattr(helper_armer, "choose_sleep_state", lambda: ("mem", None))
+    real_start = fake.start
+
+    async def start() -> None:
+        await real_start()
+        await helper.start()
+
+    monkeypatch.setattr(fake, "start", start)
+    got: list[tuple[bool, dict[str, object]]] = []
+    steps = {"prepare_for_sleep": protocol.boottime()}
+    returned = False
+    said: list[bool] = []  # on_armed's calls: whether arm() had returned by then
+    await a.arm(
+        [],
+        lambda ok, rec: got.append((ok, rec)),
+        steps=steps,
+        on_armed=lambda: said.append(returned),
+    )
+    returned = True
+    assert said == [False]  # called by the reader, before arm() returned
+    steps["delay_lock_released"] = protocol.boottime()
+    assert fake.calls.count("StartUnit") == 1 and helper.got == ["arm"]
+    helper.send_record.set()
+    assert a._reader_task is not None
+    await asyncio.wait_for(a._reader_task, 5)
+    [(ok, record)] = got
+    assert ok
+    timeline = record["timeline_ms"]
+    assert isinstance(timeline, dict)
+    order = ["prepare_for_sleep", "arm_requested", "arm_sent", "armed", "delay_lock_released"]
+    assert [k for k in timeline if k in order] == order
+    assert record["arm_seconds"] == round(
+        steps["delay_lock_released"] - steps["prepare_for_sleep"], 3
+    )
+    helper.close()

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from cryptlockd.helper import cgroups
+from tests.wait import wait_until
 
 
 def make_tree(root: Path, paths: list[str]) -> None:
@@ -81,3 +83,24 @@ def test_freeze_deadline_names_the_laggard_and_keeps_list(tmp_path: Path) -> Non
 def test_plan_refuses_an_invisible_hierarchy(tmp_path: Path) -> None:
     with pytest.raises(cgroups.FreezeError):
         cgroups.plan_freeze(str(tmp_path), "/x.service")
+
+
+def test_freeze_sees_a_cgroup_that_freezes_late(tmp_path: Path) -> None:
+    # /a says `frozen 1` only a while after it was asked to. A regular file never wakes a
+    # poll(): this shows the looks every LOOK_AGAIN (the POLLPRI of a real cgroup.events
+    # is proven in the guest, where every cycle freezes).
+    make_tree(tmp_path, ["a", "b"])
+    (tmp_path / "b/cgroup.events").write_text("populated 1\nfrozen 1\n")
+    frozen: list[str] = []
+
+    def later() -> None:
+        wait_until(lambda: (tmp_path / "a/cgroup.freeze").read_text().strip() == "1", 5.0)
+        (tmp_path / "a/cgroup.events").write_text("populated 1\nfrozen 1\n")
+
+    t = threading.Thread(target=later)
+    t.start()
+    try:
+        cgroups.freeze(str(tmp_path), ["/a", "/b"], 5.0, frozen)
+    finally:
+        t.join()
+    assert frozen == ["/a", "/b"]

@@ -32,6 +32,8 @@ class FakeOps:
         sleep_fails: bool = False,
         freeze_fails: bool = False,
         sync_hangs: bool = False,
+        vt_fails: bool = False,
+        watchdogs_fail: bool = False,
         syncfs_hangs: bool = False,
         suspend_fails: str = "",
         keyfile_fails: bool = False,
@@ -43,6 +45,8 @@ class FakeOps:
         self.sleep_fails = sleep_fails
         self.freeze_fails = freeze_fails
         self.sync_hangs = sync_hangs
+        self.vt_fails = vt_fails
+        self.watchdogs_fail = watchdogs_fail
         self.syncfs_hangs = syncfs_hangs
         self.syncfs_errors: list[str] = []
         self.suspend_fails = suspend_fails
@@ -71,6 +75,15 @@ class FakeOps:
         self.calls.append("sync")
         if self.sync_hangs:
             raise DeadlinePassed("sync() did not finish within 60 s")
+
+    def wait_watchdogs(self) -> None:
+        if self.watchdogs_fail:
+            raise TimeoutError("the daemon did not say within 3 s")
+
+    def wait_vt(self) -> None:
+        self.calls.append("wait_vt")
+        if self.vt_fails:
+            raise TimeoutError("VT switch did not complete")
 
     def syncfs(self) -> list[str]:
         self.calls.append("syncfs")
@@ -186,6 +199,7 @@ def test_full_cycle_order() -> None:
     rec = cycle(ops)
     assert ops.calls == [
         "sync",
+        "wait_vt",
         "freeze",
         "syncfs",
         "sync_on_suspend=0",
@@ -206,9 +220,11 @@ def test_full_cycle_order() -> None:
     ]
     assert rec.success and rec.slept and rec.reason == ""
     d = rec.as_dict()
-    assert list(d["timeline_ms"])[:6] == [
+    assert list(d["timeline_ms"])[:8] == [
         "sync_start",
         "synced",
+        "vt_switched",
+        "watchdogs_off",
         "freeze_start",
         "frozen",
         "filesystems_synced",
@@ -300,15 +316,34 @@ def test_a_sync_past_its_deadline_abandons_the_cycle_before_the_freeze() -> None
 def test_a_syncfs_past_its_deadline_abandons_the_cycle_and_thaws() -> None:
     ops = FakeOps([], syncfs_hangs=True)
     rec = cycle(ops)
-    assert ops.calls == ["sync", "freeze", "syncfs", "thaw:/user.slice,/system.slice"]
+    assert ops.calls == ["sync", "wait_vt", "freeze", "syncfs", "thaw:/user.slice,/system.slice"]
     assert_abandoned(ops, rec, "syncfs(/mnt/loop-on-fuse) did not finish within 20 s")
+
+
+def test_a_vt_switch_that_never_completes_costs_the_screen_not_the_protection() -> None:
+    # A display server that never lets go of its VT: the prompt may not be in front, but
+    # the cycle goes on (the user can switch to it), and the record says why.
+    ops = FakeOps([GOOD], vt_fails=True)
+    rec = cycle(ops)
+    assert ops.calls[:3] == ["sync", "wait_vt", "freeze"]
+    assert "suspend:root" in ops.calls and "sleep" in ops.calls
+    assert rec.success and rec.slept
+    assert rec.problems == ["VT switch: VT switch did not complete"]
+
+
+def test_no_word_on_the_service_watchdogs_costs_no_protection() -> None:
+    ops = FakeOps([GOOD], watchdogs_fail=True)
+    rec = cycle(ops)
+    assert "suspend:root" in ops.calls and rec.success and rec.slept
+    assert rec.problems == ["service watchdogs: the daemon did not say within 3 s"]
+    assert "watchdogs_off" not in rec.timeline
 
 
 def test_freeze_timeout_touches_no_device_and_thaws() -> None:
     ops = FakeOps([], freeze_fails=True)
     rec = cycle(ops)
     # Everything it asked to freeze is thawed, frozen or not yet.
-    assert ops.calls == ["sync", "freeze", "thaw:/user.slice,/system.slice"]
+    assert ops.calls == ["sync", "wait_vt", "freeze", "thaw:/user.slice,/system.slice"]
     assert_abandoned(ops, rec, "not frozen after 10 s: /user.slice")
 
 
@@ -575,8 +610,9 @@ def test_a_lock_is_the_cycle_without_the_sleep_write() -> None:
     ops = FakeOps([GOOD])
     rec = lock(ops)
     assert "sleep" not in ops.calls
-    assert ops.calls[:7] == [
+    assert ops.calls[:8] == [
         "sync",
+        "wait_vt",
         "freeze",
         "syncfs",
         "sync_on_suspend=0",
@@ -612,8 +648,9 @@ def test_page_cache_dropped_after_the_sync_before_the_suspend() -> None:
     rec = CycleRecord([d.name for d in DEVICES])
     run_cycle(ops, DEVICES, rec, drop_page_cache=True)
     rec.finish()
-    assert ops.calls[:6] == [
+    assert ops.calls[:7] == [
         "sync",
+        "wait_vt",
         "freeze",
         "syncfs",
         "sync_on_suspend=0",

@@ -27,6 +27,7 @@ class FakeHelper:
         self.watchdog = 1  # as if forked: the tests fork no watchdog
         self.reserve_error = ""
         self.sleeps = True
+        self.watchdogs_pending = True
 
     def arm(self, msg: protocol.ArmMessage) -> protocol.ArmedMessage:
         self.calls.append("arm")
@@ -228,3 +229,23 @@ def test_the_reserve_is_taken_after_armed_and_without_it_begin_is_refused(
 def _failing_reserve(self: FakeHelper) -> None:
     self.calls.append("reserve")
     self.reserve_error = "no memory"
+
+
+def test_the_daemons_watchdogs_off_while_armed_is_noted_for_the_cycle(
+    run_serve: Callable[[Client], tuple[int, FakeHelper]],
+) -> None:
+    # The daemon let logind go on before PID 1 had the service watchdogs off, and says so
+    # once it has: read while the helper waits armed, it is noted, and the cycle's freeze
+    # need not wait for it (session.Helper.wait_watchdogs).
+    def client(path: str) -> None:
+        daemon = protocol.connect(path, timeout=5.0)
+        assert daemon is not None
+        daemon.sock.sendall(ARM)
+        assert daemon.receive(5.0) is not None
+        daemon.send({"op": protocol.OP_WATCHDOGS_OFF})
+        daemon.send({"op": protocol.OP_DISARM})  # so that serve() returns
+        assert daemon.receive(5.0) is None
+        daemon.close()
+
+    rc, helper = run_serve(client)
+    assert rc == 0 and not helper.watchdogs_pending

@@ -5,11 +5,14 @@ its mapping is the same one (by dm UUID), and frees every handle it does not use
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
 
-from cryptlockd.helper import mappings, session
+from cryptlockd.helper import mappings, protocol, session
 from cryptlockd.helper.cycle import DevicePlan
 from cryptlockd.helper.libcryptsetup import UnsupportedDevice
 
@@ -128,3 +131,60 @@ def test_an_untyped_context_leaves_the_device_out_unprotected_and_says_so(
     [problem] = helper.record.problems
     assert problem.startswith("bare: no LUKS header found") and "NOT suspended" in problem
     assert "NOT suspended" in capsys.readouterr().err
+
+
+@pytest.fixture
+def armed_helper(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[session.Helper, socket.socket]]:
+    """A helper whose daemon connection is one end of a socket pair; the test holds the
+    other, and the wait for the daemon's `watchdogs_off` is 0.3 s."""
+    monkeypatch.setattr(protocol, "WATCHDOGS_WAIT", 0.3)
+    ours, theirs = socket.socketpair()
+    h = session.Helper()
+    h.daemon = protocol.Channel(ours)
+    h.watchdogs_pending = True
+    yield h, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_the_freeze_waits_for_the_daemons_watchdogs_off(
+    armed_helper: tuple[session.Helper, socket.socket],
+) -> None:
+    # A late `disarm` has no say mid-cycle; `watchdogs_off` ends the wait.
+    h, daemon = armed_helper
+    daemon.sendall(protocol.encode({"op": protocol.OP_DISARM}))
+    daemon.sendall(protocol.encode({"op": protocol.OP_WATCHDOGS_OFF}))
+    h.wait_watchdogs()
+    assert not h.watchdogs_pending and h.daemon is not None
+    h.wait_watchdogs()  # once said, never waited for again
+
+
+def test_a_daemon_that_never_says_it_costs_the_wait_and_an_error(
+    armed_helper: tuple[session.Helper, socket.socket],
+) -> None:
+    h, _ = armed_helper
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="service watchdogs are off"):
+        h.wait_watchdogs()
+    assert 0.25 < time.monotonic() - t0 < 5.0
+    assert not h.watchdogs_pending
+
+
+def test_a_daemon_that_went_away_is_not_waited_for(
+    armed_helper: tuple[session.Helper, socket.socket],
+) -> None:
+    h, daemon = armed_helper
+    daemon.close()
+    h.wait_watchdogs()
+    assert h.daemon is None and not h.watchdogs_pending
+
+
+def test_without_a_pending_switch_nothing_is_read(
+    armed_helper: tuple[session.Helper, socket.socket],
+) -> None:
+    # Lock(), or an older daemon: the watchdogs were off before the arm, or nobody says.
+    h, daemon = armed_helper
+    h.watchdogs_pending = False
+    daemon.sendall(protocol.encode({"op": protocol.OP_DISARM}))
+    h.wait_watchdogs()
+    assert h.daemon is not None and h.daemon.receive(1.0) == {"op": "disarm"}

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,30 @@ class FakeBus:
 
 
 class FailingArmer(RecordingArmer):
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+    async def arm(
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
+    ) -> None:
         raise CryptlockdError("helper did not start")
 
 
 class HangingArmer(RecordingArmer):
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+    async def arm(
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
+    ) -> None:
         await asyncio.sleep(3600)
 
 

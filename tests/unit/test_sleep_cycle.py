@@ -6,7 +6,7 @@ the helper did not run is reported unprotected, with its reason, in Problems too
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,26 @@ class Armer(RecordingArmer):
         self.lock_held_at_disarm: list[bool] = []
         self.manager: Manager | None = None
 
-    async def arm(self, devices: Sequence[LuksDevice], on_finished: CycleCallback) -> None:
+    async def arm(
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
+    ) -> None:
         if self.fail:
             raise CryptlockdError(self.fail)
-        await super().arm(devices, on_finished)
+        await super().arm(
+            devices,
+            on_finished,
+            sleeps=sleeps,
+            steps=steps,
+            watchdogs_pending=watchdogs_pending,
+            on_armed=on_armed,
+        )
         self.on_finished = on_finished
 
     async def disarm(self) -> bool:
@@ -320,3 +336,93 @@ async def test_a_systemd_that_does_not_answer_costs_the_watchdog_switch_not_the_
     m.service_watchdogs = silent  # type: ignore[assignment]
     await asyncio.wait_for(m.prepare_for_sleep(True), 5)
     assert silent.asked == 1 and len(armer.armed_with) == 1 and m.state == State.ARMED
+    # The helper is told all the same, and freezes.
+    assert armer.watchdogs_told == 1
+
+
+class SlowSystemd:
+    """Service watchdogs behind a systemd that answers when the test says."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+
+    async def disable(self) -> None:
+        await self.answer.wait()
+
+    async def restore(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_logind_goes_on_once_armed_and_the_helper_freezes_once_the_watchdogs_are_off(
+    tmp_path: Path,
+) -> None:
+    # Issue 12: the watchdog switch (two calls to a busy PID 1) no longer holds logind;
+    # the helper waits for watchdogs_off() before it freezes (session.wait_watchdogs).
+    armer = Armer()
+    m, _ = manager(tmp_path, armer)
+    slow = SlowSystemd()
+    m.service_watchdogs = slow  # type: ignore[assignment]
+    task = asyncio.ensure_future(m.prepare_for_sleep(True))
+    await wait_until_async(lambda: not m.logind.inhibitor_held, message="the lock released")
+    assert m.state == State.ARMED and armer.watchdogs_told == 0 and not task.done()
+    slow.answer.set()
+    await asyncio.wait_for(task, 5)
+    assert armer.watchdogs_told == 1
+
+
+class LateArmer(Armer):
+    """The helper says `armed` (on_armed) `after` seconds into the arm, and the arm itself
+    never returns: the manager's timeout (0.3 s) ends it."""
+
+    def __init__(self, after: float) -> None:
+        super().__init__()
+        self.after = after
+        self.said_armed = False
+
+    async def arm(
+        self,
+        devices: Sequence[LuksDevice],
+        on_finished: CycleCallback,
+        *,
+        sleeps: bool = True,
+        steps: dict[str, float] | None = None,
+        watchdogs_pending: bool = False,
+        on_armed: Callable[[], None] | None = None,
+    ) -> None:
+        assert on_armed is not None
+        self.on_finished = on_finished
+
+        def say_armed() -> None:
+            on_armed()
+            self.said_armed = True
+
+        asyncio.get_running_loop().call_later(self.after, say_armed)
+        await asyncio.Event().wait()
+
+
+@pytest.mark.asyncio
+async def test_logind_goes_on_the_moment_the_helper_says_armed(tmp_path: Path) -> None:
+    # Its `armed` came, and the arm's coroutine never got its turn before the timeout:
+    # armed it is (the lock went at `armed`, not at the arm's return; issue 12).
+    armer = LateArmer(after=0.05)
+    m, _ = manager(tmp_path, armer)
+    r = hold_fake_inhibitor(m)
+    await asyncio.wait_for(m.prepare_for_sleep(True), 5)
+    assert closed(r) and m.state == State.ARMED
+    assert m.sleep is not None and m.sleep.unprotected == ""
+    assert armer.disarmed == 0 and armer.watchdogs_told == 1
+
+
+@pytest.mark.asyncio
+async def test_an_armed_after_the_arm_was_given_up_lets_nothing_go(tmp_path: Path) -> None:
+    # Defect 7 again: given up at 0.3 s, the helper stood down, the lock released as
+    # "arming failed"; its `armed` at 0.5 s changes nothing.
+    armer = LateArmer(after=0.5)
+    m, _ = manager(tmp_path, armer)
+    hold_fake_inhibitor(m)
+    await asyncio.wait_for(m.prepare_for_sleep(True), 5)
+    assert m.state == State.IDLE and armer.disarmed == 1
+    assert m.sleep is not None and "timed out" in m.sleep.unprotected
+    await wait_until_async(lambda: armer.said_armed, message="the late armed")
+    assert m.state == State.IDLE
