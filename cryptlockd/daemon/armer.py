@@ -10,18 +10,35 @@ their own (tests/integration/recording_daemon.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 
-__all__ = ["Armer", "CycleCallback", "CycleEntry", "CycleRecord"]
+__all__ = ["ArmOptions", "Armer", "CycleCallback", "CycleEntry", "CycleRecord"]
 
 # A cycle record: plain Python values (str, int, float, bool, lists and dicts of them).
 # The D-Bus layer turns it into a{sv}.
 CycleRecord = dict[str, Any]
 CycleCallback = Callable[[bool, CycleRecord], None]
+
+
+@dataclass
+class ArmOptions:
+    """How to arm, besides the devices."""
+
+    # False for Lock(): the cycle without the sleep write, started through entry().
+    sleeps: bool = True
+    # The caller's own moments (boottime), kept by reference and put on the record's
+    # timeline with the armer's, including those added after arm() returns.
+    steps: dict[str, float] = field(default_factory=dict)
+    # The helper freezes nothing until watchdogs_off() (or a few seconds have passed).
+    watchdogs_pending: bool = False
+    # Called the moment the helper says armed, before arm() returns (an armer may also
+    # never call it).
+    on_armed: Callable[[], None] | None = None
 
 
 class CycleEntry(Protocol):
@@ -63,23 +80,13 @@ class Armer(Protocol):
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
-        """Return once the helper reports armed (`sleeps` False: for Lock(), a cycle
-        without the sleep write, started through entry()). `steps`: the caller's own
-        moments (boottime), kept by reference and put on the record's timeline with the
-        armer's, including those added after arm() returns. `watchdogs_pending`: the
-        helper freezes nothing until watchdogs_off() (or a few seconds have passed).
-        `on_armed`: called the moment the helper says armed, before arm() returns (an
-        armer may also never call it).
-        Raise CryptlockdError when it cannot arm; the sleep then goes ahead unprotected,
-        and says so. The manager bounds it and may cancel it; it then calls disarm(),
-        which must also stand down a helper that arms after all (or, should that helper
-        run the cycle, pass its record on)."""
+        """Return once the helper reports armed (ArmOptions says how). Raise
+        CryptlockdError when it cannot arm; the sleep then goes ahead unprotected, and
+        says so. The manager bounds it and may cancel it; it then calls disarm(), which
+        must also stand down a helper that arms after all (or, should that helper run the
+        cycle, pass its record on)."""
 
     async def watchdogs_off(self) -> None:
         """Tell the armed helper that PID 1's service watchdogs are off (or that they

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from dbus_fast.aio import MessageBus
 
 from cryptlockd.daemon import checks, helper_socket
-from cryptlockd.daemon.armer import CycleCallback, CycleRecord
+from cryptlockd.daemon.armer import ArmOptions, CycleCallback, CycleRecord
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
@@ -220,12 +220,9 @@ class HelperArmer:
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
+        options = options or ArmOptions()
         if self.unavailable is not None:
             raise HelperError(self.unavailable)
         t0, b0 = time.monotonic(), protocol.boottime()
@@ -243,18 +240,8 @@ class HelperArmer:
             )
         # A tree swap waits until we are armed and the cycle is over (self._conn).
         async with self._tree_lock:
-            daemon_steps = steps if steps is not None else {}
-            daemon_steps["arm_requested"] = b0
-            await self._arm(
-                devices,
-                on_finished,
-                t0,
-                deadline,
-                daemon_steps,
-                sleeps,
-                watchdogs_pending,
-                on_armed,
-            )
+            options.steps["arm_requested"] = b0
+            await self._arm(devices, on_finished, t0, deadline, options)
 
     def entry(self) -> HelperEntry:
         return HelperEntry(self.socket_path)
@@ -265,11 +252,9 @@ class HelperArmer:
         on_finished: CycleCallback,
         t0: float,
         deadline: float,
-        daemon_steps: dict[str, float],
-        sleeps: bool = True,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions,
     ) -> None:
+        daemon_steps = options.steps
         await self._close()
         # Nothing yields from here until the arm is out: logind waits for it, and each
         # turn of the event loop around a sleep cost milliseconds under TCG (issue 12).
@@ -294,9 +279,9 @@ class HelperArmer:
             poweroff_locked_after=prompt.poweroff_after_wake_sec,
             unanswered_wake_after=prompt.unanswered_wake_sleep_sec,
             keyslots=self.keyslots,
-            sleeps=sleeps,
+            sleeps=options.sleeps,
             drop_page_cache=cycle.drop_page_cache,
-            watchdogs_pending=watchdogs_pending,
+            watchdogs_pending=options.watchdogs_pending,
         )
         try:
             sock.sendall(protocol.encode(msg))
@@ -320,7 +305,7 @@ class HelperArmer:
         armed: asyncio.Future[ArmedMessage] = loop.create_future()
         armed.add_done_callback(_retrieve)
         self._reader_task = loop.create_task(
-            self._read_helper(reader, writer, on_finished, daemon_steps, armed, on_armed)
+            self._read_helper(reader, writer, on_finished, daemon_steps, armed, options.on_armed)
         )
         reply = await asyncio.wait_for(asyncio.shield(armed), max(0.1, deadline - time.monotonic()))
         log.info(

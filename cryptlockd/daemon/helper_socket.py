@@ -34,15 +34,11 @@ def connect(socket_path: str, timeout: float = 1.0) -> socket.socket | None:
 def alive(socket_path: str) -> bool:
     # A live helper accepts connections even mid-cycle (the listen backlog), a dead one's
     # socket refuses.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(socket_path)
-        return True
-    except OSError:
+    sock = connect(socket_path)
+    if sock is None:
         return False
-    finally:
-        sock.close()
+    sock.close()
+    return True
 
 
 def stop_idle(socket_path: str, timeout: float = 5.0) -> bool:

@@ -20,7 +20,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cryptlockd.daemon import sleep_report
-from cryptlockd.daemon.armer import CycleEntry, CycleRecord
+from cryptlockd.daemon.armer import ArmOptions, CycleEntry, CycleRecord
 from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.daemon.sleep_cycle import WATCHDOGS_SWITCH_TIMEOUT
 from cryptlockd.daemon.sleep_report import SleepRequest
@@ -80,7 +80,8 @@ class LockCycle:
         entry = m.armer.entry()
         try:
             await asyncio.wait_for(
-                m.armer.arm(list(m.devices), self._finished, sleeps=False), m.arm_timeout
+                m.armer.arm(list(m.devices), self._finished, ArmOptions(sleeps=False)),
+                m.arm_timeout,
             )
             await entry.begin(BEGIN_TIMEOUT)
         except Exception as e:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from cryptlockd.daemon import sleep_report
+from cryptlockd.daemon.armer import ArmOptions
 from cryptlockd.daemon.log import MessageId, event
 from cryptlockd.daemon.sleep_report import SleepRequest
 from cryptlockd.defs import DBUS_CALL_TIMEOUT, State
@@ -152,9 +153,7 @@ class SleepCycle:
             m.armer.arm(
                 list(m.devices),
                 m.cycle_finished,
-                steps=steps,
-                watchdogs_pending=True,
-                on_armed=armed,
+                ArmOptions(steps=steps, watchdogs_pending=True, on_armed=armed),
             )
         )
         # Service watchdogs off before anything is frozen, so PID 1 cannot kill a frozen

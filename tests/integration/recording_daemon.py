@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptlockd.daemon import checks
-from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.armer import ArmOptions, CycleCallback
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
@@ -80,15 +80,12 @@ class RecordingArmer:
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
         if self.fail_file is not None and Path(self.fail_file).exists():
             raise CryptlockdError(Path(self.fail_file).read_text().strip())
         self.armed_with.append(tuple(d.name for d in devices))
+        sleeps = (options or ArmOptions()).sleeps
         self.sleeps.append(sleeps)
         print(f"recording armer: armed with sleeps={sleeps}", file=sys.stderr, flush=True)
         if self.cycle_file is not None and Path(self.cycle_file).exists():

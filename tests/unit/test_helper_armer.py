@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from cryptlockd.daemon import helper_armer, helper_socket
+from cryptlockd.daemon.armer import ArmOptions
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
@@ -262,7 +263,7 @@ async def arm_given_up(
                 lambda ok, rec: got.append((ok, rec)),
                 t0,
                 t0 + 30,
-                {"arm_requested": protocol.boottime()},
+                ArmOptions(steps={"arm_requested": protocol.boottime()}),
             ),
             0.2,
         )
@@ -341,8 +342,7 @@ async def test_arm_starts_a_helper_when_none_listens_and_keeps_the_callers_steps
     await a.arm(
         [],
         lambda ok, rec: got.append((ok, rec)),
-        steps=steps,
-        on_armed=lambda: said.append(returned),
+        ArmOptions(steps=steps, on_armed=lambda: said.append(returned)),
     )
     returned = True
     assert said == [False]  # called by the reader, before arm() returned

@@ -10,14 +10,14 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_fast import Message, Variant
 
-from cryptlockd.daemon.armer import Armer, CycleCallback
+from cryptlockd.daemon.armer import Armer, ArmOptions, CycleCallback
 from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
@@ -56,11 +56,7 @@ class FailingArmer(RecordingArmer):
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
         raise CryptlockdError("helper did not start")
 
@@ -70,11 +66,7 @@ class HangingArmer(RecordingArmer):
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
         await asyncio.sleep(3600)
 

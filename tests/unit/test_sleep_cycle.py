@@ -6,14 +6,14 @@ the helper did not run is reported unprotected, with its reason, in Problems too
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cryptlockd.daemon import sleep_report
-from cryptlockd.daemon.armer import CycleCallback
+from cryptlockd.daemon.armer import ArmOptions, CycleCallback
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.manager import Manager
 from cryptlockd.defs import State
@@ -38,22 +38,11 @@ class Armer(RecordingArmer):
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
         if self.fail:
             raise CryptlockdError(self.fail)
-        await super().arm(
-            devices,
-            on_finished,
-            sleeps=sleeps,
-            steps=steps,
-            watchdogs_pending=watchdogs_pending,
-            on_armed=on_armed,
-        )
+        await super().arm(devices, on_finished, options)
         self.on_finished = on_finished
 
     async def disarm(self) -> bool:
@@ -309,15 +298,16 @@ async def test_back_to_idle_takes_the_delay_lock_again(tmp_path: Path) -> None:
     assert isinstance(bus, FakeBus)
 
 
-class SilentSystemd:
-    """Service watchdogs behind a systemd that never answers."""
+class HeldSystemd:
+    """Service watchdogs behind a systemd that answers when the test says (or never)."""
 
     def __init__(self) -> None:
         self.asked = 0
+        self.answer = asyncio.Event()
 
     async def disable(self) -> None:
         self.asked += 1
-        await asyncio.Event().wait()
+        await self.answer.wait()
 
     async def restore(self) -> None:
         pass
@@ -332,25 +322,12 @@ async def test_a_systemd_that_does_not_answer_costs_the_watchdog_switch_not_the_
     monkeypatch.setattr(sleep_cycle, "WATCHDOGS_SWITCH_TIMEOUT", 0.05)
     armer = Armer()
     m, _ = manager(tmp_path, armer)
-    silent = SilentSystemd()
+    silent = HeldSystemd()
     m.service_watchdogs = silent  # type: ignore[assignment]
     await asyncio.wait_for(m.prepare_for_sleep(True), 5)
     assert silent.asked == 1 and len(armer.armed_with) == 1 and m.state == State.ARMED
     # The helper is told all the same, and freezes.
     assert armer.watchdogs_told == 1
-
-
-class SlowSystemd:
-    """Service watchdogs behind a systemd that answers when the test says."""
-
-    def __init__(self) -> None:
-        self.answer = asyncio.Event()
-
-    async def disable(self) -> None:
-        await self.answer.wait()
-
-    async def restore(self) -> None:
-        pass
 
 
 @pytest.mark.asyncio
@@ -361,7 +338,7 @@ async def test_logind_goes_on_once_armed_and_the_helper_freezes_once_the_watchdo
     # the helper waits for watchdogs_off() before it freezes (session.wait_watchdogs).
     armer = Armer()
     m, _ = manager(tmp_path, armer)
-    slow = SlowSystemd()
+    slow = HeldSystemd()
     m.service_watchdogs = slow  # type: ignore[assignment]
     task = asyncio.ensure_future(m.prepare_for_sleep(True))
     await wait_until_async(lambda: not m.logind.inhibitor_held, message="the lock released")
@@ -384,12 +361,9 @@ class LateArmer(Armer):
         self,
         devices: Sequence[LuksDevice],
         on_finished: CycleCallback,
-        *,
-        sleeps: bool = True,
-        steps: dict[str, float] | None = None,
-        watchdogs_pending: bool = False,
-        on_armed: Callable[[], None] | None = None,
+        options: ArmOptions | None = None,
     ) -> None:
+        on_armed = options.on_armed if options else None
         assert on_armed is not None
         self.on_finished = on_finished
 
