@@ -95,7 +95,12 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 log(ERR, f"arming failed: {e}")
                 _refuse(conn, f"arming failed: {e}")
                 continue
-            conn.send(reply)
+            try:
+                conn.send(reply)
+            except OSError as e:
+                # The daemon gave the arm up before it could read the answer.
+                log(WARNING, f"the daemon left before it was told armed ({e}): standing down")
+                return 0
             helper.take_reserve()
             if not helper.watchdog:
                 # Armed, nothing frozen or suspended yet: the watchdog must need nobody

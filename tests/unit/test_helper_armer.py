@@ -23,6 +23,7 @@ from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.helper import protocol
+from tests.wait import wait_until_async
 
 if TYPE_CHECKING:
     from cryptlockd.helper.protocol import ArmedMessage
@@ -361,3 +362,40 @@ async def test_arm_starts_a_helper_when_none_listens_and_keeps_the_callers_steps
         steps["delay_lock_released"] - steps["prepare_for_sleep"], 3
     )
     helper.close()
+
+
+@pytest.mark.asyncio
+async def test_an_arm_given_up_right_after_the_send_disarms_on_the_raw_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The arm is out (sent before any await), and the arm is cancelled while its socket
+    # is being handed to asyncio: nobody would read the helper's answer, so the helper is
+    # told to stand down on that same socket (issue 10, defect 7).
+    got: list[str] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            got.append(protocol.decode(line)["op"])
+        writer.close()
+
+    server = await asyncio.start_unix_server(listen, str(tmp_path / "s"))
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
+    monkeypatch.setattr(helper_armer, "choose_sleep_state", lambda: ("mem", None))
+    handed = asyncio.Event()
+
+    async def never(**kw: object) -> None:
+        handed.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(helper_armer.asyncio, "open_unix_connection", never)
+    t0 = time.monotonic()
+    task = asyncio.ensure_future(
+        a._arm([], lambda ok, rec: None, t0, t0 + 30, ArmOptions(steps={"arm_requested": 0.0}))
+    )
+    await asyncio.wait_for(handed.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until_async(lambda: got == ["arm", "disarm"], message="arm, then disarm")
+    assert a._conn is None
+    server.close()

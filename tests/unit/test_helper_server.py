@@ -249,3 +249,28 @@ def test_the_daemons_watchdogs_off_while_armed_is_noted_for_the_cycle(
 
     rc, helper = run_serve(client)
     assert rc == 0 and not helper.watchdogs_pending
+
+
+def test_a_daemon_gone_before_armed_is_sent_stands_the_helper_down(
+    run_serve: Callable[[Client], tuple[int, FakeHelper]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon gave the arm up (and closed) while the helper armed: the answer cannot
+    # be sent, and a helper armed for nobody must not wait for a sleep entry.
+    gone = threading.Event()
+    arm = FakeHelper.arm
+
+    def slow_arm(self: FakeHelper, msg: protocol.ArmMessage) -> protocol.ArmedMessage:
+        assert gone.wait(5)
+        return arm(self, msg)
+
+    monkeypatch.setattr(FakeHelper, "arm", slow_arm)
+
+    def client(path: str) -> None:
+        daemon = protocol.connect(path, timeout=5.0)
+        assert daemon is not None
+        daemon.sock.sendall(ARM)
+        daemon.close()
+        gone.set()
+
+    rc, helper = run_serve(client)
+    assert rc == 0 and helper.calls == ["arm"]  # no reserve taken: it stood down
