@@ -376,14 +376,17 @@ class Channel:
         self.sock = sock
         self._buffer = LineBuffer()
         self._pending: list[Message] = []
+        # The peer closed (or the socket failed): receive() returns None for good, and
+        # that None is not a timeout.
+        self.ended = False
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(encode(msg))
 
     def receive(self, timeout: float | None = None) -> Message | None:
-        """The next message; None at end of stream, on a socket error, or when `timeout`
-        seconds pass first (None: wait as long as it takes). A malformed line raises
-        ProtocolError."""
+        """The next message; None at end of stream, on a socket error (both set `ended`),
+        or when `timeout` seconds pass first (None: wait as long as it takes). A malformed
+        line raises ProtocolError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -393,8 +396,9 @@ class Channel:
             try:
                 data = self.sock.recv(65536)
             except OSError:
-                return None
+                data = b""
             if not data:
+                self.ended = True
                 return None
             self._pending.extend(self._buffer.feed(data))
         return self._pending.pop(0)

@@ -249,13 +249,14 @@ class Helper:
             except protocol.ProtocolError as e:
                 raise RuntimeError(f"a bad message from the daemon: {e}") from e
             if msg is None:
-                if time.monotonic() >= deadline:
-                    self.watchdogs_pending = False  # one wait per cycle
-                    raise TimeoutError(
-                        f"the daemon did not say within {protocol.WATCHDOGS_WAIT:g} s that "
-                        "PID 1's service watchdogs are off"
-                    )
-                self.daemon = None  # it went away
+                if self.daemon.ended:
+                    self.daemon = None  # it went away
+                    break
+                self.watchdogs_pending = False  # one wait per cycle
+                raise TimeoutError(
+                    f"the daemon did not say within {protocol.WATCHDOGS_WAIT:g} s that "
+                    "PID 1's service watchdogs are off"
+                )
             elif msg["op"] == protocol.OP_WATCHDOGS_OFF:
                 self.watchdogs_pending = False
             # Anything else (a late `disarm`) has no say mid-cycle.

@@ -180,3 +180,16 @@ def test_connect_reaches_a_listener(tmp_path: Path) -> None:
         chan.close()
     finally:
         listener.close()
+
+
+def test_a_receive_that_times_out_is_not_an_end() -> None:
+    # Whoever waits with a deadline must tell a silent peer from one that went away
+    # (session.Helper.wait_watchdogs): a None from a timeout leaves `ended` unset.
+    ours, theirs = socket.socketpair()
+    ch = protocol.Channel(ours)
+    assert ch.receive(0.05) is None and not ch.ended
+    theirs.sendall(protocol.encode({"op": protocol.OP_DISARM}))
+    theirs.close()
+    assert ch.receive(1.0) == {"op": "disarm"} and not ch.ended
+    assert ch.receive(1.0) is None and ch.ended
+    ch.close()
