@@ -256,14 +256,25 @@ class HelperArmer:
     ) -> None:
         daemon_steps = options.steps
         await self._close()
-        # Nothing yields from here until the arm is out: logind waits for it, and each
-        # turn of the event loop around a sleep cost milliseconds under TCG (issue 12).
-        # The sleep state is read for each sleep, as systemd-sleep does (small files).
-        state, mem_sleep = choose_sleep_state()
-        sock = helper_socket.connect(self.socket_path)
-        if sock is None:  # no idle helper: start one
-            await self._start_unit(deadline)
-            sock = await self._connect(deadline)
+        # The sleep state is read for each sleep, as systemd-sleep does. In a thread: its
+        # files are on the root, which may stall, and the manager's bound on the arm must
+        # still hold (SPEC 2.8). Read while we connect: logind waits (issue 12).
+        sleep_state = asyncio.ensure_future(asyncio.to_thread(choose_sleep_state))
+        sleep_state.add_done_callback(lambda f: f.cancelled() or f.exception())
+        sock: socket.socket | None = None
+        try:
+            sock = helper_socket.connect(self.socket_path)
+            if sock is None:  # no idle helper: start one
+                await self._start_unit(deadline)
+                sock = await self._connect(deadline)
+            state, mem_sleep = await sleep_state
+        except BaseException:
+            sleep_state.cancel()
+            if sock is not None:
+                sock.close()  # no arm sent on it yet
+            raise
+        # Nothing yields from here until the arm is out: each turn of the event loop
+        # around a sleep cost milliseconds under TCG (issue 12).
         prompt, cycle = self.config.prompt, self.config.cycle
         msg = protocol.arm_message(
             device_plan(devices),

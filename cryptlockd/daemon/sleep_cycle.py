@@ -165,8 +165,8 @@ class SleepCycle:
         # systemd too slow to answer costs the watchdog switch, never the protection.
         # Awaited here, in logind's serial order, so the restore that back_to_idle()
         # queues always comes after it.
-        # One turn of the loop: the arm goes out (the armer sends it before its first
-        # wait), then the announcement, which is not on logind's way (issue 12). `armed`
+        # One turn of the loop: the arm's task starts first (its connect, the sleep-state
+        # read), then the announcement, which is not on logind's way (issue 12). `armed`
         # needs the helper's answer, so it can only come after this.
         await asyncio.sleep(0)
         m.set_state(State.ARMING, evaluate=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -398,4 +399,34 @@ async def test_an_arm_given_up_right_after_the_send_disarms_on_the_raw_socket(
         await task
     await wait_until_async(lambda: got == ["arm", "disarm"], message="arm, then disarm")
     assert a._conn is None
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_sleep_state_read_is_bounded_by_the_arm_and_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sleep.conf lives on the root, which may stall: the read runs in a thread, so the
+    # manager's bound on the arm still ends it (SPEC 2.8), and no arm goes out.
+    got: list[str] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            got.append(protocol.decode(line)["op"])
+        writer.close()
+
+    server = await asyncio.start_unix_server(listen, str(tmp_path / "s"))
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
+    release = threading.Event()
+
+    def stalled() -> tuple[str, None]:
+        release.wait(10)
+        return ("mem", None)
+
+    monkeypatch.setattr(helper_armer, "choose_sleep_state", stalled)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(a._arm([], lambda ok, rec: None, t0, t0 + 30, ArmOptions()), 0.2)
+    release.set()
+    assert got == [] and a._conn is None
     server.close()
