@@ -19,6 +19,7 @@ from cryptlockd.helper.kdf import (
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 SONAME = "libcryptsetup.so.12"
@@ -229,14 +230,19 @@ class Device:
         return [s for s in range(MAX_KEYSLOTS) if lib.crypt_keyslot_status(self.cd, s) in active]
 
     def resume_by_passphrase(
-        self, address: int, length: int, budget: KdfBudget | None = None
+        self,
+        address: int,
+        length: int,
+        budget: KdfBudget | None = None,
+        on_derived: Callable[[], None] | None = None,
     ) -> bool:
         """address: of the passphrase bytes (a SecretBuffer), so nothing is copied. True
         when a keyslot took it, False for a wrong passphrase; raises on other errors. The
         keyslot that worked last time is tried first: each try costs a full KDF run.
 
         Safe to call from several threads at once for different devices (kdf.py): the KDF
-        runs outside `DM_LOCK`, within `budget`, and only the resume takes the lock."""
+        runs outside `DM_LOCK`, within `budget`, and only the resume takes the lock.
+        `on_derived` runs once the key is derived, before the resume (for the record)."""
         slots = keyslot_order(self.slots or [CRYPT_ANY_SLOT], self.last_keyslot)
         if not self.library.has("crypt_resume_by_volume_key"):
             with DM_LOCK:
@@ -248,6 +254,8 @@ class Device:
             slot = self._derive(key, address, length, slots, budget or KdfBudget(0))
             if slot < 0:
                 return False
+            if on_derived is not None:
+                on_derived()
             with DM_LOCK:
                 rc = self.library.lib.crypt_resume_by_volume_key(self.cd, self._bname, key, size)
             self.library._check("crypt_resume_by_volume_key", self.name, rc)

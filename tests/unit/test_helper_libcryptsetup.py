@@ -228,3 +228,18 @@ def test_a_mapping_that_cannot_be_opened_with_its_header_is_unsupported(tmp_path
         lcs.Device(library, "cryptlockd-test-none", str(tmp_path / "gone.hdr"))
     with pytest.raises(lcs.CryptError, match="crypt_init_by_name"):
         lcs.Device(library, "cryptlockd-test-none")
+
+
+def test_on_derived_marks_the_end_of_the_kdf_before_the_resume() -> None:
+    # The record's `derived:<name>` step: it tells the KDF's time from the resume's.
+    lib = FakeLib(good_slot=1)
+    dev = _fake_device(lib, [0, 1])
+    seen: list[tuple[list[int], list[bytes]]] = []
+
+    def derived() -> None:
+        seen.append((list(lib.tried), list(lib.resumed)))
+
+    assert dev.resume_by_passphrase(0, 4, on_derived=derived)
+    assert seen == [([0, 1], [])] and lib.resumed == [b"root"]
+    lib.good_slot, seen[:] = 5, []
+    assert not dev.resume_by_passphrase(0, 4, on_derived=derived) and seen == []
