@@ -73,9 +73,17 @@ class FakeDevice:
     def reload(self) -> None:
         pass
 
-    def resume_by_passphrase(self, address: int, length: int, budget: object = None) -> bool:
+    def resume_by_passphrase(
+        self,
+        address: int,
+        length: int,
+        budget: object = None,
+        on_derived: Callable[[], None] | None = None,
+    ) -> bool:
         if ctypes.string_at(address, length) != GOOD:
             return False
+        if on_derived is not None:
+            on_derived()
         FakeDevice.resumed.append(self.name)
         return True
 
@@ -207,7 +215,8 @@ def test_a_dead_helper_is_recovered_record_first_then_thawed(
     assert rec["reason"] == "the helper died mid-cycle (killed by SIGKILL); recovered"
     assert not rec["success"] and rec["suspended"] == ["root", "data"]
     assert rec["resumed"] == ["root", "data"] and rec["problems"] == []
-    assert "recovery_start" in rec["timeline_ms"] and "prompt" in rec["timeline_ms"]
+    t = rec["timeline_ms"]
+    assert "recovery_start" in t and t["prompt"] < t["derived:root"] <= t["resumed:root"], t
 
 
 def test_a_helper_dead_after_the_freeze_is_thawed_without_a_prompt(system: Path) -> None:
