@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-MCL_CURRENT, MCL_FUTURE = 1, 2
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 # Never hold more than this for the KDF, nor more than half the RAM.
 RESERVE_CAP_KIB = 1 << 20
@@ -24,6 +24,18 @@ def harden() -> None:
         raise OSError(ctypes.get_errno(), "mlockall")
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+
+
+def lock_on_fault() -> None:
+    """From here on, new memory is locked as each page is first touched, not all of it
+    when mapped; what is locked stays locked. For KDFs that run at once after the wake
+    (resume.Resumer.lock_on_fault): under plain MCL_FUTURE each KDF's mapping (and each
+    thread's stack) is faulted in whole inside mmap(), holding the process's mmap lock, so
+    they took turns at it (50-100 ms of a vCPU idle under TCG, issue 12). A page still
+    cannot reach swap once it holds anything. `harden()` at the next arm puts MCL_FUTURE
+    back, for the reserve."""
+    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        raise OSError(ctypes.get_errno(), "mlockall(MCL_ONFAULT)")
 
 
 def hardening_status() -> dict[str, str]:

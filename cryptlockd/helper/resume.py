@@ -92,6 +92,7 @@ class Resumer:
         self.refreshed: set[str] = set()
         self.keyfile_failed: set[str] = set()
         self.failures = 0
+        self.locking_on_fault = False
 
     # -- the graph ------------------------------------------------------------------------
 
@@ -153,6 +154,8 @@ class Resumer:
             self.ops.refresh_header(dev.name)
         except Exception as e:
             self.record.problems.append(f"re-reading the header of {dev.name}: {e}")
+        else:
+            self.record.step(f"header_read:{dev.name}")
 
     def resume_keyfiles(self) -> None:
         """Every ready keyfile device, until none is left that can go: a chain of them
@@ -187,11 +190,25 @@ class Resumer:
                 self.refresh(dev)
             yield fresh
 
+    def lock_on_fault(self) -> None:
+        """Before the first KDFs that run at once. Under MCL_FUTURE each would fault its
+        whole memory in inside mmap(), holding the process's mmap lock, and the others'
+        mmap() would wait for it: they took turns (issue 12). One KDF alone keeps
+        MCL_FUTURE, which faults its memory in faster than page by page. Should the switch
+        fail, the KDFs only take turns again."""
+        self.locking_on_fault = True
+        try:
+            self.ops.lock_on_fault()
+        except Exception as e:
+            self.record.problems.append(f"locking memory on fault: {e or type(e).__name__}")
+
     def try_passphrase(self, secret: SecretBuffer) -> bool:
         """The passphrase on every ready device that asks, and again on those its
         successes make ready. True when it opened at least one."""
         took = False
         for fresh in self.batches():
+            if len(fresh) > 1 and not self.locking_on_fault:
+                self.lock_on_fault()
             # At once, so devices that share the passphrase cost one KDF, not the sum (kdf.py).
             outcomes = attempt_all(
                 [d.name for d in fresh], lambda name: self.ops.resume_passphrase(name, secret)

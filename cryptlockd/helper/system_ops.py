@@ -19,6 +19,7 @@ import time
 from cryptlockd.helper import (
     cgroups,
     dm_ioctl,
+    hardening,
     mappings,
     page_cache,
     power,
@@ -195,6 +196,9 @@ class SystemOps:
         # The KDFs of devices resumed at once may now take what it held (kdf.py).
         self.h.kdf_budget = KdfBudget(self.h.reserve.kib)
         self.h.reserve.release()
+
+    def lock_on_fault(self) -> None:
+        hardening.lock_on_fault()
 
     def refresh_header(self, device: str) -> None:
         self.h.devices[device].reload()

@@ -38,9 +38,11 @@ class FakeOps:
         suspend_fails: str = "",
         keyfile_fails: bool = False,
         drop_fails: bool = False,
+        lock_on_fault_fails: bool = False,
     ) -> None:
         self.calls: list[str] = []
         self.drop_fails = drop_fails
+        self.lock_on_fault_fails = lock_on_fault_fails
         self.typed = list(typed)
         self.sleep_fails = sleep_fails
         self.freeze_fails = freeze_fails
@@ -113,6 +115,11 @@ class FakeOps:
 
     def release_reserve(self) -> None:
         self.calls.append("release_reserve")
+
+    def lock_on_fault(self) -> None:
+        self.calls.append("lock_on_fault")
+        if self.lock_on_fault_fails:
+            raise OSError("mlockall(MCL_ONFAULT): Invalid argument")
 
     def drop_page_cache(self) -> int:
         self.calls.append("drop_page_cache")

@@ -128,6 +128,34 @@ def test_devices_that_share_the_passphrase_resume_at_once() -> None:
     assert calls[-1] == "keyfile:data:/etc/keys/data.key"
     timeline = rec.timeline
     assert timeline["resumed:data"] >= max(timeline["resumed:root"], timeline["resumed:home"])
+    # Memory locked as touched before the KDFs that run at once, once (Resumer.lock_on_fault).
+    assert ops.calls.count("lock_on_fault") == 1
+    assert ops.calls.index("lock_on_fault") < ops.calls.index("resume:root")
+
+
+def test_one_kdf_at_a_time_keeps_memory_faulted_in_when_mapped() -> None:
+    # One passphrase device, then its keyfile device: no KDFs at once, no switch.
+    plan = [
+        DevicePlan("data", "keyfile:/etc/keys/data.key", after=["root"]),
+        DevicePlan("root", "passphrase"),
+    ]
+    ops = FakeOps([GOOD])
+    rec = CycleRecord([d.name for d in plan])
+    run_cycle(ops, plan, rec)
+    rec.finish()
+    assert rec.success and "lock_on_fault" not in ops.calls
+
+
+def test_a_failed_switch_to_lock_on_fault_costs_time_not_the_resume() -> None:
+    plan = [DevicePlan("home", "passphrase"), DevicePlan("root", "passphrase")]
+    ops = FakeOps([GOOD], lock_on_fault_fails=True)
+    rec = CycleRecord([d.name for d in plan])
+    run_cycle(ops, plan, rec)
+    rec.finish()
+    assert rec.success, rec.reason
+    assert sorted(rec.resumed) == ["home", "root"]
+    assert sum(c.startswith("prompt") for c in ops.calls) == 1
+    assert rec.problems == ["locking memory on fault: mlockall(MCL_ONFAULT): Invalid argument"]
 
 
 def test_the_kernel_name_of_a_keyslot_cipher() -> None:

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 
-from cryptlockd.helper import cgroups, mappings, power, protocol, recover, system_ops, vt
+from cryptlockd.helper import cgroups, hardening, mappings, power, protocol, recover, system_ops, vt
 from cryptlockd.helper.cycle import DevicePlan
 from cryptlockd.helper.recover import Leftovers, death_reason
 from cryptlockd.helper.secret import SecretBuffer
@@ -153,6 +153,7 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # Not in the test process: its children (the daemon under test) would inherit it.
     monkeypatch.setattr(recover, "ignore_stop_signals", lambda: None)
     monkeypatch.setattr(recover, "harden", lambda: None)
+    monkeypatch.setattr(hardening, "lock_on_fault", lambda: None)
     monkeypatch.setattr(recover, "hardening_status", lambda: {"dumpable": "0"})
     monkeypatch.setattr(recover, "Library", FakeLibrary)
     monkeypatch.setattr(recover, "Device", FakeDevice)
@@ -216,7 +217,8 @@ def test_a_dead_helper_is_recovered_record_first_then_thawed(
     assert not rec["success"] and rec["suspended"] == ["root", "data"]
     assert rec["resumed"] == ["root", "data"] and rec["problems"] == []
     t = rec["timeline_ms"]
-    assert "recovery_start" in t and t["prompt"] < t["derived:root"] <= t["resumed:root"], t
+    assert "recovery_start" in t and t["prompt"] < t["header_read:root"], t
+    assert t["header_read:root"] <= t["derived:root"] <= t["resumed:root"], t
 
 
 def test_a_helper_dead_after_the_freeze_is_thawed_without_a_prompt(system: Path) -> None:

@@ -1,0 +1,68 @@
+"""The helper's memory locking, on this machine's kernel, in a child process (mlockall
+would lock the test process for good)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+# Prints VmLck and RssAnon (KiB) after each stage: hardened, an 8 MiB mapping under
+# MCL_FUTURE, the switch, a second 8 MiB mapping under MCL_ONFAULT, its first half touched.
+CHILD = """
+import json, mmap
+from cryptlockd.helper.hardening import harden, lock_on_fault
+
+def status():
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                if k in ("VmLck", "RssAnon")}
+
+out = {}
+harden()
+out["hardened"] = status()
+first = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+out["mapped_future"] = status()
+lock_on_fault()
+out["switched"] = status()
+second = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+out["mapped_onfault"] = status()
+for i in range(0, 4 << 20, 4096):
+    second[i] = 1
+out["touched_half"] = status()
+print(json.dumps(out))
+"""
+
+
+def _can_lock() -> bool:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return os.geteuid() == 0 or soft == resource.RLIM_INFINITY
+
+
+@pytest.mark.skipif(
+    not _can_lock(), reason="mlockall of a Python process needs root or an unlimited RLIMIT_MEMLOCK"
+)
+def test_after_lock_on_fault_new_memory_is_locked_as_touched_and_old_stays_locked() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60, check=True
+    )
+    kib = json.loads(result.stdout)
+    rss = {stage: v["RssAnon"] for stage, v in kib.items()}
+    lck = {stage: v["VmLck"] for stage, v in kib.items()}
+    mib8 = 8 * 1024
+    # MCL_FUTURE: the whole mapping is faulted in and locked inside mmap().
+    assert rss["mapped_future"] - rss["hardened"] >= mib8 - 64, kib
+    assert lck["mapped_future"] - lck["hardened"] >= mib8, kib
+    # The switch unlocks nothing and faults nothing out.
+    assert lck["switched"] >= lck["mapped_future"], kib
+    assert rss["switched"] >= rss["mapped_future"] - 256, kib
+    # MCL_ONFAULT: the mapping is locked, but nothing is faulted in by mmap() itself...
+    assert lck["mapped_onfault"] - lck["switched"] >= mib8, kib
+    assert rss["mapped_onfault"] - rss["switched"] < 1024, kib
+    # ...each page is, as it is touched.
+    grown = rss["touched_half"] - rss["mapped_onfault"]
+    assert mib8 // 2 - 64 <= grown < mib8 - 1024, kib
