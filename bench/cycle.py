@@ -149,7 +149,7 @@ async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str
     """The Argon2id cases, in the cryptlockd boot after its quiet and busy cycles, with a
     decoy argon2id keyslot in front of the passphrase's (bench/keyslots.py): n cycles with
     the keyslot forgotten (the daemon, which remembers it, restarted before each: two KDFs),
-    n with it remembered (no restart: one KDF), then n with data on the passphrase too
+    n with it remembered (no restart: one KDF), then n + 2 with data on the passphrase too
     (crypttab `none`), so that one Enter opens both."""
     kdfs = await keyslots.rearrange(g)
     facts["keyslots"] = keyslots.describe(kdfs)
@@ -173,8 +173,12 @@ async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str
         "data takes the passphrase",
         ok=lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get(DATA) == "passphrase",
     )
-    for i in range(n):
+    # Two more: the first is left out of the ratio (data's keyslot not yet remembered).
+    for i in range(n + 2):
         await argon2_cycle(g, "shared", i, out)
+    two = await keyslots.two_kdfs_ratios(g)
+    facts["two_kdfs"] = ", ".join(f"{v:.2f}" for v in two)
+    print(f"  two KDFs at once over one, cryptsetup alone (awake guest): {facts['two_kdfs']}")
 
 
 async def argon2_cycle(g: Guest, mode: str, i: int, out: list[CycleResult]) -> None:
@@ -273,6 +277,13 @@ def report(
             f"(medians): {'-' if ratio is None else f'{ratio:.2f}'}. One KDF of slot "
             f"{keyslots.PASSPHRASE_SLOT} by `cryptsetup open --test-passphrase` in the awake "
             f"guest: {facts['one_kdf']} s."
+        )
+    if "two_kdfs" in facts:
+        print(
+            "\nThe guest's own cost of two KDFs at once, without cryptlockd: two `cryptsetup "
+            "open --test-passphrase` started together (root's passphrase keyslot and data's, "
+            "the same cost), the later one's time over the mean of the two run alone right "
+            f"after: {facts['two_kdfs']}."
         )
     deb = [r for r in results if r.system == "debian"]
     if deb:

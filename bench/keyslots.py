@@ -54,6 +54,29 @@ awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN {{ printf "%.3f", b - a }}'
 """
 
 
+# The guest's own cost of two KDFs at once, without cryptlockd: the same `cryptsetup
+# open --test-passphrase` on root's passphrase keyslot and data's (same cost), started
+# together, then each alone. Prints "<root> <data>" together, then root and data alone.
+TWO_KDFS = f"""set -e
+umask 077
+d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+cat > "$d/pass"
+t() {{
+    s=$(date +%s.%N)
+    cryptsetup open --test-passphrase --key-file "$d/pass" --key-slot "$2" "$1"
+    awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN {{ printf "%.3f", b - a }}' > "$3"
+}}
+t {layout.ROOT_DISK} {PASSPHRASE_SLOT} "$d/a" & p=$!
+t {layout.DATA_DISK} {layout.PASSPHRASE_SLOT} "$d/b" & q=$!
+wait $p; wait $q
+echo "$(cat "$d/a") $(cat "$d/b")"
+t {layout.ROOT_DISK} {PASSPHRASE_SLOT} "$d/a"
+t {layout.DATA_DISK} {layout.PASSPHRASE_SLOT} "$d/b"
+echo "$(cat "$d/a") $(cat "$d/b")"
+"""
+
+
 def slot_kdfs(meta: Mapping[str, Any]) -> dict[int, str]:
     """Keyslot -> its KDF as "argon2id 32768KiB x4 p1" or "pbkdf2 1000", from
     `luksDump --dump-json-metadata`."""
@@ -107,6 +130,17 @@ async def one_kdf_seconds(g: Guest, n: int = 3) -> list[float]:
     for _ in range(n):
         r = await g.run(ONE_KDF, input=layout.PASSPHRASE.encode(), timeout=300)
         out.append(float(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
+async def two_kdfs_ratios(g: Guest, n: int = 3) -> list[float]:
+    """n times: the later of two KDFs run at once (TWO_KDFS) over the mean of the two
+    run alone right after; the guest's parallel cost, to read the shared case against."""
+    out = []
+    for _ in range(n):
+        r = await g.run(TWO_KDFS, input=layout.PASSPHRASE.encode(), timeout=600)
+        together, alone = ([float(x) for x in line.split()] for line in r.stdout.splitlines()[-2:])
+        out.append(max(together) / (sum(alone) / len(alone)))
     return out
 
 
