@@ -82,7 +82,8 @@ def run_serve(tmp_path: Path) -> Iterator[Callable[[Client], tuple[int, FakeHelp
             rc = server.serve(helper, listener)  # type: ignore[arg-type]
         finally:
             listener.close()
-        t.join(5)
+        # Longer than any wait of a client, so that a loaded machine cannot fail the test.
+        t.join(30)
         assert not t.is_alive() and errors == []
         return rc, helper
 
@@ -244,7 +245,8 @@ def test_the_daemons_watchdogs_off_while_armed_is_noted_for_the_cycle(
         assert daemon.receive(5.0) is not None
         daemon.send({"op": protocol.OP_WATCHDOGS_OFF})
         daemon.send({"op": protocol.OP_DISARM})  # so that serve() returns
-        assert daemon.receive(5.0) is None
+        # Nothing more comes (the connection closes only when the helper exits).
+        assert daemon.receive(1.0) is None
         daemon.close()
 
     rc, helper = run_serve(client)
