@@ -365,13 +365,9 @@ async def test_arm_starts_a_helper_when_none_listens_and_keeps_the_callers_steps
     helper.close()
 
 
-@pytest.mark.asyncio
-async def test_an_arm_given_up_right_after_the_send_disarms_on_the_raw_socket(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The arm is out (sent before any await), and the arm is cancelled while its socket
-    # is being handed to asyncio: nobody would read the helper's answer, so the helper is
-    # told to stand down on that same socket (issue 10, defect 7).
+async def recording_helper(tmp_path: Path) -> tuple[asyncio.Server, list[str]]:
+    """A helper socket at the armer's path that answers nothing and notes the op of each
+    line it reads."""
     got: list[str] = []
 
     async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -379,7 +375,17 @@ async def test_an_arm_given_up_right_after_the_send_disarms_on_the_raw_socket(
             got.append(protocol.decode(line)["op"])
         writer.close()
 
-    server = await asyncio.start_unix_server(listen, str(tmp_path / "s"))
+    return await asyncio.start_unix_server(listen, str(tmp_path / "s")), got
+
+
+@pytest.mark.asyncio
+async def test_an_arm_given_up_right_after_the_send_disarms_on_the_raw_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The arm is out (sent before any await), and the arm is cancelled while its socket
+    # is being handed to asyncio: nobody would read the helper's answer, so the helper is
+    # told to stand down on that same socket (issue 10, defect 7).
+    server, got = await recording_helper(tmp_path)
     a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
     monkeypatch.setattr(helper_armer, "choose_sleep_state", lambda: ("mem", None))
     handed = asyncio.Event()
@@ -408,14 +414,7 @@ async def test_a_stalled_sleep_state_read_is_bounded_by_the_arm_and_sends_nothin
 ) -> None:
     # sleep.conf lives on the root, which may stall: the read runs in a thread, so the
     # manager's bound on the arm still ends it (SPEC 2.8), and no arm goes out.
-    got: list[str] = []
-
-    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while line := await reader.readline():
-            got.append(protocol.decode(line)["op"])
-        writer.close()
-
-    server = await asyncio.start_unix_server(listen, str(tmp_path / "s"))
+    server, got = await recording_helper(tmp_path)
     a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch)
     release = threading.Event()
 
