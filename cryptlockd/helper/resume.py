@@ -144,9 +144,10 @@ class Resumer:
     # -- one device -----------------------------------------------------------------------
 
     def refresh(self, dev: DevicePlan) -> None:
-        """The header, read again right before the device's first resume (it was read
-        before the sleep, maybe long before: a keyslot changed since must count now).
-        Only now: everything below it and its detached header are back."""
+        """The header, read again after the wake, before the device's first prompt or
+        resume (it was read before the sleep, maybe long before: a keyslot changed since
+        must count now). Only once ready: everything below it and its detached header are
+        back."""
         if dev.name in self.refreshed:
             return
         self.refreshed.add(dev.name)
@@ -182,7 +183,8 @@ class Resumer:
 
     def batches(self) -> Iterator[list[DevicePlan]]:
         """For one line typed: the devices that ask now, then those that the ones before
-        made ready, each device once, each header re-read just before (refresh)."""
+        made ready, each device once, each header read again first (refresh; those that
+        asked at the prompt were read before it)."""
         tried: set[str] = set()
         while fresh := [d for d in self.asking() if d.name not in tried]:
             for dev in fresh:
@@ -233,6 +235,10 @@ class Resumer:
         asking = self.asking()
         if not asking:
             return
+        # Their headers now, before the prompt, so that none is read between Enter and the
+        # resume, which is the wait a user sees.
+        for dev in asking:
+            self.refresh(dev)
         skippable = not self.essential_left()
         self.record.step("prompt")
         names = [d.name for d in asking]

@@ -215,8 +215,9 @@ def test_full_cycle_order() -> None:
         "suspend:data",
         "sleep",
         "release_reserve",
-        "prompt:root",
+        # root's header is read before its prompt, not between Enter and its resume.
         "refresh:root",
+        "prompt:root",
         "resume:root",
         "refresh:data",
         "keyfile:data:/etc/keys/data.key",
@@ -272,8 +273,8 @@ def test_failed_sleep_write_goes_straight_to_prompt() -> None:
     rec = cycle(ops)
     assert ops.calls[ops.calls.index("sleep") + 1 : ops.calls.index("sleep") + 4] == [
         "release_reserve",
-        "prompt:root",
         "refresh:root",
+        "prompt:root",
     ]
     assert not rec.success and not rec.slept and "EBUSY" in rec.reason
     assert ops.calls[-1].startswith("thaw") and ops.sync_on_suspend == "1"

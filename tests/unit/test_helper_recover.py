@@ -217,7 +217,9 @@ def test_a_dead_helper_is_recovered_record_first_then_thawed(
     assert not rec["success"] and rec["suspended"] == ["root", "data"]
     assert rec["resumed"] == ["root", "data"] and rec["problems"] == []
     t = rec["timeline_ms"]
-    assert "recovery_start" in t and t["prompt"] < t["header_read:root"], t
+    assert (
+        "recovery_start" in t and t["header_read:root"] <= t["prompt"] < t["passphrase_entered"]
+    ), t
     assert t["header_read:root"] <= t["derived:root"] <= t["resumed:root"], t
 
 

@@ -73,8 +73,8 @@ def test_the_pin_resumes_without_a_passphrase_try() -> None:
     ops.pins = {"root": PIN}
     rec = cycle(ops)
     assert after_sleep(ops)[:4] == [
-        "prompt:root",
         "refresh:root",
+        "prompt:root",
         "pin:root",
         "refresh:data",
     ]
@@ -101,7 +101,7 @@ def test_the_passphrase_still_works_after_the_token_refused_it() -> None:
     ops = FakeOps([GOOD])
     ops.pins = {"root": PIN}
     rec = cycle(ops)
-    assert after_sleep(ops)[:4] == ["prompt:root", "refresh:root", "pin:root", "resume:root"]
+    assert after_sleep(ops)[:4] == ["refresh:root", "prompt:root", "pin:root", "resume:root"]
     assert rec.success and rec.wrong_passphrases == 0
 
 

@@ -273,10 +273,11 @@ async def test_shared_passphrase_one_prompt(installed_guest: Guest) -> None:
     gap = abs(t["resumed:root"] - t["resumed:data"])
     print(f"\nshared passphrase: Enter -> first resumed {first:.0f} ms, then {gap:.0f} ms")
     assert gap < 0.5 * first, t
-    # The record tells the header's read, the KDF and the resume apart, for each device.
+    # The record tells the header's read, the KDF and the resume apart, for each device;
+    # both headers were read before the prompt, none between Enter and the resumes.
     for name in ("root", "data"):
-        assert t["passphrase_entered"] < t[f"header_read:{name}"] <= t[f"derived:{name}"], t
-        assert t[f"derived:{name}"] <= t[f"resumed:{name}"], t
+        assert t[f"header_read:{name}"] <= t["prompt"] < t["passphrase_entered"], t
+        assert t["passphrase_entered"] < t[f"derived:{name}"] <= t[f"resumed:{name}"], t
     await usable_after(g)
     for dm in (layout.ROOT_DM_NAME, layout.DATA_DM_NAME):
         table = (await g.run(f"dmsetup table --showkeys {dm}")).stdout.split()
