@@ -263,16 +263,34 @@ def start_watchdog() -> int:
         os.set_inheritable(r, True)
         os.closerange(3, r)
         os.closerange(r + 1, MAX_FD)
+        # Its start-up (the interpreter and every helper module: 0.3 s of CPU under TCG)
+        # comes right after the arm, while logind starts the sleep entry and we sync and
+        # suspend; at the helper's nice -10 it took a CPU from them (issue 12). It runs on
+        # idle CPU time instead, and watch() leaves SCHED_IDLE once it is locked in memory.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         os.execv(WATCHDOG_ARGV[0], [*WATCHDOG_ARGV, str(r)])
     finally:
         os._exit(1)
 
 
+def leave_idle_priority() -> None:
+    """Back to SCHED_OTHER, at the nice value inherited from the helper (start_watchdog)."""
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as e:
+        # It still recovers, on what CPU time is idle: mid-cycle, nearly all of it.
+        log(WARNING, f"the watchdog stays at idle priority: {e.strerror or e}")
+
+
 def watch(fd: int) -> int:
     """The watchdog, after exec: locked in memory at once (were it swapped out to a swap
-    on a suspended device, it could never run again), then waits for the end of the pipe."""
+    on a suspended device, it could never run again), back to the helper's priority, then
+    waits for the end of the pipe."""
     ignore_stop_signals()
     harden()
+    leave_idle_priority()
     while os.read(fd, 1):
         pass
     os.close(fd)

@@ -286,8 +286,10 @@ def test_the_watchdog_is_a_fresh_process_with_only_its_pipe(
     # A stand-in helper with a socket open starts the watchdog and dies: the watchdog sees
     # the end of its pipe, and holds none of the helper's other files.
     marker = tmp_path / "watchdog"
+    policy = tmp_path / "policy"
     script = (
         "import os, sys\n"
+        f"open({str(policy)!r}, 'w').write(str(os.sched_getscheduler(0)))\n"
         "fd = int(sys.argv[1])\n"
         "while os.read(fd, 1): pass\n"
         f"open({str(marker)!r}, 'w').write(' '.join(sorted(os.listdir('/proc/self/fd'))))\n"
@@ -309,3 +311,23 @@ def test_the_watchdog_is_a_fresh_process_with_only_its_pipe(
     fds = marker.read_text().split()
     # 0, 1, 2, the pipe, and the script's own two (the marker, listdir)
     assert str(sock_w) not in fds and len(fds) <= 6, fds
+    # It starts on idle CPU time only: its start-up must not take a CPU from the sleep.
+    assert policy.read_text() == str(os.SCHED_IDLE)
+
+
+def test_the_watchdog_leaves_idle_priority_once_locked_in() -> None:
+    # In a child: the test process keeps its own policy.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            before = os.sched_getscheduler(0)
+            recover.leave_idle_priority()
+            os.write(w, f"{before} {os.sched_getscheduler(0)}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        assert f.read() == f"{os.SCHED_IDLE} {os.SCHED_OTHER}"
