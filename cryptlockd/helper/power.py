@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import json
 import os
 import select
 import signal
@@ -13,7 +15,7 @@ from cryptlockd.helper.cycle import DeadlinePassed, SleepFailed
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 SYNC_ON_SUSPEND = "/sys/power/sync_on_suspend"
 POWER_STATE = "/sys/power/state"
@@ -65,6 +67,18 @@ def block_mounts(mountinfo: str) -> list[str]:
 MAX_FD = 65536
 
 
+def _close_all_but(*keep: int) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, MAX_FD)
+
+
+def _report(w: int, error: str) -> None:
+    os.write(w, error.replace("\n", " ").encode() + b"\n")
+
+
 def run_with_deadline(jobs: list[tuple[str, Callable[[], str]]], timeout: float) -> list[str]:
     """Runs the jobs one after the other in a child process; returns their errors (each job
     returns one, or ""). Raises DeadlinePassed, naming the job, when one takes longer than
@@ -88,50 +102,50 @@ def run_with_deadline(jobs: list[tuple[str, Callable[[], str]]], timeout: float)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            os.closerange(3, w)
-            os.closerange(w + 1, MAX_FD)
+            _close_all_but(w)
             for _, job in jobs:
                 try:
                     error = job()
                 except Exception as e:
                     error = str(e) or type(e).__name__
-                os.write(w, error.replace("\n", " ").encode() + b"\n")
+                _report(w, error)
         finally:
             os._exit(0)
     os.close(w)
-    errors: list[str] = []
-    buf = b""
     try:
-        for name, _ in jobs:
-            deadline = time.monotonic() + timeout
-            while b"\n" not in buf:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([r], [], [], left)[0]:
-                    os.kill(pid, signal.SIGKILL)
-                    raise DeadlinePassed(f"{name} did not finish within {timeout:g} s")
-                data = os.read(r, 4096)
-                if not data:
-                    os.waitpid(pid, 0)
-                    raise RuntimeError(f"the process running {name} ended before it did")
-                buf += data
-            line, buf = buf.split(b"\n", 1)
-            if line:
-                errors.append(line.decode(errors="replace"))
+        errors = _collect(pid, r, [name for name, _ in jobs], timeout)
     finally:
         os.close(r)
     os.waitpid(pid, 0)
     return errors
 
 
-def _sync() -> str:
+def _collect(pid: int, r: int, names: list[str], timeout: float) -> list[str]:
+    """One answer per job from child `pid` on `r`, each within `timeout` seconds; SIGKILLs
+    the child and raises DeadlinePassed past it."""
+    errors: list[str] = []
+    buf = b""
+    for name in names:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise DeadlinePassed(f"{name} did not finish within {timeout:g} s")
+            data = os.read(r, 4096)
+            if not data:
+                os.waitpid(pid, 0)
+                raise RuntimeError(f"the process running {name} ended before it did")
+            buf += data
+        line, buf = buf.split(b"\n", 1)
+        if line:
+            errors.append(line.decode(errors="replace"))
+    return errors
+
+
+def _sync(_: str = "") -> str:
     os.sync()
     return ""
-
-
-def sync(timeout: float) -> None:
-    """sync(), before anything is frozen (a FUSE server can still answer), within `timeout`
-    seconds (an NFS server that has gone away never will)."""
-    run_with_deadline([("sync()", _sync)], timeout)
 
 
 def _syncfs(point: str) -> str:
@@ -149,7 +163,94 @@ def _syncfs(point: str) -> str:
     return ""
 
 
-def syncfs_block_mounts(timeout: float) -> list[str]:
+# What a SyncWorker can be asked to run: the kind of job, given its argument.
+JOBS: dict[str, Callable[[str], str]] = {"sync": _sync, "syncfs": _syncfs}
+# (name in errors, kind, argument)
+Job = tuple[str, str, str]
+
+
+class SyncWorker:
+    """A child forked at arm, after `armed` (server.py), that runs the cycle's sync() and
+    syncfs() jobs, so that the way to the sleep forks nothing: each fork there cost about
+    10 ms under TCG, page tables and the copies on write after it (issue 12). The rules of
+    run_with_deadline hold: it has closed every other descriptor, a job past its deadline
+    gets it SIGKILLed and left behind, and a child that dies mid-job is an error. Jobs with
+    no worker (never started, stopped, or gone before they were sent) get a child of their
+    own, as before."""
+
+    def __init__(self, jobs: Mapping[str, Callable[[str], str]] = JOBS) -> None:
+        self.jobs = jobs
+        self.pid = 0
+        self._requests = -1
+        self._answers = -1
+
+    def start(self) -> None:
+        self.stop()
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                _close_all_but(req_r, ans_w)
+                self._serve(req_r, ans_w)
+            finally:
+                os._exit(0)
+        os.close(req_r)
+        os.close(ans_w)
+        self.pid, self._requests, self._answers = pid, req_w, ans_r
+
+    def _serve(self, r: int, w: int) -> None:  # pragma: no cover - the child
+        buf = b""
+        while data := os.read(r, 4096):
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                kind, arg = json.loads(line)
+                try:
+                    error = self.jobs[kind](arg)
+                except Exception as e:
+                    error = str(e) or type(e).__name__
+                _report(w, error)
+
+    def run(self, jobs: list[Job], timeout: float) -> list[str]:
+        if not jobs:
+            return []
+        if self.pid:
+            request = b"".join(json.dumps([kind, arg]).encode() + b"\n" for _, kind, arg in jobs)
+            try:
+                os.write(self._requests, request)
+            except OSError:
+                self._abandon()  # gone before the jobs: they get a child of their own
+            else:
+                try:
+                    return _collect(self.pid, self._answers, [name for name, _, _ in jobs], timeout)
+                except BaseException:
+                    self._abandon()
+                    raise
+        return run_with_deadline(
+            [(name, functools.partial(self.jobs[kind], arg)) for name, kind, arg in jobs], timeout
+        )
+
+    def _abandon(self) -> None:
+        os.close(self._requests)
+        os.close(self._answers)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)  # reaped now if it is dead already
+        self.pid = 0
+
+    def stop(self) -> None:
+        """No more jobs this cycle: the worker ends at the end of its pipe."""
+        if self.pid:
+            self._abandon()
+
+
+def sync(timeout: float, worker: SyncWorker | None = None) -> None:
+    """sync(), before anything is frozen (a FUSE server can still answer), within `timeout`
+    seconds (an NFS server that has gone away never will)."""
+    (worker or SyncWorker()).run([("sync()", "sync", "")], timeout)
+
+
+def syncfs_block_mounts(timeout: float, worker: SyncWorker | None = None) -> list[str]:
     """syncfs() on every block-backed file system of the real root, each within `timeout`
     seconds (a loop device on a file of a frozen FUSE server is block-backed too). Returns
     the errors."""
@@ -158,8 +259,8 @@ def syncfs_block_mounts(timeout: float) -> list[str]:
             points = block_mounts(f.read())
     except OSError as e:
         return [f"{HOST_MOUNTINFO}: {e}"]
-    return run_with_deadline(
-        [(f"syncfs({point})", functools.partial(_syncfs, point)) for point in points], timeout
+    return (worker or SyncWorker()).run(
+        [(f"syncfs({point})", "syncfs", point) for point in points], timeout
     )
 
 

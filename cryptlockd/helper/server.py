@@ -106,6 +106,7 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 # Armed, nothing frozen or suspended yet: the watchdog must need nobody
                 # (not even PID 1) should we die mid-cycle (recover.py).
                 helper.watchdog = start_watchdog()
+            helper.start_sync_worker()
             log(
                 INFO,
                 f"armed: devices {', '.join(helper.devices)}, VT {reply['vt']}, "

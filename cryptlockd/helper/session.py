@@ -60,6 +60,8 @@ class Helper:
         self.freeze_timeout = protocol.DEFAULT_FREEZE_TIMEOUT
         self.sync_timeout = protocol.DEFAULT_SYNC_TIMEOUT
         self.syncfs_timeout = protocol.DEFAULT_SYNCFS_TIMEOUT
+        # Forked after `armed` (server.py), for the cycle's sync() and syncfs().
+        self.sync_worker = power.SyncWorker()
         self.backoff_initial = protocol.DEFAULT_BACKOFF_INITIAL
         self.backoff_max = protocol.DEFAULT_BACKOFF_MAX
         self.poweroff_after = protocol.DEFAULT_POWEROFF_AFTER
@@ -212,6 +214,14 @@ class Helper:
         self.record.step("helper_kdf_reserved")
         # Here, not before `armed`: logind waits for that (issue 12).
         self.record.hardening = hardening_status()
+
+    def start_sync_worker(self) -> None:
+        """After `armed`, with the reserve taken: the child that runs this cycle's sync()
+        and syncfs() (power.SyncWorker). Without it, each forks its own, as before."""
+        try:
+            self.sync_worker.start()
+        except OSError as e:
+            log(WARNING, f"no worker for sync() and syncfs(), each forks its own: {e}")
 
     # -- the cycle ------------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ class SystemOps:
         return errors
 
     def sync(self) -> None:
-        power.sync(self.h.sync_timeout)
+        power.sync(self.h.sync_timeout, self.h.sync_worker)
 
     def wait_vt(self) -> None:
         self.h.wait_vt()
@@ -156,7 +156,10 @@ class SystemOps:
         self.h.wait_watchdogs()
 
     def syncfs(self) -> list[str]:
-        return power.syncfs_block_mounts(self.h.syncfs_timeout)
+        try:
+            return power.syncfs_block_mounts(self.h.syncfs_timeout, self.h.sync_worker)
+        finally:
+            self.h.sync_worker.stop()  # the cycle's last job for it
 
     def get_sync_on_suspend(self) -> str | None:
         value = power.get_sync_on_suspend()

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
 import signal
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from cryptlockd.helper import power
 from cryptlockd.helper.cycle import DeadlinePassed
 from cryptlockd.helper.hardening import Reserve
+from tests.wait import wait_until
 
 
 def test_block_mounts() -> None:
@@ -124,3 +127,107 @@ def test_the_kdf_reserve_is_resident_once_taken() -> None:
         assert rss_kib() - before >= 31 * 1024
     finally:
         reserve.release()
+
+
+# -- SyncWorker: the same jobs, in a child forked ahead of the sleep ------------------------
+
+
+def _worker_jobs() -> dict[str, Callable[[str], str]]:
+    def fail(arg: str) -> str:
+        return f"{arg}: EIO" if arg else ""
+
+    def boom(arg: str) -> str:
+        raise OSError(arg)
+
+    return {
+        "fail": fail,
+        "boom": boom,
+        "pid": lambda _: str(os.getpid()),
+        "fds": lambda _: _open_fds(),
+        "block": lambda _: _block_forever(),
+        "die": lambda _: _die(),
+    }
+
+
+@pytest.fixture
+def worker() -> Iterator[power.SyncWorker]:
+    w = power.SyncWorker(_worker_jobs())
+    w.start()
+    yield w
+    pid = w.pid
+    w.stop()
+    _reaped(pid)
+
+
+def _reaped(pid: int) -> None:
+    # The worker ends at the end of its pipe; stop() reaps it only if it is gone already.
+    if pid:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def test_the_worker_runs_jobs_in_order_in_one_child_forked_once(
+    worker: power.SyncWorker,
+) -> None:
+    assert worker.run([("a", "fail", ""), ("b", "fail", "b"), ("c", "boom", "ENOENT")], 10) == [
+        "b: EIO",
+        "ENOENT",
+    ]
+    (first,) = worker.run([("p", "pid", "")], 10)
+    (second,) = worker.run([("p", "pid", "")], 10)
+    assert first == second == str(worker.pid) and int(first) != os.getpid()
+
+
+def test_the_worker_holds_none_of_the_callers_descriptors() -> None:
+    r, w = os.pipe()
+    worker = power.SyncWorker(_worker_jobs())
+    try:
+        worker.start()
+        (fds,) = worker.run([("fds", "fds", "")], 10)
+    finally:
+        os.close(r)
+        os.close(w)
+        pid = worker.pid
+        worker.stop()
+        _reaped(pid)
+    held = set(fds.split()) - {"0", "1", "2"}
+    # Its two pipes, and the directory listdir had open.
+    assert len(held) == 3 and str(r) not in held and str(w) not in held, fds
+
+
+def test_a_worker_past_its_deadline_is_killed_and_the_next_jobs_get_a_child(
+    worker: power.SyncWorker,
+) -> None:
+    pid = worker.pid
+    with pytest.raises(DeadlinePassed, match=r"^syncfs\(/mnt/nfs\) did not finish within 0.3 s$"):
+        worker.run([("sync()", "fail", ""), ("syncfs(/mnt/nfs)", "block", "")], 0.3)
+    # SIGKILLed, and reaped at once if it is dead already (else by the next wait).
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, message="the killed worker is gone")
+    assert worker.pid == 0
+    (other,) = worker.run([("p", "pid", "")], 10)
+    assert int(other) not in (pid, os.getpid())
+
+
+def test_a_worker_that_died_before_the_jobs_is_replaced_by_a_child(
+    worker: power.SyncWorker,
+) -> None:
+    pid = worker.pid
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    (other,) = worker.run([("p", "pid", "")], 10)
+    assert int(other) not in (pid, os.getpid()) and worker.pid == 0
+
+
+def test_a_worker_that_dies_mid_job_is_an_error_not_a_hang(worker: power.SyncWorker) -> None:
+    with pytest.raises(RuntimeError, match="ended before it did"):
+        worker.run([("sync()", "die", "")], 10)
+    assert worker.pid == 0
+
+
+def test_without_a_worker_each_run_forks_its_own_child() -> None:
+    worker = power.SyncWorker(_worker_jobs())
+    (a,) = worker.run([("p", "pid", "")], 10)
+    (b,) = worker.run([("p", "pid", "")], 10)
+    assert a != b and os.getpid() not in (int(a), int(b))

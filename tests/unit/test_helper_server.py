@@ -38,6 +38,9 @@ class FakeHelper:
         self.calls.append("reserve")
         self.reserve_error = ""
 
+    def start_sync_worker(self) -> None:
+        pass  # the tests fork no worker either
+
     def begin(self) -> protocol.ReadyMessage:
         self.calls.append("begin")
         return {"op": protocol.OP_READY}
