@@ -29,6 +29,7 @@ from cryptlockd.daemon.checks import CheckResult
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.devices import LuksDevice
 from cryptlockd.daemon.helper_messages import choose_sleep_state, device_plan, merge_record
+from cryptlockd.daemon.keyslot_memory import KeyslotMemory, hints, learned
 from cryptlockd.daemon.lock_entry import HelperEntry
 from cryptlockd.daemon.ramfs import Ramfs
 from cryptlockd.daemon.ramfs_keeper import RamfsKeeper
@@ -76,6 +77,7 @@ class HelperArmer:
         ramfs: Ramfs | None = None,
         socket_path: str = protocol.SOCKET_PATH,
         under_systemd: bool | None = None,
+        keyslots: KeyslotMemory | None = None,
     ) -> None:
         self.unit = SystemdUnit(bus, protocol.HELPER_UNIT)
         self.ramfs = ramfs or Ramfs()
@@ -87,7 +89,12 @@ class HelperArmer:
             None if under_systemd else f"not running under systemd (no {SYSTEMD_BOOTED_DIR})"
         )
         self.config = Config()
-        self.keyslots: dict[str, int] = {}
+        # The keyslot that opened each device last (by LUKS UUID), tried first at resume.
+        self.keyslots = keyslots or KeyslotMemory(None)
+        self.keyslots.load()
+        # dm name -> LUKS UUID of the devices of the last arm, for its record's keyslots.
+        self._armed_uuids: dict[str, str] = {}
+        self._saving: set[asyncio.Task[None]] = set()
         self._conn: Connection | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._on_status_change: Callable[[], None] | None = None
@@ -289,11 +296,12 @@ class HelperArmer:
             poweroff_after=prompt.max_failures_before_poweroff,
             poweroff_locked_after=prompt.poweroff_after_wake_sec,
             unanswered_wake_after=prompt.unanswered_wake_sleep_sec,
-            keyslots=self.keyslots,
+            keyslots=hints(self.keyslots.slots, devices),
             sleeps=options.sleeps,
             drop_page_cache=cycle.drop_page_cache,
             watchdogs_pending=options.watchdogs_pending,
         )
+        self._armed_uuids = {d.name: d.uuid for d in devices}
         try:
             sock.sendall(protocol.encode(msg))
             daemon_steps["arm_sent"] = protocol.boottime()
@@ -384,9 +392,15 @@ class HelperArmer:
         armed: ArmedMessage | None,
     ) -> None:
         record = merge_record(msg["record"], daemon_steps, armed)
-        slots = record.get("keyslots")
-        if isinstance(slots, dict):
-            self.keyslots.update({str(k): v for k, v in slots.items() if isinstance(v, int)})
+        slots = learned(self.keyslots.slots, self._armed_uuids, record.get("keyslots"))
+        if slots != self.keyslots.slots:
+            self.keyslots.slots = slots
+            # In a thread: the state directory's disk may stall, the bus must not.
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.keyslots.save, dict(slots))
+            )
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
         on_finished(bool(msg["success"]), record)
 
     def _helper_left(self, writer: asyncio.StreamWriter) -> None:

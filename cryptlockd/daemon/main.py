@@ -25,6 +25,7 @@ from cryptlockd.daemon import polkit
 from cryptlockd.daemon.armer import Armer
 from cryptlockd.daemon.devices import SystemPaths
 from cryptlockd.daemon.helper_armer import HelperArmer
+from cryptlockd.daemon.keyslot_memory import KeyslotMemory, state_directory
 from cryptlockd.daemon.log import MessageId, event, setup_logging
 from cryptlockd.daemon.manager import Manager
 from cryptlockd.daemon.notify import Notifier
@@ -100,7 +101,9 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
     bus = await asyncio.wait_for(
         MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect(), DBUS_CALL_TIMEOUT
     )
-    manager = manager_for(args, bus, armer or HelperArmer(bus), notifier)
+    manager = manager_for(
+        args, bus, armer or HelperArmer(bus, keyslots=KeyslotMemory(state_directory())), notifier
+    )
     service = Service(bus, manager, args.polkit_timeout)
     service.start()
     await manager.start()

@@ -154,6 +154,9 @@ class Device:
         self._bheader = header.encode() if header else None
         self.cd = self._open()
         self.last_keyslot = CRYPT_ANY_SLOT
+        # Each keyslot a passphrase was tried on (one KDF run each), in order, for the
+        # record: what a forgotten keyslot cost. CRYPT_ANY_SLOT: libcryptsetup tried them all.
+        self.tried: list[int] = []
         self.slots = self.active_keyslots()
         # Probed now, with root up: a probe after the wake could make the kernel load a
         # module from the suspended root.
@@ -281,6 +284,7 @@ class Device:
         try:
             with alone:
                 for slot in slots:
+                    self.tried.append(slot)
                     size = ctypes.c_size_t(ctypes.sizeof(key))
                     rc = lib.crypt_volume_key_get(
                         self.cd, slot, key, ctypes.byref(size), address, length
@@ -298,6 +302,7 @@ class Device:
         call, so under `DM_LOCK`, one device at a time."""
         lib = self.library.lib
         for slot in slots:
+            self.tried.append(slot)
             rc = lib.crypt_resume_by_passphrase(self.cd, self._bname, slot, address, length)
             if rc >= 0:
                 self.last_keyslot = rc

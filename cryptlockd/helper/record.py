@@ -42,6 +42,8 @@ class CycleRecord:
         self.problems: list[str] = []
         self.hardening: dict[str, str] = {}
         self.keyslots: dict[str, int] = {}
+        # Per device, each keyslot the passphrase was tried on, in order (-1: any).
+        self.keyslots_tried: dict[str, list[int]] = {}
         # "suspend", or "lock" for Lock(): the same cycle without the sleep write.
         self.action = "suspend"
         # The freed memory cleared after the page cache was dropped; -1: not asked to.
@@ -107,6 +109,7 @@ class CycleRecord:
             "verification": {d: dict(v) for d, v in self.verification.items()},
             "helper": dict(self.hardening),
             "keyslots": dict(self.keyslots),
+            "keyslots_tried": {d: list(v) for d, v in self.keyslots_tried.items()},
             "action": self.action,
             "page_cache_cleared_mib": self.page_cache_cleared_mib,
         }

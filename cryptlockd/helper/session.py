@@ -305,6 +305,9 @@ class Helper:
         self.record.keyslots = {
             name: dev.last_keyslot for name, dev in self.devices.items() if dev.last_keyslot >= 0
         }
+        self.record.keyslots_tried = {
+            name: list(dev.tried) for name, dev in self.devices.items() if dev.tried
+        }
         self.record.finish()
         return {"op": protocol.OP_DONE, "success": self.record.success}
 

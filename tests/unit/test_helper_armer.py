@@ -220,9 +220,17 @@ class ScriptedHelper:
     seconds, then either stands down on `disarm` or (busy=True, as in a cycle) ignores
     it and sends a record when told."""
 
-    def __init__(self, path: str, arm_delay: float, busy: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        arm_delay: float,
+        busy: bool = False,
+        record: dict[str, object] | None = None,
+    ) -> None:
         self.path, self.arm_delay, self.busy = path, arm_delay, busy
         self.got: list[str] = []
+        self.arms: list[dict[str, object]] = []
+        self.record = record or {}
         self.send_record = asyncio.Event()
         self.server: asyncio.Server | None = None
 
@@ -230,13 +238,16 @@ class ScriptedHelper:
         self.server = await asyncio.start_unix_server(self._serve, self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.got.append(protocol.decode(await reader.readline())["op"])
+        arm = protocol.decode(await reader.readline())
+        self.got.append(arm["op"])
+        self.arms.append(arm)
         await asyncio.sleep(self.arm_delay)  # a slow arm: mlockall, the KDF reserve
         writer.write(protocol.encode({"op": "armed", "vt": 8, "reserve_kib": 64, "pid": 42}))
         await writer.drain()
         if self.busy:
             await self.send_record.wait()
             record = {"result": "success", "started_boottime": protocol.boottime()}
+            record.update(self.record)
             writer.write(protocol.encode({"op": "record", "success": True, "record": record}))
             await writer.drain()
         else:

@@ -93,7 +93,7 @@ def header_device(library: lcs.Library, cd: ctypes.c_void_p) -> lcs.Device:
     no device-mapper)."""
     device = lcs.Device.__new__(lcs.Device)
     device.library, device.name, device.cd = library, "unit", cd
-    device.slots = device.active_keyslots()
+    device.slots, device.tried = device.active_keyslots(), []
     return device
 
 
@@ -159,6 +159,7 @@ def _fake_device(lib: FakeLib, slots: list[int], with_volume_key: bool = True) -
     dev.library = FakeLibrary(lib, with_volume_key)  # type: ignore[assignment]
     dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, slots  # type: ignore[assignment]
     dev.last_keyslot = -1
+    dev.tried = []
     dev.derives_alone = False
     return dev
 
@@ -178,6 +179,8 @@ def test_a_passphrase_in_a_later_keyslot_costs_two_kdfs_then_one(with_volume_key
     lib.good_slot = 7
     lib.tried.clear()
     assert not dev.resume_by_passphrase(0, 4) and lib.tried == [3, 0, 1]
+    # The record's keyslots_tried: every try of the cycle, in order.
+    assert dev.tried == [0, 1, 1, 1, 0, 3, 3, 0, 1]
 
 
 def test_the_volume_key_path_resumes_by_the_derived_key() -> None:

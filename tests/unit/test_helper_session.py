@@ -188,3 +188,24 @@ def test_without_a_pending_switch_nothing_is_read(
     daemon.sendall(protocol.encode({"op": protocol.OP_DISARM}))
     h.wait_watchdogs()
     assert h.daemon is not None and h.daemon.receive(1.0) == {"op": "disarm"}
+
+
+class FakeTerminal:
+    def switch_back(self) -> None:
+        pass
+
+
+def test_the_record_has_the_keyslot_that_opened_each_device_and_every_one_tried(
+    helper: session.Helper,
+) -> None:
+    root, data, swap = (FakeDevice(None, n) for n in ("root", "data", "swap"))
+    root.last_keyslot, root.tried = 2, [0, 1, 2]  # type: ignore[attr-defined]
+    data.last_keyslot, data.tried = 1, [1]  # type: ignore[attr-defined]
+    swap.tried = []  # type: ignore[attr-defined]  # by keyfile: no passphrase tried
+    helper.devices = {"root": root, "data": data, "swap": swap}  # type: ignore[dict-item]
+    helper._terminal = FakeTerminal()  # type: ignore[assignment]
+    helper.finish(None)
+    rec = helper.record.as_dict()
+    assert rec["keyslots"] == {"root": 2, "data": 1}
+    assert rec["keyslots_tried"] == {"root": [0, 1, 2], "data": [1]}
+    assert not rec["problems"]

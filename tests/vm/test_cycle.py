@@ -32,6 +32,8 @@ from tests.vm.sleepcycle import (
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(900)]
 
+KEYSLOTS_FILE = "/var/lib/cryptlockd/keyslots.json"
+
 
 async def knobs(guest: Guest) -> tuple[str, str]:
     """What a cycle changes and must put back: sync_on_suspend and the active VT."""
@@ -76,6 +78,9 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     await armed_ready(g)
     await data_before(g)
     before = await knobs(g)
+    # Installed, never cycled: no keyslot remembered yet.
+    state = await g.run(f"test -e {KEYSLOTS_FILE}", check=False)
+    assert state.rc != 0, f"{KEYSLOTS_FILE} before any cycle"
 
     # 1. systemctl suspend, the right passphrase at once.
     cycle = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
@@ -89,6 +94,11 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     assert int(helper["VmLck"].split()[0]) > 0, helper
     # The Argon2 memory that resume needs was reserved: the passphrase keyslot's cost.
     assert rec["kdf_reserve_kib"] == layout.ARGON2_MEMORY_KIB, rec["kdf_reserve_kib"]
+    # Nothing remembered: the keyslots in order, the boot keyfile's in front (data opens
+    # by its keyfile: no passphrase tried).
+    root = layout.ROOT_DM_NAME
+    assert rec["keyslots_tried"] == {root: [layout.KEYFILE_SLOT, layout.PASSPHRASE_SLOT]}
+    assert rec["keyslots"][root] == layout.PASSPHRASE_SLOT
     signal = await g.wait_for_command(
         "cat /root/cycle-signal.log", 60, "CycleFinished signal", ok=lambda o: "CycleFinished" in o
     )
@@ -110,6 +120,19 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
         f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}"
     )
 
+    # The keyslot is remembered across a restart of the daemon (and a reboot): saved by
+    # the root's LUKS UUID, root's only.
+    uuid = (await g.run(f"cryptsetup luksUUID {layout.ROOT_DISK}")).stdout.strip()
+    saved = await g.wait_for_command(
+        f"stat -c %a {KEYSLOTS_FILE} && cat {KEYSLOTS_FILE}",
+        30,
+        "the keyslot saved",
+        ok=lambda o: uuid in o,
+    )
+    mode, text = saved.stdout.split("\n", 1)
+    assert mode == "600" and json.loads(text)["keyslots"] == {uuid: layout.PASSPHRASE_SLOT}
+    await g.run("systemctl restart cryptlockd.service")
+
     # 2. busctl Suspend, three wrong passphrases first: the devices stay suspended.
     # (Suspend refuses unless Protected, which the daemon says again once it holds its
     # new delay lock.)
@@ -121,6 +144,10 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     rec = await last_cycle(g, cycle.since)
     timeline = assert_complete(rec)
     assert rec["wrong_passphrases"] == 3
+    # The restarted daemon's hint: the remembered keyslot first in every round, so the
+    # right passphrase cost one KDF.
+    slots = [layout.PASSPHRASE_SLOT, layout.KEYFILE_SLOT]
+    assert rec["keyslots_tried"] == {root: [*slots * 3, layout.PASSPHRASE_SLOT]}
     assert all(
         timeline[f"prompt#{n}"] < timeline[f"resumed:{layout.ROOT_DM_NAME}"] for n in (2, 3, 4)
     )
