@@ -33,6 +33,7 @@ from bench.figures import (
     forgotten_over_remembered,
     record_intervals,
     side_by_side,
+    tried_text,
 )
 from tests.vm import image as image_mod
 from tests.vm import layout, machine
@@ -148,9 +149,10 @@ async def run_cryptlockd(
 async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str, str]) -> None:
     """The Argon2id cases, in the cryptlockd boot after its quiet and busy cycles, with a
     decoy argon2id keyslot in front of the passphrase's (bench/keyslots.py): n cycles with
-    the keyslot forgotten (the daemon, which remembers it, restarted before each: two KDFs),
-    n with it remembered (no restart: one KDF), then n + 2 with data on the passphrase too
-    (crypttab `none`), so that one Enter opens both."""
+    the keyslot forgotten (the daemon stopped and its keyslots.json removed before each:
+    two KDFs), n with it remembered (one KDF), n with the daemon restarted before each (it
+    remembers the keyslot from its file: one KDF), then n + 2 with data on the passphrase
+    too (crypttab `none`), so that one Enter opens both."""
     kdfs = await keyslots.rearrange(g)
     facts["keyslots"] = keyslots.describe(kdfs)
     print(f"  root's keyslots: {facts['keyslots']}", flush=True)
@@ -158,11 +160,17 @@ async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str
     facts["one_kdf"] = ", ".join(f"{v:.2f}" for v in one)
     print(f"  one KDF (cryptsetup --test-passphrase, awake guest): {facts['one_kdf']} s")
     for i in range(n):
-        await g.run("systemctl restart cryptlockd.service")
+        await g.run(
+            f"systemctl stop cryptlockd.service && rm -f {layout.KEYSLOTS_FILE} && "
+            "systemctl start cryptlockd.service"
+        )
         await argon2_cycle(g, "forgotten", i, out)
     # The last forgotten cycle's keyslot is remembered from here on.
     for i in range(n):
         await argon2_cycle(g, "remembered", i, out)
+    for i in range(n):
+        await g.run("systemctl restart cryptlockd.service")
+        await argon2_cycle(g, "restarted", i, out)
     await g.run(
         "sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab && "
         "busctl call org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager Reload"
@@ -199,7 +207,11 @@ def argon2_line(result: CycleResult) -> str:
     slots = result.record.get("keyslots", {})
     used = ", ".join(f"{name} keyslot {slot}" for name, slot in sorted(slots.items()))
     wrong = result.record.get("wrong_passphrases", 0)
-    return ", ".join(times) + f" ({used or 'no keyslot recorded'}; wrong passphrases {wrong})"
+    return (
+        ", ".join(times)
+        + f" ({used or 'no keyslot recorded'}; tried {tried_text(result.record)}; "
+        + f"wrong passphrases {wrong})"
+    )
 
 
 async def run_debian(

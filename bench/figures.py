@@ -186,45 +186,76 @@ def _enter_to(rec: Mapping[str, Any], steps: Sequence[str]) -> float | None:
     return float(max(t[s] for s in steps) - t["passphrase_entered"]) / 1000
 
 
+def _cases(
+    results: Sequence[CycleResult], mode: str, first: bool | None = None
+) -> list[CycleResult]:
+    """cryptlockd's cycles of `mode` (only the first of them, or all but the first, when
+    `first` says so)."""
+    return [
+        r
+        for r in results
+        if r.system == "cryptlockd"
+        and r.mode == mode
+        and (first is None or (r.index == 0) == first)
+    ]
+
+
 def _enter_values(
     results: Sequence[CycleResult], mode: str, steps: Sequence[str], first: bool | None = None
 ) -> list[float]:
-    """Enter -> the last of `steps`, for cryptlockd's cycles of `mode` (only the first
-    of them, or all but the first, when `first` says so)."""
-    out = []
-    for r in results:
-        if r.system != "cryptlockd" or r.mode != mode:
-            continue
-        if first is not None and (r.index == 0) != first:
-            continue
-        v = _enter_to(r.record, steps)
-        if v is not None:
-            out.append(v)
-    return out
+    """Enter -> the last of `steps`, for cryptlockd's cycles of `mode`."""
+    values = (_enter_to(r.record, steps) for r in _cases(results, mode, first))
+    return [v for v in values if v is not None]
 
 
-def argon2_rows(results: Sequence[CycleResult]) -> list[tuple[str, list[float]]]:
-    """(label, values in s) for each case; the first is the one-KDF reference."""
+def tried_text(record: Mapping[str, Any]) -> str:
+    """The record's keyslots_tried: "root 0,1,2; data 1" (each try one KDF run)."""
+    tried = record.get("keyslots_tried") or {}
+    return (
+        "; ".join(
+            f"{name} {','.join(str(s) for s in slots)}" for name, slots in sorted(tried.items())
+        )
+        or "none"
+    )
+
+
+def _tried_summary(cases: Sequence[CycleResult]) -> str:
+    """The keyslots tried in these cycles, each different list once, with how many had it."""
+    counts: dict[str, int] = {}
+    for r in cases:
+        text = tried_text(r.record)
+        counts[text] = counts.get(text, 0) + 1
+    return " / ".join(f"{text} (x{n})" for text, n in counts.items()) or "-"
+
+
+def argon2_rows(results: Sequence[CycleResult]) -> list[tuple[str, list[float], str]]:
+    """(label, values in s, keyslots tried) for each case; the first is the one-KDF
+    reference."""
     root, both = [f"resumed:{ROOT}"], [f"resumed:{ROOT}", f"resumed:{DATA}"]
 
-    def of(mode: str, steps: list[str], first: bool | None = None) -> list[float]:
-        return _enter_values(results, mode, steps, first)
+    def of(mode: str, steps: list[str], first: bool | None = None) -> tuple[list[float], str]:
+        return _enter_values(results, mode, steps, first), _tried_summary(
+            _cases(results, mode, first)
+        )
 
     gaps = [
         (r.record["timeline_ms"][f"resumed:{DATA}"] - r.record["timeline_ms"][f"resumed:{ROOT}"])
         / 1000
-        for r in results
-        if r.system == "cryptlockd" and r.mode == "quiet" and r.index > 0
+        for r in _cases(results, "quiet", first=False)
     ]
-    return [
+    cases = [
         (
             "one KDF: Enter -> root resumed, keyslot 1 remembered (quiet cycles 2..n)",
             of("quiet", root, first=False),
         ),
-        ("same, first cycle after boot (quiet cycle 1)", of("quiet", root, first=True)),
         (
-            "decoy in slot 1, passphrase in slot 2, not remembered (daemon restarted before "
-            "each cycle: two KDFs): Enter -> root resumed",
+            "same, first cycle after the install (quiet cycle 1: nothing remembered yet, so "
+            "the boot keyfile's PBKDF2 slot 0 is tried first)",
+            of("quiet", root, first=True),
+        ),
+        (
+            "decoy in slot 1, passphrase in slot 2, forgotten (daemon stopped and its "
+            "keyslots.json removed before each cycle): Enter -> root resumed",
             of("forgotten", root),
         ),
         (
@@ -232,15 +263,23 @@ def argon2_rows(results: Sequence[CycleResult]) -> list[tuple[str, list[float]]]
             of("remembered", root),
         ),
         (
+            "same, daemon restarted before each cycle (slot 2 remembered from its file: one "
+            "KDF): Enter -> root resumed",
+            of("restarted", root),
+        ),
+        (
             "root and data share the passphrase, both keyslots remembered: Enter -> all resumed",
             of("shared", both, first=False),
         ),
         (
             "same, first shared cycle (data's keyslot not yet remembered: its keyfile slot 0, "
-            "PBKDF2, tried first, which costs milliseconds)",
+            "PBKDF2, tried first)",
             of("shared", both, first=True),
         ),
-        ("data by keyfile on root: root resumed -> data resumed (quiet cycles 2..n)", gaps),
+    ]
+    return [
+        *((label, values, tried) for label, (values, tried) in cases),
+        ("data by keyfile on root: root resumed -> data resumed (quiet cycles 2..n)", gaps, "-"),
     ]
 
 
@@ -257,12 +296,12 @@ def argon2_table(results: Sequence[CycleResult]) -> str:
     rows = argon2_rows(results)
     one = stats(rows[0][1])
     lines = [
-        "| case | n | median (min-max) s | median / one KDF |",
-        "| --- | --- | --- | --- |",
+        "| case | n | median (min-max) s | median / one KDF | keyslots tried (record) |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for label, values in rows:
+    for label, values, tried in rows:
         s = stats(values)
         ratio = f"{s[0] / one[0]:.2f}" if s and one and one[0] > 0 else "-"
         text = "-" if s is None else f"{s[0]:.2f} ({s[1]:.2f}-{s[2]:.2f})"
-        lines.append(f"| {label} | {len(values)} | {text} | {ratio} |")
+        lines.append(f"| {label} | {len(values)} | {text} | {ratio} | {tried} |")
     return "\n".join(lines)

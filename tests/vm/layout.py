@@ -16,6 +16,8 @@ ROOT_KEYFILE = "/etc/keys/root.key"  # keyslot 0 of root, copied into the initra
 DATA_KEYFILE = "/etc/keys/data.key"  # keyslot 0 of data, lives on the encrypted root
 KEYFILE_SLOT = 0
 PASSPHRASE_SLOT = 1
+# Where the installed daemon keeps the keyslot that opened each disk last (StateDirectory=).
+KEYSLOTS_FILE = "/var/lib/cryptlockd/keyslots.json"
 
 # argon2id cost of the passphrase keyslots: small enough that TCG with 512 MiB RAM unlocks in
 # a few seconds (measured in the provisioning boot and stored in the image's report.json).

@@ -32,8 +32,6 @@ from tests.vm.sleepcycle import (
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(900)]
 
-KEYSLOTS_FILE = "/var/lib/cryptlockd/keyslots.json"
-
 
 async def knobs(guest: Guest) -> tuple[str, str]:
     """What a cycle changes and must put back: sync_on_suspend and the active VT."""
@@ -79,8 +77,8 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     await data_before(g)
     before = await knobs(g)
     # Installed, never cycled: no keyslot remembered yet.
-    state = await g.run(f"test -e {KEYSLOTS_FILE}", check=False)
-    assert state.rc != 0, f"{KEYSLOTS_FILE} before any cycle"
+    state = await g.run(f"test -e {layout.KEYSLOTS_FILE}", check=False)
+    assert state.rc != 0, f"{layout.KEYSLOTS_FILE} before any cycle"
 
     # 1. systemctl suspend, the right passphrase at once.
     cycle = await run_cycle(g, [layout.PASSPHRASE], "systemctl suspend")
@@ -124,7 +122,7 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     # the root's LUKS UUID, root's only.
     uuid = (await g.run(f"cryptsetup luksUUID {layout.ROOT_DISK}")).stdout.strip()
     saved = await g.wait_for_command(
-        f"stat -c %a {KEYSLOTS_FILE} && cat {KEYSLOTS_FILE}",
+        f"stat -c %a {layout.KEYSLOTS_FILE} && cat {layout.KEYSLOTS_FILE}",
         30,
         "the keyslot saved",
         ok=lambda o: uuid in o,
