@@ -45,10 +45,25 @@ def kernel_skcipher_usable(name: str) -> bool:
     return True
 
 
-def keyslot_order(active: Sequence[int], last: int) -> list[int]:
+# LUKS2 keyslot priorities (libcryptsetup's crypt_keyslot_priority; `cryptsetup config
+# --priority`). LUKS1 has none: every keyslot is normal.
+PRIORITY_IGNORE = 0
+PRIORITY_NORMAL = 1
+PRIORITY_PREFER = 2
+
+
+def keyslot_order(
+    active: Sequence[int], last: int, priorities: Mapping[int, int] | None = None
+) -> list[int]:
     """The keyslots to try, cheapest guess first: the one that worked last, then the
-    others in order. A passphrase in the second keyslot costs two KDF runs, then one."""
-    slots = list(active)
+    others as libcryptsetup tries them for "any keyslot" (`prefer` before `normal`, each
+    in slot order; `ignore` ones not at all, as `cryptsetup open` does not try them, unless
+    there is nothing else: a prompt that can never succeed would keep the machine locked
+    for good). A passphrase in the second keyslot costs two KDF runs, then one."""
+    prio = priorities or {}
+    slots = [s for s in active if prio.get(s, PRIORITY_NORMAL) != PRIORITY_IGNORE]
+    slots = slots or list(active)
+    slots.sort(key=lambda s: prio.get(s, PRIORITY_NORMAL) != PRIORITY_PREFER)
     if last in slots:
         slots.remove(last)
         slots.insert(0, last)

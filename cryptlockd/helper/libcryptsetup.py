@@ -11,6 +11,8 @@ import os
 
 from cryptlockd.helper.kdf import (
     DM_LOCK,
+    PRIORITY_IGNORE,
+    PRIORITY_PREFER,
     KdfBudget,
     kernel_skcipher_name,
     kernel_skcipher_usable,
@@ -115,6 +117,8 @@ class Library:
             fn = lib.crypt_keyslot_get_encryption
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t)]
             fn.restype = ctypes.c_char_p
+        if self.has("crypt_keyslot_get_priority"):
+            lib.crypt_keyslot_get_priority.argtypes = [ctypes.c_void_p, ctypes.c_int]
         if self.has("crypt_keyslot_get_pbkdf"):
             lib.crypt_keyslot_get_pbkdf.argtypes = [
                 ctypes.c_void_p,
@@ -158,6 +162,7 @@ class Device:
         # record: what a forgotten keyslot cost. CRYPT_ANY_SLOT: libcryptsetup tried them all.
         self.tried: list[int] = []
         self.slots = self.active_keyslots()
+        self.priorities = self.keyslot_priorities()
         # Probed now, with root up: a probe after the wake could make the kernel load a
         # module from the suspended root.
         self.derives_alone = not self._keyslots_in_kernel()
@@ -206,6 +211,7 @@ class Device:
         self.library.lib.crypt_free(self.cd)
         self.cd = fresh
         self.slots = self.active_keyslots()
+        self.priorities = self.keyslot_priorities()
 
     def luks_type(self) -> str:
         t = self.library.lib.crypt_get_type(self.cd)
@@ -232,6 +238,14 @@ class Device:
         active = (CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST)
         return [s for s in range(MAX_KEYSLOTS) if lib.crypt_keyslot_status(self.cd, s) in active]
 
+    def keyslot_priorities(self) -> dict[int, int]:
+        """The active keyslots' LUKS2 priorities that are not `normal` (kdf.keyslot_order)."""
+        lib = self.library.lib
+        if not self.library.has("crypt_keyslot_get_priority"):
+            return {}
+        found = {s: int(lib.crypt_keyslot_get_priority(self.cd, s)) for s in self.slots}
+        return {s: p for s, p in found.items() if p in (PRIORITY_IGNORE, PRIORITY_PREFER)}
+
     def resume_by_passphrase(
         self,
         address: int,
@@ -246,7 +260,11 @@ class Device:
         Safe to call from several threads at once for different devices (kdf.py): the KDF
         runs outside `DM_LOCK`, within `budget`, and only the resume takes the lock.
         `on_derived` runs once the key is derived, before the resume (for the record)."""
-        slots = keyslot_order(self.slots or [CRYPT_ANY_SLOT], self.last_keyslot)
+        slots = (
+            keyslot_order(self.slots, self.last_keyslot, self.priorities)
+            if self.slots
+            else [CRYPT_ANY_SLOT]
+        )
         if not self.library.has("crypt_resume_by_volume_key"):
             with DM_LOCK:
                 return self._resume_by_passphrase_in_one(address, length, slots)

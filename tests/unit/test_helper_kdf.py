@@ -10,6 +10,8 @@ import pytest
 
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
 from cryptlockd.helper.kdf import (
+    PRIORITY_IGNORE,
+    PRIORITY_PREFER,
     KdfBudget,
     attempt_all,
     kdf_memory_at_once,
@@ -31,6 +33,17 @@ def test_the_keyslot_that_worked_last_goes_first() -> None:
     # A remembered keyslot that is gone (removed since): the active ones, in order.
     assert keyslot_order([0, 2], 1) == [0, 2]
     assert keyslot_order([], 3) == []
+
+
+def test_keyslot_priorities_order_the_others_as_libcryptsetup_does() -> None:
+    ignore, prefer = PRIORITY_IGNORE, PRIORITY_PREFER
+    # prefer before normal, ignore never; the remembered one still first.
+    assert keyslot_order([0, 1, 2, 3], -1, {0: ignore, 3: prefer}) == [3, 1, 2]
+    assert keyslot_order([0, 1, 2, 3], 2, {0: ignore, 3: prefer}) == [2, 3, 1]
+    # A remembered keyslot set to ignore since is not tried.
+    assert keyslot_order([0, 1, 2], 0, {0: ignore}) == [1, 2]
+    # All ignored: all of them, rather than a prompt that can never succeed.
+    assert keyslot_order([1, 2], -1, {1: ignore, 2: ignore}) == [1, 2]
 
 
 def test_the_reserve_covers_every_device_that_asks_at_once() -> None:

@@ -94,6 +94,7 @@ def header_device(library: lcs.Library, cd: ctypes.c_void_p) -> lcs.Device:
     device = lcs.Device.__new__(lcs.Device)
     device.library, device.name, device.cd = library, "unit", cd
     device.slots, device.tried = device.active_keyslots(), []
+    device.priorities = device.keyslot_priorities()
     return device
 
 
@@ -160,6 +161,7 @@ def _fake_device(lib: FakeLib, slots: list[int], with_volume_key: bool = True) -
     dev.name, dev._bname, dev.cd, dev.slots = "root", b"root", None, slots  # type: ignore[assignment]
     dev.last_keyslot = -1
     dev.tried = []
+    dev.priorities = {}
     dev.derives_alone = False
     return dev
 
@@ -246,3 +248,28 @@ def test_on_derived_marks_the_end_of_the_kdf_before_the_resume() -> None:
     assert seen == [([0, 1], [])] and lib.resumed == [b"root"]
     lib.good_slot, seen[:] = 5, []
     assert not dev.resume_by_passphrase(0, 4, on_derived=derived) and seen == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="libcryptsetup locks under /run/cryptsetup")
+def test_keyslot_priorities_are_read_and_tried_as_cryptsetup_tries_them(tmp_path: Path) -> None:
+    # `cryptsetup config --priority`, through the real library: slot 1 ignore, slot 5
+    # prefer, slot 3 normal, all with this passphrase. Slot 5 goes first, slot 1 never.
+    with luks2_image(tmp_path, "crypt_keyslot_set_priority") as (library, cd):
+        lib = library.lib
+        for slot in (1, 5):
+            assert lib.crypt_keyslot_add_by_volume_key(cd, slot, None, 0, b"unit", 4) == slot
+        assert lib.crypt_keyslot_set_priority(cd, 1, lcs.PRIORITY_IGNORE) == 0
+        assert lib.crypt_keyslot_set_priority(cd, 5, lcs.PRIORITY_PREFER) == 0
+        device = header_device(library, cd)
+        assert device.slots == [1, 3, 5]
+        assert device.priorities == {1: lcs.PRIORITY_IGNORE, 5: lcs.PRIORITY_PREFER}
+        order = lcs.keyslot_order(device.slots, -1, device.priorities)
+        assert order == [5, 3]
+        device.derives_alone = False
+        key = (ctypes.c_char * lib.crypt_get_volume_key_size(cd))()
+        budget = lcs.KdfBudget(MEMORY_KIB)
+        phrase = ctypes.create_string_buffer(b"unit", 4)
+        assert device._derive(key, ctypes.addressof(phrase), 4, order, budget) == 5
+        wrong = ctypes.create_string_buffer(b"nope", 4)
+        assert device._derive(key, ctypes.addressof(wrong), 4, order, budget) == -1
+        assert device.tried == [5, 5, 3]
