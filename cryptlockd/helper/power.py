@@ -63,11 +63,12 @@ def block_mounts(mountinfo: str) -> list[str]:
     return points
 
 
-# The jobs' child closes every file descriptor above these (see run_with_deadline).
+# A forked child (the jobs', the watchdog) closes every descriptor below this but its own.
 MAX_FD = 65536
 
 
-def _close_all_but(*keep: int) -> None:
+def close_all_but(*keep: int) -> None:
+    """In a forked child: closes every descriptor above 2 but `keep`."""
     low = 3
     for fd in sorted(keep):
         os.closerange(low, fd)
@@ -75,7 +76,12 @@ def _close_all_but(*keep: int) -> None:
     os.closerange(low, MAX_FD)
 
 
-def _report(w: int, error: str) -> None:
+def _run_and_report(job: Callable[[], str], w: int) -> None:
+    """In the jobs' child: runs one job and writes its error ("" for none) as one line."""
+    try:
+        error = job()
+    except Exception as e:
+        error = str(e) or type(e).__name__
     os.write(w, error.replace("\n", " ").encode() + b"\n")
 
 
@@ -102,13 +108,9 @@ def run_with_deadline(jobs: list[tuple[str, Callable[[], str]]], timeout: float)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            _close_all_but(w)
+            close_all_but(w)
             for _, job in jobs:
-                try:
-                    error = job()
-                except Exception as e:
-                    error = str(e) or type(e).__name__
-                _report(w, error)
+                _run_and_report(job, w)
         finally:
             os._exit(0)
     os.close(w)
@@ -191,7 +193,7 @@ class SyncWorker:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
-                _close_all_but(req_r, ans_w)
+                close_all_but(req_r, ans_w)
                 self._serve(req_r, ans_w)
             finally:
                 os._exit(0)
@@ -206,11 +208,7 @@ class SyncWorker:
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 kind, arg = json.loads(line)
-                try:
-                    error = self.jobs[kind](arg)
-                except Exception as e:
-                    error = str(e) or type(e).__name__
-                _report(w, error)
+                _run_and_report(functools.partial(self.jobs[kind], arg), w)
 
     def run(self, jobs: list[Job], timeout: float) -> list[str]:
         if not jobs:

@@ -239,9 +239,6 @@ def ignore_stop_signals() -> None:
 
 
 WATCHDOG_ENV = "CRYPTLOCKD_WATCHDOG"
-# File descriptors the watchdog closes (the helper's sockets above all: the daemon and the
-# sleep entry must see the helper's connections end when it dies).
-MAX_FD = 65536
 
 
 # The watchdog's command line: the helper's own interpreter and package, in its RAM
@@ -261,8 +258,9 @@ def start_watchdog() -> int:
     try:  # pragma: no cover - the child
         os.close(w)
         os.set_inheritable(r, True)
-        os.closerange(3, r)
-        os.closerange(r + 1, MAX_FD)
+        # The helper's sockets above all: the daemon and the sleep entry must see the
+        # helper's connections end when it dies.
+        power.close_all_but(r)
         # Its start-up (the interpreter and every helper module: 0.3 s of CPU under TCG)
         # comes right after the arm, while logind starts the sleep entry and we sync and
         # suspend; at the helper's nice -10 it took a CPU from them (issue 12). It runs on
