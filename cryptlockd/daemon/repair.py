@@ -1,6 +1,6 @@
 """Repair at start (SPEC 2.7): undo what a helper that died mid-cycle left behind. It notes
 both before touching them, in its RAM filesystem (helper/protocol.py names the files): the
-cgroups it froze, and the sync_on_suspend value it replaced. Usually the recovery
+cgroups it froze, and the sync_on_suspend and rcu_expedited values it replaced. Usually the recovery
 (helper/recover.py, the helper unit's ExecStopPost=) has undone them already and left the
 record of that cycle, which the daemon reports (take_recovered_record)."""
 
@@ -15,7 +15,7 @@ from typing import Any
 from cryptlockd.daemon import helper_socket
 from cryptlockd.helper import cgroups, protocol
 from cryptlockd.helper.cgroups import CGROUP_ROOT
-from cryptlockd.helper.power import SYNC_ON_SUSPEND
+from cryptlockd.helper.power import RCU_EXPEDITED, SYNC_ON_SUSPEND
 
 __all__ = ["repair", "take_recovered_record"]
 
@@ -27,9 +27,11 @@ def repair(
     socket_path: str,
     cgroup_root: str = CGROUP_ROOT,
     sync_file: str = SYNC_ON_SUSPEND,
+    rcu_file: str = RCU_EXPEDITED,
 ) -> list[str]:
-    """Thaw the cgroups a crashed cycle froze and restore sync_on_suspend, unless a helper
-    still runs (its cycle is not over). Returns what was repaired."""
+    """Thaw the cgroups a crashed cycle froze and restore sync_on_suspend and
+    rcu_expedited, unless a helper still runs (its cycle is not over). Returns what was
+    repaired."""
     if helper_socket.alive(socket_path):
         return []
     done: list[str] = []
@@ -42,14 +44,24 @@ def repair(
         log.warning("repair: thawed %d cgroups a crashed cycle left frozen", len(frozen))
         done.append("thawed " + " ".join(frozen))
         frozen_list.unlink()
-    saved = Path(protocol.on_host(protocol.SYNC_STATE_IN_RAMFS, str(ramfs_path)))
-    with contextlib.suppress(FileNotFoundError):
-        value = saved.read_text().strip()
-        if value and value != "0":
-            Path(sync_file).write_text(value)
-            log.warning("repair: restored sync_on_suspend=%s left at 0 by a crashed cycle", value)
-            done.append(f"sync_on_suspend={value}")
-        saved.unlink()
+    for name, state, knob in (
+        ("sync_on_suspend", protocol.SYNC_STATE_IN_RAMFS, sync_file),
+        ("rcu_expedited", protocol.RCU_STATE_IN_RAMFS, rcu_file),
+    ):
+        saved = Path(protocol.on_host(state, str(ramfs_path)))
+        with contextlib.suppress(FileNotFoundError):
+            value = saved.read_text().strip()
+            try:
+                now = Path(knob).read_text().strip()
+            except FileNotFoundError:
+                now = value  # a kernel without it: nothing to put back
+            if value and value != now:
+                Path(knob).write_text(value)
+                log.warning(
+                    "repair: restored %s=%s left at %s by a crashed cycle", name, value, now
+                )
+                done.append(f"{name}={value}")
+            saved.unlink()
     return done
 
 

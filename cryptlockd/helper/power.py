@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 SYNC_ON_SUSPEND = "/sys/power/sync_on_suspend"
+RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
 POWER_STATE = "/sys/power/state"
 MEM_SLEEP = "/sys/power/mem_sleep"
 # The real root's mount table and tree: the helper itself is chrooted into the ramfs.
@@ -283,6 +284,18 @@ def get_sync_on_suspend() -> str | None:
 
 def set_sync_on_suspend(value: str) -> None:
     _write(SYNC_ON_SUSPEND, value)
+
+
+def get_rcu_expedited() -> str | None:
+    try:
+        with open(RCU_EXPEDITED) as f:
+            return f.read().strip()
+    except OSError:
+        return None  # Tiny RCU has no such file
+
+
+def set_rcu_expedited(value: str) -> None:
+    _write(RCU_EXPEDITED, value)
 
 
 def read_power_files() -> tuple[str, str]:

@@ -224,9 +224,10 @@ RAMFS_DIRS = ("proc", "sys", "dev", "run", "run/cryptsetup", "tmp", "sock", "sta
 # Paths as the helper sees them (inside its root). on_host() gives the daemon's view.
 SOCKET_IN_RAMFS = "/sock/helper.sock"
 # What a cycle changed and must be undone should the helper die: the cgroups it froze
-# (written before freezing) and the sync_on_suspend value it replaced.
+# (written before freezing), and the sync_on_suspend and rcu_expedited values it replaced.
 FROZEN_STATE_IN_RAMFS = "/state/frozen"
 SYNC_STATE_IN_RAMFS = "/state/sync_on_suspend"
+RCU_STATE_IN_RAMFS = "/state/rcu_expedited"
 # The rest of what the recovery of a dead helper needs (recover.py): the device plan, the
 # VT, the prompt's settings and the devices it may have suspended (each written before its
 # crypt_suspend). JSON; removed once the cycle has thawed.

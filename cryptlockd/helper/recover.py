@@ -56,6 +56,8 @@ class Leftovers:
         suspended_now: set[str],
         frozen_now: set[str],
         sync_now: str | None,
+        saved_rcu: str | None = None,
+        rcu_now: str | None = None,
     ) -> None:
         self.state = state or {}
         self.plan = [DevicePlan.from_dict(d) for d in self.state.get("plan", [])]
@@ -64,9 +66,11 @@ class Leftovers:
         self.suspended = [p.name for p in self.plan if p.name in noted and p.name in suspended_now]
         self.frozen = [c for c in frozen_list if c in frozen_now]
         self.saved_sync = saved_sync if saved_sync not in (None, "0") and sync_now == "0" else None
+        # Died while the suspends had rcu_expedited on (cycle._suspend_all).
+        self.saved_rcu = saved_rcu if saved_rcu and rcu_now not in (None, saved_rcu) else None
 
     def anything(self) -> bool:
-        return bool(self.suspended or self.frozen or self.saved_sync)
+        return bool(self.suspended or self.frozen or self.saved_sync or self.saved_rcu)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -96,6 +100,7 @@ def read_leftovers() -> Leftovers:
         state = json.load(f)
     frozen_list = _read_lines(protocol.FROZEN_STATE_IN_RAMFS)
     saved = _read_lines(protocol.SYNC_STATE_IN_RAMFS)
+    rcu = _read_lines(protocol.RCU_STATE_IN_RAMFS)
     return Leftovers(
         state,
         frozen_list,
@@ -103,6 +108,8 @@ def read_leftovers() -> Leftovers:
         mappings.suspended_mappings() if state else set(),
         _frozen_now(frozen_list),
         power.get_sync_on_suspend(),
+        rcu[0].strip() if rcu else None,
+        power.get_rcu_expedited() if rcu else None,
     )
 
 
@@ -111,6 +118,7 @@ def _clean_state() -> None:
         protocol.CYCLE_STATE_IN_RAMFS,
         protocol.FROZEN_STATE_IN_RAMFS,
         protocol.SYNC_STATE_IN_RAMFS,
+        protocol.RCU_STATE_IN_RAMFS,
     ):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -313,6 +321,12 @@ def _recover_locked(env: dict[str, str]) -> int:
     record.fail(death_reason(env))
     record.suspended = list(left.suspended)
     record.hardening = hardening_status()
+    if left.saved_rcu is not None:
+        try:
+            power.set_rcu_expedited(left.saved_rcu)
+            record.step("rcu_restored")
+        except OSError as e:
+            record.problems.append(f"rcu_expedited left at 1: {e}")
     h = _helper_for(left, record)
     ops = RecoveryOps(h, record)
     plan = [p for p in left.plan if p.name in left.suspended]

@@ -175,6 +175,21 @@ class SystemOps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(protocol.SYNC_STATE_IN_RAMFS)
 
+    def expedite_rcu(self) -> str | None:
+        value = power.get_rcu_expedited()
+        if value != "0":
+            return None  # expedited already, or no such knob
+        # For the recovery and the daemon's repair, should we die before restoring it.
+        with open(protocol.RCU_STATE_IN_RAMFS, "w") as f:
+            f.write(value + "\n")
+        power.set_rcu_expedited("1")
+        return value
+
+    def restore_rcu(self, value: str) -> None:
+        power.set_rcu_expedited(value)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(protocol.RCU_STATE_IN_RAMFS)
+
     def suspend(self, device: str) -> None:
         self.suspending.append(device)
         self.save_cycle_state()

@@ -54,6 +54,10 @@ class FakeOps:
         self.suspend_fails = suspend_fails
         self.keyfile_fails = keyfile_fails
         self.sync_on_suspend = "1"
+        # /sys/kernel/rcu_expedited, and what each crypt_suspend and the sleep saw of it.
+        self.rcu = "0"
+        self.rcu_seen: list[str] = []
+        self.rcu_fails = ""
         self.secrets: list[SecretBuffer] = []
         self.gone: set[str] = set()
         self.late: list[str] = []
@@ -100,7 +104,21 @@ class FakeOps:
         self.calls.append(f"sync_on_suspend={value}")
         self.sync_on_suspend = value
 
+    def expedite_rcu(self) -> str | None:
+        if self.rcu_fails == "expedite":
+            raise OSError("Permission denied: /sys/kernel/rcu_expedited")
+        if self.rcu != "0":
+            return None
+        saved, self.rcu = self.rcu, "1"
+        return saved
+
+    def restore_rcu(self, value: str) -> None:
+        if self.rcu_fails == "restore":
+            raise OSError("Read-only file system: /sys/kernel/rcu_expedited")
+        self.rcu = value
+
     def suspend(self, device: str) -> None:
+        self.rcu_seen.append(f"{device}:{self.rcu}")
         if device == self.suspend_fails:
             raise OSError("EBUSY")
         self.calls.append(f"suspend:{device}")
@@ -109,6 +127,7 @@ class FakeOps:
         return {"dm_table_key": "zeroed", "dm_suspended": "yes"}
 
     def enter_sleep(self) -> None:
+        self.rcu_seen.append(f"sleep:{self.rcu}")
         self.calls.append("sleep")
         if self.sleep_fails:
             raise SleepFailed("writing 'mem' to /sys/power/state: EBUSY")
@@ -239,6 +258,43 @@ def test_full_cycle_order() -> None:
         "sync_on_suspend_off",
     ]
     assert d["resumed"] == ["root", "data", "nested"] and d["skipped"] == []
+
+
+def test_rcu_expedited_is_on_for_the_suspends_only() -> None:
+    ops = FakeOps([GOOD])
+    t = cycle(ops).as_dict()["timeline_ms"]
+    assert ops.rcu_seen == ["nested:1", "root:1", "data:1", "sleep:0"] and ops.rcu == "0"
+    assert t["sync_on_suspend_off"] <= t["rcu_expedited"] <= t["suspended:nested"], t
+    assert t["suspended:data"] <= t["rcu_restored"] <= t["verified"], t
+
+
+def test_rcu_expedited_is_put_back_when_a_suspend_fails() -> None:
+    ops = FakeOps([GOOD], suspend_fails="data")
+    rec = cycle(ops)
+    assert ops.rcu_seen[:3] == ["nested:1", "root:1", "data:1"] and ops.rcu == "0"
+    assert "rcu_restored" in rec.as_dict()["timeline_ms"]
+
+
+@pytest.mark.parametrize("where", ["expedite", "restore"])
+def test_rcu_expedited_that_cannot_be_set_or_put_back_is_a_problem_not_an_end(
+    where: str,
+) -> None:
+    ops = FakeOps([GOOD])
+    ops.rcu_fails = where
+    rec = cycle(ops)
+    assert rec.success and rec.slept and "sleep" in ops.calls
+    assert [p for p in rec.problems if "rcu_expedited" in p] == [
+        "rcu_expedited: Permission denied: /sys/kernel/rcu_expedited"
+        if where == "expedite"
+        else "rcu_expedited left at 1: Read-only file system: /sys/kernel/rcu_expedited"
+    ]
+
+
+def test_rcu_expedited_already_on_is_left_alone() -> None:
+    ops = FakeOps([GOOD])
+    ops.rcu = "1"
+    t = cycle(ops).as_dict()["timeline_ms"]
+    assert ops.rcu == "1" and "rcu_expedited" not in t and "rcu_restored" not in t
 
 
 def test_passphrase_buffer_is_zero_after_use() -> None:

@@ -7,12 +7,14 @@ import select
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from cryptlockd.helper import power
+from cryptlockd.helper import power, protocol
 from cryptlockd.helper.cycle import DeadlinePassed
 from cryptlockd.helper.hardening import Reserve
+from cryptlockd.helper.system_ops import SystemOps
 from tests.wait import wait_until
 
 
@@ -231,3 +233,37 @@ def test_without_a_worker_each_run_forks_its_own_child() -> None:
     (a,) = worker.run([("p", "pid", "")], 10)
     (b,) = worker.run([("p", "pid", "")], 10)
     assert a != b and os.getpid() not in (int(a), int(b))
+
+
+# -- rcu_expedited: on for the suspends (cycle._suspend_all), noted for the recovery --------
+
+
+@pytest.fixture
+def rcu_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    knob, state = tmp_path / "rcu_expedited", tmp_path / "state_rcu_expedited"
+    monkeypatch.setattr(power, "RCU_EXPEDITED", str(knob))
+    monkeypatch.setattr(protocol, "RCU_STATE_IN_RAMFS", str(state))
+    return knob, state
+
+
+def test_rcu_expedited_is_noted_before_it_is_set_and_forgotten_once_put_back(
+    rcu_files: tuple[Path, Path],
+) -> None:
+    knob, state = rcu_files
+    knob.write_text("0\n")
+    ops = SystemOps.__new__(SystemOps)  # expedite_rcu and restore_rcu need no helper
+    assert ops.expedite_rcu() == "0"
+    assert power.get_rcu_expedited() == "1" and state.read_text() == "0\n"
+    ops.restore_rcu("0")
+    assert power.get_rcu_expedited() == "0" and not state.exists()
+
+
+@pytest.mark.parametrize("now", ["1", None])
+def test_rcu_expedited_on_already_or_absent_is_left_alone(
+    rcu_files: tuple[Path, Path], now: str | None
+) -> None:
+    knob, state = rcu_files
+    if now is not None:
+        knob.write_text(now + "\n")
+    assert SystemOps.__new__(SystemOps).expedite_rcu() is None
+    assert not state.exists() and power.get_rcu_expedited() == now

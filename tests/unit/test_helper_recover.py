@@ -33,6 +33,15 @@ def test_leftovers_are_what_the_state_says_and_the_system_confirms() -> None:
     left = Leftovers(state, ["/system.slice", "/user.slice"], "1", {"data"}, {"/user.slice"}, "0")
     assert left.suspended == ["data"] and left.frozen == ["/user.slice"]
     assert left.saved_sync == "1" and left.anything()
+    assert left.saved_rcu is None
+
+
+def test_rcu_expedited_left_on_is_a_leftover_and_one_put_back_is_not() -> None:
+    # Died with the suspends under way: rcu_expedited saved as 0, now 1.
+    assert Leftovers(None, [], None, set(), set(), "1", "0", "1").saved_rcu == "0"
+    assert Leftovers(None, [], None, set(), set(), "1", "0", "1").anything()
+    assert not Leftovers(None, [], None, set(), set(), "1", "0", "0").anything()
+    assert not Leftovers(None, [], None, set(), set(), "1", "0", None).anything()
 
 
 def test_after_a_normal_exit_there_is_nothing_to_recover() -> None:
@@ -133,6 +142,7 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("CYCLE_STATE_IN_RAMFS", "cycle.json"),
         ("FROZEN_STATE_IN_RAMFS", "frozen"),
         ("SYNC_STATE_IN_RAMFS", "sync_on_suspend"),
+        ("RCU_STATE_IN_RAMFS", "rcu_expedited"),
         ("RECOVERED_RECORD_IN_RAMFS", "recovered.json"),
         ("RECOVERY_LOCK_IN_RAMFS", "recovery.lock"),
         ("LOGLEVEL_STATE_IN_RAMFS", "console_loglevel"),
@@ -145,6 +155,8 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(cgroups, "CGROUP_ROOT", str(cg))
     (tmp_path / "sync").write_text("0")
     monkeypatch.setattr(power, "SYNC_ON_SUSPEND", str(tmp_path / "sync"))
+    (tmp_path / "rcu").write_text("0")
+    monkeypatch.setattr(power, "RCU_EXPEDITED", str(tmp_path / "rcu"))
     # The prompt lowers the console loglevel while it waits: not the host's.
     (tmp_path / "printk").write_text("7\t4\t1\t7\n")
     monkeypatch.setattr(vt, "PRINTK", str(tmp_path / "printk"))
@@ -178,6 +190,9 @@ def _dead_cycle(tmp: Path, suspended: list[str]) -> None:
     (tmp / "state/cycle.json").write_text(json.dumps(state))
     (tmp / "state/frozen").write_text("/system.slice\n/user.slice\n")
     (tmp / "state/sync_on_suspend").write_text("1\n")
+    if suspended:  # died mid-suspends, rcu_expedited on (cycle._suspend_all)
+        (tmp / "state/rcu_expedited").write_text("0\n")
+        (tmp / "rcu").write_text("1")
 
 
 def test_a_normal_exit_leaves_nothing_and_the_recovery_does_nothing(system: Path) -> None:
@@ -210,7 +225,7 @@ def test_a_dead_helper_is_recovered_record_first_then_thawed(
         "<switched back to 2>"
     )
     assert (system / "cg/user.slice/cgroup.freeze").read_text() == "0"
-    assert (system / "sync").read_text() == "1"
+    assert (system / "sync").read_text() == "1" and (system / "rcu").read_text() == "0"
     assert sorted(os.listdir(system / "state")) == ["recovered.json", "recovery.lock"]
     rec = json.loads((system / "state/recovered.json").read_text())
     assert rec["reason"] == "the helper died mid-cycle (killed by SIGKILL); recovered"
@@ -221,6 +236,7 @@ def test_a_dead_helper_is_recovered_record_first_then_thawed(
         "recovery_start" in t and t["header_read:root"] <= t["prompt"] < t["passphrase_entered"]
     ), t
     assert t["header_read:root"] <= t["derived:root"] <= t["resumed:root"], t
+    assert t["recovery_start"] <= t["rcu_restored"] <= t["prompt"], t
 
 
 def test_a_helper_dead_after_the_freeze_is_thawed_without_a_prompt(system: Path) -> None:

@@ -17,13 +17,30 @@ def test_repair_thaws_and_restores(tmp_path: Path) -> None:
     state.mkdir(parents=True)
     (state / "frozen").write_text("/system.slice\n/user.slice\n")
     (state / "sync_on_suspend").write_text("1\n")
+    (state / "rcu_expedited").write_text("0\n")
     sync = tmp_path / "sync_on_suspend"
     sync.write_text("0")
-    done = repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync))
-    assert len(done) == 2
+    rcu = tmp_path / "rcu_expedited"
+    rcu.write_text("1")
+    args = (tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync), str(rcu))
+    done = repair(*args)
+    assert done[1:] == ["sync_on_suspend=1", "rcu_expedited=0"]
     assert (cg / "user.slice/cgroup.freeze").read_text() == "0"
     assert sync.read_text() == "1" and not (state / "frozen").exists()
-    assert repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), str(cg), str(sync)) == []
+    assert rcu.read_text() == "0" and not (state / "rcu_expedited").exists()
+    assert repair(*args) == []
+
+
+def test_repair_leaves_a_knob_the_cycle_never_changed(tmp_path: Path) -> None:
+    # Died after saving rcu_expedited and before setting it: nothing to write.
+    state = tmp_path / "ramfs" / "state"
+    state.mkdir(parents=True)
+    (state / "rcu_expedited").write_text("0\n")
+    rcu = tmp_path / "rcu_expedited"
+    rcu.write_text("0")
+    cg, sync = str(tmp_path / "cg"), str(tmp_path / "sync")
+    assert repair(tmp_path / "ramfs", str(tmp_path / "no.sock"), cg, sync, str(rcu)) == []
+    assert not (state / "rcu_expedited").exists()
 
 
 def test_the_record_of_a_recovered_cycle_is_taken_once(tmp_path: Path) -> None:

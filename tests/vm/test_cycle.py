@@ -33,19 +33,24 @@ from tests.vm.sleepcycle import (
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio, pytest.mark.timeout(900)]
 
 
-async def knobs(guest: Guest) -> tuple[str, str]:
-    """What a cycle changes and must put back: sync_on_suspend and the active VT."""
-    sync = await guest.run("cat /sys/power/sync_on_suspend")
-    vt = await guest.run("cat /sys/class/tty/tty0/active")
-    return sync.stdout.strip(), vt.stdout.strip()
+async def knobs(guest: Guest) -> tuple[str, str, str]:
+    """What a cycle changes and must put back: sync_on_suspend, the active VT, and
+    rcu_expedited (on for the suspends only)."""
+    out = await guest.run(
+        "cat /sys/power/sync_on_suspend /sys/class/tty/tty0/active /sys/kernel/rcu_expedited"
+    )
+    sync, vt, rcu = out.stdout.split()
+    return sync, vt, rcu
 
 
-async def assert_restored(guest: Guest, before: tuple[str, str]) -> None:
+async def assert_restored(guest: Guest, before: tuple[str, str, str]) -> None:
     frozen = await guest.run(
         "grep -l '^1' $(find /sys/fs/cgroup -name cgroup.freeze) 2>/dev/null || true"
     )
     assert frozen.stdout.strip() == "", f"cgroups left frozen: {frozen.stdout}"
-    assert await knobs(guest) == before, "sync_on_suspend or the active VT not restored"
+    assert await knobs(guest) == before, (
+        "sync_on_suspend, the active VT or rcu_expedited not restored"
+    )
     ramfs = await guest.run("findmnt -n -o FSTYPE /run/cryptlockd/ramfs")
     assert ramfs.stdout.strip() == "ramfs"
     for dm in (layout.ROOT_DM_NAME, layout.DATA_DM_NAME):
@@ -76,6 +81,7 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     await armed_ready(g)
     await data_before(g)
     before = await knobs(g)
+    assert before[2] == "0", "rcu_expedited on before the cycle: nothing to show"
     # Installed, never cycled: no keyslot remembered yet.
     state = await g.run(f"test -e {layout.KEYSLOTS_FILE}", check=False)
     assert state.rc != 0, f"{layout.KEYSLOTS_FILE} before any cycle"

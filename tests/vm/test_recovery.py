@@ -120,6 +120,8 @@ async def test_helper_killed_before_the_sleep_is_recovered(
             # data goes first; its keyfile lives on root, which was never suspended.
             assert rec["suspended"] == [layout.DATA_DM_NAME], rec
             assert rec["resumed"] == [layout.DATA_DM_NAME], rec
+            # Killed with rcu_expedited on (the suspends): put back before the prompt.
+            assert "rcu_restored" in rec["timeline_ms"], rec
         else:
             assert rec["suspended"] == [], rec
         await cycle_finished_false(g)
