@@ -139,6 +139,9 @@ if TYPE_CHECKING:
         def enter_sleep(self) -> None: ...
         # Returns the bytes of freed memory it cleared (page_cache.py).
         def drop_page_cache(self) -> int: ...
+        # The KDF reserve all in RAM (reserve.py): before the first suspend, after which
+        # the dirty pages of a suspended disk could not be written out to make room.
+        def reserve_ready(self) -> None: ...
         def release_reserve(self) -> None: ...
         # Before KDFs that run at once: new memory locked as touched, not in mmap()
         # (hardening.lock_on_fault).
@@ -214,6 +217,12 @@ def run_cycle(
             if drop_page_cache:
                 _drop_page_cache(ops, record)
             devices = opened_late(ops, devices, record) + devices
+            try:
+                ops.reserve_ready()
+            except Exception as e:
+                # The keys still go: the KDF may find the memory at resume all the same.
+                record.problems.append(f"KDF reserve: {e}")
+            record.step("kdf_reserve_ready")
             _suspend_all(ops, devices, suspended, record)
             for name in suspended:
                 try:

@@ -101,12 +101,14 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 # The daemon gave the arm up before it could read the answer.
                 log(WARNING, f"the daemon left before it was told armed ({e}): standing down")
                 return 0
-            helper.take_reserve()
             if not helper.watchdog:
                 # Armed, nothing frozen or suspended yet: the watchdog must need nobody
                 # (not even PID 1) should we die mid-cycle (recover.py).
                 helper.watchdog = start_watchdog()
             helper.start_sync_worker()
+            # Last: it starts a thread, and a fork after that would copy a process
+            # whose other thread holds what it holds.
+            helper.take_reserve()
             log(
                 INFO,
                 f"armed: devices {', '.join(helper.devices)}, VT {reply['vt']}, "

@@ -14,11 +14,12 @@ import time
 
 from cryptlockd.helper import mappings, power, protocol
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
-from cryptlockd.helper.hardening import Reserve, harden, hardening_status, reserve_kib
+from cryptlockd.helper.hardening import harden, hardening_status
 from cryptlockd.helper.journal import INFO, WARNING, log
 from cryptlockd.helper.kdf import KdfBudget, kdf_memory_at_once
 from cryptlockd.helper.libcryptsetup import Device, Library, UnsupportedDevice
 from cryptlockd.helper.record import CycleRecord
+from cryptlockd.helper.reserve import Reserve, reserve_kib
 from cryptlockd.helper.system_ops import SystemOps, freeze_plan, read_fault_hook
 from cryptlockd.helper.vt import Terminal
 
@@ -198,9 +199,12 @@ class Helper:
         }
 
     def take_reserve(self) -> None:
-        """The KDF reserve, taken (and faulted in) right after `armed`: while logind starts
-        the sleep entry, not while it waits for our delay lock. Should it fail, `begin` is
-        refused (reserve_error) and the sleep entry falls back to the stock sleep."""
+        """The KDF reserve, taken right after `armed` (logind waits for that, not for this)
+        and faulted in by a thread of low priority while logind starts the sleep entry
+        (reserve.py); the cycle waits for it before the first suspend. Should it not be
+        mapped, `begin` is refused (reserve_error) and the sleep entry falls back to the
+        stock sleep. Start no child process after this (the watchdog and the sync worker
+        come first)."""
         self.reserve_error = ""
         kib = self.reserve_wanted
         if kib != self.reserve.kib:
@@ -211,9 +215,17 @@ class Helper:
                 self.reserve = Reserve(0)
                 self.reserve_error = f"cannot hold {kib} KiB for the KDF: {e or type(e).__name__}"
                 log(WARNING, self.reserve_error)
-        self.record.step("helper_kdf_reserved")
-        # Here, not before `armed`: logind waits for that (issue 12).
+        record = self.record
+        self.reserve.start_filling(lambda: record.step("helper_kdf_reserved"))
+        record.hardening = hardening_status()  # again once it is in (reserve_ready)
+
+    def reserve_ready(self) -> None:
+        """Before the first suspend: the reserve all in RAM. Raises when it could not be
+        faulted in whole (the KDF may then lack memory at resume; the cycle notes it)."""
+        error = self.reserve.ready()
         self.record.hardening = hardening_status()
+        if error:
+            raise OSError(error)
 
     def start_sync_worker(self) -> None:
         """After `armed`, with the reserve taken: the child that runs this cycle's sync()

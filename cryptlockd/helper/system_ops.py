@@ -210,6 +210,9 @@ class SystemOps:
     def drop_page_cache(self) -> int:
         return page_cache.drop_page_cache()
 
+    def reserve_ready(self) -> None:
+        self.h.reserve_ready()
+
     def release_reserve(self) -> None:
         # The KDFs of devices resumed at once may now take what it held (kdf.py).
         self.h.kdf_budget = KdfBudget(self.h.reserve.kib)

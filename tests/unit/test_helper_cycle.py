@@ -58,6 +58,8 @@ class FakeOps:
         self.rcu = "0"
         self.rcu_seen: list[str] = []
         self.rcu_fails = ""
+        self.reserve_ready_at = -1
+        self.reserve_fails = False
         self.secrets: list[SecretBuffer] = []
         self.gone: set[str] = set()
         self.late: list[str] = []
@@ -131,6 +133,12 @@ class FakeOps:
         self.calls.append("sleep")
         if self.sleep_fails:
             raise SleepFailed("writing 'mem' to /sys/power/state: EBUSY")
+
+    def reserve_ready(self) -> None:
+        # Where in the calls (not one itself, so the orders below stay as they were).
+        self.reserve_ready_at = len(self.calls)
+        if self.reserve_fails:
+            raise OSError("faulting in the KDF reserve: Cannot allocate memory")
 
     def release_reserve(self) -> None:
         self.calls.append("release_reserve")
@@ -295,6 +303,21 @@ def test_rcu_expedited_already_on_is_left_alone() -> None:
     ops.rcu = "1"
     t = cycle(ops).as_dict()["timeline_ms"]
     assert ops.rcu == "1" and "rcu_expedited" not in t and "rcu_restored" not in t
+
+
+def test_the_kdf_reserve_is_in_before_the_first_suspend() -> None:
+    ops = FakeOps([GOOD])
+    t = cycle(ops).as_dict()["timeline_ms"]
+    assert ops.calls[ops.reserve_ready_at] == "suspend:nested", ops.calls
+    assert t["sync_on_suspend_off"] <= t["kdf_reserve_ready"] <= t["suspended:nested"], t
+
+
+def test_a_kdf_reserve_not_all_in_is_a_problem_and_the_keys_still_go() -> None:
+    ops = FakeOps([GOOD])
+    ops.reserve_fails = True
+    rec = cycle(ops)
+    assert rec.success and rec.slept and "suspend:root" in ops.calls
+    assert rec.problems == ["KDF reserve: faulting in the KDF reserve: Cannot allocate memory"]
 
 
 def test_passphrase_buffer_is_zero_after_use() -> None:

@@ -66,3 +66,61 @@ def test_after_lock_on_fault_new_memory_is_locked_as_touched_and_old_stays_locke
     # ...each page is, as it is touched.
     grown = rss["touched_half"] - rss["mapped_onfault"]
     assert mib8 // 2 - 64 <= grown < mib8 - 1024, kib
+
+
+# Under harden(): the KDF reserve is mapped locked but not faulted in, a thread started in
+# mapped_unpopulated() gets no 8 MiB of stack faulted in, memory mapped after it is again,
+# and the reserve's own thread faults it in (reserve.py).
+RESERVE_CHILD = """
+import json, mmap, threading
+from cryptlockd.helper.hardening import harden, mapped_unpopulated
+from cryptlockd.helper.reserve import Reserve
+
+def status():
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                if k in ("VmLck", "RssAnon")}
+
+out = {}
+harden()
+out["hardened"] = status()
+reserve = Reserve(32 << 10)
+out["mapped"] = status()
+go = threading.Event()
+with mapped_unpopulated():
+    t = threading.Thread(target=go.wait)
+    t.start()
+out["thread"] = status()
+go.set()
+t.join()
+after = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+out["mapped_after"] = status()
+reserve.start_filling()
+out["error"] = {"": 0} if reserve.ready() == "" else {"error": 1}
+out["ready"] = status()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    not _can_lock(), reason="mlockall of a Python process needs root or an unlimited RLIMIT_MEMLOCK"
+)
+def test_the_kdf_reserve_is_locked_when_mapped_and_faulted_in_by_its_thread() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", RESERVE_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    kib = json.loads(result.stdout)
+    rss = {stage: v["RssAnon"] for stage, v in kib.items() if stage != "error"}
+    lck = {stage: v["VmLck"] for stage, v in kib.items() if stage != "error"}
+    mib8, mib32 = 8 * 1024, 32 * 1024
+    assert kib["error"] == {"": 0}, kib
+    # Mapped: locked, nothing faulted in.
+    assert lck["mapped"] - lck["hardened"] >= mib32, kib
+    assert rss["mapped"] - rss["hardened"] < 1024, kib
+    # A thread started in mapped_unpopulated(): its stack is not faulted in whole.
+    assert rss["thread"] - rss["mapped"] < 2048, kib
+    # After it, MCL_FUTURE again: a new mapping is faulted in and locked inside mmap().
+    assert rss["mapped_after"] - rss["thread"] >= mib8 - 64, kib
+    # The thread faulted the reserve in.
+    assert rss["ready"] - rss["mapped_after"] >= mib32 - 64, kib

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +13,7 @@ import pytest
 
 from cryptlockd.helper import power, protocol
 from cryptlockd.helper.cycle import DeadlinePassed
-from cryptlockd.helper.hardening import Reserve
+from cryptlockd.helper.reserve import Reserve
 from cryptlockd.helper.system_ops import SystemOps
 from tests.wait import wait_until
 
@@ -99,8 +99,8 @@ def test_a_child_that_dies_is_an_error_not_a_hang() -> None:
 
 def test_the_kdf_reserve_is_not_in_the_child() -> None:
     reserve = Reserve(256)
-    assert reserve.area is not None
-    start = ctypes.addressof(ctypes.c_char.from_buffer(reserve.area))
+    assert reserve.ready() == ""
+    start = reserve.address
 
     def mapped() -> str:
         with open("/proc/self/maps") as f:
@@ -117,18 +117,42 @@ def test_the_kdf_reserve_is_not_in_the_child() -> None:
         reserve.release()
 
 
-def test_the_kdf_reserve_is_resident_once_taken() -> None:
-    # Faulted in when taken, while the system is healthy: not at the KDF after the wake.
-    def rss_kib() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
-    before = rss_kib()
+
+def test_the_kdf_reserve_is_resident_once_ready() -> None:
+    # Faulted in before the suspends, while the system is healthy: not at the KDF after
+    # the wake. Mapped at arm, filled by a thread (reserve.py).
+    before = _rss_kib()
     reserve = Reserve(32 * 1024)
     try:
-        assert rss_kib() - before >= 31 * 1024
+        filled: list[bool] = []
+        reserve.start_filling(lambda: filled.append(True))
+        assert reserve.ready() == "" and filled == [True]
+        assert _rss_kib() - before >= 31 * 1024
     finally:
         reserve.release()
+    assert reserve.address == 0 and _rss_kib() - before < 8 * 1024
+
+
+def test_a_kdf_reserve_without_a_thread_is_filled_by_ready() -> None:
+    before = _rss_kib()
+    reserve = Reserve(8 * 1024)
+    try:
+        assert _rss_kib() - before < 4 * 1024  # mapped, not faulted in
+        assert reserve.ready() == "" and _rss_kib() - before >= 7 * 1024
+    finally:
+        reserve.release()
+
+
+def test_a_kdf_reserve_released_while_filling_stops_its_thread() -> None:
+    reserve = Reserve(64 * 1024)
+    reserve.start_filling()
+    reserve.release()
+    assert reserve.address == 0
+    assert not [t for t in threading.enumerate() if t.name == "kdf-reserve"]
 
 
 # -- SyncWorker: the same jobs, in a child forked ahead of the sleep ------------------------

@@ -96,6 +96,11 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     helper = rec["helper"]
     assert helper["dumpable"] == "0" and helper["oom_score_adj"] == "-1000"
     assert int(helper["VmLck"].split()[0]) > 0, helper
+    # The KDF reserve, faulted in by its own thread, was all in RAM before the first
+    # suspend (the cycle waits for it there, and notes the helper's VmRSS then).
+    assert int(helper["VmRSS"].split()[0]) >= rec["kdf_reserve_kib"], helper
+    first = f"suspended:{layout.DATA_DM_NAME}"
+    assert timeline["helper_kdf_reserved"] <= timeline["kdf_reserve_ready"] <= timeline[first]
     # The Argon2 memory that resume needs was reserved: the passphrase keyslot's cost.
     assert rec["kdf_reserve_kib"] == layout.ARGON2_MEMORY_KIB, rec["kdf_reserve_kib"]
     # Nothing remembered: the keyslots in order, the boot keyfile's in front (data opens
