@@ -5,8 +5,8 @@ KDF's memory is taken before, while the system is healthy. It is mapped when arm
 faulted in by a thread of its own at the lowest priority (issue 12): right after `armed`,
 logind and PID 1 start the sleep entry, and a helper that faulted in tens of MiB at nice
 -10 took a CPU from them (75-200 ms under TCG), and could not answer the sleep entry's
-`begin` until it was done. The cycle waits for the thread (`ready`, at the helper's
-priority again) before it suspends the first device.
+`begin` until it was done. At `begin` the thread gets the helper's priority back
+(`hurry`), and the cycle waits for it (`ready`) before it suspends the first device.
 
 Small steps: each holds the process's mmap lock for reading, and a step of a thread at
 nice 19 may wait long for a CPU, while the main thread's next mmap() would wait for it.
@@ -139,7 +139,9 @@ class Reserve:
                 ctypes.memset(at, 0, n)
             self.filled += n
 
-    def _hurry_and_join(self) -> None:
+    def hurry(self) -> None:
+        """The thread back at the helper's priority: once the sleep entry runs, logind
+        and PID 1 are done, and what is left of the reserve would hold up the suspends."""
         if self._thread is None:
             return
         self._hurry = True
@@ -147,7 +149,11 @@ class Reserve:
         if tid is not None:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, tid, self._nice)
-        self._thread.join()
+
+    def _hurry_and_join(self) -> None:
+        if self._thread is not None:
+            self.hurry()
+            self._thread.join()
 
     def ready(self) -> str:
         """Waits until it is all in, the thread back at the caller's priority (or fills it

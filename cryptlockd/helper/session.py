@@ -242,6 +242,7 @@ class Helper:
         its VT while the sleep entry runs its hooks and we sync (issue 12); the cycle
         waits for the switch before it freezes anything (SystemOps.wait_vt)."""
         self.record.step("begin")
+        self.reserve.hurry()
         self.vt_switching = False
         # Written first: a write to a VT blocks while the console switches.
         then = " and going to sleep" if self.sleeps else ""

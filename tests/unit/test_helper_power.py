@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cryptlockd.helper import power, protocol
+from cryptlockd.helper import reserve as reserve_mod
 from cryptlockd.helper.cycle import DeadlinePassed
 from cryptlockd.helper.reserve import Reserve
 from cryptlockd.helper.system_ops import SystemOps
@@ -291,3 +292,19 @@ def test_rcu_expedited_on_already_or_absent_is_left_alone(
         knob.write_text(now + "\n")
     assert SystemOps.__new__(SystemOps).expedite_rcu() is None
     assert not state.exists() and power.get_rcu_expedited() == now
+
+
+def test_the_kdf_reserve_fills_at_nice_19_until_hurried(monkeypatch: pytest.MonkeyPatch) -> None:
+    # While logind starts the sleep entry, the thread yields to it; from `begin` on it
+    # runs at the helper's priority (session.Helper.begin).
+    go = threading.Event()
+    monkeypatch.setattr(reserve_mod.Reserve, "_fill", lambda self: go.wait(30))
+    r = reserve_mod.Reserve(64)
+    r.start_filling()
+    assert r._thread is not None and r._thread.native_id is not None
+    tid = r._thread.native_id
+    wait_until(lambda: os.getpriority(os.PRIO_PROCESS, tid) == reserve_mod.FILL_NICE, 10)
+    r.hurry()
+    assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0)
+    go.set()
+    r.release()
