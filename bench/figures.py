@@ -50,7 +50,7 @@ INTERVALS = [
     ("helper armed -> the daemon reads it", "helper_armed", "armed"),
     ("the daemon reads armed -> delay lock released", "armed", "delay_lock_released"),
     (
-        "  (KDF reserve faulted in, after armed: overlaps logind)",
+        "  (KDF reserve faulted in by its thread, after armed: overlaps logind and the sync)",
         "helper_armed",
         "helper_kdf_reserved",
     ),
@@ -66,6 +66,12 @@ INTERVALS = [
     ("watchdogs off -> cgroups frozen", "watchdogs_off", "frozen"),
     ("frozen -> file systems synced (syncfs)", "frozen", "filesystems_synced"),
     ("file systems synced -> devices suspended and verified", "filesystems_synced", "verified"),
+    (
+        "  file systems synced -> KDF reserve in (what was left of it)",
+        "filesystems_synced",
+        "kdf_reserve_ready",
+    ),
+    ("  rcu_expedited on -> devices suspended", "rcu_expedited", "rcu_restored"),
     ("verified -> sleep write", "verified", "sleep_write"),
     ("woke -> prompt", "woke", "prompt"),
     ("  woke -> root's header read again (before its prompt)", "woke", f"header_read:{ROOT}"),
