@@ -176,7 +176,8 @@ def run_cycle(
     cycle without the sleep write (the prompt comes right after the verification).
 
     Before the sleep, nothing may block without a deadline (SPEC 2.8): the sync, the freeze
-    and each syncfs have one (the Ops raise past it). Whatever goes wrong before the sleep
+    and each syncfs have one (the Ops raise past it), and so has the wait for the KDF
+    reserve (past it the keys go all the same). Whatever goes wrong before the sleep
     abandons the cycle: what was suspended is resumed, sync_on_suspend restored, everything
     thawed, and the machine stays awake; the record says why."""
     frozen: list[str] = []

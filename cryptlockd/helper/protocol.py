@@ -213,6 +213,10 @@ DEFAULT_UNANSWERED_WAKE_AFTER = 60.0
 # How long the helper waits for the daemon's `watchdogs_off` before it freezes all the
 # same: the daemon gives the switch 1 s (sleep_cycle.WATCHDOGS_SWITCH_TIMEOUT).
 WATCHDOGS_WAIT = 3.0
+# How long the cycle waits, everything frozen, for the KDF reserve's thread before it
+# suspends the devices all the same (reserve.py; SPEC 2.8): tenths of a second normally,
+# longer only when the memory comes from reclaim.
+RESERVE_WAIT = 10.0
 
 # -- the RAM filesystem -----------------------------------------------------------------
 

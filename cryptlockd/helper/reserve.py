@@ -150,22 +150,34 @@ class Reserve:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, tid, self._nice)
 
-    def _hurry_and_join(self) -> None:
+    def _hurry_and_join(self, timeout: float) -> bool:
+        """False when the thread is still at it after `timeout` seconds."""
         if self._thread is not None:
             self.hurry()
-            self._thread.join()
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
-    def ready(self) -> str:
+    def ready(self, timeout: float) -> str:
         """Waits until it is all in, the thread back at the caller's priority (or fills it
-        here when no thread was started). Returns the error that stopped it, "" for none."""
+        here when no thread was started), `timeout` seconds at most: nothing may wait
+        without a bound before the sleep (SPEC 2.8). Returns why it is not all in, ""
+        when it is."""
         if self._thread is None:
             self._fill()
-        self._hurry_and_join()
+        if not self._hurry_and_join(timeout):
+            return (
+                f"not all in after {timeout:g} s "
+                f"({self.filled >> 20} of {self.size >> 20} MiB faulted in)"
+            )
         return self.error
 
-    def release(self) -> None:
+    def release(self, timeout: float = 1.0) -> None:
         self._stop = True
-        self._hurry_and_join()
+        if not self._hurry_and_join(timeout):
+            # Stuck in the kernel on the range: munmap() would wait for it too. The helper
+            # ends with the cycle, and the memory with it.
+            return
         self._thread = None
         if self.address:
             _libc.munmap(self.address, self.size)

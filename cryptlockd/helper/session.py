@@ -222,7 +222,7 @@ class Helper:
     def reserve_ready(self) -> None:
         """Before the first suspend: the reserve all in RAM. Raises when it could not be
         faulted in whole (the KDF may then lack memory at resume; the cycle notes it)."""
-        error = self.reserve.ready()
+        error = self.reserve.ready(protocol.RESERVE_WAIT)
         self.record.hardening = hardening_status()
         if error:
             raise OSError(error)

@@ -96,7 +96,7 @@ t.join()
 after = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 out["mapped_after"] = status()
 reserve.start_filling()
-out["error"] = {"": 0} if reserve.ready() == "" else {"error": 1}
+out["error"] = {"": 0} if reserve.ready(10) == "" else {"error": 1}
 out["ready"] = status()
 print(json.dumps(out))
 """
