@@ -21,10 +21,7 @@ import os
 import threading
 
 from cryptlockd.helper.hardening import mapped_unpopulated
-
-TYPE_CHECKING = False  # see cycle.py
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from cryptlockd.helper.protocol import boottime
 
 # Never hold more than this for the KDF, nor more than half the RAM.
 RESERVE_CAP_KIB = 1 << 20
@@ -73,6 +70,7 @@ class Reserve:
         self.size = kib * 1024
         self.address = 0
         self.filled = 0
+        self.filled_at: float | None = None
         self.error = ""
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -93,24 +91,22 @@ class Reserve:
             self.release()
             raise OSError(err, "madvise(MADV_DONTFORK)")
 
-    def start_filling(self, on_filled: Callable[[], None] | None = None) -> None:
-        """Faults it in from a thread at nice 19; `on_filled` runs there once it is all in
-        (at once if it is already). Start no child process while it runs."""
+    def start_filling(self) -> None:
+        """Faults it in from a thread at nice 19, which notes when it is all in
+        (`filled_at`, boottime; now if it is already). Start no child process while it
+        runs."""
         if self._thread is not None:
             return
         if self.filled >= self.size:
-            if on_filled is not None:
-                on_filled()
+            self.filled_at = boottime()
             return
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)
-        self._thread = threading.Thread(
-            target=self._run, args=(on_filled,), name="kdf-reserve", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="kdf-reserve", daemon=True)
         # Its stack too is locked as touched, not faulted in whole (8 MiB) by mmap().
         with mapped_unpopulated():
             self._thread.start()
 
-    def _run(self, on_filled: Callable[[], None] | None) -> None:
+    def _run(self) -> None:
         tid = threading.get_native_id()
         try:
             os.setpriority(os.PRIO_PROCESS, tid, FILL_NICE)
@@ -121,8 +117,6 @@ class Reserve:
         except OSError:
             pass  # it still fills, at the helper's priority
         self._fill()
-        if self.filled >= self.size and on_filled is not None:
-            on_filled()
 
     def _fill(self) -> None:
         populate = True
@@ -138,6 +132,8 @@ class Reserve:
             if not populate:
                 ctypes.memset(at, 0, n)
             self.filled += n
+        if self.filled >= self.size:
+            self.filled_at = boottime()
 
     def hurry(self) -> None:
         """The thread back at the helper's priority: once the sleep entry runs, logind

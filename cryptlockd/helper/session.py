@@ -215,14 +215,16 @@ class Helper:
                 self.reserve = Reserve(0)
                 self.reserve_error = f"cannot hold {kib} KiB for the KDF: {e or type(e).__name__}"
                 log(WARNING, self.reserve_error)
-        record = self.record
-        self.reserve.start_filling(lambda: record.step("helper_kdf_reserved"))
-        record.hardening = hardening_status()  # again once it is in (reserve_ready)
+        self.reserve.start_filling()
+        self.record.hardening = hardening_status()  # again once it is in (reserve_ready)
 
     def reserve_ready(self) -> None:
         """Before the first suspend: the reserve all in RAM. Raises when it could not be
         faulted in whole (the KDF may then lack memory at resume; the cycle notes it)."""
         error = self.reserve.ready(protocol.RESERVE_WAIT)
+        # Dated by its thread, noted here: only this thread writes the record.
+        if self.reserve.filled_at is not None:
+            self.record.step("helper_kdf_reserved", at=self.reserve.filled_at)
         self.record.hardening = hardening_status()
         if error:
             raise OSError(error)
