@@ -1,8 +1,8 @@
 """Repair at start (SPEC 2.7): undo what a helper that died mid-cycle left behind. It notes
-both before touching them, in its RAM filesystem (helper/protocol.py names the files): the
-cgroups it froze, and the sync_on_suspend and rcu_expedited values it replaced. Usually the recovery
-(helper/recover.py, the helper unit's ExecStopPost=) has undone them already and left the
-record of that cycle, which the daemon reports (take_recovered_record)."""
+each before touching it, in its RAM filesystem (helper/protocol.py names the files): the
+cgroups it froze, and the sync_on_suspend and rcu_expedited values it replaced. Usually
+the recovery (helper/recover.py, the helper unit's ExecStopPost=) has undone them already
+and left the record of that cycle, which the daemon reports (take_recovered_record)."""
 
 from __future__ import annotations
 

@@ -203,8 +203,8 @@ class Helper:
         and faulted in by a thread of low priority while logind starts the sleep entry
         (reserve.py); the cycle waits for it before the first suspend. Should it not be
         mapped, `begin` is refused (reserve_error) and the sleep entry falls back to the
-        stock sleep. Start no child process after this (the watchdog and the sync worker
-        come first)."""
+        stock sleep. The cycle's children (the watchdog, the sync worker) are forked
+        before: a child forked while the thread runs is a copy taken mid-call."""
         self.reserve_error = ""
         kib = self.reserve_wanted
         if kib != self.reserve.kib:
@@ -230,8 +230,9 @@ class Helper:
             raise OSError(error)
 
     def start_sync_worker(self) -> None:
-        """After `armed`, with the reserve taken: the child that runs this cycle's sync()
-        and syncfs() (power.SyncWorker). Without it, each forks its own, as before."""
+        """After `armed`, before the reserve's thread starts: the child that runs this
+        cycle's sync() and syncfs() (power.SyncWorker). Without it, each forks its own, as
+        before."""
         try:
             self.sync_worker.start()
         except OSError as e:
