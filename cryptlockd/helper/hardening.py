@@ -21,15 +21,20 @@ _populating = False
 
 
 def harden() -> None:
+    """Locked in RAM and not dumpable. Once is enough: nothing in the helper unlocks what
+    is locked, so a helper hardened while idle (main.py) is still hardened at the arm, and
+    this returns at once; only after lock_on_fault() does it lock again."""
     # Not MCL_ONFAULT, though it would save 5-10 ms under TCG: every page the helper maps
     # from here to the sleep must be in RAM before the disks are suspended. What is faulted
     # in later on purpose is mapped under mapped_unpopulated (reserve.py).
     global _populating
+    if _populating:
+        return
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
         raise OSError(ctypes.get_errno(), "mlockall")
-    _populating = True
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+    _populating = True
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """The helper's start-up, in the RAM filesystem: `python3 -I -S -B -m cryptlockd.helper`.
 
-It listens on its socket, loads libcryptsetup and opens the LUKS mappings while idle, then
-serves (server.py) until a cycle is done or it is told to stand down. `--self-test` checks
-a freshly built RAM filesystem instead; `--recover` is the unit's ExecStopPost= (recover.py).
+It listens on its socket, loads libcryptsetup, opens the LUKS mappings and locks itself in
+RAM while idle, then serves (server.py) until a cycle is done or it is told to stand down.
+`--self-test` checks a freshly built RAM filesystem instead; `--recover` is the unit's
+ExecStopPost= (recover.py).
 
 The RAM filesystem's closure is what importing this module loads (daemon/ramfs.py), so
 everything the helper needs at run time must be imported from here, directly or not.
@@ -18,6 +19,8 @@ import socket
 import sys
 
 from cryptlockd.helper import protocol, token
+from cryptlockd.helper.hardening import harden
+from cryptlockd.helper.journal import WARNING, log
 from cryptlockd.helper.libcryptsetup import Library
 from cryptlockd.helper.recover import recover, watch
 from cryptlockd.helper.secret import SecretBuffer
@@ -88,6 +91,13 @@ def main(argv: list[str]) -> int:
     # Loaded now, while idle: arming then has no library to load and no header to read.
     helper.library = Library()
     helper.preload()
+    # Hardened now too: mlockall faults in every page mapped so far, 20-26 ms under TCG
+    # that logind waited for when it came at the arm (issue 12). Those pages are mostly
+    # the RAM filesystem's, in RAM anyway. Should it fail, the arm tries again, and fails.
+    try:
+        harden()
+    except OSError as e:
+        log(WARNING, f"cannot lock the idle helper in RAM ({e}); arming tries again")
     try:
         return serve(helper, listener)
     finally:

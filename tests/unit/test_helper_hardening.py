@@ -27,7 +27,7 @@ harden()
 out["hardened"] = status()
 """
 # After hardened: an 8 MiB mapping under MCL_FUTURE, the switch, a second 8 MiB mapping
-# under MCL_ONFAULT, its first half touched.
+# under MCL_ONFAULT, its first half touched; hardened again, a third 8 MiB mapping.
 CHILD = """
 first = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 out["mapped_future"] = status()
@@ -38,6 +38,10 @@ out["mapped_onfault"] = status()
 for i in range(0, 4 << 20, 4096):
     second[i] = 1
 out["touched_half"] = status()
+harden()
+out["hardened_again"] = status()
+third = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+out["mapped_after"] = status()
 print(json.dumps(out))
 """
 
@@ -80,6 +84,10 @@ def test_after_lock_on_fault_new_memory_is_locked_as_touched_and_old_stays_locke
     # ...each page is, as it is touched.
     grown = rss["touched_half"] - rss["mapped_onfault"]
     assert mib8 // 2 - 64 <= grown < mib8 - 1024, kib
+    # After the switch, harden() locks again: the untouched half is faulted in, and new
+    # memory is faulted in whole again.
+    assert rss["hardened_again"] - rss["touched_half"] >= mib8 // 2 - 64, kib
+    assert rss["mapped_after"] - rss["hardened_again"] >= mib8 - 64, kib
 
 
 # Under harden(): the KDF reserve is mapped locked but not faulted in, a thread started in
@@ -121,3 +129,30 @@ def test_the_kdf_reserve_is_locked_when_mapped_and_faulted_in_by_its_thread() ->
     assert rss["mapped_after"] - rss["thread"] >= mib8 - 64, kib
     # The thread faulted the reserve in.
     assert rss["ready"] - rss["mapped_after"] >= mib32 - 64, kib
+
+
+def test_harden_locks_once_until_lock_on_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The idle helper hardens itself, and the arm's harden() must then cost nothing.
+    from cryptlockd.helper import hardening
+
+    calls: list[tuple[str, int]] = []
+
+    class Libc:
+        def mlockall(self, flags: int) -> int:
+            calls.append(("mlockall", flags))
+            return 0
+
+        def prctl(self, option: int, *args: int) -> int:
+            calls.append(("prctl", option))
+            return 0
+
+    monkeypatch.setattr(hardening, "_libc", Libc())
+    monkeypatch.setattr(hardening, "_populating", False)
+    hardening.harden()
+    hardening.harden()
+    both = hardening.MCL_CURRENT | hardening.MCL_FUTURE
+    assert calls == [("mlockall", both), ("prctl", hardening.PR_SET_DUMPABLE)]
+    hardening.lock_on_fault()
+    calls.clear()
+    hardening.harden()
+    assert calls == [("mlockall", both), ("prctl", hardening.PR_SET_DUMPABLE)]

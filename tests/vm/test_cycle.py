@@ -82,6 +82,11 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
     await data_before(g)
     before = await knobs(g)
     assert before[2] == "0", "rcu_expedited on before the cycle: nothing to show"
+    # The idle helper is locked in RAM already: the arm has no mlockall to wait for.
+    idle = await g.run(
+        "grep VmLck /proc/$(systemctl show -p MainPID --value cryptlockd-helper.service)/status"
+    )
+    assert int(idle.stdout.split()[1]) > 0, idle.stdout
     # Installed, never cycled: no keyslot remembered yet.
     state = await g.run(f"test -e {layout.KEYSLOTS_FILE}", check=False)
     assert state.rc != 0, f"{layout.KEYSLOTS_FILE} before any cycle"
