@@ -40,7 +40,7 @@ from cryptlockd.errors import CryptlockdError, RemoteError
 from cryptlockd.helper import protocol
 
 if TYPE_CHECKING:
-    from cryptlockd.helper.protocol import ArmedMessage, RecordMessage
+    from cryptlockd.helper.protocol import ArmedMessage, RecordMessage, WatchdogsOffMessage
 
 __all__ = ["HelperArmer", "HelperError"]
 
@@ -55,6 +55,9 @@ IDLE_LISTEN_TIMEOUT = 30.0
 # How long disarm() waits for the helper to go (or for its record): an armed one reads the
 # disarm at once. Short: after a failed arm, logind waits on our delay lock meanwhile.
 DISARM_WAIT = 1.0
+# How long watchdogs_off() waits for the arm's own read of the sleep state (it took 3-10
+# ms under TCG; a root that stalls must not hold the cycle up for long, SPEC 2.8).
+SLEEP_STATE_WAIT = 1.0
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -92,6 +95,11 @@ class HelperArmer:
         # The keyslot that opened each device last (by LUKS UUID), tried first at resume.
         self.keyslots = keyslots or KeyslotMemory(None)
         self.keyslots.load()
+        # (state, mem_sleep) as read for the last arm, or ahead of the first (ready()).
+        self._sleep_state: tuple[str, str | None] | None = None
+        # This arm's own read, when the arm went out with the one above (watchdogs_off()).
+        self._sleep_state_read: asyncio.Future[tuple[str, str | None]] | None = None
+        self._priming: asyncio.Task[None] | None = None
         # dm name -> LUKS UUID of the devices of the last arm, for its record's keyslots.
         self._armed_uuids: dict[str, str] = {}
         self._saving: set[asyncio.Task[None]] = set()
@@ -138,7 +146,19 @@ class HelperArmer:
 
     async def ready(self) -> None:
         if self.unavailable is None:
+            if self._priming is None:
+                self._priming = asyncio.get_running_loop().create_task(self._prime())
             await self.keeper.ready()
+
+    async def _prime(self) -> None:
+        # The first sleep's arm need not wait for the read either (see _arm).
+        try:
+            state = await asyncio.to_thread(choose_sleep_state)
+        except Exception as e:
+            log.warning("cannot read the sleep state ahead of the first sleep: %s", e)
+            return
+        if self._sleep_state is None:
+            self._sleep_state = state
 
     def status(self) -> list[CheckResult]:
         if self.unavailable is not None:
@@ -153,7 +173,7 @@ class HelperArmer:
     async def _prestart(self, after_exit: bool = False) -> None:
         """Start the helper ahead of the next sleep, so arming only has to talk to it: a
         cold start (systemd, the interpreter, libcryptsetup) costs most of the 1 s budget
-        on a slow machine. The idle helper is not locked in memory and holds no VT.
+        on a slow machine. The idle helper is locked in memory already, and holds no VT.
         `after_exit`: the last helper is on its way out (after a cycle or a disarm); let
         systemd see it go first."""
         if not self.ramfs.size:
@@ -265,16 +285,26 @@ class HelperArmer:
         await self._close()
         # The sleep state is read for each sleep, as systemd-sleep does. In a thread: its
         # files are on the root, which may stall, and the manager's bound on the arm must
-        # still hold (SPEC 2.8). Read while we connect: logind waits (issue 12).
+        # still hold (SPEC 2.8). The arm does not wait for it when there is one read
+        # before (for the last sleep, or ahead of the first): a thread's read took 25-40
+        # ms of logind's wait under TCG (issue 12). Should this read differ, it reaches
+        # the helper with watchdogs_off(), which it waits for before it freezes anything.
         sleep_state = asyncio.ensure_future(asyncio.to_thread(choose_sleep_state))
         sleep_state.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._sleep_state_read = None
         sock: socket.socket | None = None
         try:
             sock = helper_socket.connect(self.socket_path)
             if sock is None:  # no idle helper: start one
                 await self._start_unit(deadline)
                 sock = await self._connect(deadline)
-            state, mem_sleep = await sleep_state
+            if self._sleep_state is None or not options.watchdogs_pending:
+                # Nothing read before, or no watchdogs_off() to bring a change (a Lock(),
+                # which does not sleep anyway).
+                self._sleep_state = await sleep_state
+            else:
+                self._sleep_state_read = sleep_state
+            state, mem_sleep = self._sleep_state
         except BaseException:
             sleep_state.cancel()
             if sock is not None:
@@ -411,15 +441,38 @@ class HelperArmer:
         self._after_helper = asyncio.get_running_loop().create_task(self._helper_gone())
 
     async def watchdogs_off(self) -> None:
+        msg: WatchdogsOffMessage = {"op": protocol.OP_WATCHDOGS_OFF}
+        changed = await self._sleep_state_changed()
+        if changed is not None:
+            msg["sleep_state"], msg["mem_sleep"] = changed
         if self._conn is None:
             return  # the helper is gone already (its record, a disarm)
         writer = self._conn[1]
         try:
-            writer.write(protocol.encode({"op": protocol.OP_WATCHDOGS_OFF}))
+            writer.write(protocol.encode(msg))
             await writer.drain()
         except OSError as e:
             # It then waits its few seconds (protocol.WATCHDOGS_WAIT) and freezes anyway.
             log.warning("could not tell the helper that the service watchdogs are off: %s", e)
+
+    async def _sleep_state_changed(self) -> tuple[str, str | None] | None:
+        """This arm's own read of the sleep state, when it differs from the one the arm
+        went out with; None when it does not, or when it could not be read in time (the
+        one read before stands: a sleep.conf the read chokes on costs no protection)."""
+        read, self._sleep_state_read = self._sleep_state_read, None
+        if read is None:
+            return None
+        try:
+            state = await asyncio.wait_for(asyncio.shield(read), SLEEP_STATE_WAIT)
+        except Exception as e:
+            read.cancel()
+            log.warning("cannot read the sleep state again (%s): the one read before stands", e)
+            return None
+        if state == self._sleep_state:
+            return None
+        log.info("the sleep state changed since it was last read: %s, mem_sleep %s", *state)
+        self._sleep_state = state
+        return state
 
     async def disarm(self) -> bool:
         if self.unavailable is not None:

@@ -27,7 +27,7 @@ from cryptlockd.helper import jsonline
 
 TYPE_CHECKING = False  # typing stays out of the helper's closure; see cycle.py
 if TYPE_CHECKING:
-    from typing import Any, Final, Literal, TypedDict
+    from typing import Any, Final, Literal, NotRequired, TypedDict
 
     class DevicePlanEntry(TypedDict):
         name: str
@@ -97,6 +97,10 @@ if TYPE_CHECKING:
         # The daemon is done with PID 1's service watchdogs (off, or it could not): the
         # helper may freeze.
         op: Literal["watchdogs_off"]
+        # The sleep state read for this sleep, when it differs from the arm's (which went
+        # out with the one read for the last sleep; daemon/helper_armer.py).
+        sleep_state: NotRequired[str]
+        mem_sleep: NotRequired[str | None]
 
     class BeginMessage(TypedDict):
         op: Literal["begin"]

@@ -76,7 +76,7 @@ def serve(helper: Helper, listener: socket.socket) -> int:
                 log(INFO, "disarmed")
                 return 0
             elif msg["op"] == protocol.OP_WATCHDOGS_OFF:
-                helper.watchdogs_pending = False
+                helper.watchdogs_off(msg)
             continue
         sock, _ = listener.accept()
         conn = protocol.Channel(sock)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         ReadyMessage,
         ResumedMessage,
         SleepMessage,
+        WatchdogsOffMessage,
     )
 
 
@@ -263,6 +264,17 @@ class Helper:
             self.vt_switching = False
             self.terminal.wait_active(self.terminal.number)
 
+    def watchdogs_off(self, msg: WatchdogsOffMessage) -> None:
+        """The daemon's word that PID 1's service watchdogs are off. With it may come the
+        sleep state read for this sleep: the arm went out with the one read for the last
+        (daemon/helper_armer.py), and this word comes before anything is frozen."""
+        self.watchdogs_pending = False
+        if "sleep_state" in msg:
+            self.sleep_state = str(msg["sleep_state"])
+            self.mem_sleep = msg.get("mem_sleep") or None
+            self.record.sleep_state = self.sleep_state
+            log(INFO, f"sleep state changed since the last sleep: {self.sleep_state}")
+
     def wait_watchdogs(self) -> None:
         """Until the daemon says PID 1's service watchdogs are off (it let logind go on
         before that, issue 12): a frozen service must not be killed by PID 1 during a
@@ -284,7 +296,7 @@ class Helper:
                     "PID 1's service watchdogs are off"
                 )
             elif msg["op"] == protocol.OP_WATCHDOGS_OFF:
-                self.watchdogs_pending = False
+                self.watchdogs_off(msg)
             # Anything else (a late `disarm`) has no say mid-cycle.
         self.watchdogs_pending = False
 

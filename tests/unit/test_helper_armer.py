@@ -23,6 +23,7 @@ from cryptlockd.daemon.armer import ArmOptions
 from cryptlockd.daemon.config import Config
 from cryptlockd.daemon.helper_armer import HelperArmer, HelperError
 from cryptlockd.daemon.ramfs import Ramfs
+from cryptlockd.daemon.sleepconf import NoSleepState
 from cryptlockd.helper import protocol
 from tests.wait import wait_until_async
 
@@ -230,6 +231,7 @@ class ScriptedHelper:
         self.path, self.arm_delay, self.busy = path, arm_delay, busy
         self.got: list[str] = []
         self.arms: list[dict[str, object]] = []
+        self.after_arm: list[dict[str, object]] = []
         self.record = record or {}
         self.send_record = asyncio.Event()
         self.server: asyncio.Server | None = None
@@ -251,7 +253,9 @@ class ScriptedHelper:
             writer.write(protocol.encode({"op": "record", "success": True, "record": record}))
             await writer.drain()
         else:
-            self.got.append(protocol.decode(await reader.readline())["op"])
+            msg = protocol.decode(await reader.readline())
+            self.got.append(msg["op"])
+            self.after_arm.append(dict(msg))
         writer.close()
 
     def close(self) -> None:
@@ -440,3 +444,43 @@ async def test_a_stalled_sleep_state_read_is_bounded_by_the_arm_and_sends_nothin
     release.set()
     assert got == [] and a._conn is None
     server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "read", [("freeze", None), ("mem", None), NoSleepState("none offered")], ids=str
+)
+async def test_the_arm_goes_out_with_the_last_sleep_state_and_a_change_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: tuple[str, None] | Exception
+) -> None:
+    # With a sleep state read before, the arm does not wait for this sleep's read (issue
+    # 12). A read that differs comes with watchdogs_off(), which the helper waits for
+    # before it freezes anything; one that fails leaves the earlier one standing.
+    helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.0)
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch, alive=True)
+    release = threading.Event()
+
+    def slow() -> tuple[str, None]:
+        release.wait(10)
+        if isinstance(read, Exception):
+            raise read
+        return read
+
+    monkeypatch.setattr(helper_armer, "choose_sleep_state", slow)
+    a._sleep_state = ("mem", None)
+    await helper.start()
+    t0 = time.monotonic()
+    options = ArmOptions(steps={"arm_requested": 0.0}, watchdogs_pending=True)
+    await a._arm([], lambda ok, rec: None, t0, t0 + 30, options)
+    assert helper.got == ["arm"] and helper.arms[0]["sleep_state"] == "mem"
+    assert not release.is_set()  # armed while this sleep's read still ran
+    release.set()
+    await a.watchdogs_off()
+    await wait_until_async(lambda: len(helper.after_arm) == 1, message="watchdogs_off")
+    if read == ("freeze", None):
+        expected: dict[str, object] = {"sleep_state": "freeze", "mem_sleep": None}
+    else:
+        expected = {}
+    assert helper.after_arm == [{"op": "watchdogs_off", **expected}]
+    assert a._sleep_state == (read if expected else ("mem", None))
+    helper.close()

@@ -34,6 +34,10 @@ class FakeHelper:
         self.sleeps = bool(msg.get("sleeps", True))
         return {"op": protocol.OP_ARMED, "vt": 7, "reserve_kib": 64, "pid": 1}
 
+    def watchdogs_off(self, msg: protocol.WatchdogsOffMessage) -> None:
+        self.calls.append(f"watchdogs_off {msg.get('sleep_state')}")
+        self.watchdogs_pending = False
+
     def take_reserve(self) -> None:
         self.calls.append("reserve")
         self.reserve_error = ""
@@ -246,7 +250,7 @@ def test_the_daemons_watchdogs_off_while_armed_is_noted_for_the_cycle(
         assert daemon is not None
         daemon.sock.sendall(ARM)
         assert daemon.receive(5.0) is not None
-        daemon.send({"op": protocol.OP_WATCHDOGS_OFF})
+        daemon.send({"op": protocol.OP_WATCHDOGS_OFF, "sleep_state": "freeze"})
         daemon.send({"op": protocol.OP_DISARM})  # so that serve() returns
         # Nothing more comes (the connection closes only when the helper exits).
         assert daemon.receive(1.0) is None
@@ -254,6 +258,7 @@ def test_the_daemons_watchdogs_off_while_armed_is_noted_for_the_cycle(
 
     rc, helper = run_serve(client)
     assert rc == 0 and not helper.watchdogs_pending
+    assert "watchdogs_off freeze" in helper.calls  # the sleep state read again, passed on
 
 
 def test_a_daemon_gone_before_armed_is_sent_stands_the_helper_down(

@@ -159,6 +159,26 @@ def test_the_freeze_waits_for_the_daemons_watchdogs_off(
     h.wait_watchdogs()  # once said, never waited for again
 
 
+def test_the_sleep_state_read_again_comes_with_watchdogs_off(
+    armed_helper: tuple[session.Helper, socket.socket],
+) -> None:
+    # The arm went out with the state read for the last sleep (issue 12); the daemon's
+    # read for this one, when it differs, comes before anything is frozen.
+    h, daemon = armed_helper
+    h.sleep_state, h.mem_sleep = "mem", "deep"
+    daemon.sendall(
+        protocol.encode(
+            {"op": protocol.OP_WATCHDOGS_OFF, "sleep_state": "freeze", "mem_sleep": None}
+        )
+    )
+    h.wait_watchdogs()
+    assert (h.sleep_state, h.mem_sleep, h.record.sleep_state) == ("freeze", None, "freeze")
+    h.watchdogs_pending = True
+    daemon.sendall(protocol.encode({"op": protocol.OP_WATCHDOGS_OFF}))
+    h.wait_watchdogs()
+    assert (h.sleep_state, h.mem_sleep) == ("freeze", None)  # no news: unchanged
+
+
 def test_a_daemon_that_never_says_it_costs_the_wait_and_an_error(
     armed_helper: tuple[session.Helper, socket.socket],
 ) -> None:
