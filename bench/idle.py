@@ -25,6 +25,8 @@ def sample(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
             out["rss_kib"] = int(line.split()[1])
+        elif line.startswith("VmLck:"):
+            out["lck_kib"] = int(line.split()[1])
     try:
         for line in open(f"/proc/{pid}/smaps_rollup"):
             if line.startswith("Pss:"):
@@ -70,16 +72,17 @@ async def measure(g: Guest, seconds: float = 60.0) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     minutes = result["seconds"] / 60
     lines = [
-        "| process | pid | threads | VmRSS (MiB) | Pss (MiB) | voluntary switches / min "
-        "(wake-ups) | involuntary / min | runs / min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| process | pid | threads | VmRSS (MiB) | Pss (MiB) | VmLck (MiB) | voluntary "
+        "switches / min (wake-ups) | involuntary / min | runs / min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, first in result["first"].items():
         last = result["last"][name]
         pss = f"{last['pss_kib'] / 1024:.1f}" if "pss_kib" in last else "n/a"
+        lck = f"{last['lck_kib'] / 1024:.1f}" if "lck_kib" in last else "n/a"
         lines.append(
             f"| {name} | {result['pids'][name]} | {last['threads']} | "
-            f"{last['rss_kib'] / 1024:.1f} | {pss} | "
+            f"{last['rss_kib'] / 1024:.1f} | {pss} | {lck} | "
             f"{(last['vol'] - first['vol']) / minutes:.1f} | "
             f"{(last['nonvol'] - first['nonvol']) / minutes:.1f} | "
             f"{(last['runs'] - first['runs']) / minutes:.1f} |"

@@ -129,6 +129,14 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
         ok=lambda o: len(o.split()) == 2,
     )
     assert nice.stdout.split() == ["-10", "-10"], nice.stdout
+    # The idle helper started after a cycle locks itself in RAM too (once it has loaded
+    # libcryptsetup and opened the mappings).
+    await g.wait_for_command(
+        "grep VmLck /proc/$(systemctl show -p MainPID --value cryptlockd-helper.service)/status",
+        60,
+        "the new idle helper locked in RAM",
+        ok=lambda o: len(o.split()) > 1 and o.split()[1] != "0",
+    )
     print(
         f"\ncycle 1 (systemctl suspend): trigger->SUSPEND {cycle.to_suspend:.2f} s, "
         f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}"
