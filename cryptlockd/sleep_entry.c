@@ -641,15 +641,15 @@ static char **hook_env(void) {
     return env;
 }
 
-/* Waits for the hook at most HOOK_TIMEOUT_MS; a hook that takes longer is killed, so a hung
- * hook cannot hold the sleep (or the wake) for ever. Its status, or -1 when killed. */
-static int wait_hook(pid_t pid, bool *timed_out) {
+/* Waits for the hook until `deadline` (monotonic ms); a hook still running then is killed,
+ * so a hung hook cannot hold the sleep (or the wake) for ever. Its status, or -1 when its
+ * status is lost. */
+static int wait_hook(pid_t pid, long long deadline, bool *timed_out) {
     int status;
     *timed_out = false;
     int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (pidfd >= 0) {
         struct pollfd pfd = {.fd = pidfd, .events = POLLIN};
-        long long deadline = monotonic_ms() + HOOK_TIMEOUT_MS;
         int ready;
         do {
             long long left = deadline - monotonic_ms();
@@ -668,21 +668,29 @@ static int wait_hook(pid_t pid, bool *timed_out) {
     return status;
 }
 
+/* All at once, as systemd-sleep runs them (execute_directories, EXEC_DIR_PARALLEL): one
+ * after another, a few hooks cost the sum of their times on the way to the sleep. They all
+ * share one deadline, HOOK_TIMEOUT_MS from their start. */
 static void run_hooks(const char *phase) {
     size_t n;
     struct hook *hooks = hook_programs(&n);
     char **env = n ? hook_env() : NULL;
-    for (size_t i = 0; i < n && env; i++) {
+    pid_t *pids = env ? calloc(n, sizeof *pids) : NULL;
+    for (size_t i = 0; i < n && pids; i++) {
         /* Their stdout and stderr are ours: the journal, as under the stock systemd-sleep. */
         char *argv[] = {hooks[i].path, (char *)phase, "suspend", NULL};
-        pid_t pid;
-        int err = posix_spawn(&pid, hooks[i].path, NULL, NULL, argv, env);
+        int err = posix_spawn(&pids[i], hooks[i].path, NULL, NULL, argv, env);
         if (err) {
+            pids[i] = 0;
             say(WARNING, "hook %s %s could not run: %s", hooks[i].path, phase, strerror(err));
-            continue;
         }
+    }
+    long long deadline = monotonic_ms() + HOOK_TIMEOUT_MS;
+    for (size_t i = 0; i < n && pids; i++) {
+        if (!pids[i])
+            continue;
         bool timed_out;
-        int status = wait_hook(pid, &timed_out);
+        int status = wait_hook(pids[i], deadline, &timed_out);
         if (timed_out)
             say(WARNING, "hook %s %s timed out after %d s, killed", hooks[i].path, phase,
                 HOOK_TIMEOUT_MS / 1000);
@@ -694,6 +702,9 @@ static void run_hooks(const char *phase) {
         else if (WEXITSTATUS(status) != 0)
             say(WARNING, "hook %s %s failed (%d)", hooks[i].path, phase, WEXITSTATUS(status));
     }
+    if (n && !pids)
+        say(WARNING, "cannot run the %s hooks: out of memory", phase);
+    free(pids);
     free(env);
     free(hooks);
 }

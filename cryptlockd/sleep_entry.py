@@ -75,10 +75,12 @@ def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:
         return
     # Imported here: the subprocess wrapper brings logging and subprocess, which cost the
     # entry's start (under TCG, tenths of a second) and most machines have no hooks at all.
+    import threading
+
     from cryptlockd.errors import CommandError
     from cryptlockd.run import run
 
-    for hook in hooks:
+    def one(hook: str) -> None:
         try:
             proc = run(
                 [hook, phase, "suspend"],
@@ -89,9 +91,18 @@ def run_hooks(phase: str, dirs: Sequence[str] = HOOK_DIRS) -> None:
         except (CommandError, OSError) as e:
             # A hook that hangs or cannot run must not hold up the sleep, nor the wake.
             log(WARNING, f"hook {hook} {phase} could not run: {e}")
-            continue
+            return
         if proc.returncode != 0:
             log(WARNING, f"hook {hook} {phase} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+    # All at once, as systemd-sleep runs them (and sleep_entry.c): one after another, a
+    # few hooks cost the sum of their times on the way to the sleep. Started together,
+    # each within HOOK_TIMEOUT of the same start.
+    threads = [threading.Thread(target=one, args=(hook,), daemon=True) for hook in hooks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def leave_trace(why: str, path: str | None = None) -> None:

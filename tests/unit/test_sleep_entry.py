@@ -204,7 +204,11 @@ def test_the_full_hand_over_runs_the_hooks_around_the_sleep(entry: Entry) -> Non
     proc = entry.converse(ready_then(rest))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [m["op"] for m in seen] == ["sleep", "finish"]
-    assert hooks_before_sleep == ["a pre suspend suspend unset", "b pre suspend suspend unset"]
+    # All at once (as systemd-sleep runs them): in no particular order.
+    assert sorted(hooks_before_sleep) == [
+        "a pre suspend suspend unset",
+        "b pre suspend suspend unset",
+    ]
     sleep_times = seen[0]["times"]  # type: ignore[typeddict-item]
     assert set(sleep_times) == {"sleep_entry", "hooks_pre_start", "hooks_pre_end"}
     assert (
@@ -216,7 +220,10 @@ def test_the_full_hand_over_runs_the_hooks_around_the_sleep(entry: Entry) -> Non
         <= post_times["hooks_post_start"]
         <= post_times["hooks_post_end"]
     )
-    assert entry.hooks_ran[2:] == ["a post suspend suspend unset", "b post suspend suspend unset"]
+    assert sorted(entry.hooks_ran[2:]) == [
+        "a post suspend suspend unset",
+        "b post suspend suspend unset",
+    ]
     assert "<6>cryptlockd-sleep: protected sleep done\n" in proc.stdout
     assert entry.stock_ran is None and entry.trace is None
 
@@ -243,14 +250,46 @@ def test_hooks_are_masked_by_name_and_a_failing_one_does_not_stop_the_sleep(entr
 
     proc = entry.converse(ready_then(rest))
     assert proc.returncode == 0
-    assert [line.split()[:2] for line in entry.hooks_ran] == [
-        ["b", "pre"],
-        ["c", "pre"],
-        ["b", "post"],
-        ["c", "post"],
-    ]
+    ran = [line.split()[:2] for line in entry.hooks_ran]
+    assert sorted(ran[:2]) == [["b", "pre"], ["c", "pre"]]
+    assert sorted(ran[2:]) == [["b", "post"], ["c", "post"]]
     failed = f"<4>cryptlockd-sleep: hook {entry.root}{etc}/b pre failed (3)"
     assert failed in proc.stdout
+
+
+def test_the_hooks_run_all_at_once(entry: Entry) -> None:
+    # As systemd-sleep runs them: each of these two waits (10 s at most) until the other
+    # has started, so one after another, the first would give up and fail.
+    hooks = entry.root / "usr/lib/systemd/system-sleep"
+    hooks.mkdir(parents=True)
+    for me, other in (("a", "b"), ("b", "a")):
+        path = hooks / me
+        path.write_text(
+            "#!/bin/sh\n"
+            f"touch {entry.root}/started-{me}-$1\n"
+            "i=0\n"
+            f"while [ ! -e {entry.root}/started-{other}-$1 ]; do\n"
+            "  i=$((i + 1)); [ $i -gt 1000 ] && exit 7\n"
+            "  sleep 0.01\n"
+            "done\n"
+        )
+        path.chmod(0o755)
+
+    def rest(ch: protocol.Channel) -> None:
+        ch.receive(10)
+        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
+        ch.receive(10)
+        ch.send({"op": protocol.OP_DONE, "success": True})
+
+    proc = entry.converse(ready_then(rest))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "failed" not in proc.stdout, proc.stdout
+    assert {p.name for p in entry.root.glob("started-*")} == {
+        "started-a-pre",
+        "started-b-pre",
+        "started-a-post",
+        "started-b-post",
+    }
 
 
 def test_a_helper_lost_after_the_sleep_order_never_means_a_second_sleep(entry: Entry) -> None:
