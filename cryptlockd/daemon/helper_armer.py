@@ -66,6 +66,13 @@ class HelperError(CryptlockdError):
     pass
 
 
+def _read_sleep_state() -> asyncio.Future[tuple[str, str | None]]:
+    """choose_sleep_state() in a thread: its files are on the root, which may stall."""
+    read = asyncio.ensure_future(asyncio.to_thread(choose_sleep_state))
+    read.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return read
+
+
 def _retrieve(future: asyncio.Future[ArmedMessage]) -> None:
     # A failure nobody waits for any more (the arm was given up) is not an error to log.
     if not future.cancelled():
@@ -153,7 +160,7 @@ class HelperArmer:
     async def _prime(self) -> None:
         # The first sleep's arm need not wait for the read either (see _arm).
         try:
-            state = await asyncio.to_thread(choose_sleep_state)
+            state = await _read_sleep_state()
         except Exception as e:
             log.warning("cannot read the sleep state ahead of the first sleep: %s", e)
             return
@@ -287,10 +294,13 @@ class HelperArmer:
         # files are on the root, which may stall, and the manager's bound on the arm must
         # still hold (SPEC 2.8). The arm does not wait for it when there is one read
         # before (for the last sleep, or ahead of the first): a thread's read took 25-40
-        # ms of logind's wait under TCG (issue 12). Should this read differ, it reaches
-        # the helper with watchdogs_off(), which it waits for before it freezes anything.
-        sleep_state = asyncio.ensure_future(asyncio.to_thread(choose_sleep_state))
-        sleep_state.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # ms of logind's wait under TCG (issue 12). Then it starts once the arm is out,
+        # not to hold the GIL while we send; should it differ, it reaches the helper with
+        # watchdogs_off(), which the helper waits for before it freezes anything. Read
+        # first when nothing was read before, or when there is no watchdogs_off() to bring
+        # a change (a Lock(), which does not sleep anyway).
+        first = self._sleep_state is None or not options.watchdogs_pending
+        sleep_state = _read_sleep_state() if first else None
         self._sleep_state_read = None
         sock: socket.socket | None = None
         try:
@@ -298,15 +308,13 @@ class HelperArmer:
             if sock is None:  # no idle helper: start one
                 await self._start_unit(deadline)
                 sock = await self._connect(deadline)
-            if self._sleep_state is None or not options.watchdogs_pending:
-                # Nothing read before, or no watchdogs_off() to bring a change (a Lock(),
-                # which does not sleep anyway).
+            if sleep_state is not None:
                 self._sleep_state = await sleep_state
-            else:
-                self._sleep_state_read = sleep_state
+            assert self._sleep_state is not None
             state, mem_sleep = self._sleep_state
         except BaseException:
-            sleep_state.cancel()
+            if sleep_state is not None:
+                sleep_state.cancel()
             if sock is not None:
                 sock.close()  # no arm sent on it yet
             raise
@@ -335,6 +343,8 @@ class HelperArmer:
         try:
             sock.sendall(protocol.encode(msg))
             daemon_steps["arm_sent"] = protocol.boottime()
+            if not first:
+                self._sleep_state_read = _read_sleep_state()
             sock.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
         except BaseException:

@@ -91,13 +91,17 @@ class Helper:
             except Exception as e:
                 log(WARNING, f"preloading {name}: {e} (it is opened when armed instead)")
 
-    def _take_devices(self, plan: list[DevicePlan]) -> dict[str, Device]:
+    def _take_devices(
+        self, plan: list[DevicePlan], current: dict[str, str] | None = None
+    ) -> dict[str, Device]:
         """The plan's devices: preloaded ones if the mapping is still the same (by dm UUID,
         from sysfs), freshly opened otherwise (with its detached header, on the real
         root). Raises if one cannot be opened; a device whose context has no LUKS type is
-        left out of the plan, unprotected, and the record says so."""
+        left out of the plan, unprotected, and the record says so. `current`: the
+        mappings as the arm just read them (read here when not given)."""
         assert self.library is not None
-        current = mappings.luks_mappings()
+        if current is None:
+            current = mappings.luks_mappings()
         for stale in self.devices.values():  # from an earlier arm: never reused
             stale.free()
         old, self.preloaded, self.devices = self.preloaded, {}, {}
@@ -154,8 +158,9 @@ class Helper:
         if self.library is None:
             self.library = Library()
         self.plan = [DevicePlan.from_dict(dict(d)) for d in msg["devices"]]
-        self.armed_mappings = set(mappings.luks_mappings())
-        self.devices = self._take_devices(self.plan)
+        current = mappings.luks_mappings()
+        self.armed_mappings = set(current)
+        self.devices = self._take_devices(self.plan, current)
         hints = msg["keyslots"] or {}
         for p in self.plan:
             if isinstance(hints.get(p.name), int):
