@@ -76,17 +76,25 @@ async def usable_after(g: Guest) -> None:
         )
 
 
+async def idle_helper_locked(g: Guest) -> None:
+    """Until the idle helper has locked itself in RAM: it listens first, then loads
+    libcryptsetup, opens the mappings and locks."""
+    await g.wait_for_command(
+        "grep VmLck /proc/$(systemctl show -p MainPID --value cryptlockd-helper.service)/status",
+        60,
+        "the idle helper locked in RAM",
+        ok=lambda o: len(o.split()) > 1 and o.split()[1] != "0",
+    )
+
+
 async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_guest: Guest) -> None:
     g = installed_guest
     await armed_ready(g)
     await data_before(g)
     before = await knobs(g)
     assert before[2] == "0", "rcu_expedited on before the cycle: nothing to show"
-    # The idle helper is locked in RAM already: the arm has no mlockall to wait for.
-    idle = await g.run(
-        "grep VmLck /proc/$(systemctl show -p MainPID --value cryptlockd-helper.service)/status"
-    )
-    assert int(idle.stdout.split()[1]) > 0, idle.stdout
+    # The idle helper locks itself in RAM: the arm has no mlockall to wait for.
+    await idle_helper_locked(g)
     # Installed, never cycled: no keyslot remembered yet.
     state = await g.run(f"test -e {layout.KEYSLOTS_FILE}", check=False)
     assert state.rc != 0, f"{layout.KEYSLOTS_FILE} before any cycle"
@@ -129,14 +137,7 @@ async def test_systemctl_suspend_then_busctl_with_wrong_passphrases(installed_gu
         ok=lambda o: len(o.split()) == 2,
     )
     assert nice.stdout.split() == ["-10", "-10"], nice.stdout
-    # The idle helper started after a cycle locks itself in RAM too (once it has loaded
-    # libcryptsetup and opened the mappings).
-    await g.wait_for_command(
-        "grep VmLck /proc/$(systemctl show -p MainPID --value cryptlockd-helper.service)/status",
-        60,
-        "the new idle helper locked in RAM",
-        ok=lambda o: len(o.split()) > 1 and o.split()[1] != "0",
-    )
+    await idle_helper_locked(g)  # the one started after the cycle too
     print(
         f"\ncycle 1 (systemctl suspend): trigger->SUSPEND {cycle.to_suspend:.2f} s, "
         f"arm {rec['arm_seconds']} s, timeline_ms {json.dumps(timeline)}"
