@@ -155,6 +155,14 @@ def ready_then(rest: Script) -> Script:
     return script
 
 
+def slept_and_done(ch: protocol.Channel) -> None:
+    """After `ready`: the sleep went well, and so did the finish."""
+    ch.receive(10)
+    ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
+    ch.receive(10)
+    ch.send({"op": protocol.OP_DONE, "success": True})
+
+
 def test_no_helper_means_the_stock_sleep_and_a_trace(entry: Entry) -> None:
     proc = entry.run()
     assert proc.returncode == 0 and entry.stock_ran == "suspend"
@@ -242,13 +250,7 @@ def test_hooks_are_masked_by_name_and_a_failing_one_does_not_stop_the_sleep(entr
     entry.hook(lib, ".hidden")
     entry.hook(lib, "noexec").chmod(0o644)
 
-    def rest(ch: protocol.Channel) -> None:
-        ch.receive(10)
-        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
-        ch.receive(10)
-        ch.send({"op": protocol.OP_DONE, "success": True})
-
-    proc = entry.converse(ready_then(rest))
+    proc = entry.converse(ready_then(slept_and_done))
     assert proc.returncode == 0
     ran = [line.split()[:2] for line in entry.hooks_ran]
     assert sorted(ran[:2]) == [["b", "pre"], ["c", "pre"]]
@@ -275,13 +277,7 @@ def test_the_hooks_run_all_at_once(entry: Entry) -> None:
         )
         path.chmod(0o755)
 
-    def rest(ch: protocol.Channel) -> None:
-        ch.receive(10)
-        ch.send({"op": protocol.OP_RESUMED, "slept": True, "reason": ""})
-        ch.receive(10)
-        ch.send({"op": protocol.OP_DONE, "success": True})
-
-    proc = entry.converse(ready_then(rest))
+    proc = entry.converse(ready_then(slept_and_done))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "failed" not in proc.stdout, proc.stdout
     assert {p.name for p in entry.root.glob("started-*")} == {
