@@ -476,7 +476,8 @@ class HelperArmer:
             state = await asyncio.wait_for(asyncio.shield(read), SLEEP_STATE_WAIT)
         except Exception as e:
             read.cancel()
-            log.warning("cannot read the sleep state again (%s): the one read before stands", e)
+            why = str(e) or f"not read within {SLEEP_STATE_WAIT:g} s"
+            log.warning("cannot read the sleep state again (%s): the one read before stands", why)
             return None
         if state == self._sleep_state:
             return None
