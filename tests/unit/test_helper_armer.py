@@ -484,3 +484,34 @@ async def test_the_arm_goes_out_with_the_last_sleep_state_and_a_change_follows(
     assert helper.after_arm == [{"op": "watchdogs_off", **expected}]
     assert a._sleep_state == (read if expected else ("mem", None))
     helper.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_second_read_of_the_sleep_state_holds_watchdogs_off_briefly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The root stalls under this sleep's read: the helper waits for watchdogs_off before
+    # it freezes, so the wait is bounded (SPEC 2.8), and the state read before stands.
+    helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.0)
+    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch, alive=True)
+    release = threading.Event()
+
+    def stalled() -> tuple[str, None]:
+        release.wait(10)
+        return ("freeze", None)
+
+    monkeypatch.setattr(helper_armer, "choose_sleep_state", stalled)
+    monkeypatch.setattr(helper_armer, "SLEEP_STATE_WAIT", 0.2)
+    a._sleep_state = ("mem", None)
+    await helper.start()
+    t0 = time.monotonic()
+    options = ArmOptions(steps={"arm_requested": 0.0}, watchdogs_pending=True)
+    await a._arm([], lambda ok, rec: None, t0, t0 + 30, options)
+    t1 = time.monotonic()
+    await a.watchdogs_off()
+    assert time.monotonic() - t1 < 5.0
+    release.set()
+    await wait_until_async(lambda: len(helper.after_arm) == 1, message="watchdogs_off")
+    assert helper.after_arm == [{"op": "watchdogs_off"}]
+    assert a._sleep_state == ("mem", None)
+    helper.close()
