@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -153,6 +154,7 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
             extra=event(MessageId.STARTED, ARMER=armer_name),
         )
         notifier.ready(manager.ready_status())
+        settle_heap()
     await stopping
     ready.cancel()
 
@@ -172,6 +174,15 @@ async def serve(args: argparse.Namespace, notifier: Notifier, armer: Armer | Non
         return 0
     log.error("lost the bus connection")
     return 1
+
+
+def settle_heap() -> None:
+    """Once started: what start-up left is moved out of the cycle collector's way. A full
+    collection of it took 55-60 ms under TCG, at whatever moment the allocations tipped
+    it, a PrepareForSleep or an arm among them (issue 12). Acyclic objects are still freed
+    by their reference counts; only cycles among these would stay."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _wait_for_disconnect(bus: MessageBus) -> None:

@@ -12,6 +12,7 @@ everything the helper needs at run time must be imported from here, directly or 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -98,6 +99,9 @@ def main(argv: list[str]) -> int:
         harden()
     except OSError as e:
         log(WARNING, f"cannot lock the idle helper in RAM ({e}); arming tries again")
+    # What start-up left stays out of the cycle collector's way (daemon/main.settle_heap).
+    gc.collect()
+    gc.freeze()
     try:
         return serve(helper, listener)
     finally:
