@@ -446,16 +446,11 @@ async def test_a_stalled_sleep_state_read_is_bounded_by_the_arm_and_sends_nothin
     server.close()
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize(
-    "read", [("freeze", None), ("mem", None), NoSleepState("none offered")], ids=str
-)
-async def test_the_arm_goes_out_with_the_last_sleep_state_and_a_change_follows(
+async def armed_with_the_last_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: tuple[str, None] | Exception
-) -> None:
-    # With a sleep state read before, the arm does not wait for this sleep's read (issue
-    # 12). A read that differs comes with watchdogs_off(), which the helper waits for
-    # before it freezes anything; one that fails leaves the earlier one standing.
+) -> tuple[HelperArmer, ScriptedHelper, threading.Event]:
+    """Armed for a sleep with ("mem", None) read before; this sleep's read gives `read`
+    (or raises it) once the returned event is set."""
     helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.0)
     a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch, alive=True)
     release = threading.Event()
@@ -472,6 +467,20 @@ async def test_the_arm_goes_out_with_the_last_sleep_state_and_a_change_follows(
     t0 = time.monotonic()
     options = ArmOptions(steps={"arm_requested": 0.0}, watchdogs_pending=True)
     await a._arm([], lambda ok, rec: None, t0, t0 + 30, options)
+    return a, helper, release
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "read", [("freeze", None), ("mem", None), NoSleepState("none offered")], ids=str
+)
+async def test_the_arm_goes_out_with_the_last_sleep_state_and_a_change_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: tuple[str, None] | Exception
+) -> None:
+    # With a sleep state read before, the arm does not wait for this sleep's read (issue
+    # 12). A read that differs comes with watchdogs_off(), which the helper waits for
+    # before it freezes anything; one that fails leaves the earlier one standing.
+    a, helper, release = await armed_with_the_last_state(tmp_path, monkeypatch, read)
     assert helper.got == ["arm"] and helper.arms[0]["sleep_state"] == "mem"
     assert not release.is_set()  # armed while this sleep's read still ran
     release.set()
@@ -492,21 +501,8 @@ async def test_a_stalled_second_read_of_the_sleep_state_holds_watchdogs_off_brie
 ) -> None:
     # The root stalls under this sleep's read: the helper waits for watchdogs_off before
     # it freezes, so the wait is bounded (SPEC 2.8), and the state read before stands.
-    helper = ScriptedHelper(str(tmp_path / "s"), arm_delay=0.0)
-    a = armer(tmp_path, FakeUnit(["inactive"]), monkeypatch, alive=True)
-    release = threading.Event()
-
-    def stalled() -> tuple[str, None]:
-        release.wait(10)
-        return ("freeze", None)
-
-    monkeypatch.setattr(helper_armer, "choose_sleep_state", stalled)
     monkeypatch.setattr(helper_armer, "SLEEP_STATE_WAIT", 0.2)
-    a._sleep_state = ("mem", None)
-    await helper.start()
-    t0 = time.monotonic()
-    options = ArmOptions(steps={"arm_requested": 0.0}, watchdogs_pending=True)
-    await a._arm([], lambda ok, rec: None, t0, t0 + 30, options)
+    a, helper, release = await armed_with_the_last_state(tmp_path, monkeypatch, ("freeze", None))
     t1 = time.monotonic()
     await a.watchdogs_off()
     assert time.monotonic() - t1 < 5.0
