@@ -91,17 +91,13 @@ class Helper:
             except Exception as e:
                 log(WARNING, f"preloading {name}: {e} (it is opened when armed instead)")
 
-    def _take_devices(
-        self, plan: list[DevicePlan], current: dict[str, str] | None = None
-    ) -> dict[str, Device]:
+    def _take_devices(self, plan: list[DevicePlan], current: dict[str, str]) -> dict[str, Device]:
         """The plan's devices: preloaded ones if the mapping is still the same (by dm UUID,
         from sysfs), freshly opened otherwise (with its detached header, on the real
         root). Raises if one cannot be opened; a device whose context has no LUKS type is
         left out of the plan, unprotected, and the record says so. `current`: the
-        mappings as the arm just read them (read here when not given)."""
+        mappings as the arm just read them (mappings.luks_mappings)."""
         assert self.library is not None
-        if current is None:
-            current = mappings.luks_mappings()
         for stale in self.devices.values():  # from an earlier arm: never reused
             stale.free()
         old, self.preloaded, self.devices = self.preloaded, {}, {}

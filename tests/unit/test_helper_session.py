@@ -76,7 +76,7 @@ def test_arming_reuses_unchanged_preloaded_mappings(
             "new": "CRYPT-LUKS2-eeee-new",
         },
     )
-    taken = helper._take_devices(plan("root", "data", "new"))
+    taken = helper._take_devices(plan("root", "data", "new"), mappings.luks_mappings())
     assert list(taken) == ["root", "data", "new"]
     assert FakeDevice.opened == ["root", "data", "spare", "data", "new"]
     assert sorted(FakeDevice.freed) == ["data", "spare"]
@@ -90,7 +90,7 @@ def test_a_device_that_cannot_be_opened_fails_the_arm_and_leaks_nothing(
     helper.preload()
     FakeDevice.fail = {"data"}
     with pytest.raises(OSError, match="cannot open data"):
-        helper._take_devices(plan("root", "data"))
+        helper._take_devices(plan("root", "data"), mappings.luks_mappings())
     assert FakeDevice.freed == ["root"]
 
 
@@ -102,7 +102,7 @@ def test_a_failed_preload_is_left_for_the_arm(
     helper.preload()
     assert helper.preloaded == {} and "preloading root" in capsys.readouterr().err
     FakeDevice.fail = set()
-    assert list(helper._take_devices(plan("root"))) == ["root"]
+    assert list(helper._take_devices(plan("root"), mappings.luks_mappings())) == ["root"]
 
 
 def test_a_detached_header_is_opened_with_its_header_on_the_real_root(
@@ -112,7 +112,7 @@ def test_a_detached_header_is_opened_with_its_header_on_the_real_root(
     FakeDevice.headers = {"bare": "/proc/1/root/etc/hdr/bare"}
     helper.preload()  # without its header it cannot open: left for the arm, quietly
     assert helper.preloaded == {}
-    taken = helper._take_devices(plan("bare", header="/etc/hdr/bare"))
+    taken = helper._take_devices(plan("bare", header="/etc/hdr/bare"), mappings.luks_mappings())
     assert list(taken) == ["bare"]
     assert FakeDevice.opened == ["bare with /proc/1/root/etc/hdr/bare"]
 
@@ -125,7 +125,7 @@ def test_an_untyped_context_leaves_the_device_out_unprotected_and_says_so(
     monkeypatch.setattr(mappings, "luks_mappings", lambda: {})
     FakeDevice.headers = {"bare": "/somewhere"}
     p = plan("root", "bare")
-    taken = helper._take_devices(p)
+    taken = helper._take_devices(p, mappings.luks_mappings())
     assert list(taken) == ["root"] and [d.name for d in p] == ["root"]
     assert helper.record.verification["bare"]["protected"] == "no"
     [problem] = helper.record.problems
