@@ -25,7 +25,6 @@ from tests.vm.sleepcycle import (
     assert_complete,
     boottime,
     last_cycle,
-    watch_signals,
 )
 
 TRIGGER = "systemctl suspend"
@@ -76,7 +75,6 @@ async def stock_cycle(g: Guest, mode: str, cycle: int) -> CycleResult:
 
 async def cryptlockd_cycle(g: Guest, mode: str, cycle: int) -> CycleResult:
     await armed_ready(g)
-    await watch_signals(g)
     since = await boottime(g)
     notices = g.console_count(PROMPT_NOTICE)
     host: dict[str, float] = {}
