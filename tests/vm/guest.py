@@ -238,7 +238,7 @@ class Guest:
             "-initrd",
             str(self.image.initrd),
             "-append",
-            self.image.cmdline,
+            " ".join([self.image.cmdline, *machine.kernel_args(self.accel)]),
             "-chardev",
             f"file,id=serial0,path={self.console_log}",
             "-serial",
