@@ -23,6 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol
 
+    from cryptlockd.helper.kdf import ChildAttempt
     from cryptlockd.helper.prompt_screen import PromptInfo
     from cryptlockd.helper.secret import SecretBuffer
 
@@ -152,6 +153,11 @@ if TYPE_CHECKING:
         # UNANSWERED) to stop waiting.
         def prompt(self, secret: SecretBuffer, info: PromptInfo) -> str: ...
         def resume_passphrase(self, device: str, secret: SecretBuffer) -> bool: ...
+        # Children already at resume_passphrase for all of `names` but the first, which
+        # the caller tries itself (kdf.attempt_all); {} where they cannot be had.
+        def passphrase_children(
+            self, names: list[str], secret: SecretBuffer
+        ) -> dict[str, ChildAttempt]: ...
         # None: no TPM2+PIN token on the device (token.py); raises token.TokenFailed.
         def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None: ...
         def resume_keyfile(self, device: str, keyfile: str, size: int, offset: int) -> None: ...

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 3, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 # Whether harden() put the process under plain MCL_FUTURE (lock_on_fault ends that).
 _populating = False
@@ -67,6 +68,15 @@ def lock_on_fault() -> None:
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         raise OSError(ctypes.get_errno(), "mlockall(MCL_ONFAULT)")
     _populating = False
+
+
+def set_parent_death_signal(sig: int, parent: int) -> None:
+    """In a child of `parent` (the helper, which forked it from its main thread, alive as
+    long as the helper is): `sig` when the helper ends, now if it has ended already."""
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def hardening_status() -> dict[str, str]:

@@ -13,11 +13,14 @@ from cryptlockd.helper.kdf import (
     DM_LOCK,
     PRIORITY_IGNORE,
     PRIORITY_PREFER,
+    ChildAttempt,
+    ChildError,
     KdfBudget,
     kernel_skcipher_name,
     kernel_skcipher_usable,
     keyslot_order,
 )
+from cryptlockd.helper.protocol import boottime
 
 TYPE_CHECKING = False  # see cycle.py
 if TYPE_CHECKING:
@@ -284,6 +287,43 @@ class Device:
             return True
         finally:
             ctypes.memset(key, 0, ctypes.sizeof(key))
+
+    def resume_in_child(
+        self, address: int, length: int, on_derived: Callable[[float], None] | None = None
+    ) -> ChildAttempt:
+        """resume_by_passphrase in a child process of its own (kdf.ChildAttempt), started
+        now. What it did comes back to this Device when the caller finishes it: the
+        keyslots tried, the one that took it, and (`on_derived`, with the time) when the
+        key was derived. Raises kdf.ChildFailed when it cannot fork."""
+
+        def run() -> dict[str, Any]:
+            before, derived = len(self.tried), []
+            try:
+                ok = self.resume_by_passphrase(
+                    address, length, on_derived=lambda: derived.append(boottime())
+                )
+            except Exception as e:
+                return {"error": str(e) or type(e).__name__, "tried": self.tried[before:]}
+            return {
+                "ok": ok,
+                "tried": self.tried[before:],
+                "slot": self.last_keyslot,
+                "derived": derived[0] if derived else None,
+            }
+
+        def apply(answer: dict[str, Any]) -> bool:
+            self.tried.extend(int(slot) for slot in answer.get("tried", []))
+            if "error" in answer:
+                raise ChildError(str(answer["error"]))
+            derived = answer.get("derived")
+            if on_derived is not None and isinstance(derived, (int, float)):
+                on_derived(float(derived))
+            if not answer.get("ok"):
+                return False
+            self.last_keyslot = int(answer["slot"])
+            return True
+
+        return ChildAttempt(run, apply)
 
     def _derive(
         self,

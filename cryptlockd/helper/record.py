@@ -44,6 +44,8 @@ class CycleRecord:
         self.keyslots: dict[str, int] = {}
         # Per device, each keyslot the passphrase was tried on, in order (-1: any).
         self.keyslots_tried: dict[str, list[int]] = {}
+        # Devices whose KDF and resume ran in a child process of their own (kdf.py).
+        self.kdf_children: list[str] = []
         # "suspend", or "lock" for Lock(): the same cycle without the sleep write.
         self.action = "suspend"
         # The freed memory cleared after the page cache was dropped; -1: not asked to.
@@ -110,6 +112,7 @@ class CycleRecord:
             "helper": dict(self.hardening),
             "keyslots": dict(self.keyslots),
             "keyslots_tried": {d: list(v) for d, v in self.keyslots_tried.items()},
+            "kdf_children": list(self.kdf_children),
             "action": self.action,
             "page_cache_cleared_mib": self.page_cache_cleared_mib,
         }

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from cryptlockd.helper.cycle import DevicePlan, Ops
+    from cryptlockd.helper.kdf import ChildAttempt
     from cryptlockd.helper.record import CycleRecord
 
 # The record keeps at most this many problems from the prompt loop: a VT that keeps
@@ -204,16 +205,30 @@ class Resumer:
         except Exception as e:
             self.record.problems.append(f"locking memory on fault: {e or type(e).__name__}")
 
+    def passphrase_children(
+        self, names: list[str], secret: SecretBuffer
+    ) -> dict[str, ChildAttempt]:
+        if len(names) < 2:
+            return {}
+        try:
+            return self.ops.passphrase_children(names, secret)
+        except Exception as e:  # threads then, as before
+            self.record.problems.append(f"children for the KDFs: {e or type(e).__name__}")
+            return {}
+
     def try_passphrase(self, secret: SecretBuffer) -> bool:
         """The passphrase on every ready device that asks, and again on those its
         successes make ready. True when it opened at least one."""
         took = False
         for fresh in self.batches():
-            if len(fresh) > 1 and not self.locking_on_fault:
+            names = [d.name for d in fresh]
+            children = self.passphrase_children(names, secret)
+            # Threads of this process that derive at once, not the children.
+            if len(names) - len(children) > 1 and not self.locking_on_fault:
                 self.lock_on_fault()
             # At once, so devices that share the passphrase cost one KDF, not the sum (kdf.py).
             outcomes = attempt_all(
-                [d.name for d in fresh], lambda name: self.ops.resume_passphrase(name, secret)
+                names, lambda name: self.ops.resume_passphrase(name, secret), children
             )
             for dev, out in zip(fresh, outcomes, strict=True):
                 if out.error is not None:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import time
 
 from cryptlockd.helper import (
@@ -30,7 +31,7 @@ from cryptlockd.helper import (
 )
 from cryptlockd.helper.cycle import late_plan
 from cryptlockd.helper.inputs import Inputs
-from cryptlockd.helper.kdf import KdfBudget
+from cryptlockd.helper.kdf import ChildAttempt, ChildFailed, KdfBudget
 from cryptlockd.helper.libcryptsetup import Device
 from cryptlockd.helper.resume import LINE, REDRAW
 from cryptlockd.helper.vt import VtError, kernel_messages_off
@@ -328,6 +329,36 @@ class SystemOps:
             # dict sees one writer per key.
             lambda: record.step(f"derived:{device}"),
         )
+
+    def passphrase_children(
+        self, names: list[str], secret: SecretBuffer
+    ) -> dict[str, ChildAttempt]:
+        """For devices that try the passphrase at once: all but the first each in a child
+        of its own (kdf.py), started now, when their KDFs fit in the reserve together
+        and no other thread runs (a child forked beside one could inherit a lock it
+        holds). Else, or where a fork fails, those devices get a thread instead."""
+        devices = [self.h.devices[name] for name in names]
+        if (
+            len(devices) < 2
+            or threading.active_count() > 1
+            or sum(d.pbkdf_memory_kib() for d in devices) > self.h.kdf_budget.kib
+        ):
+            return {}
+        record, children = self.h.record, {}
+        for name, dev in zip(names[1:], devices[1:], strict=True):
+
+            def derived(at: float, name: str = name) -> None:
+                record.step(f"derived:{name}", at=at)
+
+            try:
+                children[name] = dev.resume_in_child(
+                    ctypes.addressof(secret.buf), secret.length, derived
+                )
+                if name not in record.kdf_children:
+                    record.kdf_children.append(name)
+            except ChildFailed as e:
+                record.problems.append(f"{name}: no child for its KDF, a thread instead: {e}")
+        return children
 
     def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None:
         return token.resume_by_pin(

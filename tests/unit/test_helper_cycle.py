@@ -10,6 +10,7 @@ from cryptlockd.helper.cycle import (
     run_cycle,
     wind_down,
 )
+from cryptlockd.helper.kdf import ChildAttempt
 from cryptlockd.helper.prompt_screen import PromptInfo
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.resume import LINE, MAX_LOOP_PROBLEMS
@@ -186,6 +187,11 @@ class FakeOps:
         if ok:
             self.calls.append(f"resume:{device}")
         return ok
+
+    def passphrase_children(
+        self, names: list[str], secret: SecretBuffer
+    ) -> dict[str, ChildAttempt]:
+        return {}  # threads, as where no child can be had (test_helper_kdf.py forks)
 
     def resume_pin(self, device: str, secret: SecretBuffer) -> bool | None:
         if device not in self.pins:

@@ -4,14 +4,26 @@ and the resume loop using it (devices asked together derive in parallel)."""
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+import cryptlockd
+from cryptlockd.helper import kdf
 from cryptlockd.helper.cycle import DevicePlan, run_cycle
 from cryptlockd.helper.kdf import (
     PRIORITY_IGNORE,
     PRIORITY_PREFER,
+    ChildAttempt,
+    ChildError,
+    ChildFailed,
     KdfBudget,
     attempt_all,
     kdf_memory_at_once,
@@ -23,8 +35,10 @@ from cryptlockd.helper.kdf import (
 from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.secret import SecretBuffer
 from tests.unit.test_helper_cycle import GOOD, FakeOps
+from tests.wait import wait_until
 
 BOUND = 10.0  # seconds; only reached when the attempts do not overlap (the failure)
+ROOT = Path(cryptlockd.__file__).resolve().parent.parent  # the directory holding cryptlockd/
 
 
 def test_the_keyslot_that_worked_last_goes_first() -> None:
@@ -182,3 +196,144 @@ def test_the_kernel_name_of_a_keyslot_cipher() -> None:
 
 def test_a_cipher_the_kernel_does_not_have_is_not_usable() -> None:
     assert not kernel_skcipher_usable("nosuchmode(nosuchcipher)")
+
+
+@pytest.fixture
+def no_child_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children's mlockall is the guest's to show (tests/vm): a test runner that is
+    not root may lock only a few MiB. Patched before the fork, so the children see it."""
+    monkeypatch.setattr(kdf, "lock_on_fault", lambda: None)
+
+
+def _child(answer: dict[str, object], seen: list[dict[str, object]]) -> ChildAttempt:
+    def apply(got: dict[str, Any]) -> bool:
+        seen.append(got)
+        if "error" in got:
+            raise ChildError(str(got["error"]))
+        return bool(got["ok"])
+
+    return ChildAttempt(lambda: answer, apply)
+
+
+@pytest.mark.usefixtures("no_child_lock")
+def test_children_answer_for_their_devices_and_the_first_runs_here() -> None:
+    seen: list[dict[str, object]] = []
+    here: list[str] = []
+
+    def attempt(name: str) -> bool:
+        here.append(name)
+        return True
+
+    children = {
+        "data": _child({"ok": True, "pid": "child"}, seen),
+        "home": _child({"ok": False}, seen),
+        "swap": _child({"error": "crypt_resume_by_volume_key(swap): EIO"}, seen),
+    }
+    outcomes = attempt_all(["root", "data", "home", "swap"], attempt, children)
+    assert here == ["root"]  # no thread, no second try for a child that answered
+    assert [o.ok for o in outcomes] == [True, True, False, False]
+    assert isinstance(outcomes[3].error, ChildError) and "EIO" in str(outcomes[3].error)
+    # Dated by the child: when it was done, not when it was collected.
+    assert all(isinstance(a["at"], float) for a in seen)
+    assert outcomes[1].at == seen[0]["at"]
+
+
+@pytest.mark.usefixtures("no_child_lock")
+def test_a_child_that_dies_without_an_answer_has_its_attempt_here() -> None:
+    def die() -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("not reached")
+
+    child = ChildAttempt(die, lambda answer: True)
+    with pytest.raises(ChildFailed, match="without an answer \\(killed by SIGKILL\\)"):
+        ChildAttempt(die, lambda answer: True).finish()
+    here: list[str] = []
+    outcomes = attempt_all(["root", "data"], lambda n: here.append(n) is None, {"data": child})
+    assert here == ["root", "data"] and [o.ok for o in outcomes] == [True, True]
+
+
+@pytest.mark.usefixtures("no_child_lock")
+def test_children_derive_at_once_with_the_caller() -> None:
+    # Each side waits for the other's mark: only attempts that overlap get through.
+    r, w = os.pipe()
+
+    def in_child() -> dict[str, Any]:
+        os.write(w, b"x")
+        return {"ok": True}
+
+    child = ChildAttempt(in_child, lambda answer: bool(answer["ok"]))
+    os.close(w)
+
+    def here(name: str) -> bool:
+        ready, _, _ = select.select([r], [], [], BOUND)
+        return bool(ready) and os.read(r, 1) == b"x"
+
+    try:
+        outcomes = attempt_all(["root", "data"], here, {"data": child})
+    finally:
+        os.close(r)
+    assert [o.ok for o in outcomes] == [True, True]
+
+
+def test_a_child_dies_with_the_helper(tmp_path: Path) -> None:
+    # The helper SIGKILLed mid-KDF: its child must not derive (and resume) on alone.
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from cryptlockd.helper import kdf\n"
+        "kdf.lock_on_fault = lambda: None\n"
+        "def run():\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "    return {}\n"
+        "kdf.ChildAttempt(run, lambda a: True)\n"
+        "deadline = time.monotonic() + 10\n"
+        f"while not os.path.getsize({str(pid_file)!r}) if os.path.exists({str(pid_file)!r}) "
+        "else True:\n"
+        "    assert time.monotonic() < deadline\n"
+        "    time.sleep(0.01)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, str(script)], timeout=BOUND, cwd=ROOT, check=False)
+    child = int(pid_file.read_text())
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(gone, BOUND, message="the orphaned child gone")
+
+
+class ChildOps(FakeOps):
+    """Every device asked with others but the first goes to a real child, which checks the
+    passphrase it sees in its copy of the helper's memory."""
+
+    def passphrase_children(
+        self, names: list[str], secret: SecretBuffer
+    ) -> dict[str, ChildAttempt]:
+        def child(name: str) -> ChildAttempt:
+            def apply(answer: dict[str, Any]) -> bool:
+                if answer["ok"]:
+                    self.calls.append(f"resume:{name}")
+                return bool(answer["ok"])
+
+            return ChildAttempt(lambda: {"ok": bytes(secret.buf[: secret.length]) == GOOD}, apply)
+
+        return {name: child(name) for name in names[1:]}
+
+
+@pytest.mark.usefixtures("no_child_lock")
+def test_devices_that_share_the_passphrase_resume_in_children() -> None:
+    plan = [DevicePlan("home", "passphrase"), DevicePlan("root", "passphrase")]
+    ops = ChildOps([b"wrong", GOOD])
+    rec = CycleRecord([d.name for d in plan])
+    run_cycle(ops, plan, rec)
+    rec.finish()
+    assert rec.success, rec.reason
+    assert sorted(rec.resumed) == ["home", "root"] and rec.wrong_passphrases == 1
+    assert sorted(c for c in ops.calls if c.startswith("resume:")) == ["resume:home", "resume:root"]
+    # One KDF in the helper itself: its memory is still faulted in whole when mapped.
+    assert "lock_on_fault" not in ops.calls

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from cryptlockd.helper import kdf
 from cryptlockd.helper import libcryptsetup as lcs
+from cryptlockd.helper.kdf import ChildError
 
 MEMORY_KIB = 8192
 ITERATIONS = 4
@@ -233,6 +235,32 @@ def test_a_mapping_that_cannot_be_opened_with_its_header_is_unsupported(tmp_path
         lcs.Device(library, "cryptlockd-test-none", str(tmp_path / "gone.hdr"))
     with pytest.raises(lcs.CryptError, match="crypt_init_by_name"):
         lcs.Device(library, "cryptlockd-test-none")
+
+
+def test_a_resume_in_a_child_comes_back_to_the_parents_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The KDF and the resume happen in the child (its FakeLib is a copy): what the record
+    # and the next cycle need comes back in its answer.
+    monkeypatch.setattr(kdf, "lock_on_fault", lambda: None)  # the guest shows the lock
+    lib = FakeLib(good_slot=1)
+    dev = _fake_device(lib, [0, 1])
+    derived: list[float] = []
+    ok, at = dev.resume_in_child(0, 4, derived.append).finish()
+    assert ok and dev.tried == [0, 1] and dev.last_keyslot == 1
+    assert lib.tried == [] and lib.resumed == []  # none of it in this process
+    assert len(derived) == 1 and derived[0] <= at
+    lib.good_slot = 5
+    ok, _ = dev.resume_in_child(0, 4, derived.append).finish()
+    assert not ok and dev.tried == [0, 1, 1, 0] and dev.last_keyslot == 1
+    assert len(derived) == 1
+    # A libcryptsetup error in the child is raised here, its tries still counted.
+    dev.library.messages.append("Device busy")
+    lib.good_slot = 0
+    monkeypatch.setattr(FakeLib, "crypt_resume_by_volume_key", lambda *a: -16)
+    with pytest.raises(ChildError, match=r"crypt_resume_by_volume_key\(root\).*Device busy"):
+        dev.resume_in_child(0, 4).finish()
+    assert dev.tried[-1] == 0
 
 
 def test_on_derived_marks_the_end_of_the_kdf_before_the_resume() -> None:

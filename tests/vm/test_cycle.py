@@ -317,6 +317,11 @@ async def test_shared_passphrase_one_prompt(installed_guest: Guest) -> None:
     t = rec["timeline_ms"]
     assert t["resumed:data"] < t["thawed"]
     assert "prompt#2" not in t
+    # One of the two derived and resumed in a child of the helper's (kdf.ChildAttempt).
+    assert len(rec["kdf_children"]) == 1 and rec["kdf_children"][0] in (
+        layout.ROOT_DM_NAME,
+        layout.DATA_DM_NAME,
+    ), rec
     # In parallel: both derivations (same cost, one vCPU each: ARGON2_PARALLEL=1) end
     # together; one after the other, the second would end a whole KDF later.
     first = min(t["resumed:root"], t["resumed:data"]) - t["passphrase_entered"]
