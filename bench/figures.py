@@ -282,11 +282,29 @@ def argon2_rows(results: Sequence[CycleResult]) -> list[tuple[str, list[float], 
             "PBKDF2, tried first)",
             of("shared", both, first=True),
         ),
+        (
+            "one KDF right after each later shared cycle (data back on its keyfile): "
+            "Enter -> root resumed",
+            of("paired", root),
+        ),
     ]
     return [
         *((label, values, tried) for label, (values, tried) in cases),
         ("data by keyfile on root: root resumed -> data resumed (quiet cycles 2..n)", gaps, "-"),
     ]
+
+
+def shared_over_paired(results: Sequence[CycleResult]) -> list[float]:
+    """Each later shared cycle's Enter -> all resumed over the one-KDF cycle's Enter -> root
+    resumed right after it (acceptance 3, drift of the host's speed left out)."""
+    root, both = [f"resumed:{ROOT}"], [f"resumed:{ROOT}", f"resumed:{DATA}"]
+    one = {r.index: _enter_to(r.record, root) for r in _cases(results, "paired")}
+    ratios = []
+    for r in _cases(results, "shared", first=False):
+        shared, alone = _enter_to(r.record, both), one.get(r.index)
+        if shared is not None and alone:
+            ratios.append(shared / alone)
+    return ratios
 
 
 def forgotten_over_remembered(results: Sequence[CycleResult]) -> float | None:
