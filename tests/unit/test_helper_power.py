@@ -8,13 +8,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from cryptlockd.helper import power, protocol
+from cryptlockd.helper import mappings, power, protocol
 from cryptlockd.helper import reserve as reserve_mod
 from cryptlockd.helper.cycle import DeadlinePassed
+from cryptlockd.helper.record import CycleRecord
 from cryptlockd.helper.reserve import Reserve
+from cryptlockd.helper.secret import SecretBuffer
 from cryptlockd.helper.system_ops import SystemOps
 from tests.wait import wait_until
 
@@ -325,3 +328,23 @@ def test_a_kdf_reserve_not_in_by_the_deadline_is_said_and_does_not_hold_the_cycl
     go.set()
     r.release()
     assert r.address == 0
+
+
+def test_a_device_its_child_resumed_before_dying_counts_as_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # kdf.attempt_all tries a device again here when its child gave no answer; the child
+    # may have resumed it first. A second resume would fail for good (not suspended).
+    ops = SystemOps.__new__(SystemOps)
+    record = CycleRecord(["root", "data"])
+    ops.h = SimpleNamespace(record=record, devices={})  # type: ignore[assignment]
+    monkeypatch.setattr(mappings, "luks_mappings", lambda: {"root": "u1", "data": "u2"})
+    monkeypatch.setattr(mappings, "suspended_mappings", lambda: {"root"})
+    with SecretBuffer() as secret:
+        with pytest.raises(KeyError):  # no child for it: the real attempt (no device here)
+            ops.resume_passphrase("data", secret)
+        record.kdf_children.append("data")
+        assert ops.resume_passphrase("data", secret)
+        record.kdf_children.append("root")  # still suspended: the real attempt again
+        with pytest.raises(KeyError):
+            ops.resume_passphrase("root", secret)
