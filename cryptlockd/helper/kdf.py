@@ -9,10 +9,12 @@ parallel; libcryptsetup's device-mapper side keeps global state (its dm context 
 the resumes themselves go one at a time (`DM_LOCK`).
 
 Where it can, each device but the first derives and resumes in a child process of its own
-(`ChildAttempt`) rather than in a thread: two Argon2 KDFs as threads of one process took
-about 8% longer than one alone in the bookworm guest under TCG, as two processes 2-3%
-(every change to the shared address space, an allocation's, reaches the other CPU's TLB).
-A child has its own libdevmapper state too, so no `DM_LOCK` is shared with it.
+(`ChildAttempt`) rather than in a thread. Measured in the bookworm guest under TCG (issue
+12), two Argon2 KDFs as threads of one process took 1.08x one alone, as two processes
+1.02-1.03x (8 runs each); in protected cycles, two devices on one passphrase took 1.16x the
+one-KDF cycle next to them with threads, 1.01x with a child (median of 3 and 6 pairs). Why
+threads lose, we have not found. A child has its own libdevmapper state, so no `DM_LOCK` is
+shared with it.
 """
 
 from __future__ import annotations
