@@ -12,7 +12,6 @@ bench/timeline.png.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import platform
@@ -41,7 +40,7 @@ from tests.vm import image as image_mod
 from tests.vm import layout, machine
 from tests.vm.guest import DiskSet, Guest, artifacts_dir
 from tests.vm.install import build_installed_layer
-from tests.vm.sleepcycle import WRITER_PATTERN, armed_ready, start_writer
+from tests.vm.sleepcycle import WRITER_PATTERN, armed_ready, devices_key_source, start_writer
 
 HERE = Path(__file__).resolve().parent
 Runner = Callable[[Guest, str, int], Awaitable[CycleResult]]
@@ -179,10 +178,10 @@ async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str
     # keyfile), so that the ratio of the two does not depend on the host's speed drifting
     # over the minutes between the quiet cycles and these.
     for i in range(n + 2):
-        await data_key_source(g, "passphrase")
+        await data_key_source(g, passphrase=True)
         await argon2_cycle(g, "shared", i, out)
         if i > 0:
-            await data_key_source(g, "keyfile")
+            await data_key_source(g, passphrase=False)
             await argon2_cycle(g, "paired", i, out)
     two = await keyslots.two_kdfs_ratios(g)
     facts["two_kdfs"] = ", ".join(f"{v:.2f}" for v in two)
@@ -192,29 +191,18 @@ async def argon2_cases(g: Guest, n: int, out: list[CycleResult], facts: dict[str
 CRYPTTAB_SAVED = "/root/crypttab.bench"
 
 
-def _key_source(devices_json: str, name: str) -> str:
-    """A device's key source in `cryptlockctl devices --json`: "passphrase",
-    "keyfile:<path>"..."""
-    return str({d["name"]: d["key_source"] for d in json.loads(devices_json)}.get(name, ""))
-
-
-async def data_key_source(g: Guest, source: str) -> None:
+async def data_key_source(g: Guest, passphrase: bool) -> None:
     """data on the passphrase (crypttab `none`) or back on its keyfile (the crypttab saved
     before), reloaded by the daemon."""
-    edit = (
-        "sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab"
-        if source == "passphrase"
-        else f"cp {CRYPTTAB_SAVED} /etc/crypttab"
-    )
+    if passphrase:
+        edit = "sed -i 's|^data\\s\\+\\(\\S\\+\\)\\s\\+\\S\\+|data \\1 none|' /etc/crypttab"
+        source = "passphrase"
+    else:
+        edit, source = f"cp {CRYPTTAB_SAVED} /etc/crypttab", f"keyfile:{layout.DATA_KEYFILE}"
     await g.run(
         f"{edit} && busctl call org.cryptlockd1 /org/cryptlockd1 org.cryptlockd1.Manager Reload"
     )
-    await g.wait_for_command(
-        "cryptlockctl devices --json",
-        60,
-        f"data takes the {source}",
-        ok=lambda o: _key_source(o, DATA).split(":")[0] == source,
-    )
+    await devices_key_source(g, DATA, source, f"data takes the {source}")
 
 
 async def argon2_cycle(g: Guest, mode: str, i: int, out: list[CycleResult]) -> None:

@@ -141,6 +141,17 @@ async def wake(
     await guest.wait_agent(240, f"agent after {what}")
 
 
+async def devices_key_source(guest: Guest, name: str, source: str, what: str) -> None:
+    """Waits until `cryptlockctl devices` says that device `name` takes its key from
+    `source` (after a Reload)."""
+    await guest.wait_for_command(
+        "cryptlockctl devices --json",
+        60,
+        what,
+        ok=lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get(name) == source,
+    )
+
+
 async def watch_signals(guest: Guest) -> None:
     """From now on, CycleFinished signals go to /root/cycle-signal.log (see signals())."""
     await guest.run(

@@ -21,6 +21,7 @@ from tests.vm.sleepcycle import (
     armed_ready,
     assert_complete,
     boottime,
+    devices_key_source,
     last_cycle,
     run_cycle,
     start_lid,
@@ -283,17 +284,6 @@ async def test_lid_close_with_busy_fsync_writer(installed_guest: Guest) -> None:
     print(
         f"\ncycle (lid, busy writer): trigger->SUSPEND {cycle.to_suspend:.2f} s, "
         f"{after - before} fsynced records around the cycle, timeline_ms {json.dumps(timeline)}"
-    )
-
-
-async def devices_key_source(g: Guest, name: str, source: str, what: str) -> None:
-    """Waits until `cryptlockctl devices` says that device `name` takes its key from
-    `source` (after a Reload)."""
-    await g.wait_for_command(
-        "cryptlockctl devices --json",
-        60,
-        what,
-        ok=lambda o: {d["name"]: d["key_source"] for d in json.loads(o)}.get(name) == source,
     )
 
 
